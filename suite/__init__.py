@@ -1,0 +1,1 @@
+"""Training-stability benchmark suite for Transformer residual and normalization variants."""

@@ -1,0 +1,3 @@
+from suite.app import main
+
+main()

@@ -1,0 +1,144 @@
+"""The command line: ``python -m suite +variant=preln[,postln,...] [sweep=quick] [key=value ...]``.
+
+Every invocation is a Hydra multirun over the selected sweep preset's grid. Before any cell
+trains, a preflight composes every cell of the grid and validates it, so an impossible value
+anywhere in the sweep fails at once with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+import variants
+from suite.collect import CELL_POINTER
+from suite.config import ConfigError, cell_from_config
+from suite.runner import run_cell
+from suite.store import write_cell
+
+log = logging.getLogger("suite")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
+# Hydra flags that print or inspect instead of running: no preflight for those.
+_INSPECT_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "--shell-completion",
+    "--config-dir",
+    "-cd",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+)
+
+
+def register_variant_configs() -> None:
+    """Expose every registered variant (built-in or plugin) as the config group ``variant``."""
+    store = ConfigStore.instance()
+    for name in variants.names():
+        store.store(
+            group="variant", name=name, node={"name": name, **variants.get(name)().params()}
+        )
+
+
+def _check_variant_names(overrides: list) -> None:
+    known = set(variants.names())
+    for override in overrides:
+        if override.key_or_group != "variant":
+            continue
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.value()]
+        )
+        for name in values:
+            if name not in known:
+                raise ConfigError(
+                    f"variant: unknown variant {name!r}; registered variants: "
+                    f"{', '.join(sorted(known))}"
+                )
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job the sweep will run, as Hydra's basic sweeper builds them:
+    the preset's ``hydra.sweeper.params`` with command-line values taking precedence."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    _check_variant_names(parsed)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose("config", overrides=fixed, return_hydra_config=True)
+    given = {o.key_or_group for o in parsed}
+    preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
+    axes = []
+    for override in parser.parse_overrides(preset) + parsed:
+        if override.is_hydra_override():
+            continue
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            axes.append([override.input_line])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def preflight(overrides: list[str]) -> int:
+    """Compose and validate every cell of the sweep; returns the number of cells."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        jobs = expand_sweep(overrides)
+        for job in jobs:
+            try:
+                cell_from_config(compose("config", overrides=job))
+            except ConfigError as error:
+                raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
+    return len(jobs)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def run_job(cfg: DictConfig) -> str:
+    cell = cell_from_config(cfg)
+    job = HydraConfig.get().job
+    total = os.environ.get(SWEEP_SIZE_ENV, "?")
+    log.info("cell %d/%s: %s", job.num + 1, total, cell.cell_id())
+    record, curve = run_cell(cell)
+    folder = write_cell(cell.store, record, curve)
+    Path(HydraConfig.get().runtime.output_dir, CELL_POINTER).write_text(cell.cell_id())
+    log.info(
+        "cell %d/%s done: %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
+        job.num + 1,
+        total,
+        record.get("verdict") or record["status"],
+        record.get("final_loss", float("nan")) or float("nan"),
+        record.get("val_loss", float("nan")) or float("nan"),
+        record.get("tokens_per_s", float("nan")) or float("nan"),
+        folder,
+    )
+    return record["status"]
+
+
+def main() -> None:
+    register_variant_configs()
+    args = sys.argv[1:]
+    if not any(arg.split("=")[0] in _INSPECT_FLAGS for arg in args):
+        overrides = [arg for arg in args if not arg.startswith("-")]
+        try:
+            os.environ[SWEEP_SIZE_ENV] = str(preflight(overrides))
+        except ConfigError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+    run_job()

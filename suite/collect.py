@@ -1,0 +1,86 @@
+"""Collect: every record in the store → one pandas DataFrame (saved as Parquet) → summary.
+
+Runs as a Hydra callback at the end of every sweep and as a command:
+
+    python -m suite.collect [--store results] [--sweep quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from suite.store import RUNS, read_records
+from suite.summary import format_summary, summarize
+
+log = logging.getLogger(__name__)
+
+CELL_POINTER = "cell_id"  # written into each Hydra job's output folder
+
+
+def collect(store: str | Path, write: bool = True) -> pd.DataFrame:
+    """All records under ``store`` as one DataFrame; also written to ``<store>/runs.parquet``."""
+    records = read_records(store)
+    for record in records:
+        record["config"] = json.dumps(record.get("config"), sort_keys=True)
+    runs = pd.DataFrame.from_records(records)
+    if not runs.empty:
+        runs = runs.sort_values(["variant", "depth", "lr", "seed"], kind="stable")
+        runs = runs.reset_index(drop=True)
+    if write and not runs.empty:
+        path = Path(store) / RUNS
+        tmp = path.with_suffix(".parquet.tmp")
+        runs.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    return runs
+
+
+def report_text(runs: pd.DataFrame) -> str:
+    lines = [format_summary(summarize(runs))]
+    if not runs.empty and (runs["status"] != "ok").any():
+        errored = runs.loc[runs["status"] != "ok", "cell_id"]
+        lines.append(f"\n{len(errored)} cell(s) errored (traceback in their record.json):")
+        lines.extend(f"  {cell_id}" for cell_id in errored)
+    return "\n".join(lines)
+
+
+def sweep_cell_ids(sweep_dir: str | Path) -> set[str]:
+    return {p.read_text().strip() for p in Path(sweep_dir).glob(f"*/{CELL_POINTER}")}
+
+
+class CollectCallback(Callback):
+    """At the end of a multirun: collect the whole store, print this sweep's summary."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        store = config.store
+        runs = collect(store)
+        if runs.empty:
+            return
+        this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(config.hydra.sweep.dir))]
+        print(f"\nSummary of this sweep ({len(this_sweep)} cells; all runs: {Path(store) / RUNS}):")
+        print(report_text(this_sweep))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default="results", help="results store (default: results)")
+    parser.add_argument("--sweep", help="only runs of this sweep preset (e.g. quick)")
+    args = parser.parse_args(argv)
+    runs = collect(args.store)
+    if runs.empty:
+        raise SystemExit(f"no records under {args.store}/cells")
+    if args.sweep:
+        runs = runs[runs["sweep"] == args.sweep]
+    print(f"{len(runs)} runs collected into {Path(args.store) / RUNS}")
+    print(report_text(runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The typed schema of one sweep cell, and the checks that run before any training.
+
+Hydra composes a loose DictConfig; :func:`cell_from_config` turns it into a :class:`CellConfig`
+(typed, range-checked, variant resolved through the registry) or raises :class:`ConfigError`
+whose message starts with the offending key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import variants
+
+
+class ConfigError(ValueError):
+    """An impossible or malformed configuration, detected before training."""
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64
+    heads: int = 4
+    depth: int = 6
+    mlp_ratio: float = 4.0
+    seq_len: int = 64
+    bias: bool = True
+    tie_embeddings: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text | tokens
+    path: str | None = None  # text file (source=text) or uint16 .bin (source=tokens)
+    max_bytes: int = 4_000_000  # stdlib corpus size cap
+    val_fraction: float = 0.1
+    vocab_size: int | None = None  # tokens only; default: largest token id + 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # alternative to warmup_steps: a fraction of train.steps
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    eval_batches: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    log_every: int = 25
+    timing_skip_steps: int = 10  # steps excluded from the throughput median (warm-up, allocator)
+
+
+@dataclass
+class VerdictConfig:
+    blowup_factor: float = 2.0  # diverged if loss > blowup_factor × initial loss
+    stall_margin: float = 0.1  # stalled if final loss > unigram entropy − stall_margin (nats)
+    final_window: int = 10  # steps averaged for the final training loss
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "verdict": VerdictConfig,
+}
+
+
+@dataclass
+class CellConfig:
+    """Everything that determines one run's result (plus where to store it)."""
+
+    variant: str
+    variant_params: dict[str, Any]
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    verdict: VerdictConfig
+    seed: int = 0
+    sweep: str = "custom"
+    store: str = "results"
+
+    def result_defining(self) -> dict[str, Any]:
+        """The part of the config that can change the result (not where it is stored)."""
+        data = asdict(self)
+        data.pop("store")
+        data.pop("sweep")
+        data["train"].pop("threads")
+        data["train"].pop("log_every")
+        return data
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.result_defining(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def cell_id(self) -> str:
+        return (
+            f"{self.variant}-L{self.model.depth}-lr{self.optim.lr:g}-s{self.seed}-"
+            f"{self.config_hash()[:10]}"
+        )
+
+    def warmup_steps(self) -> int:
+        if self.optim.warmup_steps:
+            return self.optim.warmup_steps
+        return round(self.optim.warmup_fraction * self.train.steps)
+
+
+def _typed_section(name: str, schema: type, node: Any) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
+        message = getattr(error, "msg", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{name}.{key}: {message}") from None
+
+
+def _resolve_variant(node: Any) -> tuple[str, dict[str, Any]]:
+    if node is None or "name" not in node:
+        raise ConfigError(
+            "variant: none selected; add +variant=<name> "
+            f"(registered: {', '.join(variants.names())})"
+        )
+    name = str(node["name"])
+    try:
+        variant_cls = variants.get(name)
+    except variants.UnknownVariantError as error:
+        raise ConfigError(f"variant: {error}") from None
+    params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+    typed = _typed_section("variant", variant_cls, params)
+    return name, typed.params()
+
+
+def _check(condition: bool, key: str, message: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message} (got {value!r})")
+
+
+def _finite_positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def validate(cell: CellConfig) -> None:
+    """Range checks that no schema can express; raises ConfigError naming the key."""
+    m, d, o, t, v = cell.model, cell.data, cell.optim, cell.train, cell.verdict
+    _check(m.depth >= 1, "model.depth", "must be at least 1", m.depth)
+    _check(m.width >= 1, "model.width", "must be at least 1", m.width)
+    _check(m.heads >= 1, "model.heads", "must be at least 1", m.heads)
+    _check(
+        m.width % m.heads == 0,
+        "model.heads",
+        f"must divide model.width={m.width}",
+        m.heads,
+    )
+    _check(
+        _finite_positive(m.mlp_ratio), "model.mlp_ratio", "must be a positive number", m.mlp_ratio
+    )
+    _check(m.seq_len >= 1, "model.seq_len", "must be at least 1", m.seq_len)
+    _check(
+        d.source in ("stdlib", "text", "tokens"),
+        "data.source",
+        "must be stdlib, text or tokens",
+        d.source,
+    )
+    if d.source in ("text", "tokens"):
+        _check(bool(d.path), "data.path", f"is required for data.source={d.source}", d.path)
+    _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
+    _check(d.max_bytes > 0, "data.max_bytes", "must be positive", d.max_bytes)
+    if d.vocab_size is not None:
+        _check(d.vocab_size >= 2, "data.vocab_size", "must be at least 2", d.vocab_size)
+    _check(_finite_positive(o.lr), "optim.lr", "must be a positive number", o.lr)
+    _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)", o.beta1)
+    _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)", o.beta2)
+    _check(_finite_positive(o.eps), "optim.eps", "must be a positive number", o.eps)
+    _check(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        "optim.weight_decay",
+        "must be ≥ 0",
+        o.weight_decay,
+    )
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be ≥ 0", o.warmup_steps)
+    _check(
+        0 <= o.warmup_fraction < 1, "optim.warmup_fraction", "must be in [0, 1)", o.warmup_fraction
+    )
+    _check(
+        not (o.warmup_steps and o.warmup_fraction),
+        "optim.warmup_fraction",
+        "set either optim.warmup_steps or optim.warmup_fraction, not both",
+        o.warmup_fraction,
+    )
+    _check(
+        o.schedule in ("constant", "cosine"),
+        "optim.schedule",
+        "must be constant or cosine",
+        o.schedule,
+    )
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", o.min_lr_ratio)
+    _check(
+        math.isfinite(o.grad_clip) and o.grad_clip >= 0,
+        "optim.grad_clip",
+        "must be ≥ 0",
+        o.grad_clip,
+    )
+    _check(t.steps >= 0, "train.steps", "must be ≥ 0", t.steps)
+    _check(t.batch_size >= 1, "train.batch_size", "must be at least 1", t.batch_size)
+    _check(t.eval_batches >= 1, "train.eval_batches", "must be at least 1", t.eval_batches)
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        "train.device",
+        "must be auto, cpu, cuda or cuda:N",
+        t.device,
+    )
+    _check(
+        t.dtype in ("float32", "bfloat16"), "train.dtype", "must be float32 or bfloat16", t.dtype
+    )
+    _check(t.threads >= 0, "train.threads", "must be ≥ 0", t.threads)
+    _check(t.log_every >= 1, "train.log_every", "must be at least 1", t.log_every)
+    _check(t.timing_skip_steps >= 0, "train.timing_skip_steps", "must be ≥ 0", t.timing_skip_steps)
+    _check(
+        _finite_positive(v.blowup_factor) and v.blowup_factor > 1,
+        "verdict.blowup_factor",
+        "must be a number > 1",
+        v.blowup_factor,
+    )
+    _check(
+        math.isfinite(v.stall_margin),
+        "verdict.stall_margin",
+        "must be a finite number",
+        v.stall_margin,
+    )
+    _check(v.final_window >= 1, "verdict.final_window", "must be at least 1", v.final_window)
+
+
+def cell_from_config(cfg: DictConfig) -> CellConfig:
+    """Typed, validated cell from a composed Hydra config; raises ConfigError naming the key."""
+    variant_name, variant_params = _resolve_variant(cfg.get("variant"))
+    sections = {
+        name: _typed_section(name, schema, cfg.get(name)) for name, schema in SECTIONS.items()
+    }
+    seed = cfg.get("seed", 0)
+    _check(isinstance(seed, int) and not isinstance(seed, bool), "seed", "must be an integer", seed)
+    cell = CellConfig(
+        variant=variant_name,
+        variant_params=variant_params,
+        seed=seed,
+        sweep=str(cfg.get("sweep_name", "custom")),
+        store=str(cfg.get("store", "results")),
+        **sections,
+    )
+    validate(cell)
+    return cell

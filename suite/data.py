@@ -1,0 +1,134 @@
+"""Offline, deterministic language-modelling data.
+
+Three sources, all giving a 1-D array of token ids split into train and validation:
+
+- ``stdlib``: byte-level LM on the running Python's standard-library sources (present on every
+  machine; the corpus hash is recorded because it changes with the Python version);
+- ``text``: byte-level LM on any text file;
+- ``tokens``: a pre-tokenized uint16 ``.bin`` file (the nanoGPT format).
+
+The unigram entropy of the training split is the loss a model reaches by predicting token
+frequencies alone: the floor a model must beat to have learned anything from context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from suite.config import ConfigError, DataConfig
+
+# Directories of the standard library that are not ordinary library source.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+_VAL_SEED = 1234  # every cell is evaluated on the same validation batches
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    name: str
+    sha256: str
+    unigram_entropy: float  # nats per token, training split
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.train) + len(self.val)
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        p for p in root.rglob("*.py") if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)
+    )
+
+
+def _stdlib_bytes(max_bytes: int) -> bytes:
+    chunks, total = [], 0
+    for path in stdlib_files():
+        chunk = path.read_bytes()
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= max_bytes:
+            break
+    return b"".join(chunks)[:max_bytes]
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log(probs)).sum())
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.source == "stdlib":
+        raw = _stdlib_bytes(cfg.max_bytes)
+        tokens, vocab, name = np.frombuffer(raw, dtype=np.uint8), 256, "python-stdlib"
+        digest = hashlib.sha256(raw).hexdigest()
+    else:
+        path = Path(cfg.path or "")
+        if not path.is_file():
+            raise ConfigError(f"data.path: no such file {str(path)!r}")
+        if cfg.source == "text":
+            raw = path.read_bytes()
+            tokens, vocab = np.frombuffer(raw, dtype=np.uint8), 256
+            digest = hashlib.sha256(raw).hexdigest()
+        else:
+            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            vocab = cfg.vocab_size or int(tokens.max()) + 1
+            if int(tokens.max()) >= vocab:
+                raise ConfigError(
+                    f"data.vocab_size: {vocab} is too small for token id {int(tokens.max())}"
+                )
+            digest = _file_sha256(path)
+        name = path.name
+    split = int(len(tokens) * (1 - cfg.val_fraction))
+    train, val = tokens[:split], tokens[split:]
+    if len(train) < 2 or len(val) < 2:
+        raise ConfigError(f"data.path: corpus too small ({len(tokens)} tokens)")
+    return Corpus(train, val, vocab, name, digest, unigram_entropy(np.asarray(train), vocab))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Batches:
+    """Random contiguous windows of ``seq_len + 1`` tokens, reproducible from a seed."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+        if len(tokens) <= seq_len + 1:
+            raise ConfigError(
+                f"model.seq_len: {seq_len} is too long for a split of {len(tokens)} tokens"
+            )
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.rng = np.random.default_rng(seed)
+        self._offsets = np.arange(seq_len + 1)
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        window = window.to(device, non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+
+def validation_batches(
+    corpus: Corpus, seq_len: int, batch_size: int, count: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = Batches(corpus.val, seq_len, batch_size, _VAL_SEED)
+    return [batches.next(device) for _ in range(count)]
+
+
+def max_entropy(vocab_size: int) -> float:
+    return math.log(vocab_size)

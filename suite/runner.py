@@ -1,0 +1,140 @@
+"""One sweep cell, end to end: config → model + data → training loop → record.
+
+A failure inside training (an exception, out of memory) becomes a record with status ``error`` and
+its traceback; divergence is a verdict, never an exception.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import resource
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+import variants
+from suite.config import CellConfig, DataConfig
+from suite.data import Corpus, load_corpus
+from suite.environment import environment, resolve_device
+from suite.model import GPT, ModelShape
+from suite.train import TrainOutcome, train
+
+log = logging.getLogger(__name__)
+
+_corpus_cache: dict[str, Corpus] = {}
+
+
+def corpus_for(cfg: DataConfig) -> Corpus:
+    """Load a corpus once per process: a sweep's cells all read the same one."""
+    key = json.dumps(asdict(cfg), sort_keys=True)
+    if key not in _corpus_cache:
+        _corpus_cache[key] = load_corpus(cfg)
+    return _corpus_cache[key]
+
+
+def build_model(cell: CellConfig, vocab_size: int) -> GPT:
+    m = cell.model
+    shape = ModelShape(
+        vocab_size=vocab_size,
+        width=m.width,
+        heads=m.heads,
+        depth=m.depth,
+        mlp_ratio=m.mlp_ratio,
+        seq_len=m.seq_len,
+        bias=m.bias,
+        tie_embeddings=m.tie_embeddings,
+    )
+    variant = variants.get(cell.variant)(**cell.variant_params)
+    return GPT(shape, variant)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux; it is the whole process's high-water mark.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
+    m, o, t = cell.model, cell.optim, cell.train
+    return {
+        "cell_id": cell.cell_id(),
+        "config_hash": cell.config_hash(),
+        "sweep": cell.sweep,
+        "variant": cell.variant,
+        "variant_params": json.dumps(cell.variant_params, sort_keys=True),
+        "depth": m.depth,
+        "width": m.width,
+        "heads": m.heads,
+        "mlp_ratio": m.mlp_ratio,
+        "seq_len": m.seq_len,
+        "lr": o.lr,
+        "warmup_steps": cell.warmup_steps(),
+        "schedule": o.schedule,
+        "grad_clip": o.grad_clip,
+        "weight_decay": o.weight_decay,
+        "seed": cell.seed,
+        "steps": t.steps,
+        "batch_size": t.batch_size,
+        "dtype": t.dtype,
+        "compile": t.compile,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **environment(device),
+        "config": asdict(cell),
+        "status": "ok",
+        "error": None,
+    }
+
+
+def outcome_fields(outcome: TrainOutcome) -> dict[str, Any]:
+    return {
+        "verdict": outcome.verdict,
+        "diverged_step": outcome.diverged_step,
+        "divergence_reason": outcome.divergence_reason,
+        "steps_completed": outcome.steps_completed,
+        "initial_loss": outcome.initial_loss,
+        "final_loss": outcome.final_loss,
+        "best_loss": outcome.best_loss,
+        "val_loss": outcome.val_loss,
+        "tokens_per_s": outcome.tokens_per_s,
+        "wall_time_s": outcome.wall_time_s,
+    }
+
+
+def run_cell(cell: CellConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Train one cell; returns its record and per-step curve. Never raises for training failures."""
+    if cell.train.threads:
+        torch.set_num_threads(cell.train.threads)
+    # Stalled or diverging models drive many activations and Adam moments into subnormal range,
+    # where x86 float math runs ~10× slower: without this, throughput would measure the FPU's
+    # denormal handling rather than the variant.
+    torch.set_flush_denormal(True)
+    device = resolve_device(cell.train.device)
+    record = base_record(cell, device)
+    corpus = corpus_for(cell.data)  # a missing or unreadable corpus is a config error: raise
+    record.update(
+        corpus=corpus.name,
+        corpus_sha256=corpus.sha256,
+        corpus_tokens=corpus.num_tokens,
+        vocab_size=corpus.vocab_size,
+        unigram_entropy=corpus.unigram_entropy,
+    )
+    curve: list[dict[str, float]] = []
+    try:
+        torch.manual_seed(cell.seed)
+        model = build_model(cell, corpus.vocab_size).to(device)
+        record["n_params"] = model.num_parameters()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        outcome = train(model, corpus, cell, device)
+        curve = outcome.curve
+        record.update(outcome_fields(outcome))
+    except Exception as error:  # recorded, so the sweep goes on and the summary lists it
+        log.error("cell %s failed: %s", cell.cell_id(), error)
+        record.update(status="error", error=traceback.format_exc(), verdict=None)
+    record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
+    return record, curve

@@ -1,0 +1,77 @@
+"""The results store: one folder per cell, written atomically; the interface to reporting.
+
+    <store>/cells/<cell_id>/record.json   one flat record (columns documented in the README)
+    <store>/cells/<cell_id>/curve.parquet per-step training curve
+    <store>/runs.parquet                  every record, collected into one table
+
+``record.json`` is written last and by rename, so a folder with a record is complete, and a
+crash can leave at most a stray temporary file, never a half-written record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+RECORD = "record.json"
+CURVE = "curve.parquet"
+RUNS = "runs.parquet"
+
+
+def cell_dir(store: str | Path, cell_id: str) -> Path:
+    return Path(store) / "cells" / cell_id
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null: JSON has no such numbers and pandas reads null back as NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_cell(store: str | Path, record: dict[str, Any], curve: list[dict[str, float]]) -> Path:
+    folder = cell_dir(store, record["cell_id"])
+    _atomic_write(folder / CURVE, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
+    text = json.dumps(_json_safe(record), indent=1, sort_keys=True)
+    _atomic_write(folder / RECORD, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def read_records(store: str | Path) -> list[dict[str, Any]]:
+    """Every complete record under the store; unreadable ones are skipped with a warning."""
+    records = []
+    for path in sorted(Path(store).glob(f"cells/*/{RECORD}")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as error:
+            log.warning("skipping unreadable record %s: %s", path, error)
+    return records
+
+
+def read_curve(store: str | Path, cell_id: str) -> pd.DataFrame:
+    return pd.read_parquet(cell_dir(store, cell_id) / CURVE)

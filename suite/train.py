@@ -1,0 +1,171 @@
+"""The training loop: AdamW, warmup then constant or cosine LR, per-step metrics, divergence stop.
+
+It knows nothing of which variant it trains. Timing is synchronized on CUDA, so each step's
+duration is the device's, not the launch queue's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from suite.config import CellConfig, OptimConfig
+from suite.data import Batches, Corpus, validation_batches
+from suite.verdict import divergence_reason, final_loss, judge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    curve: list[dict[str, float]] = field(default_factory=list)
+    initial_loss: float = math.nan
+    final_loss: float = math.nan
+    best_loss: float = math.nan
+    val_loss: float = math.nan
+    verdict: str = ""
+    diverged_step: int | None = None
+    divergence_reason: str | None = None
+    steps_completed: int = 0
+    tokens_per_s: float = math.nan
+    wall_time_s: float = 0.0
+
+
+def lr_schedule(optim: OptimConfig, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR at each step: linear warmup from lr/warmup to lr, then constant or cosine decay."""
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return optim.lr * (step + 1) / warmup_steps
+        if optim.schedule == "constant":
+            return optim.lr
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        floor = optim.min_lr_ratio * optim.lr
+        return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norm gains or scalars)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.autocast):
+    with autocast:
+        logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def train(model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.device) -> TrainOutcome:
+    cfg, optim = cell.train, cell.optim
+    step_model = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(model, optim)
+    lr_at = lr_schedule(optim, cell.warmup_steps(), cfg.steps)
+    batches = Batches(corpus.train, cell.model.seq_len, cfg.batch_size, seed=cell.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = cfg.batch_size * cell.model.seq_len
+    out = TrainOutcome()
+    losses: list[float] = []
+    step_times: list[float] = []
+    started = time.perf_counter()
+
+    for step in range(cfg.steps):
+        _synchronize(device)
+        t0 = time.perf_counter()
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batches.next(device)
+        loss = _loss(step_model, x, y, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        loss_value, grad_value = loss.item(), grad_norm.item()
+        if step == 0:
+            out.initial_loss = loss_value
+        reason = divergence_reason(loss_value, grad_value, out.initial_loss, cell.verdict)
+        if reason is None:
+            optimizer.step()
+        _synchronize(device)
+        seconds = time.perf_counter() - t0
+        step_times.append(seconds)
+        losses.append(loss_value)
+        out.curve.append(
+            {
+                "step": step,
+                "lr": lr,
+                "loss": loss_value,
+                "grad_norm": grad_value,
+                "tokens_per_s": tokens_per_step / seconds,
+            }
+        )
+        if reason is not None:
+            out.diverged_step, out.divergence_reason = step, reason
+            log.info("step %d: diverged (%s)", step, reason)
+            break
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log.info(
+                "step %4d/%d  loss %.4f  grad %.3g  lr %.3g  %.0f tok/s",
+                step,
+                cfg.steps,
+                loss_value,
+                grad_value,
+                lr,
+                tokens_per_step / seconds,
+            )
+
+    out.wall_time_s = time.perf_counter() - started
+    out.steps_completed = len(losses) - (1 if out.diverged_step is not None else 0)
+    steady = step_times[cfg.timing_skip_steps :] or step_times[1:]
+    if steady:
+        out.tokens_per_s = tokens_per_step / statistics.median(steady)
+    finite = [v for v in losses if math.isfinite(v)]
+    out.best_loss = min(finite) if finite else math.nan
+    out.final_loss = final_loss(losses, cell.verdict)
+    if out.diverged_step is None:
+        out.val_loss = evaluate(step_model, corpus, cell, device, autocast)
+    out.verdict = judge(losses, out.diverged_step is not None, corpus.unigram_entropy, cell.verdict)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    corpus: Corpus,
+    cell: CellConfig,
+    device: torch.device,
+    autocast: torch.autocast,
+) -> float:
+    model.eval()
+    batches = validation_batches(
+        corpus, cell.model.seq_len, cell.train.batch_size, cell.train.eval_batches, device
+    )
+    total = sum(_loss(model, x, y, autocast).item() for x, y in batches)
+    model.train()
+    return total / len(batches)

@@ -1,0 +1,197 @@
+"""Each variant's block equals its paper's formula, computed here independently from its weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import variants
+from suite.model import GPT, ModelShape
+from variants.deepnorm import DeepNorm, deepnorm_alpha, deepnorm_beta
+from variants.norms import LayerNorm, RMSNorm
+
+WIDTH, HEADS, DEPTH = 16, 4, 3
+
+
+def make_model(name: str, depth: int = DEPTH, **params) -> GPT:
+    torch.manual_seed(0)
+    shape = ModelShape(
+        vocab_size=50, width=WIDTH, heads=HEADS, depth=depth, mlp_ratio=4.0, seq_len=8
+    )
+    return GPT(shape, variants.get(name)(**params))
+
+
+def randomize(module: torch.nn.Module) -> None:
+    """Move every parameter (norm gains, biases, ReZero's α) off its init so nothing is trivial."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+
+# Independent reference math: explicit softmax attention, explicit norms.
+def ref_layer_norm(x, norm: LayerNorm):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def ref_rms_norm(x, norm: RMSNorm):
+    return x / torch.sqrt((x**2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def ref_attention(attn, x):
+    batch, seq, width = x.shape
+    head = width // attn.heads
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = (t.view(batch, seq, attn.heads, head).transpose(1, 2) for t in qkv.split(width, -1))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, width)
+    return y @ attn.proj.weight.T + attn.proj.bias
+
+
+def ref_mlp(mlp, x):
+    hidden = x @ mlp.fc.weight.T + mlp.fc.bias
+    gelu = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+    return gelu @ mlp.proj.weight.T + mlp.proj.bias
+
+
+def reference_block(name: str, block, x, n_layers: int):
+    F_, G_ = (lambda t: ref_attention(block.attn, t)), (lambda t: ref_mlp(block.mlp, t))
+    w = block.wiring
+    if name == "postln":
+        h = ref_layer_norm(x + F_(x), w.norm_attn)
+        return ref_layer_norm(h + G_(h), w.norm_mlp)
+    if name == "preln":
+        h = x + F_(ref_layer_norm(x, w.norm_attn))
+        return h + G_(ref_layer_norm(h, w.norm_mlp))
+    if name == "rmsnorm":
+        h = x + F_(ref_rms_norm(x, w.norm_attn))
+        return h + G_(ref_rms_norm(h, w.norm_mlp))
+    if name == "rezero":
+        h = x + w.alpha * F_(x)
+        return h + w.alpha * G_(h)
+    if name == "deepnorm":
+        alpha = (2 * n_layers) ** 0.25
+        h = ref_layer_norm(alpha * x + F_(x), w.norm_attn)
+        return ref_layer_norm(alpha * h + G_(h), w.norm_mlp)
+    raise AssertionError(name)
+
+
+BUILT_INS = ["postln", "preln", "rmsnorm", "rezero", "deepnorm"]
+
+
+def test_all_five_built_ins_are_registered():
+    assert set(BUILT_INS) <= set(variants.names())
+
+
+@pytest.mark.parametrize("name", BUILT_INS)
+def test_block_matches_formula(name):
+    model = make_model(name)
+    randomize(model)
+    x = torch.randn(2, 8, WIDTH)
+    for block in model.blocks:
+        expected = reference_block(name, block, x, DEPTH)
+        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_final_norm_placement():
+    assert isinstance(make_model("preln").final_norm, LayerNorm)
+    assert isinstance(make_model("rmsnorm").final_norm, RMSNorm)
+    for name in ("postln", "rezero", "deepnorm"):
+        assert isinstance(make_model(name).final_norm, torch.nn.Identity), name
+
+
+def test_rezero_has_no_norm_anywhere_and_one_alpha_per_layer():
+    model = make_model("rezero")
+    assert not any(isinstance(m, LayerNorm | RMSNorm | torch.nn.LayerNorm) for m in model.modules())
+    alphas = [block.wiring.alpha for block in model.blocks]
+    assert len({id(a) for a in alphas}) == DEPTH
+    assert all(a.shape == () and a.item() == 0.0 for a in alphas)
+
+
+def test_rezero_block_is_identity_at_init():
+    model = make_model("rezero")
+    x = torch.randn(2, 8, WIDTH)
+    for block in model.blocks:
+        torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [1, 6, 24])
+def test_deepnorm_constants(depth):
+    assert deepnorm_alpha(depth) == pytest.approx((2 * depth) ** 0.25)
+    assert deepnorm_beta(depth) == pytest.approx((8 * depth) ** -0.25)
+    model = make_model("deepnorm", depth=depth)
+    assert all(b.wiring.alpha == pytest.approx((2 * depth) ** 0.25) for b in model.blocks)
+
+
+def test_deepnorm_beta_scales_v_out_and_mlp_but_not_q_k():
+    class DeepNormNoBeta(DeepNorm):
+        def beta(self, n_layers: int) -> float:
+            return 1.0
+
+    depth = 6
+    torch.manual_seed(0)
+    shape = ModelShape(
+        vocab_size=50, width=WIDTH, heads=HEADS, depth=depth, mlp_ratio=4.0, seq_len=8
+    )
+    scaled = GPT(shape, DeepNorm())
+    torch.manual_seed(0)
+    unscaled = GPT(shape, DeepNormNoBeta())
+    beta = (8 * depth) ** -0.25
+    for a, b in zip(scaled.blocks, unscaled.blocks, strict=True):
+        qa, ka, va = a.attn.qkv.weight.chunk(3)
+        qb, kb, vb = b.attn.qkv.weight.chunk(3)
+        torch.testing.assert_close(qa, qb)
+        torch.testing.assert_close(ka, kb)
+        torch.testing.assert_close(va, beta * vb)
+        torch.testing.assert_close(a.attn.proj.weight, beta * b.attn.proj.weight)
+        torch.testing.assert_close(a.mlp.fc.weight, beta * b.mlp.fc.weight)
+        torch.testing.assert_close(a.mlp.proj.weight, beta * b.mlp.proj.weight)
+    # The unscaled weights are Xavier-normal (gain 1), as in the DeepNet paper's pseudo-code.
+    xavier_std = math.sqrt(2 / (WIDTH + 4 * WIDTH))
+    fc = torch.cat([b.mlp.fc.weight.flatten() for b in unscaled.blocks])
+    assert fc.std().item() == pytest.approx(xavier_std, rel=0.1)
+
+
+def test_preln_residual_projection_init_is_scaled_by_depth():
+    depth = 8
+    model = make_model("preln", depth=depth)
+    projections = torch.cat([b.attn.proj.weight.flatten() for b in model.blocks])
+    assert projections.std().item() == pytest.approx(0.02 / math.sqrt(2 * depth), rel=0.05)
+    qkv = torch.cat([b.attn.qkv.weight.flatten() for b in model.blocks])
+    assert qkv.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_rmsnorm_is_computed_in_fp32_and_returns_input_dtype():
+    norm = RMSNorm(WIDTH)
+    x = torch.randn(4, WIDTH, dtype=torch.bfloat16) * 100
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    expected = ref_rms_norm(x.float(), norm).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected)
+
+
+def test_variant_parameters_reach_the_model():
+    model = make_model("preln", eps=1e-3)
+    assert model.blocks[0].wiring.norm_attn.eps == 1e-3
+    assert model.final_norm.eps == 1e-3
+
+
+def test_model_forward_shape_and_tied_head():
+    model = make_model("preln")
+    logits = model(torch.randint(0, 50, (2, 8)))
+    assert logits.shape == (2, 8, 50)
+    assert model.head.weight is model.token_embedding.weight
+    assert torch.isfinite(logits).all()
+
+
+def test_fused_sdpa_matches_explicit_attention():
+    model = make_model("preln")
+    randomize(model)
+    x = torch.randn(3, 8, WIDTH)
+    attn = model.blocks[0].attn
+    torch.testing.assert_close(attn(x), ref_attention(attn, x), rtol=1e-4, atol=1e-5)

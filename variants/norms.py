@@ -1,0 +1,40 @@
+"""Normalization layers shared by the variants.
+
+Both are thin wrappers over the fused functional kernels (`F.layer_norm`, `F.rms_norm`) so that
+every variant pays the same, minimal cost for a norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learnable gain and (optionally) bias (Ba et al. 2016)."""
+
+    def __init__(self, width: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = x · rsqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019).
+
+    Computed in fp32 and cast back, as LLaMA's reference implementation does, so that bf16
+    autocast does not change the statistics.
+    """
+
+    def __init__(self, width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)

@@ -1,0 +1,46 @@
+"""Pre-LN (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture"; GPT-2).
+
+    h = x + F(LN(x))
+    y = h + G(LN(h))
+    final LN after the last block
+
+Init as nanoGPT's model.py: N(0, 0.02) everywhere, residual output projections 0.02 / sqrt(2N).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from variants.base import Variant, scale_residual_projections
+from variants.norms import LayerNorm
+from variants.registry import register
+
+
+class PreLNWiring(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.norm_attn = LayerNorm(width, eps)
+        self.norm_mlp = LayerNorm(width, eps)
+
+    def forward(self, x, attn, mlp):
+        h = x + attn(self.norm_attn(x))
+        return h + mlp(self.norm_mlp(h))
+
+
+@register("preln")
+@dataclass
+class PreLN(Variant):
+    formula = "h = x + F(LN x); y = h + G(LN h); final LN"
+    eps: float = 1e-5
+
+    def wiring(self, width: int, n_layers: int, layer: int) -> nn.Module:
+        return PreLNWiring(width, self.eps)
+
+    def final_norm(self, width: int) -> nn.Module:
+        return LayerNorm(width, self.eps)
+
+    def init_weights(self, model: nn.Module, n_layers: int) -> None:
+        scale_residual_projections(model, 0.02 / math.sqrt(2 * n_layers))

@@ -1,0 +1,38 @@
+"""ReZero (Bachlechner et al. 2020, "ReZero is All You Need"; official rztx.py).
+
+    h = x + α·F(x)
+    y = h + α·G(h)
+
+One scalar α per layer, shared by both sublayers and initialized to ``alpha_init`` (0), so every
+block starts as the identity. No normalization anywhere, final norm included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from variants.base import Variant
+from variants.registry import register
+
+
+class ReZeroWiring(nn.Module):
+    def __init__(self, alpha_init: float) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+
+    def forward(self, x, attn, mlp):
+        h = x + self.alpha * attn(x)
+        return h + self.alpha * mlp(h)
+
+
+@register("rezero")
+@dataclass
+class ReZero(Variant):
+    formula = "h = x + α·F(x); y = h + α·G(h); α per layer, init 0; no norms"
+    alpha_init: float = 0.0
+
+    def wiring(self, width: int, n_layers: int, layer: int) -> nn.Module:
+        return ReZeroWiring(self.alpha_init)

@@ -1,0 +1,46 @@
+"""Pre-norm with RMSNorm, as LLaMA (Touvron et al. 2023; Zhang & Sennrich 2019 for RMSNorm).
+
+    h = x + F(RMSNorm(x))
+    y = h + G(RMSNorm(h))
+    final RMSNorm;  RMSNorm(x) = x · rsqrt(mean(x²) + eps) · g, computed in fp32, eps 1e-5
+
+Init is Pre-LN's (nanoGPT) so that the comparison isolates the norm itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from variants.base import Variant, scale_residual_projections
+from variants.norms import RMSNorm
+from variants.registry import register
+
+
+class RMSNormWiring(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.norm_attn = RMSNorm(width, eps)
+        self.norm_mlp = RMSNorm(width, eps)
+
+    def forward(self, x, attn, mlp):
+        h = x + attn(self.norm_attn(x))
+        return h + mlp(self.norm_mlp(h))
+
+
+@register("rmsnorm")
+@dataclass
+class PreRMSNorm(Variant):
+    formula = "h = x + F(RMS x); y = h + G(RMS h); final RMSNorm (fp32)"
+    eps: float = 1e-5
+
+    def wiring(self, width: int, n_layers: int, layer: int) -> nn.Module:
+        return RMSNormWiring(width, self.eps)
+
+    def final_norm(self, width: int) -> nn.Module:
+        return RMSNorm(width, self.eps)
+
+    def init_weights(self, model: nn.Module, n_layers: int) -> None:
+        scale_residual_projections(model, 0.02 / math.sqrt(2 * n_layers))
