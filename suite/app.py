@@ -7,6 +7,7 @@ anywhere in the sweep fails at once with a message naming the key.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -18,7 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import variants
 from suite.collect import CELL_POINTER
@@ -29,6 +31,7 @@ from suite.store import write_cell
 log = logging.getLogger("suite")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"variant"}
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
 # Hydra flags that print or inspect instead of running: no preflight for those.
 _INSPECT_FLAGS = (
@@ -98,15 +101,42 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def preflight(overrides: list[str]) -> int:
-    """Compose and validate every cell of the sweep; returns the number of cells."""
+    """Compose and validate every cell of the sweep; returns the number of cells.
+
+    Composing is slow (~50 ms), so it is done once per combination of config-group choices;
+    each cell's plain values are then set on a copy, as Hydra itself applies them after
+    composing the defaults list.
+    """
+    register_variant_configs()
+    parser = OverridesParser.create()
+    composed: dict[tuple[str, ...], DictConfig] = {}
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         jobs = expand_sweep(overrides)
         for job in jobs:
+            parsed = parser.parse_overrides(job)
+            groups = tuple(o.input_line for o in parsed if _needs_compose(o))
+            if groups not in composed:
+                composed[groups] = compose("config", overrides=list(groups))
+            cfg = copy.deepcopy(composed[groups])
             try:
-                cell_from_config(compose("config", overrides=job))
-            except ConfigError as error:
+                for override in parsed:
+                    if not _needs_compose(override):
+                        OmegaConf.update(
+                            cfg,
+                            override.key_or_group,
+                            override.value(),
+                            force_add=override.is_add(),
+                        )
+                cell_from_config(cfg)
+            except (ConfigError, OmegaConfBaseException) as error:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
     return len(jobs)
+
+
+def _needs_compose(override) -> bool:
+    """Group choices (and deletions) change the defaults list; plain values do not."""
+    key = override.key_or_group
+    return key in CONFIG_GROUPS or key.startswith("hydra") or override.is_delete()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -118,21 +148,24 @@ def run_job(cfg: DictConfig) -> str:
     record, curve = run_cell(cell)
     folder = write_cell(cell.store, record, curve)
     Path(HydraConfig.get().runtime.output_dir, CELL_POINTER).write_text(cell.cell_id())
-    log.info(
-        "cell %d/%s done: %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
-        job.num + 1,
-        total,
-        record.get("verdict") or record["status"],
-        record.get("final_loss", float("nan")) or float("nan"),
-        record.get("val_loss", float("nan")) or float("nan"),
-        record.get("tokens_per_s", float("nan")) or float("nan"),
-        folder,
-    )
+    if record["status"] == "ok":
+        log.info(
+            "cell %d/%s done: %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
+            job.num + 1,
+            total,
+            record["verdict"],
+            record["final_loss"],
+            record["val_loss"],
+            record["tokens_per_s"],
+            folder,
+        )
+    else:
+        log.error("cell %d/%s errored (traceback in %s/record.json)", job.num + 1, total, folder)
     return record["status"]
 
 
 def main() -> None:
-    register_variant_configs()
+    register_variant_configs()  # also when preflight is skipped (--help, --cfg job)
     args = sys.argv[1:]
     if not any(arg.split("=")[0] in _INSPECT_FLAGS for arg in args):
         overrides = [arg for arg in args if not arg.startswith("-")]

@@ -17,7 +17,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from suite.store import RUNS, read_records
+from suite.store import RECORD_COLUMNS, RUNS, read_records
 from suite.summary import format_summary, summarize
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ def collect(store: str | Path, write: bool = True) -> pd.DataFrame:
     for record in records:
         record["config"] = json.dumps(record.get("config"), sort_keys=True)
     runs = pd.DataFrame.from_records(records)
+    extra = [c for c in runs.columns if c not in RECORD_COLUMNS]
+    runs = runs.reindex(columns=[*RECORD_COLUMNS, *extra])
     if not runs.empty:
         runs = runs.sort_values(["variant", "depth", "lr", "seed"], kind="stable")
         runs = runs.reset_index(drop=True)
@@ -66,6 +68,8 @@ class CollectCallback(Callback):
         this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(config.hydra.sweep.dir))]
         print(f"\nSummary of this sweep ({len(this_sweep)} cells; all runs: {Path(store) / RUNS}):")
         print(report_text(this_sweep))
+        if (this_sweep["status"] != "ok").any():
+            raise SystemExit(1)  # the records are kept; the exit code tells scripts to look
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -185,6 +186,7 @@ def validate(cell: CellConfig) -> None:
     )
     if d.source in ("text", "tokens"):
         _check(bool(d.path), "data.path", f"is required for data.source={d.source}", d.path)
+        _check(Path(d.path).is_file(), "data.path", "no such file", d.path)
     _check(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)", d.val_fraction)
     _check(d.max_bytes > 0, "data.max_bytes", "must be positive", d.max_bytes)
     if d.vocab_size is not None:

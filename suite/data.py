@@ -37,6 +37,7 @@ class Corpus:
     name: str
     sha256: str
     unigram_entropy: float  # nats per token, training split
+    val_unigram_entropy: float  # the same for the validation split (compare val losses to it)
 
     @property
     def num_tokens(self) -> int:
@@ -93,7 +94,15 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     train, val = tokens[:split], tokens[split:]
     if len(train) < 2 or len(val) < 2:
         raise ConfigError(f"data.path: corpus too small ({len(tokens)} tokens)")
-    return Corpus(train, val, vocab, name, digest, unigram_entropy(np.asarray(train), vocab))
+    return Corpus(
+        train,
+        val,
+        vocab,
+        name,
+        digest,
+        unigram_entropy(np.asarray(train), vocab),
+        unigram_entropy(np.asarray(val), vocab),
+    )
 
 
 def _file_sha256(path: Path) -> str:

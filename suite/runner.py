@@ -122,6 +122,7 @@ def run_cell(cell: CellConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
         corpus_tokens=corpus.num_tokens,
         vocab_size=corpus.vocab_size,
         unigram_entropy=corpus.unigram_entropy,
+        val_unigram_entropy=corpus.val_unigram_entropy,
     )
     curve: list[dict[str, float]] = []
     try:

@@ -31,53 +31,132 @@ def max_stable_lr(runs: pd.DataFrame) -> pd.Series:
     return stable.groupby(CELL)["stable_lr"].max().rename("max_stable_lr")
 
 
+SUMMARY_COLUMNS = [
+    "runs",
+    "converged_%",
+    "stalled_%",
+    "diverged_%",
+    "errors",
+    "max_stable_lr",
+    "lr_sensitivity",
+    "best_val_loss",
+    "best_lr",
+    "median_tokens_per_s",
+    "tokens_per_s_vs_preln",
+]
+CONSOLE_COLUMNS = [
+    "runs",
+    "converged_%",
+    "stalled_%",
+    "diverged_%",
+    "errors",
+    "max_stable_lr",
+    "lr_sensitivity",
+    "best_val_loss",
+    "median_tokens_per_s",
+]
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, depth): runs, verdict percentages, errors, max stable LR, best val loss,
-    median tokens/s."""
+    """Per (variant, depth): runs, verdict percentages, errors, max stable LR, LR sensitivity,
+    best val loss and its LR, median tokens/s and its ratio to Pre-LN at the same depth."""
     if runs.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
     finished = ok_runs(runs)
     grouped = finished.groupby(CELL)
-    table = pd.DataFrame(
-        {
-            "runs": grouped.size(),
-            "converged_%": grouped["verdict"].apply(lambda v: 100 * (v == CONVERGED).mean()),
-            "stalled_%": grouped["verdict"].apply(lambda v: 100 * (v == STALLED).mean()),
-            "diverged_%": grouped["verdict"].apply(lambda v: 100 * (v == DIVERGED).mean()),
-            "best_val_loss": grouped["val_loss"].min(),
-            "median_tokens_per_s": grouped["tokens_per_s"].median(),
-        }
-    )
-    table = table.join(max_stable_lr(runs), how="left")
-    errors = runs[runs["status"] != "ok"].groupby(CELL).size().rename("errors")
-    table = table.join(errors, how="outer")
+    cells = pd.MultiIndex.from_frame(runs[CELL].drop_duplicates())
+    parts = [
+        grouped.size().rename("runs"),
+        grouped["verdict"].apply(lambda v: 100 * (v == CONVERGED).mean()).rename("converged_%"),
+        grouped["verdict"].apply(lambda v: 100 * (v == STALLED).mean()).rename("stalled_%"),
+        grouped["verdict"].apply(lambda v: 100 * (v == DIVERGED).mean()).rename("diverged_%"),
+        runs[runs["status"] != "ok"].groupby(CELL).size().rename("errors"),
+        max_stable_lr(runs),
+        lr_sensitivity(runs),
+        best_val(runs),
+        grouped["tokens_per_s"].median().rename("median_tokens_per_s"),
+        throughput_vs_preln(runs),
+    ]
+    table = pd.concat([part.reindex(cells) for part in parts], axis=1)
     table["errors"] = table["errors"].fillna(0).astype(int)
     table["runs"] = table["runs"].fillna(0).astype(int)
-    columns = [
-        "runs",
-        "converged_%",
-        "stalled_%",
-        "diverged_%",
-        "errors",
-        "max_stable_lr",
-        "best_val_loss",
-        "median_tokens_per_s",
-    ]
-    return table[columns].sort_index()
+    return table.reindex(columns=SUMMARY_COLUMNS).sort_index()
+
+
+def _fmt(fmt: str, missing: str = ""):
+    return lambda v: missing if pd.isna(v) else format(v, fmt)
 
 
 def format_summary(table: pd.DataFrame) -> str:
     """The console rendering of :func:`summarize`."""
     if table.empty:
         return "(no runs)"
-    shown = table.copy()
+    shown = table[CONSOLE_COLUMNS].copy()
     for column in ("converged_%", "stalled_%", "diverged_%"):
-        shown[column] = shown[column].map(lambda v: "" if np.isnan(v) else f"{v:.0f}")
-    shown["max_stable_lr"] = shown["max_stable_lr"].map(
-        lambda v: "none" if np.isnan(v) else f"{v:g}"
-    )
-    shown["best_val_loss"] = shown["best_val_loss"].map(lambda v: "" if np.isnan(v) else f"{v:.3f}")
-    shown["median_tokens_per_s"] = shown["median_tokens_per_s"].map(
-        lambda v: "" if np.isnan(v) else f"{v:,.0f}"
-    )
+        shown[column] = shown[column].map(_fmt(".0f"))
+    shown["max_stable_lr"] = shown["max_stable_lr"].map(_fmt("g", "none"))
+    shown["lr_sensitivity"] = shown["lr_sensitivity"].map(_fmt(".3f"))
+    shown["best_val_loss"] = shown["best_val_loss"].map(_fmt(".3f"))
+    shown["median_tokens_per_s"] = shown["median_tokens_per_s"].map(_fmt(",.0f"))
     return shown.rename(columns={"median_tokens_per_s": "tokens/s"}).to_string()
+
+
+def capped_loss(runs: pd.DataFrame) -> pd.Series:
+    """Per run: min(val loss, initial loss), with diverged/missing losses counted as the initial
+    loss, as in Wortsman et al. (2023)'s LR-sensitivity definition."""
+    loss = runs["val_loss"].astype(float)
+    initial = runs["initial_loss"].astype(float)
+    return loss.where(loss.notna() & (loss < initial), initial)
+
+
+def lr_sensitivity(runs: pd.DataFrame) -> pd.Series:
+    """Per (variant, depth): E_η[min(ℓ(η), ℓ0) − ℓ*] over the LR grid (Wortsman et al. 2023).
+
+    ℓ(η) is the seed-mean of the capped final validation loss at LR η, ℓ0 the loss at init and
+    ℓ* the best ℓ(η) on the grid. 0 means every LR is as good as the best one.
+    """
+    finished = ok_runs(runs)
+    per_lr = finished.assign(capped=capped_loss(finished)).groupby([*CELL, "lr"])["capped"].mean()
+    best = per_lr.groupby(level=CELL).transform("min")
+    return (per_lr - best).groupby(level=CELL).mean().rename("lr_sensitivity")
+
+
+def best_val(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, depth): the best seed-mean validation loss and the LR that gave it."""
+    finished = ok_runs(runs)
+    per_lr = finished.groupby([*CELL, "lr"])["val_loss"].mean().dropna().reset_index()
+    if per_lr.empty:
+        empty = pd.MultiIndex.from_tuples([], names=CELL)
+        return pd.DataFrame(columns=["best_val_loss", "best_lr"], index=empty, dtype=float)
+    best = per_lr.loc[per_lr.groupby(CELL)["val_loss"].idxmin()]
+    return best.set_index(CELL).rename(columns={"val_loss": "best_val_loss", "lr": "best_lr"})
+
+
+def throughput_vs_preln(runs: pd.DataFrame, baseline: str = "preln") -> pd.Series:
+    """Per (variant, depth): median tokens/s divided by the baseline variant's at the same depth."""
+    median = ok_runs(runs).groupby(CELL)["tokens_per_s"].median()
+    if baseline not in median.index.get_level_values("variant"):
+        return pd.Series(np.nan, index=median.index, name="tokens_per_s_vs_preln")
+    reference = median.xs(baseline, level="variant")
+    depths = median.index.get_level_values("depth")
+    ratio = median.to_numpy() / reference.reindex(depths).to_numpy()
+    return pd.Series(ratio, index=median.index, name="tokens_per_s_vs_preln")
+
+
+def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, depth, LR): seeds, divergence rate, mean ± std of the final training loss
+    over the seeds that did not diverge."""
+    finished = ok_runs(runs)
+    diverged = finished["verdict"] == DIVERGED
+    grouped = finished.assign(diverged=diverged).groupby([*CELL, "lr"])
+    kept = finished[~diverged].groupby([*CELL, "lr"])["final_loss"]
+    table = pd.DataFrame(
+        {
+            "seeds": grouped.size(),
+            "converged": grouped["verdict"].apply(lambda v: (v == CONVERGED).mean()),
+            "divergence_rate": grouped["diverged"].mean(),
+            "final_loss_mean": kept.mean(),
+            "final_loss_std": kept.std(ddof=0),
+        }
+    )
+    return table.sort_index()

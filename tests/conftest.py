@@ -26,3 +26,47 @@ def run_suite(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
+
+
+def make_cell(
+    variant: str = "preln",
+    *,
+    lr: float = 3e-3,
+    depth: int = 2,
+    steps: int = 20,
+    seed: int = 0,
+    width: int = 32,
+    heads: int = 2,
+    **train,
+):
+    """A tiny, fast cell built directly (no Hydra), for unit and behaviour tests."""
+    from suite.config import (
+        CellConfig,
+        DataConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+        VerdictConfig,
+    )
+
+    return CellConfig(
+        variant=variant,
+        variant_params={},
+        model=ModelConfig(width=width, heads=heads, depth=depth, seq_len=32),
+        data=DataConfig(max_bytes=300_000),
+        optim=OptimConfig(lr=lr),
+        train=TrainConfig(
+            steps=steps, batch_size=16, eval_batches=2, log_every=1000, threads=1, **train
+        ),
+        verdict=VerdictConfig(),
+        seed=seed,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """A real tiny sweep of two variants through the CLI, shared by the end-to-end tests."""
+    store = tmp_path_factory.mktemp("cli") / "store"
+    result = run_suite("+variant=postln,preln", "sweep=tiny", f"store={store}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return store, result

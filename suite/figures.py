@@ -1,0 +1,289 @@
+"""The report's seaborn figures. Each function takes collected runs and returns a Figure.
+
+Colours are fixed per variant (the same in every figure and every report), so a reader learns
+them once.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are rendered to PNG, never shown
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from suite.summary import capped_loss, lr_sensitivity, max_stable_lr, ok_runs  # noqa: E402
+from suite.verdict import CONVERGED, DIVERGED, STALLED  # noqa: E402
+
+# Built-ins first, in the order of the literature; anything else after, alphabetically.
+KNOWN_ORDER = [
+    "postln",
+    "preln",
+    "rmsnorm",
+    "rezero",
+    "deepnorm",
+    "sandwich",
+    "peri-ln",
+    "respost",
+    "layerscale",
+    "dyt",
+    "admin",
+]
+_COLOURS = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def variant_order(names) -> list[str]:
+    names = set(names)
+    return [n for n in KNOWN_ORDER if n in names] + sorted(names - set(KNOWN_ORDER))
+
+
+def palette(names) -> dict[str, tuple]:
+    """Colour per variant: fixed for known variants, stable (sorted) for the rest."""
+    extras = sorted(set(names) - set(KNOWN_ORDER))
+    slots = {name: i for i, name in enumerate(KNOWN_ORDER + extras)}
+    return {name: _COLOURS[slots[name] % len(_COLOURS)] for name in names}
+
+
+def _lr_label(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def verdict_heatmaps(runs: pd.DataFrame) -> Figure:
+    """Depth × LR per variant; colour = fraction of seeds converged; text = converged/seeds and
+    one letter per failed seed (S stalled, D diverged)."""
+    finished = ok_runs(runs)
+    names = variant_order(finished["variant"])
+    lrs = sorted(finished["lr"].unique())
+    depths = sorted(finished["depth"].unique(), reverse=True)
+    columns = min(len(names), 3)
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(1.1 * len(lrs) * columns + 1.5, 0.75 * len(depths) * rows + 1.2),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        subset = finished[finished["variant"] == name]
+        grouped = subset.groupby(["depth", "lr"])["verdict"]
+        fraction = grouped.apply(lambda v: (v == CONVERGED).mean()).unstack()
+        fraction = fraction.reindex(index=depths, columns=lrs)
+        text = (
+            grouped.apply(
+                lambda v: (
+                    f"{(v == CONVERGED).sum()}/{len(v)}\n"
+                    + "S" * int((v == STALLED).sum())
+                    + "D" * int((v == DIVERGED).sum())
+                )
+            )
+            .unstack()
+            .reindex(index=depths, columns=lrs)
+            .fillna("")
+        )
+        sns.heatmap(
+            fraction,
+            ax=ax,
+            vmin=0,
+            vmax=1,
+            cmap="RdYlGn",
+            annot=text,
+            fmt="",
+            cbar=False,
+            linewidths=1,
+            linecolor="white",
+            annot_kws={"fontsize": 8},
+        )
+        ax.set_title(name, color=palette(names)[name], fontweight="bold")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("depth")
+        ax.set_xticklabels([_lr_label(lr) for lr in lrs], rotation=45)
+    return fig
+
+
+def loss_vs_lr(runs: pd.DataFrame) -> Figure:
+    """Final validation loss vs LR, one panel per depth, one line per variant (seed mean).
+    Diverged runs are capped at the initial loss and drawn as ×; dashed = the validation
+    split's unigram entropy."""
+    finished = ok_runs(runs)
+    finished = finished.assign(
+        capped=capped_loss(finished), diverged=finished["verdict"] == DIVERGED
+    )
+    depths = sorted(finished["depth"].unique())
+    names = variant_order(finished["variant"])
+    colours = palette(names)
+    fig, axes = plt.subplots(
+        1,
+        len(depths),
+        figsize=(4.6 * len(depths), 3.8),
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax, depth in zip(axes.flat, depths, strict=True):
+        at_depth = finished[finished["depth"] == depth]
+        for name in names:
+            subset = at_depth[at_depth["variant"] == name]
+            if subset.empty:
+                continue
+            mean = subset.groupby("lr")["capped"].mean()
+            ax.plot(mean.index, mean.values, marker="o", color=colours[name], label=name)
+            diverged = subset[subset["diverged"]]
+            ax.scatter(
+                diverged["lr"], diverged["capped"], marker="x", s=70, color=colours[name], zorder=3
+            )
+        entropy = at_depth["val_unigram_entropy"].mean()
+        ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(
+            "unigram entropy",
+            (0.02, entropy),
+            xycoords=("axes fraction", "data"),
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
+        ax.set_xscale("log")
+        ax.set_title(f"depth {depth}")
+        ax.set_xlabel("learning rate")
+    axes.flat[0].set_ylabel("final val loss (nats, capped at init)")
+    axes.flat[-1].legend(fontsize=8, loc="best")
+    return fig
+
+
+def max_stable_lr_vs_depth(runs: pd.DataFrame) -> Figure | None:
+    """None when no variant has a stable LR at any depth (nothing to draw)."""
+    stable = max_stable_lr(runs).reset_index()
+    if stable["max_stable_lr"].isna().all():
+        return None
+    names = variant_order(stable["variant"])
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    sns.lineplot(
+        stable.dropna(),
+        x="depth",
+        y="max_stable_lr",
+        hue="variant",
+        hue_order=names,
+        palette=palette(names),
+        marker="o",
+        ax=ax,
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    depths = sorted(stable["depth"].unique())
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.set_ylabel("max stable LR (all seeds converged)")
+    return fig
+
+
+def throughput_vs_depth(runs: pd.DataFrame, benchmarks: pd.DataFrame | None = None) -> Figure:
+    """Median tokens/s per (variant, depth) from the sweep; benchmark medians as dashed lines."""
+    finished = ok_runs(runs)
+    median = finished.groupby(["variant", "depth"])["tokens_per_s"].median().reset_index()
+    names = variant_order(
+        set(median["variant"]) | set(benchmarks["variant"] if benchmarks is not None else [])
+    )
+    colours = palette(names)
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    sns.lineplot(
+        median,
+        x="depth",
+        y="tokens_per_s",
+        hue="variant",
+        hue_order=names,
+        palette=colours,
+        marker="o",
+        ax=ax,
+    )
+    if benchmarks is not None and not benchmarks.empty:
+        for name, subset in benchmarks.groupby("variant"):
+            subset = subset.sort_values("depth")
+            ax.plot(
+                subset["depth"],
+                subset["tokens_per_s"],
+                linestyle="--",
+                marker="s",
+                color=colours[name],
+                alpha=0.7,
+                label=f"{name} (benchmark)",
+            )
+        ax.legend(fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    depths = sorted(median["depth"].unique())
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.set_ylabel("tokens / s (median)")
+    return fig
+
+
+def lr_sensitivity_vs_depth(runs: pd.DataFrame) -> Figure:
+    sensitivity = lr_sensitivity(runs).reset_index()
+    names = variant_order(sensitivity["variant"])
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    sns.lineplot(
+        sensitivity,
+        x="depth",
+        y="lr_sensitivity",
+        hue="variant",
+        hue_order=names,
+        palette=palette(names),
+        marker="o",
+        ax=ax,
+    )
+    ax.set_xscale("log", base=2)
+    depths = sorted(sensitivity["depth"].unique())
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.set_ylabel("LR sensitivity (nats; lower is better)")
+    return fig
+
+
+def hardest_cell(runs: pd.DataFrame) -> tuple[int, float] | None:
+    """The (depth, LR) where the variants disagree most: the most distinct majority verdicts,
+    ties broken by more failures, then greater depth, then greater LR."""
+    finished = ok_runs(runs)
+    if finished.empty:
+        return None
+    majority = finished.groupby(["depth", "lr", "variant"])["verdict"].agg(
+        lambda v: v.value_counts().index[0]
+    )
+    scores = majority.groupby(level=["depth", "lr"]).agg(
+        lambda v: (v.nunique(), (v != CONVERGED).sum())
+    )
+    ranked = sorted(scores.items(), key=lambda item: (*item[1], *item[0]), reverse=True)
+    return ranked[0][0]
+
+
+def training_curves(
+    curves: pd.DataFrame, depth: int, lr: float, entropy: float, initial_loss: float
+) -> Figure:
+    """Loss vs step of every variant (one line per seed) at one (depth, LR); the y axis stops
+    just above the initial loss, so a divergence shows as a line leaving the top."""
+    names = variant_order(curves["variant"])
+    fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
+    sns.lineplot(
+        curves,
+        x="step",
+        y="loss",
+        hue="variant",
+        hue_order=names,
+        palette=palette(names),
+        units="seed",
+        estimator=None,
+        linewidth=1,
+        alpha=0.8,
+        ax=ax,
+    )
+    ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
+    finite = curves["loss"][np.isfinite(curves["loss"])]
+    if not finite.empty:
+        ax.set_ylim(max(0.0, finite.min() - 0.2), initial_loss + 0.5)
+    ax.set_title(f"training loss at depth {depth}, LR {lr:g}")
+    ax.set_ylabel("training loss (nats)")
+    return fig

@@ -1,0 +1,343 @@
+"""The HTML stability report: every record in the store → one self-contained HTML file.
+
+    python -m suite.report [--store results] [--out reports/stability.html]
+                           [--variants preln,postln] [--depths 6,24] [--sweep quick]
+                           [--benchmark benchmark.json] [--curves-depth 24 --curves-lr 0.01]
+
+Figures are PNGs embedded as data URIs, so the file opens anywhere with no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from suite import figures
+from suite.collect import collect
+from suite.environment import git_sha, suite_version
+from suite.store import read_curve
+from suite.summary import format_summary, per_lr_table, summarize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("reports/stability.html")
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass
+class Section:
+    title: str
+    caption: str
+    image: str = ""  # data URI; empty when the data cannot support the figure
+    note: str = ""
+
+
+def png_data_uri(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def filter_runs(
+    runs: pd.DataFrame,
+    variants: list[str] | None = None,
+    depths: list[int] | None = None,
+    sweep: str | None = None,
+) -> pd.DataFrame:
+    if variants:
+        runs = runs[runs["variant"].isin(variants)]
+    if depths:
+        runs = runs[runs["depth"].isin(depths)]
+    if sweep:
+        runs = runs[runs["sweep"] == sweep]
+    return runs
+
+
+def load_benchmarks(path: Path | None) -> pd.DataFrame | None:
+    """Training-step benchmarks from a pytest-benchmark JSON file.
+
+    A benchmark contributes when its ``extra_info`` carries ``variant``, ``depth`` and
+    ``tokens_per_step``; tokens/s is ``tokens_per_step / stats.median``.
+    """
+    if path is None or not path.exists():
+        return None
+    rows = []
+    for bench in json.loads(path.read_text()).get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if {"variant", "depth", "tokens_per_step"} <= info.keys():
+            rows.append(
+                {
+                    "variant": info["variant"],
+                    "depth": int(info["depth"]),
+                    "tokens_per_s": info["tokens_per_step"] / bench["stats"]["median"],
+                }
+            )
+    return pd.DataFrame(rows) if rows else None
+
+
+def curves_at(runs: pd.DataFrame, store: Path, depth: int, lr: float) -> pd.DataFrame:
+    frames = []
+    for run in runs[
+        (runs["depth"] == depth) & (runs["lr"] == lr) & (runs["status"] == "ok")
+    ].itertuples():
+        try:
+            curve = read_curve(store, run.cell_id)
+        except (OSError, ValueError):
+            continue  # a record without its curve (deleted, partial copy): plot the others
+        frames.append(curve.assign(variant=run.variant, seed=run.seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def header(runs: pd.DataFrame) -> dict[str, str]:
+    def values(column, fmt=str):
+        return ", ".join(fmt(v) for v in sorted(runs[column].dropna().unique()))
+
+    return {
+        "Variants": ", ".join(figures.variant_order(runs["variant"].dropna())),
+        "Depths": values("depth", lambda v: str(int(v))),
+        "Learning rates": values("lr", lambda v: f"{v:g}"),
+        "Seeds": values("seed", lambda v: str(int(v))),
+        "Warmup steps": values("warmup_steps", lambda v: str(int(v))),
+        "Steps": values("steps", lambda v: str(int(v))),
+        "Model": values("width", lambda v: f"width {int(v)}")
+        + "; heads "
+        + values("heads", lambda v: str(int(v)))
+        + "; seq "
+        + values("seq_len", lambda v: str(int(v))),
+        "Sweeps": values("sweep"),
+        "Device": values("device_name"),
+        "Torch": values("torch_version"),
+        "Suite runs": values("suite_version") + " @ " + values("git_sha", lambda v: v[:12]),
+        "Report": f"suite {suite_version()} @ {git_sha()[:12]}, "
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+    }
+
+
+def build_sections(
+    runs: pd.DataFrame,
+    store: Path,
+    benchmarks: pd.DataFrame | None,
+    curves_cell: tuple[int, float] | None,
+) -> list[Section]:
+    finished = runs[runs["status"] == "ok"]
+    sections = [
+        Section(
+            "Verdicts by depth and learning rate",
+            "Green trains, red fails: look for the LRs and depths where a variant's cells turn "
+            "red (S = a stalled seed, D = a diverged seed).",
+        ),
+        Section(
+            "Final loss vs learning rate",
+            "Lower and flatter is better; × marks diverged seeds (capped at the initial loss); "
+            "curves resting on the dashed unigram-entropy line learned nothing from context.",
+        ),
+        Section(
+            "Max stable learning rate vs depth",
+            "How fast each variant's usable LR shrinks with depth; a missing point means no "
+            "LR on the grid converged for every seed.",
+        ),
+        Section(
+            "LR sensitivity vs depth",
+            "Wortsman et al. (2023): mean excess loss over the LR grid relative to the best "
+            "LR; lower means the variant forgives a badly chosen LR.",
+        ),
+        Section(
+            "Throughput vs depth",
+            "The cost side: median tokens/s of the sweep's training steps (dashed: "
+            "pytest-benchmark results, when given).",
+        ),
+        Section("Training curves", "Loss vs step for every variant and seed at one cell."),
+    ]
+    if finished.empty:
+        for section in sections:
+            section.note = "No finished runs to plot."
+        return sections
+    makers = [
+        lambda: figures.verdict_heatmaps(finished),
+        lambda: figures.loss_vs_lr(finished),
+        lambda: figures.max_stable_lr_vs_depth(finished),
+        lambda: figures.lr_sensitivity_vs_depth(finished),
+        lambda: figures.throughput_vs_depth(finished, benchmarks),
+    ]
+    for section, make in zip(sections, makers, strict=False):
+        figure = make()
+        if figure is None:
+            section.note = "Nothing to plot: no LR converged for every seed at any depth."
+        else:
+            section.image = png_data_uri(figure)
+    depth, lr = curves_cell or figures.hardest_cell(finished)
+    curves = curves_at(finished, store, depth, lr)
+    curves_section = sections[-1]
+    curves_section.title = f"Training curves at depth {depth}, LR {lr:g}"
+    chosen = (
+        "chosen on the command line"
+        if curves_cell
+        else ("the cell where the variants' verdicts disagree most")
+    )
+    curves_section.caption = (
+        f"Loss vs step of every variant and seed at {chosen}; dashed = unigram entropy. "
+        "Watch for flat lines at the entropy (stalled) and lines that end early (diverged)."
+    )
+    if curves.empty:
+        curves_section.note = f"No curves stored for depth {depth}, LR {lr:g}."
+    else:
+        entropy = float(finished["unigram_entropy"].mean())
+        initial = float(finished["initial_loss"].max())
+        curves_section.image = png_data_uri(
+            figures.training_curves(curves, depth, lr, entropy, initial)
+        )
+    return sections
+
+
+def _table_html(frame: pd.DataFrame, table_id: str, formats: dict[str, str]) -> str:
+    shown = frame.copy()
+    for column, fmt in formats.items():
+        if column in shown:
+            shown[column] = shown[column].map(lambda v, f=fmt: "" if pd.isna(v) else format(v, f))
+    return shown.to_html(
+        table_id=table_id, classes="data sortable", border=0, na_rep="", escape=True, index=False
+    )
+
+
+SUMMARY_FORMATS = {
+    "converged_%": ".0f",
+    "stalled_%": ".0f",
+    "diverged_%": ".0f",
+    "max_stable_lr": "g",
+    "lr_sensitivity": ".3f",
+    "best_val_loss": ".3f",
+    "best_lr": "g",
+    "median_tokens_per_s": ",.0f",
+    "tokens_per_s_vs_preln": ".2f",
+}
+PER_LR_FORMATS = {
+    "converged": ".2f",
+    "divergence_rate": ".2f",
+    "final_loss_mean": ".3f",
+    "final_loss_std": ".3f",
+}
+RUN_COLUMNS = [
+    "variant",
+    "depth",
+    "lr",
+    "warmup_steps",
+    "seed",
+    "verdict",
+    "diverged_step",
+    "initial_loss",
+    "final_loss",
+    "val_loss",
+    "tokens_per_s",
+    "wall_time_s",
+    "status",
+    "cell_id",
+]
+RUN_FORMATS = {
+    "lr": "g",
+    "initial_loss": ".3f",
+    "final_loss": ".3f",
+    "val_loss": ".3f",
+    "tokens_per_s": ",.0f",
+    "wall_time_s": ".1f",
+    "diverged_step": ".0f",
+}
+
+
+def render(
+    runs: pd.DataFrame,
+    store: Path,
+    benchmarks: pd.DataFrame | None = None,
+    curves_cell: tuple[int, float] | None = None,
+) -> str:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_TEMPLATES),
+        autoescape=jinja2.select_autoescape(),
+        undefined=jinja2.StrictUndefined,
+    )
+    errored = runs[runs["status"] != "ok"]
+    summary = summarize(runs)
+    return environment.get_template("report.html.j2").render(
+        header=header(runs),
+        counts={
+            "runs": len(runs),
+            "finished": int((runs["status"] == "ok").sum()),
+            "errors": len(errored),
+        },
+        summary_table=_table_html(summary.reset_index(), "summary", SUMMARY_FORMATS),
+        per_lr_table=_table_html(
+            per_lr_table(runs).reset_index(), "per-lr", {"lr": "g", **PER_LR_FORMATS}
+        ),
+        sections=build_sections(runs, store, benchmarks, curves_cell),
+        errored=[
+            (r.cell_id, (r.error or "").strip().splitlines()[-1:] or [""])
+            for r in errored.itertuples()
+        ],
+        runs_table=_table_html(runs[RUN_COLUMNS], "runs", RUN_FORMATS),
+        console_summary=format_summary(summary),
+    )
+
+
+def write_report(html: str, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _csv(kind):
+    return lambda text: [kind(part) for part in text.split(",") if part]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m suite.report",
+        description="Turn every run in the results store into one self-contained HTML report.",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=Path("results"),
+        help="results store to read (default: results)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"HTML file to write (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument("--variants", type=_csv(str), help="only these variants, e.g. preln,postln")
+    parser.add_argument("--depths", type=_csv(int), help="only these depths, e.g. 6,24")
+    parser.add_argument("--sweep", help="only runs of this sweep preset, e.g. quick")
+    parser.add_argument(
+        "--benchmark", type=Path, help="pytest-benchmark JSON to fold into the throughput figure"
+    )
+    parser.add_argument("--curves-depth", type=int, help="depth of the training-curves figure")
+    parser.add_argument("--curves-lr", type=float, help="LR of the training-curves figure")
+    args = parser.parse_args(argv)
+    if (args.curves_depth is None) != (args.curves_lr is None):
+        parser.error("--curves-depth and --curves-lr go together")
+    runs = filter_runs(collect(args.store, write=False), args.variants, args.depths, args.sweep)
+    if runs.empty:
+        raise SystemExit(
+            f"no runs in {args.store} match the filters; run a sweep first "
+            "(python -m suite +variant=preln)"
+        )
+    curves_cell = (args.curves_depth, args.curves_lr) if args.curves_depth is not None else None
+    html = render(runs, args.store, load_benchmarks(args.benchmark), curves_cell)
+    out = write_report(html, args.out)
+    errors = int((runs["status"] != "ok").sum())
+    print(f"report: {out} ({len(runs)} runs, {errors} errored)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""End to end through the real CLI: a tiny sweep, the store it writes, the collected DataFrame."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_suite
+
+from suite.collect import collect
+from suite.store import RECORD_COLUMNS
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_sweep_collects_every_cell(tiny_sweep):
+    store, result = tiny_sweep
+    runs = pd.read_parquet(store / "runs.parquet")
+    assert len(runs) == 2 * 2 * 2  # variants × depths × LRs
+    assert set(runs["variant"]) == {"postln", "preln"}
+    assert set(runs["depth"]) == {2, 4} and set(runs["lr"]) == {1e-3, 3e-2}
+    assert (runs["status"] == "ok").all() and (runs["sweep"] == "tiny").all()
+    assert runs["verdict"].isin(["converged", "stalled", "diverged"]).all()
+    assert (runs["steps"] == 150).all() and (runs["tokens_per_s"] > 0).all()
+    assert runs["cell_id"].is_unique and runs["config_hash"].is_unique
+    assert set(RECORD_COLUMNS) <= set(runs.columns)
+
+
+def test_every_cell_has_record_and_curve(tiny_sweep):
+    store, _ = tiny_sweep
+    folders = sorted((store / "cells").iterdir())
+    assert len(folders) == 8
+    for folder in folders:
+        record = json.loads((folder / "record.json").read_text())
+        curve = pd.read_parquet(folder / "curve.parquet")
+        assert record["cell_id"] == folder.name
+        assert len(curve) == record["steps_completed"] == 150
+        assert list(curve.columns) == ["step", "lr", "loss", "grad_norm", "tokens_per_s"]
+        assert record["config"]["model"]["width"] == 32  # enough to re-run the cell
+
+
+def test_progress_and_summary_are_printed(tiny_sweep):
+    _, result = tiny_sweep
+    out = result.stdout
+    assert "cell 1/8:" in out and "cell 8/8 done:" in out
+    assert "step    0/150" in out
+    assert "Summary of this sweep (8 cells" in out
+    for column in ("converged_%", "stalled_%", "diverged_%", "max_stable_lr", "best_val_loss"):
+        assert column in out
+
+
+def test_standalone_collect_equals_the_callback(tiny_sweep):
+    store, _ = tiny_sweep
+    before = pd.read_parquet(store / "runs.parquet")
+    again = collect(store)
+    pd.testing.assert_frame_equal(before, again)
+
+
+def test_joblib_launcher_gives_the_same_results(tiny_sweep, tmp_path):
+    store, _ = tiny_sweep
+    result = run_suite(
+        "+variant=postln,preln",
+        "sweep=tiny",
+        f"store={tmp_path}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "train.threads=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    basic = pd.read_parquet(store / "runs.parquet").set_index("cell_id")
+    joblib = pd.read_parquet(tmp_path / "runs.parquet").set_index("cell_id")
+    assert sorted(basic.index) == sorted(joblib.index)
+    pd.testing.assert_series_equal(basic["verdict"], joblib.loc[basic.index, "verdict"])
+    pd.testing.assert_series_equal(
+        basic["final_loss"], joblib.loc[basic.index, "final_loss"], rtol=1e-5
+    )
+
+
+def test_readme_documents_every_column():
+    readme = (REPO / "README.md").read_text()
+    missing = [c for c in RECORD_COLUMNS if f"`{c}`" not in readme]
+    assert not missing, f"README does not document: {missing}"

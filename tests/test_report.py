@@ -1,0 +1,203 @@
+"""The HTML report: figure choice, benchmark folding, a real report from a real tiny sweep, and
+the page as a browser shows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from suite import figures
+from suite.report import filter_runs, load_benchmarks
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def test_palette_is_fixed_per_variant_whatever_else_is_present():
+    alone = figures.palette(["preln"])
+    together = figures.palette(["postln", "preln", "rezero", "my_variant"])
+    assert alone["preln"] == together["preln"]
+    assert len(set(together.values())) == 4
+    assert figures.variant_order(["zeta", "preln", "postln"]) == ["postln", "preln", "zeta"]
+
+
+def test_hardest_cell_is_where_verdicts_disagree_most():
+    runs = pd.DataFrame(
+        {
+            "variant": ["a", "b", "c"] * 3,
+            "depth": [6] * 3 + [24] * 3 + [24] * 3,
+            "lr": [1e-3] * 3 + [1e-3] * 3 + [1e-2] * 3,
+            "verdict": ["converged"] * 3
+            + ["converged", "stalled", "converged"]
+            + ["converged", "stalled", "diverged"],
+            "status": "ok",
+        }
+    )
+    assert figures.hardest_cell(runs) == (24, 1e-2)
+
+
+def test_benchmark_json_is_folded_in(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    {
+                        "name": "step[preln-6]",
+                        "stats": {"median": 0.5},
+                        "extra_info": {"variant": "preln", "depth": 6, "tokens_per_step": 1024},
+                    },
+                    {"name": "unrelated", "stats": {"median": 1.0}, "extra_info": {}},
+                ]
+            }
+        )
+    )
+    table = load_benchmarks(path)
+    assert table.to_dict("records") == [{"variant": "preln", "depth": 6, "tokens_per_s": 2048.0}]
+    assert load_benchmarks(tmp_path / "missing.json") is None
+
+
+def test_filters():
+    runs = pd.DataFrame(
+        {"variant": ["a", "b", "a"], "depth": [6, 6, 24], "sweep": ["quick", "quick", "tiny"]}
+    )
+    assert len(filter_runs(runs, variants=["a"])) == 2
+    assert len(filter_runs(runs, depths=[24])) == 1
+    assert len(filter_runs(runs, sweep="quick")) == 2
+
+
+def run_report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "suite.report", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tiny_sweep, tmp_path_factory) -> Path:
+    store, _ = tiny_sweep
+    out = tmp_path_factory.mktemp("report") / "stability.html"
+    result = run_report("--store", str(store), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"report: {out} (8 runs, 0 errored)" in result.stdout
+    return out
+
+
+pytestmark_slow = pytest.mark.slow
+
+
+@pytestmark_slow
+def test_report_from_a_real_sweep_is_self_contained(report):
+    html = report.read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == 6  # heatmaps, loss-vs-LR, max stable LR, sensitivity, throughput, curves
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r'(src|href)="https?://', html)  # nothing fetched from the network
+    for text in (
+        "postln, preln",
+        "Verdicts by depth and learning rate",
+        "lr_sensitivity",
+        "max_stable_lr",
+        "tokens_per_s_vs_preln",
+        "Appendix: every run",
+        "width 32",
+    ):
+        assert text in html
+    assert html.count("<tr>") >= 8 + 4  # every run in the appendix, every cell in the summary
+
+
+@pytestmark_slow
+def test_report_filters_and_partial_data(tiny_sweep, tmp_path):
+    store, _ = tiny_sweep
+    out = tmp_path / "one.html"
+    result = run_report(
+        "--store", str(store), "--out", str(out), "--variants", "preln", "--depths", "4"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 runs, 0 errored)" in result.stdout
+    assert len(re.findall(r"<img ", out.read_text())) == 6
+
+
+@pytestmark_slow
+def test_report_lists_errored_cells_instead_of_crashing(tiny_sweep, tmp_path):
+    store, _ = tiny_sweep
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    record_path = next((copy / "cells").glob("preln-L4-*/record.json"))
+    record = json.loads(record_path.read_text())
+    record.update(
+        status="error", verdict=None, error="Traceback ...\nRuntimeError: CUDA out of memory"
+    )
+    record_path.write_text(json.dumps(record))
+    out = tmp_path / "errors.html"
+    result = run_report("--store", str(copy), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 errored" in result.stdout
+    html = out.read_text()
+    assert "Errored cells" in html and "RuntimeError: CUDA out of memory" in html
+
+
+def test_report_on_an_empty_store_says_what_to_do(tmp_path):
+    result = run_report("--store", str(tmp_path), "--out", str(tmp_path / "x.html"))
+    assert result.returncode != 0
+    assert "run a sweep first" in result.stderr
+
+
+def test_report_help():
+    result = run_report("--help")
+    assert result.returncode == 0 and "--variants" in result.stdout and "--store" in result.stdout
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytestmark_slow
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
+    reason="Debian's chromium and chromium-driver are not installed (CI installs them)",
+)
+def test_report_in_headless_chromium(report):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1300,2400",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(report.as_uri())
+        widths = driver.execute_script(
+            "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);"
+        )
+        assert len(widths) == 6 and all(w > 0 for w in widths), widths
+        # The appendix sorts when a header is clicked.
+        driver.execute_script("document.querySelector('#runs thead th').click();")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        driver.quit()

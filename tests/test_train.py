@@ -1,0 +1,111 @@
+"""The training loop: schedule, determinism, divergence stop, errors recorded, and behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_cell
+
+from suite.config import OptimConfig
+from suite.runner import build_model, run_cell
+from suite.train import lr_schedule, make_optimizer
+
+
+def test_warmup_then_constant():
+    lr_at = lr_schedule(OptimConfig(lr=1.0, schedule="constant"), warmup_steps=4, total_steps=10)
+    assert [lr_at(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_warmup_then_cosine_to_floor():
+    lr_at = lr_schedule(OptimConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.1), 2, 12)
+    assert lr_at(1) == 1.0 and lr_at(2) == 1.0
+    assert lr_at(7) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(12) == pytest.approx(0.1)
+
+
+def test_warmup_fraction_counts_in_steps():
+    cell = make_cell(steps=200)
+    cell.optim.warmup_fraction = 0.05
+    assert cell.warmup_steps() == 10
+
+
+def test_weight_decay_only_on_matrices():
+    model = build_model(make_cell("rezero"), vocab_size=256)
+    decayed, plain = make_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0
+    alphas = {id(b.wiring.alpha) for b in model.blocks}
+    assert alphas <= {id(p) for p in plain["params"]}
+
+
+def test_same_cell_twice_gives_identical_curves():
+    record_a, curve_a = run_cell(make_cell(steps=15))
+    record_b, curve_b = run_cell(make_cell(steps=15))
+    assert [r["loss"] for r in curve_a] == [r["loss"] for r in curve_b]
+    assert record_a["val_loss"] == record_b["val_loss"]
+    assert record_a["cell_id"] == record_b["cell_id"]
+
+
+def test_record_carries_environment_and_results():
+    record, curve = run_cell(make_cell(steps=15))
+    assert record["status"] == "ok" and record["verdict"] in ("converged", "stalled")
+    assert len(curve) == 15 == record["steps_completed"]
+    for key in (
+        "torch_version",
+        "device_name",
+        "git_sha",
+        "suite_version",
+        "config_hash",
+        "corpus_sha256",
+        "unigram_entropy",
+        "threads",
+        "peak_memory_mb",
+    ):
+        assert record[key] not in (None, ""), key
+    assert record["tokens_per_s"] > 0 and record["wall_time_s"] > 0
+    assert record["initial_loss"] == pytest.approx(math.log(256), abs=0.3)
+    assert record["n_params"] == build_model(make_cell(), 256).num_parameters()
+
+
+def test_divergence_stops_at_once_and_is_a_result():
+    record, curve = run_cell(make_cell("rezero", lr=10.0, depth=4, steps=100))
+    assert record["status"] == "ok"
+    assert record["verdict"] == "diverged"
+    step = record["diverged_step"]
+    assert step is not None and step < 100
+    assert len(curve) == step + 1  # the run stopped at the diverging step
+    assert record["steps_completed"] == step
+    assert math.isnan(record["val_loss"])
+
+
+def test_exception_inside_a_cell_is_recorded_not_raised(monkeypatch):
+    import suite.runner
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom: out of memory (simulated)")
+
+    monkeypatch.setattr(suite.runner, "train", explode)
+    record, curve = run_cell(make_cell())
+    assert record["status"] == "error" and record["verdict"] is None
+    assert "boom: out of memory" in record["error"] and "Traceback" in record["error"]
+    assert curve == []
+
+
+def test_grad_clip_limits_the_update():
+    record, curve = run_cell(make_cell(steps=5))
+    assert all(math.isfinite(r["grad_norm"]) for r in curve)
+    cell = make_cell(steps=5)
+    cell.optim.grad_clip = 1e-9  # the update direction is unchanged, its size tiny
+    clipped, _ = run_cell(cell)
+    assert clipped["final_loss"] > record["final_loss"]
+
+
+def test_deep_postln_at_high_lr_fails_where_preln_at_modest_lr_trains():
+    torch.set_num_threads(1)
+    postln, _ = run_cell(make_cell("postln", lr=3e-2, depth=12, steps=120))
+    preln, _ = run_cell(make_cell("preln", lr=3e-3, depth=12, steps=120))
+    assert postln["verdict"] != "converged"
+    assert preln["verdict"] == "converged"
+    assert preln["final_loss"] < preln["unigram_entropy"] - 0.2
