@@ -2,6 +2,7 @@
 #   make run                        the default (quick) sweep for VARIANT (default: preln)
 #   make run VARIANT=postln,preln   several variants, one sweep
 #   make test                       lint + the whole test suite
+#   make report                     HTML report of everything run so far -> reports/stability.html
 # GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 VARIANT ?= preln
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint collect clean
+.PHONY: setup browser run test lint collect report clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +25,15 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/python -m suite +variant=$(VARIANT)
 
-test: setup lint
+# The report's browser test drives Debian's chromium; install it where we can (root + apt),
+# otherwise that one test is skipped locally (never in CI, where it must run).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium/chromedriver not installed; the browser test will be skipped"; fi
+
+test: setup browser lint
 	$(BIN)/python -m pytest
 
 lint: setup
@@ -32,6 +41,9 @@ lint: setup
 
 collect: setup
 	$(BIN)/python -m suite.collect
+
+report: setup
+	$(BIN)/python -m suite.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

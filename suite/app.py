@@ -174,4 +174,13 @@ def main() -> None:
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
-    run_job()
+    try:
+        run_job()
+    except KeyboardInterrupt:
+        # Every finished cell's record is already on disk; only the cell in flight is lost.
+        print(
+            "\ninterrupted: finished cells are kept in the store; "
+            "`python -m suite.collect` summarizes them",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None

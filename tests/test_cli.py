@@ -81,3 +81,40 @@ def test_readme_documents_every_column():
     readme = (REPO / "README.md").read_text()
     missing = [c for c in RECORD_COLUMNS if f"`{c}`" not in readme]
     assert not missing, f"README does not document: {missing}"
+
+
+def test_ctrl_c_mid_sweep_keeps_every_finished_cell(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "suite",
+            "+variant=preln",
+            "sweep=tiny",
+            f"store={store}",
+            "train.steps=400",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:  # wait for the first cell to finish, then press Ctrl-C
+        if "cell 1/4 done" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted: finished cells are kept" in stderr
+    records = sorted((store / "cells").glob("*/record.json"))
+    assert 1 <= len(records) < 4
+    runs = collect(store)
+    assert len(runs) == len(records) and (runs["status"] == "ok").all()
+    assert not list((store / "cells").glob("*/.record.json.*"))  # no half-written record
