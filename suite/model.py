@@ -78,6 +78,7 @@ class GPT(nn.Module):
         self.shape = shape
         self.token_embedding = nn.Embedding(shape.vocab_size, shape.width)
         self.position_embedding = nn.Embedding(shape.seq_len, shape.width)
+        self.embedding_norm = variant.embedding_norm(shape.width)
         self.blocks = nn.ModuleList(
             Block(shape, variant.wiring(shape.width, shape.depth, layer))
             for layer in range(shape.depth)
@@ -91,7 +92,7 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        x = self.embedding_norm(self.token_embedding(tokens) + self.position_embedding(positions))
         for block in self.blocks:
             x = block(x)
         return self.head(self.final_norm(x))

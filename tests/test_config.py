@@ -17,7 +17,7 @@ def compose_cell(*overrides: str):
         return cell_from_config(compose("config", overrides=list(overrides)))
 
 
-@pytest.mark.parametrize("name", ["postln", "preln", "rmsnorm", "rezero", "deepnorm"])
+@pytest.mark.parametrize("name", variants.names())
 def test_every_variant_composes_with_its_own_parameters(name):
     cell = compose_cell(f"+variant={name}")
     assert cell.variant == name
@@ -83,20 +83,22 @@ def test_a_bad_value_anywhere_in_the_sweep_fails_before_any_cell():
 
 
 def test_missing_variant_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match="add \\+variant=<name>.*deepnorm, postln, preln"):
+    with pytest.raises(ConfigError, match="add \\+variant=<name>") as info:
         preflight([])
+    assert ", ".join(variants.names()) in str(info.value)
 
 
 def test_unknown_variant_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match="unknown variant 'nope'.*deepnorm, postln, preln"):
+    with pytest.raises(ConfigError, match="unknown variant 'nope'") as info:
         preflight(["+variant=preln,nope"])
+    assert "registered variants: " + ", ".join(variants.names()) in str(info.value)
 
 
 def test_cli_rejects_bad_input_before_training(store):
     result = run_suite("+variant=prelnn", f"store={store}", timeout=120)
     assert result.returncode == 2
     assert "unknown variant 'prelnn'" in result.stderr
-    assert "registered variants: deepnorm, postln, preln, rezero, rmsnorm" in result.stderr
+    assert "registered variants: " + ", ".join(variants.names()) in result.stderr
     result = run_suite("+variant=preln", "model.heads=5", f"store={store}", timeout=120)
     assert result.returncode == 2
     assert "config error: model.heads: must divide model.width=64 (got 5)" in result.stderr

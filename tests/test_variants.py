@@ -78,10 +78,37 @@ def reference_block(name: str, block, x, n_layers: int):
         alpha = (2 * n_layers) ** 0.25
         h = ref_layer_norm(alpha * x + F_(x), w.norm_attn)
         return ref_layer_norm(alpha * h + G_(h), w.norm_mlp)
+    if name in ("sandwich", "peri-ln"):
+        h = x + ref_layer_norm(F_(ref_layer_norm(x, w.norm_attn_in)), w.norm_attn_out)
+        return h + ref_layer_norm(G_(ref_layer_norm(h, w.norm_mlp_in)), w.norm_mlp_out)
+    if name == "respost":
+        h = x + ref_layer_norm(F_(x), w.norm_attn)
+        return h + ref_layer_norm(G_(h), w.norm_mlp)
+    if name == "layerscale":
+        h = x + w.gamma_attn * F_(ref_layer_norm(x, w.norm_attn))
+        return h + w.gamma_mlp * G_(ref_layer_norm(h, w.norm_mlp))
+    if name == "dyt":
+
+        def dyt(t, n):
+            return n.weight * torch.tanh(n.alpha * t) + n.bias
+
+        h = x + F_(dyt(x, w.norm_attn))
+        return h + G_(dyt(h, w.norm_mlp))
     raise AssertionError(name)
 
 
-BUILT_INS = ["postln", "preln", "rmsnorm", "rezero", "deepnorm"]
+BUILT_INS = [
+    "postln",
+    "preln",
+    "rmsnorm",
+    "rezero",
+    "deepnorm",
+    "sandwich",
+    "peri-ln",
+    "respost",
+    "layerscale",
+    "dyt",
+]
 
 
 def test_all_five_built_ins_are_registered():
@@ -195,3 +222,34 @@ def test_fused_sdpa_matches_explicit_attention():
     x = torch.randn(3, 8, WIDTH)
     attn = model.blocks[0].attn
     torch.testing.assert_close(attn(x), ref_attention(attn, x), rtol=1e-4, atol=1e-5)
+
+
+def test_peri_ln_normalizes_the_embedding_and_sandwich_does_not():
+    assert isinstance(make_model("peri-ln").embedding_norm, LayerNorm)
+    assert isinstance(make_model("sandwich").embedding_norm, torch.nn.Identity)
+    assert isinstance(make_model("peri-ln").final_norm, LayerNorm)
+
+
+def test_respost_is_the_identity_at_init():
+    model = make_model("respost")
+    x = torch.randn(2, 8, WIDTH)
+    for block in model.blocks:
+        torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+        assert block.wiring.norm_attn.weight.abs().sum() == 0
+        assert block.wiring.norm_mlp.bias.abs().sum() == 0
+
+
+@pytest.mark.parametrize(("depth", "epsilon"), [(6, 0.1), (18, 0.1), (24, 1e-5), (36, 1e-6)])
+def test_layerscale_gamma_starts_at_cait_epsilon(depth, epsilon):
+    model = make_model("layerscale", depth=depth)
+    for block in model.blocks:
+        assert torch.all(block.wiring.gamma_attn == epsilon)
+        assert torch.all(block.wiring.gamma_mlp == epsilon)
+    assert torch.all(make_model("layerscale", init_scale=0.5).blocks[0].wiring.gamma_mlp == 0.5)
+
+
+def test_dyt_alpha_starts_at_half_and_replaces_every_norm():
+    model = make_model("dyt")
+    assert not any(isinstance(m, LayerNorm | RMSNorm) for m in model.modules())
+    alphas = [m.alpha.item() for m in model.modules() if type(m).__name__ == "DyT"]
+    assert len(alphas) == 2 * DEPTH + 1 and set(alphas) == {0.5}

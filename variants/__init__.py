@@ -3,7 +3,18 @@
 Importing this package registers the built-ins; :func:`get` also loads installed plugins.
 """
 
-from variants import deepnorm, postln, preln, rezero, rmsnorm  # noqa: F401  (registers built-ins)
+from variants import (  # noqa: F401  (importing registers the built-ins)
+    deepnorm,
+    dyt,
+    layerscale,
+    peri_ln,
+    postln,
+    preln,
+    respost,
+    rezero,
+    rmsnorm,
+    sandwich,
+)
 from variants.base import Variant
 from variants.registry import ENTRY_POINT_GROUP, UnknownVariantError, get, names, register
 

@@ -34,6 +34,10 @@ class Variant:
         """The module applied after the last block (identity when the variant has none)."""
         return nn.Identity()
 
+    def embedding_norm(self, width: int) -> nn.Module:
+        """The module applied to the embeddings before the first block (identity by default)."""
+        return nn.Identity()
+
     def init_weights(self, model: nn.Module, n_layers: int) -> None:
         """Variant-specific initialization, applied after the model's common base init."""
 

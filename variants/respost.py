@@ -1,0 +1,52 @@
+"""Res-post-norm (Liu et al. 2022, "Swin Transformer V2: Scaling Up Capacity and Resolution").
+
+    h = x + LN(F(x))
+    y = h + LN(G(h))
+    final LN
+
+The norm sits at the end of each branch, not on the residual stream. The branch norms' weight
+and bias start at 0, so every block is the identity at init and the branches grow in as they
+train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from variants.base import Variant
+from variants.norms import LayerNorm
+from variants.registry import register
+
+
+class ResPostWiring(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.norm_attn = LayerNorm(width, eps)
+        self.norm_mlp = LayerNorm(width, eps)
+
+    def forward(self, x, attn, mlp):
+        h = x + self.norm_attn(attn(x))
+        return h + self.norm_mlp(mlp(h))
+
+
+@register("respost")
+@dataclass
+class ResPost(Variant):
+    formula = "h = x + LN(F(x)); y = h + LN(G(h)); branch LN gain/bias start at 0; final LN"
+    eps: float = 1e-5
+
+    def wiring(self, width: int, n_layers: int, layer: int) -> nn.Module:
+        return ResPostWiring(width, self.eps)
+
+    def final_norm(self, width: int) -> nn.Module:
+        return LayerNorm(width, self.eps)
+
+    @torch.no_grad()
+    def init_weights(self, model: nn.Module, n_layers: int) -> None:
+        for block in model.blocks:
+            for norm in (block.wiring.norm_attn, block.wiring.norm_mlp):
+                norm.weight.zero_()
+                norm.bias.zero_()
