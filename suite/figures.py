@@ -141,15 +141,16 @@ def loss_vs_lr(runs: pd.DataFrame) -> Figure:
                 diverged["lr"], diverged["capped"], marker="x", s=70, color=colours[name], zorder=3
             )
         entropy = at_depth["val_unigram_entropy"].mean()
-        ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(
-            "unigram entropy",
-            (0.02, entropy),
-            xycoords=("axes fraction", "data"),
-            va="bottom",
-            fontsize=8,
-            color="grey",
-        )
+        if np.isfinite(entropy):  # absent from records written before the column existed
+            ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(
+                "unigram entropy",
+                (0.02, entropy),
+                xycoords=("axes fraction", "data"),
+                va="bottom",
+                fontsize=8,
+                color="grey",
+            )
         ax.set_xscale("log")
         ax.set_title(f"depth {depth}")
         ax.set_xlabel("learning rate")
