@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -19,13 +21,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import variants
 from suite.collect import CELL_POINTER
-from suite.config import ConfigError, cell_from_config
-from suite.runner import run_cell
+from suite.config import CellConfig, ConfigError, cell_from_config
+from suite.model import VariantError
+from suite.runner import build_model, run_cell
 from suite.store import write_cell
 
 log = logging.getLogger("suite")
@@ -84,7 +88,8 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     _check_variant_names(parsed)
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # Only the choices that can change the preset's grid: the sweep preset and Hydra's own keys.
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
     base = compose("config", overrides=fixed, return_hydra_config=True)
     given = {o.key_or_group for o in parsed}
     preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
@@ -110,15 +115,19 @@ def preflight(overrides: list[str]) -> int:
     register_variant_configs()
     parser = OverridesParser.create()
     composed: dict[tuple[str, ...], DictConfig] = {}
+    built: set[str] = set()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        jobs = expand_sweep(overrides)
+        try:
+            jobs = expand_sweep(overrides)
+        except HydraException as error:
+            raise ConfigError(str(error)) from None
         for job in jobs:
-            parsed = parser.parse_overrides(job)
-            groups = tuple(o.input_line for o in parsed if _needs_compose(o))
-            if groups not in composed:
-                composed[groups] = compose("config", overrides=list(groups))
-            cfg = copy.deepcopy(composed[groups])
             try:
+                parsed = parser.parse_overrides(job)
+                groups = tuple(o.input_line for o in parsed if _needs_compose(o))
+                if groups not in composed:
+                    composed[groups] = compose("config", overrides=list(groups))
+                cfg = copy.deepcopy(composed[groups])
                 for override in parsed:
                     if not _needs_compose(override):
                         OmegaConf.update(
@@ -127,10 +136,24 @@ def preflight(overrides: list[str]) -> int:
                             override.value(),
                             force_add=override.is_add(),
                         )
-                cell_from_config(cfg)
-            except (ConfigError, OmegaConfBaseException) as error:
+                cell = cell_from_config(cfg)
+                _check_model_builds(cell, built)
+            except (ConfigError, OmegaConfBaseException, HydraException) as error:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
     return len(jobs)
+
+
+def _check_model_builds(cell: CellConfig, built: set[str]) -> None:
+    """Build each distinct (variant, shape) once on CPU: a broken variant fails here, not
+    mid-sweep (the vocabulary size does not matter to the check)."""
+    key = json.dumps([cell.variant, cell.variant_params, asdict(cell.model)], sort_keys=True)
+    if key in built:
+        return
+    try:
+        build_model(cell, vocab_size=256)
+    except VariantError as error:
+        raise ConfigError(f"variant: {error}") from None
+    built.add(key)
 
 
 def _needs_compose(override) -> bool:

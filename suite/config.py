@@ -33,6 +33,7 @@ class ModelConfig:
     seq_len: int = 64
     bias: bool = True
     tie_embeddings: bool = True
+    qk_norm: bool = False  # LayerNorm on queries and keys, any variant
 
 
 @dataclass
@@ -56,6 +57,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (after warmup)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+    z_loss: float = 0.0  # coefficient of the auxiliary log²Z loss (PaLM uses 1e-4); 0 = off
 
 
 @dataclass
@@ -224,6 +226,7 @@ def validate(cell: CellConfig) -> None:
         "must be ≥ 0",
         o.grad_clip,
     )
+    _check(math.isfinite(o.z_loss) and o.z_loss >= 0, "optim.z_loss", "must be ≥ 0", o.z_loss)
     _check(t.steps >= 0, "train.steps", "must be ≥ 0", t.steps)
     _check(t.batch_size >= 1, "train.batch_size", "must be at least 1", t.batch_size)
     _check(t.eval_batches >= 1, "train.eval_batches", "must be at least 1", t.eval_batches)

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from variants.base import Variant
+from variants.norms import LayerNorm
+
+
+class VariantError(ValueError):
+    """A variant whose blocks break the residual stream (shape change, non-finite output)."""
 
 
 @dataclass(frozen=True)
@@ -28,16 +33,24 @@ class ModelShape:
     seq_len: int
     bias: bool = True
     tie_embeddings: bool = True
+    qk_norm: bool = False
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention: one fused QKV projection, fused scaled-dot-product kernel."""
+    """Multi-head causal attention: one fused QKV projection, fused scaled-dot-product kernel.
 
-    def __init__(self, width: int, heads: int, bias: bool) -> None:
+    ``qk_norm`` layer-normalizes queries and keys per head before the dot product (Dehghani et
+    al. 2023; Wortsman et al. 2023), which bounds the attention logits.
+    """
+
+    def __init__(self, width: int, heads: int, bias: bool, qk_norm: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=bias)
+        head_dim = width // heads
+        self.q_norm = LayerNorm(head_dim) if qk_norm else None
+        self.k_norm = LayerNorm(head_dim) if qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
@@ -47,6 +60,8 @@ class CausalSelfAttention(nn.Module):
             .transpose(1, 3)
             .unbind(2)
         )
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
@@ -64,7 +79,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, shape: ModelShape, wiring: nn.Module) -> None:
         super().__init__()
-        self.attn = CausalSelfAttention(shape.width, shape.heads, shape.bias)
+        self.attn = CausalSelfAttention(shape.width, shape.heads, shape.bias, shape.qk_norm)
         self.mlp = MLP(shape.width, int(shape.mlp_ratio * shape.width), shape.bias)
         self.wiring = wiring
 
@@ -89,6 +104,26 @@ class GPT(nn.Module):
             self.head.weight = self.token_embedding.weight
         self.apply(_base_init)
         variant.init_weights(self, shape.depth)
+        self._check_blocks(variant.name)
+
+    @torch.no_grad()
+    def _check_blocks(self, variant_name: str) -> None:
+        """Fail at build time, not mid-sweep, if a block changes the residual stream's shape or
+        returns non-finite values at init. Uses its own RNG: the training seed is untouched."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, min(self.shape.seq_len, 8), self.shape.width, generator=generator)
+        for index, block in enumerate(self.blocks):
+            y = block(x)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise VariantError(
+                    f"variant {variant_name!r}: block {index} maps the residual stream "
+                    f"{tuple(x.shape)} to {got}; a block must keep its shape"
+                )
+            if not torch.isfinite(y).all():
+                raise VariantError(
+                    f"variant {variant_name!r}: block {index} returns non-finite values at init"
+                )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)

@@ -22,6 +22,7 @@ from suite.data import Corpus, load_corpus
 from suite.environment import environment, resolve_device
 from suite.model import GPT, ModelShape
 from suite.train import TrainOutcome, train
+from variants.registry import source as variant_source
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def build_model(cell: CellConfig, vocab_size: int) -> GPT:
         seq_len=m.seq_len,
         bias=m.bias,
         tie_embeddings=m.tie_embeddings,
+        qk_norm=m.qk_norm,
     )
     variant = variants.get(cell.variant)(**cell.variant_params)
     return GPT(shape, variant)
@@ -67,6 +69,7 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "sweep": cell.sweep,
         "variant": cell.variant,
         "variant_params": json.dumps(cell.variant_params, sort_keys=True),
+        "variant_source": variant_source(variants.get(cell.variant)),
         "depth": m.depth,
         "width": m.width,
         "heads": m.heads,
@@ -76,6 +79,8 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "warmup_steps": cell.warmup_steps(),
         "schedule": o.schedule,
         "grad_clip": o.grad_clip,
+        "qk_norm": m.qk_norm,
+        "z_loss": o.z_loss,
         "weight_decay": o.weight_decay,
         "seed": cell.seed,
         "steps": t.steps,

@@ -27,69 +27,29 @@ CURVE = "curve.parquet"
 RUNS = "runs.parquet"
 
 # The collected DataFrame's columns, in order (documented in the README).
+# fmt: off
 RECORD_COLUMNS = (
     # identity
-    "cell_id",
-    "config_hash",
-    "sweep",
-    "status",
-    "error",
+    "cell_id", "config_hash", "sweep", "status", "error",
     # what was trained
-    "variant",
-    "variant_params",
-    "depth",
-    "width",
-    "heads",
-    "mlp_ratio",
-    "seq_len",
-    "n_params",
-    "lr",
-    "warmup_steps",
-    "schedule",
-    "grad_clip",
-    "weight_decay",
-    "seed",
-    "steps",
-    "batch_size",
-    "dtype",
-    "compile",
+    "variant", "variant_params", "variant_source", "depth", "width", "heads", "mlp_ratio",
+    "seq_len", "n_params", "lr", "warmup_steps", "schedule", "grad_clip", "weight_decay",
+    "qk_norm", "z_loss", "seed", "steps", "batch_size", "dtype", "compile",
     # on what data
-    "corpus",
-    "corpus_sha256",
-    "corpus_tokens",
-    "vocab_size",
-    "unigram_entropy",
+    "corpus", "corpus_sha256", "corpus_tokens", "vocab_size", "unigram_entropy",
     "val_unigram_entropy",
     # outcome
-    "verdict",
-    "diverged_step",
-    "divergence_reason",
-    "steps_completed",
-    "initial_loss",
-    "final_loss",
-    "best_loss",
-    "val_loss",
+    "verdict", "diverged_step", "divergence_reason", "steps_completed", "initial_loss",
+    "final_loss", "best_loss", "val_loss",
     # cost
-    "tokens_per_s",
-    "peak_memory_mb",
-    "memory_kind",
-    "wall_time_s",
+    "tokens_per_s", "peak_memory_mb", "memory_kind", "wall_time_s",
     # where it ran
-    "device",
-    "device_name",
-    "threads",
-    "cpu_count",
-    "torch_version",
-    "cuda_version",
-    "python_version",
-    "platform",
-    "hostname",
-    "suite_version",
-    "git_sha",
-    "started_at",
+    "device", "device_name", "threads", "cpu_count", "torch_version", "cuda_version",
+    "python_version", "platform", "hostname", "suite_version", "git_sha", "started_at",
     # the full cell config as JSON, enough to re-run it
     "config",
 )
+# fmt: on
 
 
 def cell_dir(store: str | Path, cell_id: str) -> Path:

@@ -72,10 +72,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.autocast):
+def _losses(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.autocast, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy (what is reported and judged) and the objective that is optimized:
+    cross-entropy + z_loss · mean(log²Z) over the output softmax (PaLM; Wortsman et al. 2023)."""
     with autocast:
         logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+    logits = logits.float().view(-1, logits.shape[-1])
+    cross_entropy = F.cross_entropy(logits, y.reshape(-1))
+    if not z_loss:
+        return cross_entropy, cross_entropy
+    log_z = torch.logsumexp(logits, dim=-1)
+    return cross_entropy, cross_entropy + z_loss * log_z.pow(2).mean()
 
 
 def train(model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.device) -> TrainOutcome:
@@ -99,9 +108,9 @@ def train(model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.devi
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batches.next(device)
-        loss = _loss(step_model, x, y, autocast)
+        loss, objective = _losses(step_model, x, y, autocast, optim.z_loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip, foreach=True)
         else:
@@ -166,6 +175,6 @@ def evaluate(
     batches = validation_batches(
         corpus, cell.model.seq_len, cell.train.batch_size, cell.train.eval_batches, device
     )
-    total = sum(_loss(model, x, y, autocast).item() for x, y in batches)
+    total = sum(_losses(model, x, y, autocast, 0.0)[0].item() for x, y in batches)
     model.train()
     return total / len(batches)

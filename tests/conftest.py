@@ -10,9 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_suite(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_suite(
+    *args: str, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """The real CLI, as a user types it, in a subprocess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "suite", *args],
         cwd=REPO,

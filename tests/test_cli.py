@@ -24,6 +24,7 @@ def test_tiny_sweep_collects_every_cell(tiny_sweep):
     assert runs["verdict"].isin(["converged", "stalled", "diverged"]).all()
     assert (runs["steps"] == 150).all() and (runs["tokens_per_s"] > 0).all()
     assert runs["cell_id"].is_unique and runs["config_hash"].is_unique
+    assert (runs["variant_source"] == "built-in").all()
     assert set(RECORD_COLUMNS) <= set(runs.columns)
 
 

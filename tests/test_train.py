@@ -109,3 +109,24 @@ def test_deep_postln_at_high_lr_fails_where_preln_at_modest_lr_trains():
     assert postln["verdict"] != "converged"
     assert preln["verdict"] == "converged"
     assert preln["final_loss"] < preln["unigram_entropy"] - 0.2
+
+
+def test_z_loss_changes_training_but_not_what_is_reported():
+    from suite.train import _losses
+
+    logits_model = build_model(make_cell(), 256)
+    x = torch.randint(0, 256, (2, 8))
+    y = torch.randint(0, 256, (2, 8))
+    autocast = torch.autocast("cpu", enabled=False)
+    cross_entropy, objective = _losses(logits_model, x, y, autocast, 1e-1)
+    logits = logits_model(x).view(-1, 256)
+    log_z = torch.logsumexp(logits, -1)
+    torch.testing.assert_close(objective, cross_entropy + 1e-1 * (log_z**2).mean())
+
+    plain, plain_curve = run_cell(make_cell(steps=10))
+    cell = make_cell(steps=10)
+    cell.optim.z_loss = 1e-1
+    with_z, z_curve = run_cell(cell)
+    assert plain_curve[0]["loss"] == z_curve[0]["loss"]  # step 0: same weights, reported CE only
+    assert plain_curve[-1]["loss"] != z_curve[-1]["loss"]  # the objective changed the updates
+    assert with_z["z_loss"] == 1e-1 and plain["z_loss"] == 0.0

@@ -253,3 +253,25 @@ def test_dyt_alpha_starts_at_half_and_replaces_every_norm():
     assert not any(isinstance(m, LayerNorm | RMSNorm) for m in model.modules())
     alphas = [m.alpha.item() for m in model.modules() if type(m).__name__ == "DyT"]
     assert len(alphas) == 2 * DEPTH + 1 and set(alphas) == {0.5}
+
+
+def test_qk_norm_normalizes_queries_and_keys_before_the_dot_product():
+    torch.manual_seed(0)
+    shape = ModelShape(
+        vocab_size=50, width=WIDTH, heads=HEADS, depth=2, mlp_ratio=4.0, seq_len=8, qk_norm=True
+    )
+    model = GPT(shape, variants.get("preln")())
+    randomize(model)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 8, WIDTH)
+    batch, seq, head = 2, 8, WIDTH // HEADS
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = (t.view(batch, seq, HEADS, head).transpose(1, 2) for t in qkv.split(WIDTH, -1))
+    q, k = ref_layer_norm(q, attn.q_norm), ref_layer_norm(k, attn.k_norm)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(head)).masked_fill(
+        ~torch.ones(seq, seq, dtype=torch.bool).tril(), float("-inf")
+    )
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, WIDTH)
+    expected = y @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
+    assert make_model("preln").blocks[0].attn.q_norm is None  # off by default

@@ -1,0 +1,204 @@
+"""Variant plugins: the example package installed and swept, broken plugins named, duplicates
+rejected with both sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_suite
+
+import variants
+from variants.base import Variant
+
+EXAMPLE = REPO / "examples" / "mixln"
+
+
+def pip(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def example_plugin():
+    """The README's walk-through: pip install -e examples/mixln (offline: no build isolation)."""
+    pip("install", "--no-deps", "--no-build-isolation", "-e", str(EXAMPLE))
+    yield
+    pip("uninstall", "-y", "stability-suite-mixln")
+
+
+def python(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_example_plugin_is_listed_swept_and_recorded(example_plugin, tmp_path):
+    listing = python("-m", "variants")
+    assert listing.returncode == 0, listing.stderr
+    line = next(row for row in listing.stdout.splitlines() if row.startswith("mixln"))
+    assert "stability-suite-mixln 0.1.0" in line and "Post-LN blocks" in line
+    assert "preln" in listing.stdout and "built-in" in listing.stdout
+
+    result = run_suite(
+        "+variant=mixln", "sweep=tiny", "variant.post_fraction=0.5", f"store={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = pd.read_parquet(tmp_path / "runs.parquet")
+    assert len(runs) == 4 and (runs["status"] == "ok").all()
+    assert (runs["variant"] == "mixln").all()
+    assert (runs["variant_source"] == "stability-suite-mixln 0.1.0").all()
+    assert json.loads(runs["variant_params"].iloc[0]) == {"post_fraction": 0.5, "eps": 1e-5}
+    # A parameter that one variant of the sweep lacks is a config error, before any training.
+    result = run_suite(
+        "+variant=mixln,preln",
+        "sweep=tiny",
+        "variant.post_fraction=0.5",
+        f"store={tmp_path / 'other'}",
+    )
+    assert result.returncode == 2
+    assert "config error: Key 'post_fraction' is not in struct" in result.stderr
+    assert "in the cell: " in result.stderr and "+variant=preln" in result.stderr
+
+
+def fake_distribution(site: Path, name: str, module_source: str) -> None:
+    """A plugin 'installed' the way importlib.metadata finds one: a module and a .dist-info
+    folder with its entry point, on PYTHONPATH."""
+    module = name.replace("-", "_")
+    (site / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text(f"{module}\n")
+    (info / "entry_points.txt").write_text(f"[stability_suite.variants]\n{module} = {module}\n")
+
+
+BROKEN_IMPORT = """
+    import this_module_does_not_exist  # noqa
+"""
+SHAPE_CHANGING = """
+    from dataclasses import dataclass
+    import torch
+    from torch import nn
+    from variants import Variant, register
+
+    class Widen(nn.Module):
+        def forward(self, x, attn, mlp):
+            return torch.cat([x, attn(x)], dim=-1)
+
+    @register("widen")
+    @dataclass
+    class Widening(Variant):
+        formula = "y = [x, F(x)]"
+
+        def wiring(self, width, n_layers, layer):
+            return Widen()
+"""
+DUPLICATE = """
+    from dataclasses import dataclass
+    from variants import register
+    from variants.preln import PreLN
+
+    @register("preln")
+    @dataclass
+    class MyPreLN(PreLN):
+        pass
+"""
+
+
+@pytest.fixture
+def broken_site(tmp_path) -> dict:
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(site, "broken-plugin", BROKEN_IMPORT)
+    fake_distribution(site, "widen-plugin", SHAPE_CHANGING)
+    fake_distribution(site, "duplicate-plugin", DUPLICATE)
+    return {"PYTHONPATH": str(site)}
+
+
+def test_broken_plugins_are_named_and_the_built_ins_still_run(broken_site, tmp_path):
+    listing = python("-m", "variants", env=broken_site)
+    assert listing.returncode == 0, listing.stderr
+    assert "broken_plugin  FAILED TO LOAD: ModuleNotFoundError" in listing.stdout
+    assert (
+        "duplicate_plugin  FAILED TO LOAD: ValueError: variant 'preln' is registered twice: "
+        "by variants.preln.PreLN (built-in) and by duplicate_plugin.MyPreLN "
+        "(duplicate-plugin 0.1)" in listing.stdout
+    )
+    assert "widen" in listing.stdout and "preln" in listing.stdout
+
+    result = run_suite(
+        "+variant=preln",
+        "sweep=tiny",
+        "model.depth=2",
+        "optim.lr=1e-3",
+        "train.steps=10",
+        f"store={tmp_path / 'store'}",
+        env=broken_site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "variant plugin 'broken_plugin' (package broken-plugin) failed to load" in (
+        result.stdout + result.stderr
+    )
+    assert len(list((tmp_path / "store" / "cells").iterdir())) == 1
+
+
+def test_shape_changing_plugin_fails_before_training(broken_site, tmp_path):
+    result = run_suite(
+        "+variant=widen", "sweep=tiny", f"store={tmp_path / 'store'}", env=broken_site
+    )
+    assert result.returncode == 2
+    assert (
+        "variant: variant 'widen': block 0 maps the residual stream (1, 8, 32) to "
+        "(1, 8, 64); a block must keep its shape"
+    ) in result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_duplicate_name_names_both_sources():
+    @dataclass
+    class AnotherPreLN(Variant):
+        formula = "copy"
+
+    with pytest.raises(ValueError, match="variant 'preln' is registered twice") as info:
+        variants.register("preln")(AnotherPreLN)
+    message = str(info.value)
+    assert "variants.preln.PreLN (built-in)" in message
+    assert "AnotherPreLN" in message and "test_plugins" in message
+    assert variants.get("preln").__module__ == "variants.preln"  # the built-in still wins
+
+
+def test_non_finite_block_is_caught_at_build_time():
+    from suite.model import GPT, ModelShape, VariantError
+
+    class NaNWiring(Variant):
+        formula = "y = NaN"
+
+        def wiring(self, width, n_layers, layer):
+            class Poison(__import__("torch").nn.Module):
+                def forward(self, x, attn, mlp):
+                    return x * float("nan")
+
+            return Poison()
+
+    NaNWiring.name = "poison"
+    with pytest.raises(VariantError, match="'poison': block 0 returns non-finite values"):
+        GPT(ModelShape(256, 16, 2, 2, 4.0, 8), NaNWiring())
