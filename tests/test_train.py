@@ -130,3 +130,10 @@ def test_z_loss_changes_training_but_not_what_is_reported():
     assert plain_curve[0]["loss"] == z_curve[0]["loss"]  # step 0: same weights, reported CE only
     assert plain_curve[-1]["loss"] != z_curve[-1]["loss"]  # the objective changed the updates
     assert with_z["z_loss"] == 1e-1 and plain["z_loss"] == 0.0
+
+
+@pytest.mark.parametrize("name", __import__("variants").names())
+def test_every_registered_variant_trains_a_few_steps(name):
+    record, curve = run_cell(make_cell(name, steps=3))
+    assert record["status"] == "ok", record["error"]
+    assert len(curve) == 3 and all(math.isfinite(r["loss"]) for r in curve)

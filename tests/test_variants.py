@@ -87,6 +87,9 @@ def reference_block(name: str, block, x, n_layers: int):
     if name == "layerscale":
         h = x + w.gamma_attn * F_(ref_layer_norm(x, w.norm_attn))
         return h + w.gamma_mlp * G_(ref_layer_norm(h, w.norm_mlp))
+    if name == "admin":
+        h = ref_layer_norm(w.omega_attn * x + F_(x), w.norm_attn)
+        return ref_layer_norm(w.omega_mlp * h + G_(h), w.norm_mlp)
     if name == "dyt":
 
         def dyt(t, n):
@@ -275,3 +278,31 @@ def test_qk_norm_normalizes_queries_and_keys_before_the_dot_product():
     expected = y @ attn.proj.weight.T + attn.proj.bias
     torch.testing.assert_close(attn(x), expected, rtol=1e-4, atol=1e-5)
     assert make_model("preln").blocks[0].attn.q_norm is None  # off by default
+
+
+def test_admin_omega_matches_a_hand_computed_profile_on_two_layers():
+    model = make_model("admin", depth=2)
+    # Recompute the profiling pass by hand, with every ω = 1, on the same probe batch.
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (4, 8), generator=generator)
+    with torch.no_grad():
+        x = model.token_embedding(tokens) + model.position_embedding(torch.arange(8))
+        variances = [x.var().item()]
+        for block in model.blocks:
+            w = block.wiring
+            f = ref_attention(block.attn, x)
+            h = ref_layer_norm(x + f, w.norm_attn)
+            g = ref_mlp(block.mlp, h)
+            x = ref_layer_norm(h + g, w.norm_mlp)
+            variances += [f.var().item(), g.var().item()]
+    expected = [math.sqrt(sum(variances[: i + 1])) for i in range(4)]
+    got = [
+        model.blocks[0].wiring.omega_attn,
+        model.blocks[0].wiring.omega_mlp,
+        model.blocks[1].wiring.omega_attn,
+        model.blocks[1].wiring.omega_mlp,
+    ]
+    for omega, value in zip(got, expected, strict=True):
+        assert omega.shape == (WIDTH,)
+        torch.testing.assert_close(omega, torch.full((WIDTH,), value), rtol=1e-4, atol=0)
+    assert expected == sorted(expected)  # ω grows with depth, as Admin intends

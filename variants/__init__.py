@@ -4,6 +4,7 @@ Importing this package registers the built-ins; :func:`get` also loads installed
 """
 
 from variants import (  # noqa: F401  (importing registers the built-ins)
+    admin,
     deepnorm,
     dyt,
     layerscale,
