@@ -58,8 +58,14 @@ def test_example_plugin_is_listed_swept_and_recorded(example_plugin, tmp_path):
     assert "stability-suite-mixln 0.1.0" in line and "Post-LN blocks" in line
     assert "preln" in listing.stdout and "built-in" in listing.stdout
 
+    # Through the joblib launcher: its workers unpickle the task and look the plugin up again.
     result = run_suite(
-        "+variant=mixln", "sweep=tiny", "variant.post_fraction=0.5", f"store={tmp_path}"
+        "+variant=mixln",
+        "sweep=tiny",
+        "variant.post_fraction=0.5",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"store={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = pd.read_parquet(tmp_path / "runs.parquet")
