@@ -26,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import variants
-from suite.collect import CELL_POINTER
+from suite.collect import CELL_POINTER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config
 from suite.model import VariantError
 from suite.runner import build_model, run_cell
-from suite.store import write_cell
+from suite.store import finished_record, write_cell, write_curve, write_started
 
 log = logging.getLogger("suite")
 
@@ -165,17 +165,25 @@ def _needs_compose(override) -> bool:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
     cell = cell_from_config(cfg)
-    job = HydraConfig.get().job
-    total = os.environ.get(SWEEP_SIZE_ENV, "?")
-    log.info("cell %d/%s: %s", job.num + 1, total, cell.cell_id())
-    record, curve = run_cell(cell)
+    cell_id = cell.cell_id()
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    (job_dir / CELL_POINTER).write_text(cell_id)
+    label = f"cell {HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
+    if cfg.get("resume", True) and finished_record(cell.store, cell_id) is not None:
+        (job_dir / SKIPPED_MARKER).touch()
+        log.info("%s: %s is already in the store; skipped", label, cell_id)
+        return "skipped"
+    log.info("%s: %s", label, cell_id)
+    record, curve = run_cell(
+        cell,
+        on_start=lambda marker: write_started(cell.store, cell_id, {**marker, "pid": os.getpid()}),
+        on_progress=lambda partial: write_curve(cell.store, cell_id, partial),
+    )
     folder = write_cell(cell.store, record, curve)
-    Path(HydraConfig.get().runtime.output_dir, CELL_POINTER).write_text(cell.cell_id())
     if record["status"] == "ok":
         log.info(
-            "cell %d/%s done: %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
-            job.num + 1,
-            total,
+            "%s done: %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
+            label,
             record["verdict"],
             record["final_loss"],
             record["val_loss"],
@@ -183,7 +191,7 @@ def run_job(cfg: DictConfig) -> str:
             folder,
         )
     else:
-        log.error("cell %d/%s errored (traceback in %s/record.json)", job.num + 1, total, folder)
+        log.error("%s errored (traceback in %s/record.json)", label, folder)
     return record["status"]
 
 

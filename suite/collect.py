@@ -17,12 +17,13 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from suite.store import RECORD_COLUMNS, RUNS, read_records
+from suite.store import RECORD_COLUMNS, RUNS, read_records, write_table
 from suite.summary import format_summary, summarize
 
 log = logging.getLogger(__name__)
 
 CELL_POINTER = "cell_id"  # written into each Hydra job's output folder
+SKIPPED_MARKER = "skipped"  # ... beside it when the cell was already in the store
 
 
 def collect(store: str | Path, write: bool = True) -> pd.DataFrame:
@@ -37,24 +38,33 @@ def collect(store: str | Path, write: bool = True) -> pd.DataFrame:
         runs = runs.sort_values(["variant", "depth", "lr", "seed"], kind="stable")
         runs = runs.reset_index(drop=True)
     if write and not runs.empty:
-        path = Path(store) / RUNS
-        tmp = path.with_suffix(".parquet.tmp")
-        runs.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        write_table(runs, Path(store) / RUNS)
     return runs
+
+
+_UNFINISHED = (
+    ("error", "errored (traceback in their record.json)"),
+    ("interrupted", "interrupted (re-run the same command to finish them)"),
+    ("running", "still running"),
+)
 
 
 def report_text(runs: pd.DataFrame) -> str:
     lines = [format_summary(summarize(runs))]
-    if not runs.empty and (runs["status"] != "ok").any():
-        errored = runs.loc[runs["status"] != "ok", "cell_id"]
-        lines.append(f"\n{len(errored)} cell(s) errored (traceback in their record.json):")
-        lines.extend(f"  {cell_id}" for cell_id in errored)
+    for status, what in _UNFINISHED:
+        cells = runs.loc[runs["status"] == status, "cell_id"] if not runs.empty else []
+        if len(cells):
+            lines.append(f"\n{len(cells)} cell(s) {what}:")
+            lines.extend(f"  {cell_id}" for cell_id in cells)
     return "\n".join(lines)
 
 
 def sweep_cell_ids(sweep_dir: str | Path) -> set[str]:
     return {p.read_text().strip() for p in Path(sweep_dir).glob(f"*/{CELL_POINTER}")}
+
+
+def count_skipped(sweep_dir: str | Path) -> int:
+    return len(list(Path(sweep_dir).glob(f"*/{SKIPPED_MARKER}")))
 
 
 class CollectCallback(Callback):
@@ -66,7 +76,12 @@ class CollectCallback(Callback):
         if runs.empty:
             return
         this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(config.hydra.sweep.dir))]
-        print(f"\nSummary of this sweep ({len(this_sweep)} cells; all runs: {Path(store) / RUNS}):")
+        skipped = count_skipped(config.hydra.sweep.dir)
+        reused = f", {skipped} already in the store (resume=false re-runs them)" if skipped else ""
+        print(
+            f"\nSummary of this sweep ({len(this_sweep)} cells{reused}; "
+            f"all runs: {Path(store) / RUNS}):"
+        )
         print(report_text(this_sweep))
         if (this_sweep["status"] != "ok").any():
             raise SystemExit(1)  # the records are kept; the exit code tells scripts to look

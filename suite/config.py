@@ -70,6 +70,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     log_every: int = 25
+    flush_every: int = 50  # steps between rewrites of the partial curve in the store
     timing_skip_steps: int = 10  # steps excluded from the throughput median (warm-up, allocator)
 
 
@@ -111,6 +112,7 @@ class CellConfig:
         data.pop("sweep")
         data["train"].pop("threads")
         data["train"].pop("log_every")
+        data["train"].pop("flush_every")
         return data
 
     def config_hash(self) -> str:
@@ -241,6 +243,7 @@ def validate(cell: CellConfig) -> None:
     )
     _check(t.threads >= 0, "train.threads", "must be ≥ 0", t.threads)
     _check(t.log_every >= 1, "train.log_every", "must be at least 1", t.log_every)
+    _check(t.flush_every >= 1, "train.flush_every", "must be at least 1", t.flush_every)
     _check(t.timing_skip_steps >= 0, "train.timing_skip_steps", "must be ≥ 0", t.timing_skip_steps)
     _check(
         _finite_positive(v.blowup_factor) and v.blowup_factor > 1,

@@ -11,6 +11,7 @@ import json
 import logging
 import resource
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -110,8 +111,15 @@ def outcome_fields(outcome: TrainOutcome) -> dict[str, Any]:
     }
 
 
-def run_cell(cell: CellConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Train one cell; returns its record and per-step curve. Never raises for training failures."""
+def run_cell(
+    cell: CellConfig,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[list[dict[str, float]]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Train one cell; returns its record and per-step curve. Never raises for training failures.
+
+    ``on_start(record)`` is called before training with everything known so far, and
+    ``on_progress(curve)`` every ``train.flush_every`` steps (the caller persists them)."""
     if cell.train.threads:
         torch.set_num_threads(cell.train.threads)
     # Stalled or diverging models drive many activations and Adam moments into subnormal range,
@@ -129,6 +137,8 @@ def run_cell(cell: CellConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
         unigram_entropy=corpus.unigram_entropy,
         val_unigram_entropy=corpus.val_unigram_entropy,
     )
+    if on_start is not None:
+        on_start(record)
     curve: list[dict[str, float]] = []
     try:
         torch.manual_seed(cell.seed)
@@ -136,7 +146,7 @@ def run_cell(cell: CellConfig) -> tuple[dict[str, Any], list[dict[str, float]]]:
         record["n_params"] = model.num_parameters()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        outcome = train(model, corpus, cell, device)
+        outcome = train(model, corpus, cell, device, on_progress)
         curve = outcome.curve
         record.update(outcome_fields(outcome))
     except Exception as error:  # recorded, so the sweep goes on and the summary lists it

@@ -1,11 +1,13 @@
 """The results store: one folder per cell, written atomically; the interface to reporting.
 
     <store>/cells/<cell_id>/record.json   one flat record (columns documented in the README)
-    <store>/cells/<cell_id>/curve.parquet per-step training curve
+    <store>/cells/<cell_id>/curve.parquet per-step training curve (rewritten as training goes)
+    <store>/cells/<cell_id>/running.json  while the cell trains; left behind if it was killed
     <store>/runs.parquet                  every record, collected into one table
 
 ``record.json`` is written last and by rename, so a folder with a record is complete, and a
-crash can leave at most a stray temporary file, never a half-written record.
+crash can leave at most a stray temporary file, never a half-written record. Every file is
+written to a unique temporary name first, so concurrent workers never interleave bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 RECORD = "record.json"
 CURVE = "curve.parquet"
 RUNS = "runs.parquet"
+RUNNING = "running.json"
 
 # The collected DataFrame's columns, in order (documented in the README).
 # fmt: off
@@ -79,22 +83,69 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def write_started(store: str | Path, cell_id: str, marker: dict[str, Any]) -> None:
+    """Mark a cell as running; a marker left without a record means the run was interrupted."""
+    text = json.dumps(_json_safe(marker), indent=1, sort_keys=True)
+    _atomic_write(cell_dir(store, cell_id) / RUNNING, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_curve(store: str | Path, cell_id: str, curve: list[dict[str, float]]) -> None:
+    """(Re)write a cell's per-step curve; called periodically so a killed run keeps most of it."""
+    path = cell_dir(store, cell_id) / CURVE
+    _atomic_write(path, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
+
+
 def write_cell(store: str | Path, record: dict[str, Any], curve: list[dict[str, float]]) -> Path:
+    """Write a finished cell: its full curve, then its record (last, so it marks completion)."""
     folder = cell_dir(store, record["cell_id"])
-    _atomic_write(folder / CURVE, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
+    write_curve(store, record["cell_id"], curve)
     text = json.dumps(_json_safe(record), indent=1, sort_keys=True)
     _atomic_write(folder / RECORD, lambda tmp: Path(tmp).write_text(text))
+    (folder / RUNNING).unlink(missing_ok=True)
     return folder
 
 
+def write_table(runs: pd.DataFrame, path: Path) -> None:
+    _atomic_write(path, lambda tmp: runs.to_parquet(tmp, index=False))
+
+
+def finished_record(store: str | Path, cell_id: str) -> dict[str, Any] | None:
+    """The cell's record if it finished (status ok); None if absent, errored or unreadable."""
+    try:
+        record = json.loads((cell_dir(store, cell_id) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") == "ok" else None
+
+
+def _process_alive(marker: dict[str, Any]) -> bool:
+    if marker.get("hostname") != socket.gethostname():
+        return True  # another machine's run: assume it is still going
+    try:
+        os.kill(int(marker["pid"]), 0)
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
 def read_records(store: str | Path) -> list[dict[str, Any]]:
-    """Every complete record under the store; unreadable ones are skipped with a warning."""
+    """Every record under the store, plus a row for each cell that started but has no record
+    (``interrupted``, or ``running`` while its process lives). Unreadable records are skipped
+    with a warning naming them."""
     records = []
-    for path in sorted(Path(store).glob(f"cells/*/{RECORD}")):
+    for folder in sorted(Path(store).glob("cells/*")):
+        record_path, marker_path = folder / RECORD, folder / RUNNING
+        path = record_path if record_path.exists() else marker_path
+        if not path.exists():
+            continue
         try:
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             log.warning("skipping unreadable record %s: %s", path, error)
+            continue
+        if path is marker_path:
+            record["status"] = "running" if _process_alive(record) else "interrupted"
+        records.append(record)
     return records
 
 

@@ -87,7 +87,13 @@ def _losses(
     return cross_entropy, cross_entropy + z_loss * log_z.pow(2).mean()
 
 
-def train(model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.device) -> TrainOutcome:
+def train(
+    model: nn.Module,
+    corpus: Corpus,
+    cell: CellConfig,
+    device: torch.device,
+    on_progress: Callable[[list[dict[str, float]]], None] | None = None,
+) -> TrainOutcome:
     cfg, optim = cell.train, cell.optim
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, optim)
@@ -138,6 +144,8 @@ def train(model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.devi
             out.diverged_step, out.divergence_reason = step, reason
             log.info("step %d: diverged (%s)", step, reason)
             break
+        if on_progress is not None and (step + 1) % cfg.flush_every == 0:
+            on_progress(out.curve)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log.info(
                 "step %4d/%d  loss %.4f  grad %.3g  lr %.3g  %.0f tok/s",

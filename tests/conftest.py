@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,15 @@ def tiny_sweep(tmp_path_factory):
     result = run_suite("+variant=postln,preln", "sweep=tiny", f"store={store}")
     assert result.returncode == 0, result.stderr[-3000:]
     return store, result
+
+
+def fake_distribution(site: Path, name: str, module_source: str) -> None:
+    """A plugin 'installed' the way importlib.metadata finds one: a module and a .dist-info
+    folder with its entry point, on PYTHONPATH."""
+    module = name.replace("-", "_")
+    (site / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text(f"{module}\n")
+    (info / "entry_points.txt").write_text(f"[stability_suite.variants]\n{module} = {module}\n")

@@ -7,13 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_suite
+from conftest import REPO, fake_distribution, run_suite
 
 import variants
 from variants.base import Variant
@@ -83,18 +81,6 @@ def test_example_plugin_is_listed_swept_and_recorded(example_plugin, tmp_path):
     assert result.returncode == 2
     assert "config error: Key 'post_fraction' is not in struct" in result.stderr
     assert "in the cell: " in result.stderr and "+variant=preln" in result.stderr
-
-
-def fake_distribution(site: Path, name: str, module_source: str) -> None:
-    """A plugin 'installed' the way importlib.metadata finds one: a module and a .dist-info
-    folder with its entry point, on PYTHONPATH."""
-    module = name.replace("-", "_")
-    (site / f"{module}.py").write_text(textwrap.dedent(module_source))
-    info = site / f"{module}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "top_level.txt").write_text(f"{module}\n")
-    (info / "entry_points.txt").write_text(f"[stability_suite.variants]\n{module} = {module}\n")
 
 
 BROKEN_IMPORT = """

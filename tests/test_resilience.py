@@ -1,0 +1,173 @@
+"""Nothing finished is ever lost or silently recomputed: resume, kill, errors, corrupt records,
+concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import REPO, fake_distribution, run_suite
+
+from suite.collect import collect
+
+pytestmark = pytest.mark.slow
+
+SMALL = ("+variant=preln", "sweep=tiny", "model.depth=2", "train.steps=20")
+
+
+def records(store):
+    return {p.parent.name: json.loads(p.read_text()) for p in store.glob("cells/*/record.json")}
+
+
+def test_rerun_skips_finished_cells_and_a_changed_key_is_a_new_cell(tmp_path):
+    first = run_suite(*SMALL, f"store={tmp_path}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = records(tmp_path)
+    assert len(before) == 2
+
+    again = run_suite(*SMALL, f"store={tmp_path}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("is already in the store; skipped") == 2
+    assert "step " not in again.stdout  # nothing trained
+    assert "2 already in the store (resume=false re-runs them)" in again.stdout
+    assert records(tmp_path) == before  # untouched
+
+    changed = run_suite(*SMALL, "optim.warmup_steps=5", f"store={tmp_path}")
+    assert changed.returncode == 0 and "skipped" not in changed.stdout
+    assert len(records(tmp_path)) == 4  # new cells, never a stale hit
+
+    forced = run_suite(*SMALL, "resume=false", f"store={tmp_path}")
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    after = records(tmp_path)
+    assert len(after) == 4
+    for cell_id, record in before.items():
+        assert after[cell_id]["started_at"] >= record["started_at"]
+        assert after[cell_id]["final_loss"] == record["final_loss"]  # deterministic re-run
+
+
+def test_sigkill_mid_cell_keeps_finished_cells_marks_the_killed_one_and_resumes(tmp_path):
+    args = [
+        "+variant=preln",
+        "sweep=tiny",
+        "model.depth=2",
+        "train.steps=400",
+        "train.flush_every=20",
+        f"store={tmp_path}",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "suite", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    in_second_cell = False
+    for line in process.stdout:
+        in_second_cell = in_second_cell or "cell 2/2:" in line
+        if in_second_cell and "step  100/400" in line:
+            process.kill()  # SIGKILL: no handler runs, nothing gets cleaned up
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    finished = records(tmp_path)
+    assert len(finished) == 1 and next(iter(finished.values()))["status"] == "ok"
+    killed = [p.parent for p in tmp_path.glob("cells/*/running.json")]
+    assert len(killed) == 1
+    partial = pd.read_parquet(killed[0] / "curve.parquet")
+    assert len(partial) >= 100  # the flushed part of the curve survived
+    runs = collect(tmp_path)
+    assert sorted(runs["status"]) == ["interrupted", "ok"]
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "suite", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("already in the store; skipped") == 1
+    runs = collect(tmp_path)
+    assert list(runs["status"]) == ["ok", "ok"]
+    assert not list(tmp_path.glob("cells/*/running.json"))
+
+
+RAISES_IN_TRAINING = """
+    from dataclasses import dataclass
+    import torch
+    from variants import register
+    from variants.preln import PreLN, PreLNWiring
+
+    class Failing(PreLNWiring):
+        def forward(self, x, attn, mlp):
+            if torch.is_grad_enabled():
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return super().forward(x, attn, mlp)
+
+    @register("fails")
+    @dataclass
+    class Fails(PreLN):
+        def wiring(self, width, n_layers, layer):
+            return Failing(width, self.eps)
+"""
+
+
+def test_an_erroring_cell_is_recorded_the_sweep_goes_on_and_the_exit_code_says_so(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(site, "fails-plugin", RAISES_IN_TRAINING)
+    store = tmp_path / "store"
+    result = run_suite(
+        "+variant=fails,preln",
+        "sweep=tiny",
+        "model.depth=2",
+        "train.steps=10",
+        "optim.lr=1e-3",
+        f"store={store}",
+        env={"PYTHONPATH": str(site)},
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "1 cell(s) errored (traceback in their record.json):" in result.stdout
+    runs = collect(store).set_index("variant")
+    assert runs.loc["preln", "status"] == "ok"
+    assert runs.loc["fails", "status"] == "error"
+    assert "RuntimeError: CUDA out of memory (simulated)" in runs.loc["fails", "error"]
+
+
+def test_collect_skips_a_truncated_record_with_a_warning_naming_it(tiny_sweep, tmp_path, caplog):
+    import shutil
+
+    store, _ = tiny_sweep
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    victim = sorted(copy.glob("cells/*/record.json"))[0]
+    victim.write_text(victim.read_text()[:100])  # a record cut short, e.g. a full disk
+    with caplog.at_level(logging.WARNING):
+        runs = collect(copy)
+    assert len(runs) == 7
+    assert f"skipping unreadable record {victim}" in caplog.text
+
+
+def test_two_workers_writing_one_store_at_once(tmp_path):
+    command = [sys.executable, "-m", "suite", *SMALL, "resume=false", f"store={tmp_path}"]
+    workers = [
+        subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr[-2000:]
+    runs = collect(tmp_path)
+    assert len(runs) == 2 and (runs["status"] == "ok").all()
+    assert not list(tmp_path.glob("cells/*/.*"))  # no stray temporary files
+    assert pd.read_parquet(tmp_path / "runs.parquet").equals(runs)
