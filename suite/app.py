@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import hydra
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 import variants
 from suite.collect import CELL_POINTER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config
+from suite.environment import resolve_device
 from suite.model import VariantError
 from suite.runner import build_model, run_cell
 from suite.store import finished_record, write_cell, write_curve, write_started
@@ -36,6 +38,7 @@ log = logging.getLogger("suite")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"variant"}
+PREFLIGHT_BUILD_LIMIT = 50e6  # parameters; bigger models are checked when their cell starts
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
 # Hydra flags that print or inspect instead of running: no preflight for those.
 _INSPECT_FLAGS = (
@@ -88,6 +91,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     _check_variant_names(parsed)
+    _refuse_foreign_targets(parsed)
     # Only the choices that can change the preset's grid: the sweep preset and Hydra's own keys.
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
     base = compose("config", overrides=fixed, return_hydra_config=True)
@@ -145,15 +149,69 @@ def preflight(overrides: list[str]) -> int:
 
 def _check_model_builds(cell: CellConfig, built: set[str]) -> None:
     """Build each distinct (variant, shape) once on CPU: a broken variant fails here, not
-    mid-sweep (the vocabulary size does not matter to the check)."""
+    mid-sweep (the vocabulary size does not matter to the check). A model too big for the
+    machine is refused before anything is allocated."""
     key = json.dumps([cell.variant, cell.variant_params, asdict(cell.model)], sort_keys=True)
     if key in built:
         return
+    built.add(key)
+    if check_fits_in_memory(cell) > PREFLIGHT_BUILD_LIMIT:
+        return  # too slow to build twice; GPT checks its blocks again when the cell starts
     try:
         build_model(cell, vocab_size=256)
     except VariantError as error:
         raise ConfigError(f"variant: {error}") from None
-    built.add(key)
+    except Exception as error:  # a plugin's own bug: name it, without a torch traceback
+        raise ConfigError(
+            f"variant: {cell.variant!r} failed to build: {type(error).__name__}: {error}"
+        ) from None
+
+
+def check_fits_in_memory(cell: CellConfig) -> float:
+    """Parameters, gradients and AdamW's two moments: 16 bytes per fp32 parameter. Activations
+    are not counted; a run that still does not fit is recorded as an out-of-memory error.
+    Returns the (approximate) parameter count."""
+    m = cell.model
+    device = _available_device(cell.train.device)
+    per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
+    parameters = m.depth * per_layer + (256 + m.seq_len) * m.width
+    needed = 16 * parameters
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(
+            f"model: the parameters, gradients and AdamW state need ~{needed / 2**30:,.0f} GiB "
+            f"(model.width={m.width}, model.depth={m.depth}, model.mlp_ratio={m.mlp_ratio:g}) "
+            f"but this {device.type} has {available / 2**30:,.0f} GiB"
+        )
+    return parameters
+
+
+def _available_device(requested: str) -> torch.device:
+    if requested.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = torch.device(requested).index or 0
+        if index >= count:
+            raise ConfigError(
+                f"train.device: {requested!r} is not available here ({count} CUDA device(s)); "
+                "use train.device=auto or cpu"
+            )
+    return resolve_device(requested)
+
+
+def _refuse_foreign_targets(overrides: list) -> None:
+    """Only the suite's own classes and Hydra's plugins may be instantiated from a config."""
+    for override in overrides:
+        key = override.key_or_group
+        if key == "_target_" or key.endswith("._target_"):
+            target = str(override.value())
+            if not target.startswith(("suite.", "hydra_plugins.", "hydra.")):
+                raise ConfigError(
+                    f"{key}: may only name the suite's own classes or Hydra plugins "
+                    f"(got {target!r})"
+                )
 
 
 def _needs_compose(override) -> bool:

@@ -1,0 +1,101 @@
+"""Property-based: any value for any key gives a clean ConfigError naming the key, or a valid
+sweep; never a deep traceback from inside torch, never a written store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from suite.app import preflight
+from suite.config import ConfigError
+
+KEYS = [
+    "model.width",
+    "model.heads",
+    "model.depth",
+    "model.mlp_ratio",
+    "model.seq_len",
+    "model.bias",
+    "model.qk_norm",
+    "data.source",
+    "data.max_bytes",
+    "data.val_fraction",
+    "data.vocab_size",
+    "optim.lr",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.weight_decay",
+    "optim.warmup_steps",
+    "optim.warmup_fraction",
+    "optim.schedule",
+    "optim.grad_clip",
+    "optim.z_loss",
+    "train.steps",
+    "train.batch_size",
+    "train.eval_batches",
+    "train.device",
+    "train.dtype",
+    "train.threads",
+    "verdict.blowup_factor",
+    "verdict.stall_margin",
+    "verdict.final_window",
+    "seed",
+    "variant.eps",
+]
+
+
+def as_override(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return (
+            "nan"
+            if math.isnan(value)
+            else ("inf" if value > 0 else "-inf")
+            if math.isinf(value)
+            else repr(value)
+        )
+    return str(value)
+
+
+VALUES = st.one_of(
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.sampled_from([0, 1, -1, 3, 2**31, 10**9]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(alphabet="abcxyz_", min_size=1, max_size=8),
+    st.sampled_from(["null", "'{}'", "[1,2]", "cuda:7", "float16"]),
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, min_size=1, max_size=3))
+def test_any_bad_value_is_a_config_error_naming_a_key(overrides):
+    args = ["+variant=preln", "sweep=tiny"] + [
+        f"{k}={as_override(v)}" for k, v in overrides.items()
+    ]
+    try:
+        preflight(args)
+    except ConfigError as error:
+        message = str(error)
+        assert any(key in message for key in overrides) or "variant" in message, message
+        assert "Traceback" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.width=1000000", "model: the parameters, gradients and AdamW state need"),
+        ("model.depth=10000000", "model: the parameters, gradients and AdamW state need"),
+        ("+hydra.callbacks.evil._target_=os.system", "_target_"),
+        ("+model._target_=builtins.exec", "_target_"),
+        ("train.device=cuda:7", "train.device: 'cuda:7' is not available here"),
+    ],
+)
+def test_huge_models_and_foreign_targets_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        preflight(["+variant=preln", "sweep=tiny", override])
