@@ -24,8 +24,19 @@ import torch
 
 from suite.config import ConfigError, DataConfig
 
-# Directories of the standard library that are not ordinary library source.
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+# Directories of the standard library that are not ordinary library source: third-party and
+# test code, codec tables (encodings/) and generated documentation strings (pydoc_data/).
+_STDLIB_SKIP = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+}
+_SPLIT_BLOCK = 1 << 16  # tokens per block of the interleaved train/validation split
 _VAL_SEED = 1234  # every cell is evaluated on the same validation batches
 
 
@@ -90,8 +101,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                 )
             digest = _file_sha256(path)
         name = path.name
-    split = int(len(tokens) * (1 - cfg.val_fraction))
-    train, val = tokens[:split], tokens[split:]
+    if cfg.source == "tokens":
+        # nanoGPT-style .bin files can be larger than memory: hold out the tail, no copy.
+        split = int(len(tokens) * (1 - cfg.val_fraction))
+        train, val = tokens[:split], tokens[split:]
+    else:
+        train, val = interleaved_split(tokens, cfg.val_fraction)
     if len(train) < 2 or len(val) < 2:
         raise ConfigError(f"data.path: corpus too small ({len(tokens)} tokens)")
     return Corpus(
@@ -103,6 +118,24 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         unigram_entropy(np.asarray(train), vocab),
         unigram_entropy(np.asarray(val), vocab),
     )
+
+
+def interleaved_split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every ~1/val_fraction-th block of 64 Ki tokens goes to validation, the rest to training,
+    so both splits sample the whole corpus (a tail split of sorted files would validate on
+    whichever package happens to sort last)."""
+    blocks = range(0, len(tokens), _SPLIT_BLOCK)
+    is_val = [
+        math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+        for i in range(len(blocks))
+    ]
+    if not any(is_val) or all(is_val):  # a corpus of one block: fall back to a tail split
+        split = int(len(tokens) * (1 - val_fraction))
+        return tokens[:split], tokens[split:]
+    pick = [tokens[start : start + _SPLIT_BLOCK] for start in blocks]
+    train = np.concatenate([b for b, v in zip(pick, is_val, strict=True) if not v])
+    val = np.concatenate([b for b, v in zip(pick, is_val, strict=True) if v])
+    return train, val
 
 
 def _file_sha256(path: Path) -> str:
@@ -137,7 +170,3 @@ def validation_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = Batches(corpus.val, seq_len, batch_size, _VAL_SEED)
     return [batches.next(device) for _ in range(count)]
-
-
-def max_entropy(vocab_size: int) -> float:
-    return math.log(vocab_size)

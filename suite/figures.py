@@ -267,6 +267,13 @@ def training_curves(
     """Loss vs step of every variant (one line per seed) at one (depth, LR); the y axis stops
     just above the initial loss, so a divergence shows as a line leaving the top."""
     names = variant_order(curves["variant"])
+    # Per-batch losses are noisy at this batch size; a 10-step rolling mean shows the trend.
+    curves = curves.sort_values(["variant", "seed", "step"])
+    curves = curves.assign(
+        loss=curves.groupby(["variant", "seed"])["loss"].transform(
+            lambda v: v.rolling(10, min_periods=1).mean()
+        )
+    )
     fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
     sns.lineplot(
         curves,
@@ -286,5 +293,5 @@ def training_curves(
     if not finite.empty:
         ax.set_ylim(max(0.0, finite.min() - 0.2), initial_loss + 0.5)
     ax.set_title(f"training loss at depth {depth}, LR {lr:g}")
-    ax.set_ylabel("training loss (nats)")
+    ax.set_ylabel("training loss (nats, 10-step mean)")
     return fig

@@ -187,7 +187,8 @@ def build_sections(
         else ("the cell where the variants' verdicts disagree most")
     )
     curves_section.caption = (
-        f"Loss vs step of every variant and seed at {chosen}; dashed = unigram entropy. "
+        f"Loss vs step (10-step mean) of every variant and seed at {chosen}; dashed = unigram "
+        "entropy. "
         "Watch for flat lines at the entropy (stalled) and lines that end early (diverged)."
     )
     if curves.empty:

@@ -24,7 +24,8 @@ def test_stdlib_corpus_is_real_python_and_deterministic():
     a = load_corpus(DataConfig(max_bytes=100_000))
     b = load_corpus(DataConfig(max_bytes=100_000))
     assert a.sha256 == b.sha256 and a.vocab_size == 256
-    assert a.num_tokens == 100_000 and len(a.val) == 10_000
+    assert a.num_tokens == 100_000 and len(a.val) == 100_000 - len(a.train)
+    assert 0.05 < len(a.val) / a.num_tokens < 0.5
     assert b"def " in a.train.tobytes()
     assert 2.0 < a.unigram_entropy < math.log(256)
 
@@ -60,3 +61,21 @@ def test_batches_are_reproducible_shifted_windows():
 def test_sequence_longer_than_split_is_a_config_error():
     with pytest.raises(ConfigError, match="model.seq_len"):
         Batches(np.arange(10, dtype=np.uint16), 16, 2, seed=0)
+
+
+def test_interleaved_split_samples_the_whole_corpus():
+    from suite.data import interleaved_split
+
+    tokens = np.arange(20 * 65536, dtype=np.int64)
+    train, val = interleaved_split(tokens, 0.1)
+    assert len(val) == 2 * 65536 and len(train) == 18 * 65536
+    assert val[0] == 9 * 65536 and val[-1] == len(tokens) - 1  # blocks 9 and 19
+    assert set(val[::65536] // 65536) == {9, 19}
+    assert not np.intersect1d(train, val).size
+
+
+def test_stdlib_corpus_has_no_codec_tables():
+    corpus = load_corpus(DataConfig())
+    assert corpus.num_tokens == 4_000_000
+    assert b"Codec APIs" not in corpus.train.tobytes()  # the header of every encodings/cp*.py
+    assert abs(corpus.unigram_entropy - corpus.val_unigram_entropy) < 0.15
