@@ -58,23 +58,20 @@ def test_standalone_collect_equals_the_callback(tiny_sweep):
     pd.testing.assert_frame_equal(before, again)
 
 
-def test_joblib_launcher_gives_the_same_results(tiny_sweep, tmp_path):
+@pytest.mark.parametrize(
+    "launcher",
+    [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["hydra/launcher=submitit_local"]],
+)
+def test_parallel_launchers_give_the_basic_launchers_results(tiny_sweep, tmp_path, launcher):
     store, _ = tiny_sweep
-    result = run_suite(
-        "+variant=postln,preln",
-        "sweep=tiny",
-        f"store={tmp_path}",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "train.threads=1",
-    )
+    result = run_suite("+variant=postln,preln", "sweep=tiny", f"store={tmp_path}", *launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     basic = pd.read_parquet(store / "runs.parquet").set_index("cell_id")
-    joblib = pd.read_parquet(tmp_path / "runs.parquet").set_index("cell_id")
-    assert sorted(basic.index) == sorted(joblib.index)
-    pd.testing.assert_series_equal(basic["verdict"], joblib.loc[basic.index, "verdict"])
+    other = pd.read_parquet(tmp_path / "runs.parquet").set_index("cell_id")
+    assert sorted(basic.index) == sorted(other.index)
+    pd.testing.assert_series_equal(basic["verdict"], other.loc[basic.index, "verdict"])
     pd.testing.assert_series_equal(
-        basic["final_loss"], joblib.loc[basic.index, "final_loss"], rtol=1e-5
+        basic["final_loss"], other.loc[basic.index, "final_loss"], rtol=1e-5
     )
 
 
