@@ -159,17 +159,16 @@ def loss_vs_lr(runs: pd.DataFrame) -> Figure:
     return fig
 
 
-def max_stable_lr_vs_depth(runs: pd.DataFrame) -> Figure | None:
-    """None when no variant has a stable LR at any depth (nothing to draw)."""
-    stable = max_stable_lr(runs).reset_index()
-    if stable["max_stable_lr"].isna().all():
-        return None
-    names = variant_order(stable["variant"])
+def _lines_vs_depth(
+    frame: pd.DataFrame, y: str, ylabel: str, log_y: bool
+) -> tuple[Figure, plt.Axes]:
+    """One line per variant over depth (log₂ axis, one tick per depth on the grid)."""
+    names = variant_order(frame["variant"])
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     sns.lineplot(
-        stable.dropna(),
+        frame,
         x="depth",
-        y="max_stable_lr",
+        y=y,
         hue="variant",
         hue_order=names,
         palette=palette(names),
@@ -177,33 +176,31 @@ def max_stable_lr_vs_depth(runs: pd.DataFrame) -> Figure | None:
         ax=ax,
     )
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    depths = sorted(stable["depth"].unique())
+    if log_y:
+        ax.set_yscale("log")
+    depths = sorted(frame["depth"].unique())
     ax.set_xticks(depths, [str(d) for d in depths])
-    ax.set_ylabel("max stable LR (all seeds converged)")
+    ax.set_ylabel(ylabel)
+    return fig, ax
+
+
+def max_stable_lr_vs_depth(runs: pd.DataFrame) -> Figure | None:
+    """None when no variant has a stable LR at any depth (nothing to draw)."""
+    stable = max_stable_lr(runs).reset_index()
+    if stable["max_stable_lr"].isna().all():
+        return None
+    fig, _ = _lines_vs_depth(
+        stable.dropna(), "max_stable_lr", "max stable LR (all seeds converged)", log_y=True
+    )
     return fig
 
 
 def throughput_vs_depth(runs: pd.DataFrame, benchmarks: pd.DataFrame | None = None) -> Figure:
     """Median tokens/s per (variant, depth) from the sweep; benchmark medians as dashed lines."""
-    finished = ok_runs(runs)
-    median = finished.groupby(["variant", "depth"])["tokens_per_s"].median().reset_index()
-    names = variant_order(
-        set(median["variant"]) | set(benchmarks["variant"] if benchmarks is not None else [])
-    )
-    colours = palette(names)
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    sns.lineplot(
-        median,
-        x="depth",
-        y="tokens_per_s",
-        hue="variant",
-        hue_order=names,
-        palette=colours,
-        marker="o",
-        ax=ax,
-    )
+    median = ok_runs(runs).groupby(["variant", "depth"])["tokens_per_s"].median().reset_index()
+    fig, ax = _lines_vs_depth(median, "tokens_per_s", "tokens / s (median)", log_y=True)
     if benchmarks is not None and not benchmarks.empty:
+        colours = palette(set(median["variant"]) | set(benchmarks["variant"]))
         for name, subset in benchmarks.groupby("variant"):
             subset = subset.sort_values("depth")
             ax.plot(
@@ -216,32 +213,14 @@ def throughput_vs_depth(runs: pd.DataFrame, benchmarks: pd.DataFrame | None = No
                 label=f"{name} (benchmark)",
             )
         ax.legend(fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    depths = sorted(median["depth"].unique())
-    ax.set_xticks(depths, [str(d) for d in depths])
-    ax.set_ylabel("tokens / s (median)")
     return fig
 
 
 def lr_sensitivity_vs_depth(runs: pd.DataFrame) -> Figure:
     sensitivity = lr_sensitivity(runs).reset_index()
-    names = variant_order(sensitivity["variant"])
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    sns.lineplot(
-        sensitivity,
-        x="depth",
-        y="lr_sensitivity",
-        hue="variant",
-        hue_order=names,
-        palette=palette(names),
-        marker="o",
-        ax=ax,
+    fig, _ = _lines_vs_depth(
+        sensitivity, "lr_sensitivity", "LR sensitivity (nats; lower is better)", log_y=False
     )
-    ax.set_xscale("log", base=2)
-    depths = sorted(sensitivity["depth"].unique())
-    ax.set_xticks(depths, [str(d) for d in depths])
-    ax.set_ylabel("LR sensitivity (nats; lower is better)")
     return fig
 
 

@@ -44,17 +44,7 @@ SUMMARY_COLUMNS = [
     "median_tokens_per_s",
     "tokens_per_s_vs_preln",
 ]
-CONSOLE_COLUMNS = [
-    "runs",
-    "converged_%",
-    "stalled_%",
-    "diverged_%",
-    "errors",
-    "max_stable_lr",
-    "lr_sensitivity",
-    "best_val_loss",
-    "median_tokens_per_s",
-]
+CONSOLE_COLUMNS = [c for c in SUMMARY_COLUMNS if c not in ("best_lr", "tokens_per_s_vs_preln")]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
