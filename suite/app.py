@@ -237,6 +237,8 @@ def run_job(cfg: DictConfig) -> str:
         on_start=lambda marker: write_started(cell.store, cell_id, {**marker, "pid": os.getpid()}),
         on_progress=lambda partial: write_curve(cell.store, cell_id, partial),
     )
+    record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher)
+    record["shared_device"] = record["parallel_cells"] > 1
     folder = write_cell(cell.store, record, curve)
     if record["status"] == "ok":
         log.info(
@@ -251,6 +253,18 @@ def run_job(cfg: DictConfig) -> str:
     else:
         log.error("%s errored (traceback in %s/record.json)", label, folder)
     return record["status"]
+
+
+def parallel_cells(launcher: DictConfig) -> int:
+    """How many cells this launcher runs at once on one machine: their throughput numbers were
+    measured on a shared device and are flagged so (``shared_device``)."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target:
+        jobs = int(launcher.get("n_jobs", 1))
+        return (os.cpu_count() or 1) if jobs < 0 else jobs
+    if "LocalLauncher" in target:  # submitit_local starts every cell of the sweep at once
+        return int(os.environ.get(SWEEP_SIZE_ENV, "0")) or 1
+    return 1  # basic launcher, or a cluster launcher with one machine per cell
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ RECORD_COLUMNS = (
     "verdict", "diverged_step", "divergence_reason", "steps_completed", "initial_loss",
     "final_loss", "best_loss", "val_loss",
     # cost
-    "tokens_per_s", "peak_memory_mb", "memory_kind", "wall_time_s",
+    "tokens_per_s", "peak_memory_mb", "memory_kind", "wall_time_s", "parallel_cells",
+    "shared_device",
     # where it ran
     "device", "device_name", "threads", "cpu_count", "torch_version", "cuda_version",
     "python_version", "platform", "hostname", "suite_version", "git_sha", "started_at",

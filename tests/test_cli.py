@@ -25,6 +25,7 @@ def test_tiny_sweep_collects_every_cell(tiny_sweep):
     assert (runs["steps"] == 150).all() and (runs["tokens_per_s"] > 0).all()
     assert runs["cell_id"].is_unique and runs["config_hash"].is_unique
     assert (runs["variant_source"] == "built-in").all()
+    assert (runs["parallel_cells"] == 1).all() and not runs["shared_device"].any()
     assert set(RECORD_COLUMNS) <= set(runs.columns)
 
 
@@ -69,6 +70,7 @@ def test_parallel_launchers_give_the_basic_launchers_results(tiny_sweep, tmp_pat
     basic = pd.read_parquet(store / "runs.parquet").set_index("cell_id")
     other = pd.read_parquet(tmp_path / "runs.parquet").set_index("cell_id")
     assert sorted(basic.index) == sorted(other.index)
+    assert other["shared_device"].all() and (other["parallel_cells"] > 1).all()
     pd.testing.assert_series_equal(basic["verdict"], other.loc[basic.index, "verdict"])
     pd.testing.assert_series_equal(
         basic["final_loss"], other.loc[basic.index, "final_loss"], rtol=1e-5
