@@ -3,6 +3,7 @@
 #   make run VARIANT=postln,preln   several variants, one sweep
 #   make test                       lint + the whole test suite
 #   make report                     HTML report of everything run so far -> reports/stability.html
+#   make bench                      training-step benchmarks -> .benchmarks/step.json
 # GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 VARIANT ?= preln
 BIN := $(VENV)/bin
 
-.PHONY: setup browser run test lint collect report clean
+.PHONY: setup browser run test lint collect report bench clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +45,10 @@ collect: setup
 
 report: setup
 	$(BIN)/python -m suite.report
+
+# Training-step benchmarks (pytest-benchmark); the report folds them into its throughput figure.
+bench: setup
+	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-json=.benchmarks/step.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
