@@ -282,7 +282,7 @@ def render(
         ),
         sections=build_sections(runs, store, benchmarks, curves_cell),
         errored=[
-            (r.cell_id, (r.error or "").strip().splitlines()[-1:] or [""])
+            (r.cell_id, r.status, ((r.error or "").strip().splitlines() or [""])[-1])
             for r in errored.itertuples()
         ],
         runs_table=_table_html(runs[RUN_COLUMNS], "runs", RUN_FORMATS),

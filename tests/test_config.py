@@ -7,8 +7,8 @@ from conftest import run_suite
 from hydra import compose, initialize_config_dir
 
 import variants
-from suite.app import CONF_DIR, preflight, register_variant_configs
 from suite.config import ConfigError, cell_from_config
+from suite.preflight import CONF_DIR, preflight, register_variant_configs
 
 
 def compose_cell(*overrides: str):

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from suite.app import preflight
 from suite.config import ConfigError
+from suite.preflight import preflight
 
 KEYS = [
     "model.width",

@@ -145,7 +145,8 @@ def test_report_lists_errored_cells_instead_of_crashing(tiny_sweep, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 errored" in result.stdout
     html = out.read_text()
-    assert "Errored cells" in html and "RuntimeError: CUDA out of memory" in html
+    assert "Cells without a result" in html
+    assert "(error): RuntimeError: CUDA out of memory" in html
 
 
 def test_report_on_an_empty_store_says_what_to_do(tmp_path):

@@ -1,0 +1,193 @@
+"""Preflight: expand the sweep exactly as Hydra's basic sweeper will, compose and validate every
+cell, and build each distinct model once, so that an impossible value anywhere in the sweep fails
+before any training, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import variants
+from suite.config import CellConfig, ConfigError, cell_from_config
+from suite.environment import resolve_device
+from suite.model import VariantError
+from suite.runner import build_model
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"variant"}
+PREFLIGHT_BUILD_LIMIT = 50e6  # parameters; bigger models are checked when their cell starts
+
+
+def register_variant_configs() -> None:
+    """Expose every registered variant (built-in or plugin) as the config group ``variant``."""
+    store = ConfigStore.instance()
+    for name in variants.names():
+        store.store(
+            group="variant", name=name, node={"name": name, **variants.get(name)().params()}
+        )
+
+
+def _check_variant_names(overrides: list) -> None:
+    known = set(variants.names())
+    for override in overrides:
+        if override.key_or_group != "variant":
+            continue
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.value()]
+        )
+        for name in values:
+            if name not in known:
+                raise ConfigError(
+                    f"variant: unknown variant {name!r}; registered variants: "
+                    f"{', '.join(sorted(known))}"
+                )
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job the sweep will run, as Hydra's basic sweeper builds them:
+    the preset's ``hydra.sweeper.params`` with command-line values taking precedence."""
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    _check_variant_names(parsed)
+    _refuse_foreign_targets(parsed)
+    # Only the choices that can change the preset's grid: the sweep preset and Hydra's own keys.
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
+    base = compose("config", overrides=fixed, return_hydra_config=True)
+    given = {o.key_or_group for o in parsed}
+    preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
+    axes = []
+    for override in parser.parse_overrides(preset) + parsed:
+        if override.is_hydra_override():
+            continue
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            axes.append([override.input_line])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def preflight(overrides: list[str]) -> int:
+    """Compose and validate every cell of the sweep; returns the number of cells.
+
+    Composing is slow (~50 ms), so it is done once per combination of config-group choices;
+    each cell's plain values are then set on a copy, as Hydra itself applies them after
+    composing the defaults list.
+    """
+    register_variant_configs()
+    parser = OverridesParser.create()
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    built: set[str] = set()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            jobs = expand_sweep(overrides)
+        except HydraException as error:
+            raise ConfigError(str(error)) from None
+        for job in jobs:
+            try:
+                parsed = parser.parse_overrides(job)
+                groups = tuple(o.input_line for o in parsed if _needs_compose(o))
+                if groups not in composed:
+                    composed[groups] = compose("config", overrides=list(groups))
+                cfg = copy.deepcopy(composed[groups])
+                for override in parsed:
+                    if not _needs_compose(override):
+                        OmegaConf.update(
+                            cfg,
+                            override.key_or_group,
+                            override.value(),
+                            force_add=override.is_add(),
+                        )
+                cell = cell_from_config(cfg)
+                _check_model_builds(cell, built)
+            except (ConfigError, OmegaConfBaseException, HydraException) as error:
+                raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
+    return len(jobs)
+
+
+def _check_model_builds(cell: CellConfig, built: set[str]) -> None:
+    """Build each distinct (variant, shape) once on CPU: a broken variant fails here, not
+    mid-sweep (the vocabulary size does not matter to the check). A model too big for the
+    machine is refused before anything is allocated."""
+    key = json.dumps([cell.variant, cell.variant_params, asdict(cell.model)], sort_keys=True)
+    if key in built:
+        return
+    built.add(key)
+    if check_fits_in_memory(cell) > PREFLIGHT_BUILD_LIMIT:
+        return  # too slow to build twice; GPT checks its blocks again when the cell starts
+    try:
+        build_model(cell, vocab_size=256)
+    except VariantError as error:
+        raise ConfigError(f"variant: {error}") from None
+    except Exception as error:  # a plugin's own bug: name it, without a torch traceback
+        raise ConfigError(
+            f"variant: {cell.variant!r} failed to build: {type(error).__name__}: {error}"
+        ) from None
+
+
+def check_fits_in_memory(cell: CellConfig) -> float:
+    """Parameters, gradients and AdamW's two moments: 16 bytes per fp32 parameter. Activations
+    are not counted; a run that still does not fit is recorded as an out-of-memory error.
+    Returns the (approximate) parameter count."""
+    m = cell.model
+    device = _available_device(cell.train.device)
+    per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
+    parameters = m.depth * per_layer + (256 + m.seq_len) * m.width
+    needed = 16 * parameters
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(
+            f"model: the parameters, gradients and AdamW state need ~{needed / 2**30:,.0f} GiB "
+            f"(model.width={m.width}, model.depth={m.depth}, model.mlp_ratio={m.mlp_ratio:g}) "
+            f"but this {device.type} has {available / 2**30:,.0f} GiB"
+        )
+    return parameters
+
+
+def _available_device(requested: str) -> torch.device:
+    if requested.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = torch.device(requested).index or 0
+        if index >= count:
+            raise ConfigError(
+                f"train.device: {requested!r} is not available here ({count} CUDA device(s)); "
+                "use train.device=auto or cpu"
+            )
+    return resolve_device(requested)
+
+
+def _refuse_foreign_targets(overrides: list) -> None:
+    """Only the suite's own classes and Hydra's plugins may be instantiated from a config."""
+    for override in overrides:
+        key = override.key_or_group
+        if key == "_target_" or key.endswith("._target_"):
+            target = str(override.value())
+            if not target.startswith(("suite.", "hydra_plugins.", "hydra.")):
+                raise ConfigError(
+                    f"{key}: may only name the suite's own classes or Hydra plugins "
+                    f"(got {target!r})"
+                )
+
+
+def _needs_compose(override) -> bool:
+    """Group choices (and deletions) change the defaults list; plain values do not."""
+    key = override.key_or_group
+    return key in CONFIG_GROUPS or key.startswith("hydra") or override.is_delete()
