@@ -1,69 +1,14 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_suite(
-    *args: str, timeout: int = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """The real CLI, as a user types it, in a subprocess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "suite", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+from helpers import run_suite
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
-
-
-def make_cell(
-    variant: str = "preln",
-    *,
-    lr: float = 3e-3,
-    depth: int = 2,
-    steps: int = 20,
-    seed: int = 0,
-    width: int = 32,
-    heads: int = 2,
-    **train,
-):
-    """A tiny, fast cell built directly (no Hydra), for unit and behaviour tests."""
-    from suite.config import (
-        CellConfig,
-        DataConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainConfig,
-        VerdictConfig,
-    )
-
-    return CellConfig(
-        variant=variant,
-        variant_params={},
-        model=ModelConfig(width=width, heads=heads, depth=depth, seq_len=32),
-        data=DataConfig(max_bytes=300_000),
-        optim=OptimConfig(lr=lr),
-        train=TrainConfig(
-            steps=steps, batch_size=16, eval_batches=2, log_every=1000, threads=1, **train
-        ),
-        verdict=VerdictConfig(),
-        seed=seed,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -73,15 +18,3 @@ def tiny_sweep(tmp_path_factory):
     result = run_suite("+variant=postln,preln", "sweep=tiny", f"store={store}")
     assert result.returncode == 0, result.stderr[-3000:]
     return store, result
-
-
-def fake_distribution(site: Path, name: str, module_source: str) -> None:
-    """A plugin 'installed' the way importlib.metadata finds one: a module and a .dist-info
-    folder with its entry point, on PYTHONPATH."""
-    module = name.replace("-", "_")
-    (site / f"{module}.py").write_text(textwrap.dedent(module_source))
-    info = site / f"{module}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "top_level.txt").write_text(f"{module}\n")
-    (info / "entry_points.txt").write_text(f"[stability_suite.variants]\n{module} = {module}\n")

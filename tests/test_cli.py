@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_suite
+from helpers import REPO, run_suite
 
 from suite.collect import collect
 from suite.store import RECORD_COLUMNS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_suite
+from helpers import run_suite
 from hydra import compose, initialize_config_dir
 
 import variants

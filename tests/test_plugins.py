@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import pytest
-from conftest import REPO, fake_distribution, run_suite
+from helpers import REPO, fake_distribution, run_suite
 
 import variants
 from variants.base import Variant

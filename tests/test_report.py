@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from suite import figures
 from suite.report import filter_runs, load_benchmarks

@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import REPO, fake_distribution, run_suite
+from helpers import REPO, fake_distribution, run_suite
 
 from suite.collect import collect
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_cell
+from helpers import make_cell
 
 from suite.config import OptimConfig
 from suite.runner import build_model, run_cell
