@@ -81,10 +81,18 @@ def load_benchmarks(path: Path | None) -> pd.DataFrame | None:
                 {
                     "variant": info["variant"],
                     "depth": int(info["depth"]),
+                    "width": info.get("width"),
                     "tokens_per_s": info["tokens_per_step"] / bench["stats"]["median"],
                 }
             )
     return pd.DataFrame(rows) if rows else None
+
+
+def matching_benchmarks(benchmarks: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFrame | None:
+    """Only the benchmarked shapes the sweep also ran: another width is another model."""
+    if benchmarks is None or benchmarks["width"].isna().all():
+        return benchmarks
+    return benchmarks[benchmarks["width"].isin(runs["width"].unique())]
 
 
 def curves_at(runs: pd.DataFrame, store: Path, depth: int, lr: float) -> pd.DataFrame:
@@ -132,6 +140,7 @@ def build_sections(
     curves_cell: tuple[int, float] | None,
 ) -> list[Section]:
     finished = runs[runs["status"] == "ok"]
+    benchmarks = matching_benchmarks(benchmarks, finished)
     sections = [
         Section(
             "Verdicts by depth and learning rate",

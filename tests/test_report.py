@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO
 
 from suite import figures
-from suite.report import filter_runs, load_benchmarks
+from suite.report import filter_runs, load_benchmarks, matching_benchmarks
 
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -61,7 +61,9 @@ def test_benchmark_json_is_folded_in(tmp_path):
         )
     )
     table = load_benchmarks(path)
-    assert table.to_dict("records") == [{"variant": "preln", "depth": 6, "tokens_per_s": 2048.0}]
+    assert table.to_dict("records") == [
+        {"variant": "preln", "depth": 6, "width": None, "tokens_per_s": 2048.0}
+    ]
     assert load_benchmarks(tmp_path / "missing.json") is None
 
 
@@ -202,3 +204,16 @@ def test_report_in_headless_chromium(report):
         assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
     finally:
         driver.quit()
+
+
+def test_only_benchmarks_of_the_swept_width_are_folded_in():
+    benchmarks = pd.DataFrame(
+        {
+            "variant": ["preln", "preln"],
+            "depth": [6, 6],
+            "width": [64, 128],
+            "tokens_per_s": [1.0, 2.0],
+        }
+    )
+    runs = pd.DataFrame({"width": [64, 64]})
+    assert list(matching_benchmarks(benchmarks, runs)["width"]) == [64]
