@@ -7,13 +7,9 @@ line as ``variant.<field>=...``). It never sees Hydra, the results store or the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from torch import nn
-
-
-class Sublayer(Protocol):
-    def __call__(self, x: Any) -> Any: ...
 
 
 @dataclass
