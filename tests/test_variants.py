@@ -111,6 +111,7 @@ BUILT_INS = [
     "respost",
     "layerscale",
     "dyt",
+    "admin",
 ]
 
 
