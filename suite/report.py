@@ -27,7 +27,7 @@ from suite import figures
 from suite.collect import collect
 from suite.environment import git_sha, suite_version
 from suite.store import read_curve
-from suite.summary import format_summary, per_lr_table, summarize
+from suite.summary import format_summary, ok_runs, per_lr_table, summarize
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,8 @@ def matching_benchmarks(benchmarks: pd.DataFrame | None, runs: pd.DataFrame) -> 
 
 def curves_at(runs: pd.DataFrame, store: Path, depth: int, lr: float) -> pd.DataFrame:
     frames = []
-    for run in runs[
-        (runs["depth"] == depth) & (runs["lr"] == lr) & (runs["status"] == "ok")
-    ].itertuples():
+    finished = ok_runs(runs)
+    for run in finished[(finished["depth"] == depth) & (finished["lr"] == lr)].itertuples():
         try:
             curve = read_curve(store, run.cell_id)
         except (OSError, ValueError):
@@ -139,7 +138,7 @@ def build_sections(
     benchmarks: pd.DataFrame | None,
     curves_cell: tuple[int, float] | None,
 ) -> list[Section]:
-    finished = runs[runs["status"] == "ok"]
+    finished = ok_runs(runs)
     benchmarks = matching_benchmarks(benchmarks, finished)
     sections = [
         Section(
