@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +81,26 @@ class VerdictConfig:
     final_window: int = 10  # steps averaged for the final training loss
 
 
+@dataclass
+class DiagnosticsConfig:
+    """What suite/diagnostics.py measures; none of it changes the training result."""
+
+    enabled: bool = True
+    every: int = 20  # steps between sampled diagnostics (after the first early_steps)
+    early_steps: int = 10  # sample every step this long: the early model update (DeepNet)
+    probe_batch: int = 4  # sequences in the fixed probe batch (from the validation split)
+    spike_window: int = 128  # steps in the trailing window of the spike rule
+    spike_sigmas: float = 6.0  # a spike is a value above mean + spike_sigmas·σ of the window
+    spike_min_history: int = 32  # no spike is called before the window holds this many steps
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "verdict": VerdictConfig,
+    "diagnostics": DiagnosticsConfig,
 }
 
 
@@ -101,6 +115,7 @@ class CellConfig:
     optim: OptimConfig
     train: TrainConfig
     verdict: VerdictConfig
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     seed: int = 0
     sweep: str = "custom"
     store: str = "results"
@@ -110,6 +125,7 @@ class CellConfig:
         data = asdict(self)
         data.pop("store")
         data.pop("sweep")
+        data.pop("diagnostics")  # measured beside training, never changing it (tested)
         data["train"].pop("threads")
         data["train"].pop("log_every")
         data["train"].pop("flush_every")
@@ -169,6 +185,7 @@ def _finite_positive(x: float) -> bool:
 def validate(cell: CellConfig) -> None:
     """Range checks that no schema can express; raises ConfigError naming the key."""
     m, d, o, t, v = cell.model, cell.data, cell.optim, cell.train, cell.verdict
+    g = cell.diagnostics
     _check(m.depth >= 1, "model.depth", "must be at least 1", m.depth)
     _check(m.width >= 1, "model.width", "must be at least 1", m.width)
     _check(m.heads >= 1, "model.heads", "must be at least 1", m.heads)
@@ -258,6 +275,22 @@ def validate(cell: CellConfig) -> None:
         v.stall_margin,
     )
     _check(v.final_window >= 1, "verdict.final_window", "must be at least 1", v.final_window)
+    _check(g.every >= 1, "diagnostics.every", "must be at least 1", g.every)
+    _check(g.early_steps >= 0, "diagnostics.early_steps", "must be ≥ 0", g.early_steps)
+    _check(g.probe_batch >= 1, "diagnostics.probe_batch", "must be at least 1", g.probe_batch)
+    _check(g.spike_window >= 2, "diagnostics.spike_window", "must be at least 2", g.spike_window)
+    _check(
+        _finite_positive(g.spike_sigmas),
+        "diagnostics.spike_sigmas",
+        "must be a positive number",
+        g.spike_sigmas,
+    )
+    _check(
+        2 <= g.spike_min_history <= g.spike_window,
+        "diagnostics.spike_min_history",
+        f"must be in [2, diagnostics.spike_window={g.spike_window}]",
+        g.spike_min_history,
+    )
 
 
 def cell_from_config(cfg: DictConfig) -> CellConfig:

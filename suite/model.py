@@ -9,6 +9,7 @@ between variants are differences of wiring alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,10 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = LayerNorm(head_dim) if qk_norm else None
         self.k_norm = LayerNorm(head_dim) if qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def queries_keys_values(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (batch, heads, seq, head_dim), q and k normalized when qk_norm is on."""
         batch, seq, width = x.shape
         q, k, v = (
             self.qkv(x)
@@ -62,8 +66,24 @@ class CausalSelfAttention(nn.Module):
         )
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        q, k, v = self.queries_keys_values(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+
+    @torch.no_grad()
+    def max_logit(self, x: torch.Tensor) -> float:
+        """max |q·k| / √d_head over heads and causal (query, key) pairs: the pre-softmax
+        attention logit whose growth precedes divergence (Wortsman et al. 2023, "Small-scale
+        proxies for large-scale Transformer training instabilities")."""
+        q, k, _ = self.queries_keys_values(x)
+        logits = (q @ k.transpose(-2, -1)).abs() / math.sqrt(q.shape[-1])
+        seq = q.shape[-2]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+        return logits.masked_fill(~causal, 0.0).amax().item()
 
 
 class MLP(nn.Module):

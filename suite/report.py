@@ -23,11 +23,17 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from suite import figures
+from suite import diagnostics_figures, figures
 from suite.collect import collect
 from suite.environment import git_sha, suite_version
 from suite.store import read_curve
-from suite.summary import format_summary, ok_runs, per_lr_table, summarize
+from suite.summary import (
+    diagnostics_table,
+    format_summary,
+    ok_runs,
+    per_lr_table,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +213,44 @@ def build_sections(
         curves_section.image = png_data_uri(
             figures.training_curves(curves, depth, lr, entropy, initial)
         )
+    return sections + diagnostics_sections(finished, curves, depth, lr)
+
+
+def diagnostics_sections(
+    finished: pd.DataFrame, curves: pd.DataFrame, depth: int, lr: float
+) -> list[Section]:
+    """Why variants fail: the literature's instruments (suite/diagnostics.py), at init and at
+    the same cell as the training curves."""
+    sections = [
+        Section(
+            "Diagnostics: gradient norm by layer at initialization",
+            "Xiong et al. (2020, Fig. 3): at init Post-LN's feed-forward gradient norm grows "
+            "toward the output layers while Pre-LN's stays flat. Measured on a fixed probe "
+            "batch before the first step; band = range over seeds.",
+        ),
+        Section(
+            f"Diagnostics: model update at depth {depth}, LR {lr:g}",
+            "DeepNet (Wang et al. 2022, Fig. 3): ‖F(x; θ_t) − F(x; θ_0)‖ of the final hidden "
+            "state on the probe batch. A large early update is the instability DeepNorm damps; "
+            "right: the update after the first steps at every depth swept at this LR.",
+        ),
+        Section(
+            f"Diagnostics: max attention logit at depth {depth}, LR {lr:g}",
+            "Wortsman et al. (2023): max |q·k|/√d_head over heads and layers on the probe batch; "
+            "logit growth (past ~1e4 at scale) precedes divergence, and qk-norm bounds it.",
+        ),
+    ]
+    curves = curves if not curves.empty else pd.DataFrame(columns=["variant", "seed", "step"])
+    made = [
+        diagnostics_figures.init_grad_norms(finished),
+        diagnostics_figures.model_update(curves, finished, lr),
+        diagnostics_figures.attention_logits(curves),
+    ]
+    for section, figure in zip(sections, made, strict=True):
+        if figure is None:
+            section.note = "No diagnostics recorded for these runs (diagnostics.enabled=false?)."
+        else:
+            section.image = png_data_uri(figure)
     return sections
 
 
@@ -230,6 +274,11 @@ SUMMARY_FORMATS = {
     "best_lr": "g",
     "median_tokens_per_s": ",.0f",
     "tokens_per_s_vs_preln": ".2f",
+}
+DIAGNOSTICS_FORMATS = {
+    "init_grad_norm_ratio": ".3f",
+    "max_attn_logit": ".3g",
+    "diagnostics_%": ".1f",
 }
 PER_LR_FORMATS = {
     "converged": ".2f",
@@ -285,6 +334,9 @@ def render(
             "errors": len(errored),
         },
         summary_table=_table_html(summary.reset_index(), "summary", SUMMARY_FORMATS),
+        diagnostics_table=_table_html(
+            diagnostics_table(runs).reset_index(), "diagnostics", DIAGNOSTICS_FORMATS
+        ),
         per_lr_table=_table_html(
             per_lr_table(runs).reset_index(), "per-lr", {"lr": "g", **PER_LR_FORMATS}
         ),

@@ -108,6 +108,7 @@ def outcome_fields(outcome: TrainOutcome) -> dict[str, Any]:
         "val_loss": outcome.val_loss,
         "tokens_per_s": outcome.tokens_per_s,
         "wall_time_s": outcome.wall_time_s,
+        **outcome.diagnostics,
     }
 
 

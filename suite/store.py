@@ -48,6 +48,10 @@ RECORD_COLUMNS = (
     # cost
     "tokens_per_s", "peak_memory_mb", "memory_kind", "wall_time_s", "parallel_cells",
     "shared_device",
+    # diagnostics (suite/diagnostics.py; absent when diagnostics.enabled=false)
+    "init_grad_norm_by_layer", "init_grad_norm_ratio", "init_act_rms_by_layer",
+    "final_act_rms_by_layer", "init_attn_logit_max", "max_attn_logit", "init_log_z",
+    "early_model_update", "loss_spikes", "grad_spikes", "diagnostics_s",
     # where it ran
     "device", "device_name", "threads", "cpu_count", "torch_version", "cuda_version",
     "python_version", "platform", "hostname", "suite_version", "git_sha", "started_at",

@@ -150,3 +150,34 @@ def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
         }
     )
     return table.sort_index()
+
+
+DIAGNOSTICS_COLUMNS = [
+    "init_grad_norm_ratio",
+    "max_attn_logit",
+    "loss_spikes",
+    "grad_spikes",
+    "diagnostics_%",
+]
+
+
+def diagnostics_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, depth): median last/first-layer FFN gradient-norm ratio at init, the largest
+    attention logit seen, loss and gradient spikes summed over runs, and the median share of
+    wall time the diagnostics took (empty when no run recorded diagnostics)."""
+    finished = ok_runs(runs)
+    if "init_grad_norm_ratio" not in finished or finished["init_grad_norm_ratio"].isna().all():
+        return pd.DataFrame(columns=DIAGNOSTICS_COLUMNS)
+    finished = finished.dropna(subset=["init_grad_norm_ratio"])
+    grouped = finished.assign(
+        share=100 * finished["diagnostics_s"] / finished["wall_time_s"]
+    ).groupby(CELL)
+    return pd.DataFrame(
+        {
+            "init_grad_norm_ratio": grouped["init_grad_norm_ratio"].median(),
+            "max_attn_logit": grouped["max_attn_logit"].max(),
+            "loss_spikes": grouped["loss_spikes"].sum().astype(int),
+            "grad_spikes": grouped["grad_spikes"].sum().astype(int),
+            "diagnostics_%": grouped["share"].median(),
+        }
+    ).sort_index()

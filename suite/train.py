@@ -19,6 +19,7 @@ from torch import nn
 
 from suite.config import CellConfig, OptimConfig
 from suite.data import Batches, Corpus, validation_batches
+from suite.diagnostics import Diagnostics
 from suite.verdict import divergence_reason, final_loss, judge
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class TrainOutcome:
     steps_completed: int = 0
     tokens_per_s: float = math.nan
     wall_time_s: float = 0.0
+    diagnostics: dict[str, object] = field(default_factory=dict)
 
 
 def lr_schedule(optim: OptimConfig, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -106,8 +108,11 @@ def train(
     losses: list[float] = []
     step_times: list[float] = []
     started = time.perf_counter()
+    diagnostics = _diagnostics_for(model, corpus, cell, device)
 
     for step in range(cfg.steps):
+        sampled = diagnostics is not None and diagnostics.samples(step)
+        before = diagnostics.snapshot() if sampled else None
         _synchronize(device)
         t0 = time.perf_counter()
         lr = lr_at(step)
@@ -140,6 +145,10 @@ def train(
                 "tokens_per_s": tokens_per_step / seconds,
             }
         )
+        if diagnostics is not None:
+            out.curve[-1].update(
+                diagnostics.after_step(step, loss_value, grad_value, before, reason is not None)
+            )
         if reason is not None:
             out.diverged_step, out.divergence_reason = step, reason
             log.info("step %d: diverged (%s)", step, reason)
@@ -168,7 +177,23 @@ def train(
     if out.diverged_step is None:
         out.val_loss = evaluate(step_model, corpus, cell, device, autocast)
     out.verdict = judge(losses, out.diverged_step is not None, corpus.unigram_entropy, cell.verdict)
+    if diagnostics is not None:
+        out.diagnostics = diagnostics.at_end(out.curve)
     return out
+
+
+def _diagnostics_for(
+    model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.device
+) -> Diagnostics | None:
+    """Diagnostics measured at init, or None when they are off."""
+    if not cell.diagnostics.enabled:
+        return None
+    (probe_batch,) = validation_batches(
+        corpus, cell.model.seq_len, cell.diagnostics.probe_batch, 1, device
+    )
+    diagnostics = Diagnostics(model, probe_batch, cell.diagnostics)
+    diagnostics.at_init()
+    return diagnostics
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@
   unigram entropy of the corpus, i.e. the model learned no more than token frequencies (the
   "bad local optimum" Post-LN sits in at depth).
 - ``converged``: everything else.
+- ``untrained``: a zero-step run (``train.steps=0``), which only measures the model at init.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Sequence
 
 from suite.config import VerdictConfig
 
-CONVERGED, STALLED, DIVERGED = "converged", "stalled", "diverged"
-VERDICTS = (CONVERGED, STALLED, DIVERGED)
+CONVERGED, STALLED, DIVERGED, UNTRAINED = "converged", "stalled", "diverged", "untrained"
+VERDICTS = (CONVERGED, STALLED, DIVERGED, UNTRAINED)
 
 
 def divergence_reason(
@@ -44,6 +45,8 @@ def judge(
     """Verdict of a finished (or stopped) run from its per-step training losses."""
     if diverged:
         return DIVERGED
+    if not losses:
+        return UNTRAINED
     last = final_loss(losses, cfg)
     if not math.isfinite(last) or last > unigram_entropy - cfg.stall_margin:
         return STALLED

@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO
 
 from suite import figures
+from suite.collect import collect
 from suite.report import filter_runs, load_benchmarks, matching_benchmarks
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -103,7 +104,9 @@ pytestmark_slow = pytest.mark.slow
 def test_report_from_a_real_sweep_is_self_contained(report):
     html = report.read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    assert len(images) == 6  # heatmaps, loss-vs-LR, max stable LR, sensitivity, throughput, curves
+    # heatmaps, loss-vs-LR, max stable LR, sensitivity, throughput, curves, and the diagnostics:
+    # init gradient norms, model update, attention logits
+    assert len(images) == 9
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="https?://', html)  # nothing fetched from the network
     for text in (
@@ -114,6 +117,10 @@ def test_report_from_a_real_sweep_is_self_contained(report):
         "tokens_per_s_vs_preln",
         "Appendix: every run",
         "width 32",
+        "Diagnostics: gradient norm by layer at initialization",
+        "Diagnostics: model update",
+        "Diagnostics: max attention logit",
+        "init_grad_norm_ratio",
     ):
         assert text in html
     assert html.count("<tr>") >= 8 + 4  # every run in the appendix, every cell in the summary
@@ -128,7 +135,7 @@ def test_report_filters_and_partial_data(tiny_sweep, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 runs, 0 errored)" in result.stdout
-    assert len(re.findall(r"<img ", out.read_text())) == 6
+    assert len(re.findall(r"<img ", out.read_text())) == 9
 
 
 @pytestmark_slow
@@ -195,7 +202,7 @@ def test_report_in_headless_chromium(report):
         widths = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);"
         )
-        assert len(widths) == 6 and all(w > 0 for w in widths), widths
+        assert len(widths) == 9 and all(w > 0 for w in widths), widths
         # The appendix sorts when a header is clicked.
         driver.execute_script("document.querySelector('#runs thead th').click();")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
@@ -217,3 +224,15 @@ def test_only_benchmarks_of_the_swept_width_are_folded_in():
     )
     runs = pd.DataFrame({"width": [64, 64]})
     assert list(matching_benchmarks(benchmarks, runs)["width"]) == [64]
+
+
+def test_runs_without_diagnostics_get_a_note_not_a_crash(tiny_sweep):
+    from suite.report import diagnostics_sections
+
+    store, _ = tiny_sweep
+    runs = collect(store, write=False)
+    old = runs.drop(columns=[c for c in runs.columns if c.startswith("init_")])
+    sections = diagnostics_sections(old, pd.DataFrame(), 4, 0.03)
+    assert all(not s.image and "No diagnostics" in s.note for s in sections)
+    sections = diagnostics_sections(runs, pd.DataFrame(), 4, 0.03)
+    assert sections[0].image  # init gradients need no curve

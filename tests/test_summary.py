@@ -10,6 +10,7 @@ import pytest
 from suite.store import RECORD_COLUMNS
 from suite.summary import (
     best_val,
+    diagnostics_table,
     format_summary,
     lr_sensitivity,
     max_stable_lr,
@@ -187,3 +188,31 @@ def test_per_lr_table_divergence_rate_and_spread():
     assert table.loc[("x", 6, 1e-2), "divergence_rate"] == 0.5
     assert table.loc[("x", 6, 1e-2), "final_loss_mean"] == 2.0
     assert table.loc[("x", 6, 1e-2), "seeds"] == 2
+
+
+def test_diagnostics_table_aggregates_per_variant_and_depth():
+    frame = runs(
+        [
+            ("postln", 6, 1e-3, 0, "converged", 2.5),
+            ("postln", 6, 1e-3, 1, "diverged", None),
+            ("postln", 6, 1e-2, 0, "converged", 2.5),
+            ("preln", 6, 1e-3, 0, "converged", 2.4),
+        ]
+    )
+    frame["init_grad_norm_ratio"] = [1.0, 1.2, 2.0, 0.8]
+    frame["max_attn_logit"] = [3.0, 9e4, 5.0, 2.0]
+    frame["loss_spikes"] = [1, 0, 2, 0]
+    frame["grad_spikes"] = [0, 3, 0, 0]
+    frame["diagnostics_s"] = [1.0, 1.0, 3.0, 2.0]
+    frame["wall_time_s"] = [50.0, 10.0, 100.0, 100.0]
+    table = diagnostics_table(frame)
+    postln = table.loc[("postln", 6)]
+    assert postln["init_grad_norm_ratio"] == 1.2  # median of 1.0, 1.2, 2.0
+    assert postln["max_attn_logit"] == 9e4
+    assert (postln["loss_spikes"], postln["grad_spikes"]) == (3, 3)
+    assert postln["diagnostics_%"] == pytest.approx(3.0)  # median of 2 %, 10 %, 3 %
+    assert table.loc[("preln", 6), "diagnostics_%"] == pytest.approx(2.0)
+
+
+def test_diagnostics_table_is_empty_for_runs_without_diagnostics():
+    assert diagnostics_table(runs([("preln", 6, 1e-3, 0, "converged", 2.4)])).empty
