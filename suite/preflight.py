@@ -82,8 +82,8 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
-def preflight(overrides: list[str]) -> int:
-    """Compose and validate every cell of the sweep; returns the number of cells.
+def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
+    """Every job of the sweep as (its overrides, its validated cell), in Hydra's order.
 
     Composing is slow (~50 ms), so it is done once per combination of config-group choices;
     each cell's plain values are then set on a copy, as Hydra itself applies them after
@@ -92,7 +92,7 @@ def preflight(overrides: list[str]) -> int:
     register_variant_configs()
     parser = OverridesParser.create()
     composed: dict[tuple[str, ...], DictConfig] = {}
-    built: set[str] = set()
+    cells = []
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
             jobs = expand_sweep(overrides)
@@ -113,11 +113,23 @@ def preflight(overrides: list[str]) -> int:
                             override.value(),
                             force_add=override.is_add(),
                         )
-                cell = cell_from_config(cfg)
-                _check_model_builds(cell, built)
+                cells.append((job, cell_from_config(cfg)))
             except (ConfigError, OmegaConfBaseException, HydraException) as error:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
-    return len(jobs)
+    return cells
+
+
+def preflight(overrides: list[str]) -> int:
+    """Compose and validate every cell of the sweep and build each distinct model once;
+    returns the number of cells."""
+    cells = sweep_cells(overrides)
+    built: set[str] = set()
+    for job, cell in cells:
+        try:
+            _check_model_builds(cell, built)
+        except ConfigError as error:
+            raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
+    return len(cells)
 
 
 def _check_model_builds(cell: CellConfig, built: set[str]) -> None:

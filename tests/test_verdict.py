@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 
 from suite.config import VerdictConfig
-from suite.verdict import CONVERGED, DIVERGED, STALLED, divergence_reason, final_loss, judge
+from suite.verdict import (
+    CONVERGED,
+    DIVERGED,
+    STALLED,
+    UNTRAINED,
+    divergence_reason,
+    final_loss,
+    judge,
+)
 
 CFG = VerdictConfig(blowup_factor=2.0, stall_margin=0.1, final_window=10)
 ENTROPY = 3.2
@@ -54,5 +62,5 @@ def test_diverged_run_is_diverged_whatever_its_loss():
     assert judge([5.5, 2.0, math.nan], diverged=True, unigram_entropy=ENTROPY, cfg=CFG) == DIVERGED
 
 
-def test_run_with_no_steps_is_not_called_converged():
-    assert judge([], diverged=False, unigram_entropy=ENTROPY, cfg=CFG) == STALLED
+def test_run_with_no_steps_is_untrained_not_converged():
+    assert judge([], diverged=False, unigram_entropy=ENTROPY, cfg=CFG) == UNTRAINED

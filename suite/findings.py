@@ -1,0 +1,195 @@
+"""The numbers and figures of docs/findings.md, from the store the paper presets wrote to.
+
+    python -m suite +variant=postln,preln sweep=warmup store=results/findings
+    python -m suite +variant=postln,preln,deepnorm sweep=depth store=results/findings
+    python -m suite +variant=preln sweep=lr store=results/findings
+    python -m suite +variant=postln,preln,deepnorm,rmsnorm sweep=init store=results/findings
+    python -m suite.findings --store results/findings --figures docs/findings
+
+Prints one markdown table per preset and writes one PNG per preset; docs/findings.md quotes
+them with the claim each tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from suite import diagnostics_figures, figures
+from suite.collect import collect
+from suite.summary import capped_loss, lr_sensitivity, ok_runs
+from suite.verdict import CONVERGED
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub markdown table of a frame, its index as the leading columns."""
+    flat = table.reset_index()
+    rows = [[str(c) for c in flat.columns]] + [[str(v) for v in row] for row in flat.to_numpy()]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(flat.columns))
+    return "\n".join(lines)
+
+
+def _converged(verdicts: pd.Series) -> str:
+    return f"{(verdicts == CONVERGED).sum()}/{len(verdicts)}"
+
+
+def warmup(runs: pd.DataFrame) -> tuple[str, Figure]:
+    """Converged seeds and mean val loss per (variant, LR, warmup)."""
+    grouped = runs.groupby(["variant", "lr", "warmup_steps"])
+    table = pd.DataFrame(
+        {"converged": grouped["verdict"].agg(_converged), "val_loss": grouped["val_loss"].mean()}
+    )
+    shown = table.assign(
+        cell=table["converged"] + " (" + table["val_loss"].map("{:.3f}".format) + ")"
+    )["cell"].unstack("warmup_steps")
+    shown.columns = [f"warmup {w}" for w in shown.columns]
+    lrs = sorted(runs["lr"].unique())
+    names = figures.variant_order(runs["variant"])
+    fig, axes = plt.subplots(
+        1,
+        len(lrs),
+        figsize=(4.2 * len(lrs), 3.6),
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax, lr in zip(axes.flat, lrs, strict=True):
+        sns.lineplot(
+            runs[runs["lr"] == lr],
+            x="warmup_steps",
+            y="val_loss",
+            hue="variant",
+            hue_order=names,
+            palette=figures.palette(names),
+            marker="o",
+            errorbar=("pi", 100),
+            ax=ax,
+            legend=ax is axes.flat[-1],
+        )
+        entropy = runs["val_unigram_entropy"].mean()
+        ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"LR {lr:g}")
+        ax.set_xlabel("warmup steps")
+    axes.flat[0].set_ylabel("final val loss (dashed: unigram entropy)")
+    return markdown(shown), fig
+
+
+def depth(runs: pd.DataFrame) -> tuple[str, Figure]:
+    """Converged seeds and median early model update per (variant, depth, LR)."""
+    grouped = runs.groupby(["variant", "depth", "lr"])
+    table = pd.DataFrame(
+        {
+            "converged": grouped["verdict"].agg(_converged),
+            "val_loss": grouped["val_loss"].mean(),
+            "early_model_update": grouped["early_model_update"].median(),
+        }
+    )
+    names = figures.variant_order(runs["variant"])
+    lrs = sorted(runs["lr"].unique())
+    fig, axes = plt.subplots(
+        1,
+        len(lrs),
+        figsize=(4.5 * len(lrs), 3.6),
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax, lr in zip(axes.flat, lrs, strict=True):
+        sns.lineplot(
+            runs[runs["lr"] == lr],
+            x="depth",
+            y="early_model_update",
+            hue="variant",
+            hue_order=names,
+            palette=figures.palette(names),
+            marker="o",
+            errorbar=("pi", 100),
+            ax=ax,
+            legend=ax is axes.flat[-1],
+        )
+        ax.set_xscale("log", base=2)
+        depths = sorted(runs["depth"].unique())
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.set_title(f"LR {lr:g}")
+    axes.flat[0].set_ylabel("model update after 10 steps")
+    return markdown(table.round(3)), fig
+
+
+def lr(runs: pd.DataFrame) -> tuple[str, Figure]:
+    """Per (qk-norm, LR): converged seeds, val loss, largest attention logit; LR sensitivity."""
+    labelled = runs.assign(
+        variant=runs["variant"] + runs["qk_norm"].map({True: " + qk-norm", False: ""})
+    )
+    grouped = labelled.groupby(["variant", "lr"])
+    table = pd.DataFrame(
+        {
+            "converged": grouped["verdict"].agg(_converged),
+            "val_loss": grouped["val_loss"].mean(),
+            "max_attn_logit": grouped["max_attn_logit"].max(),
+        }
+    )
+    sensitivity = markdown(lr_sensitivity(labelled).round(3).to_frame())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    capped = labelled.assign(loss=capped_loss(labelled))
+    for ax, y, label in (
+        (left, "loss", "final val loss (capped at init)"),
+        (right, "max_attn_logit", "max attention logit"),
+    ):
+        sns.lineplot(
+            capped,
+            x="lr",
+            y=y,
+            hue="variant",
+            marker="o",
+            errorbar=("pi", 100),
+            ax=ax,
+            legend=ax is right,
+        )
+        ax.set_xscale("log")
+        ax.set_ylabel(label)
+    right.set_yscale("log")
+    return markdown(table.round(3)) + "\n\nLR sensitivity:\n\n" + sensitivity, fig
+
+
+def init(runs: pd.DataFrame) -> tuple[str, Figure]:
+    """Median last/first-layer FFN gradient-norm ratio at init per (variant, depth)."""
+    table = runs.groupby(["variant", "depth"])["init_grad_norm_ratio"].median().unstack("depth")
+    return markdown(table.round(3)), diagnostics_figures.init_grad_norms(runs)
+
+
+PRESETS: dict[str, Callable[[pd.DataFrame], tuple[str, Figure]]] = {
+    "warmup": warmup,
+    "depth": depth,
+    "lr": lr,
+    "init": init,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=Path("results/findings"))
+    parser.add_argument("--figures", type=Path, default=Path("docs/findings"))
+    args = parser.parse_args()
+    runs = ok_runs(collect(args.store))
+    args.figures.mkdir(parents=True, exist_ok=True)
+    for name, make in PRESETS.items():
+        subset = runs[runs["sweep"] == name]
+        if subset.empty:
+            print(f"## {name}: no runs in {args.store}\n")
+            continue
+        text, fig = make(subset)
+        path = args.figures / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"## {name} ({len(subset)} runs) -> {path}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
