@@ -31,7 +31,7 @@ class ModelConfig:
     depth: int = 6
     mlp_ratio: float = 4.0
     seq_len: int = 64
-    bias: bool = True
+    bias: bool = False  # linear-layer biases; off as in PaLM, which found that more stable
     tie_embeddings: bool = True
     qk_norm: bool = False  # LayerNorm on queries and keys, any variant
 

@@ -32,7 +32,7 @@ class ModelShape:
     depth: int
     mlp_ratio: float
     seq_len: int
-    bias: bool = True
+    bias: bool = False
     tie_embeddings: bool = True
     qk_norm: bool = False
 

@@ -89,9 +89,21 @@ def load_benchmarks(path: Path | None) -> pd.DataFrame | None:
                     "depth": int(info["depth"]),
                     "width": info.get("width"),
                     "tokens_per_s": info["tokens_per_step"] / bench["stats"]["median"],
+                    "step_ms": 1000 * bench["stats"]["median"],
                 }
             )
     return pd.DataFrame(rows) if rows else None
+
+
+def step_time_vs_preln(benchmarks: pd.DataFrame) -> pd.DataFrame:
+    """Per (width, depth, variant): the benchmark's median step time and its ratio to Pre-LN's
+    at the same shape (NaN where Pre-LN was not benchmarked)."""
+    shape = ["width", "depth"]
+    table = benchmarks.groupby([*shape, "variant"], dropna=False)["step_ms"].median().reset_index()
+    preln = table[table["variant"] == "preln"].set_index(shape)["step_ms"].rename("preln_ms")
+    table = table.join(preln, on=shape)
+    table["vs_preln"] = table["step_ms"] / table["preln_ms"]
+    return table.drop(columns="preln_ms").sort_values([*shape, "vs_preln"])
 
 
 def matching_benchmarks(benchmarks: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFrame | None:
@@ -341,6 +353,15 @@ def render(
             per_lr_table(runs).reset_index(), "per-lr", {"lr": "g", **PER_LR_FORMATS}
         ),
         sections=build_sections(runs, store, benchmarks, curves_cell),
+        benchmark_table=(
+            _table_html(
+                step_time_vs_preln(benchmarks),
+                "benchmarks",
+                {"step_ms": ".2f", "vs_preln": ".2f"},
+            )
+            if benchmarks is not None
+            else ""
+        ),
         errored=[
             (r.cell_id, r.status, ((r.error or "").strip().splitlines() or [""])[-1])
             for r in errored.itertuples()

@@ -38,7 +38,12 @@ def test_every_cell_has_record_and_curve(tiny_sweep):
         curve = pd.read_parquet(folder / "curve.parquet")
         assert record["cell_id"] == folder.name
         assert len(curve) == record["steps_completed"] == 150
-        assert list(curve.columns) == ["step", "lr", "loss", "grad_norm", "tokens_per_s"]
+        assert list(curve.columns) == [
+            *("step", "lr", "loss", "grad_norm", "tokens_per_s"),
+            *("grad_rms", "loss_spike", "grad_spike"),  # diagnostics, every step
+            *("model_update", "log_z", "attn_logit_max", "attn_logit_max_by_layer"),  # sampled
+            "update_ratio",
+        ]
         assert record["config"]["model"]["width"] == 32  # enough to re-run the cell
 
 

@@ -17,8 +17,11 @@ from suite.runner import build_model, corpus_for, run_cell
 CPU = torch.device("cpu")
 
 
-def model_and_probe(variant: str = "preln", depth: int = 3, width: int = 32, heads: int = 2):
+def model_and_probe(
+    variant: str = "preln", depth: int = 3, width: int = 32, heads: int = 2, bias: bool = False
+):
     cell = make_cell(variant, depth=depth, width=width, heads=heads)
+    cell.model.bias = bias
     corpus = corpus_for(cell.data)
     torch.manual_seed(0)
     model = build_model(cell, corpus.vocab_size)
@@ -64,14 +67,19 @@ def test_spikes_are_counted_in_the_record_and_kept_apart_from_divergence():
 # --- probe measurements against hand computations --------------------------------------------
 
 
-def test_max_attention_logit_equals_an_explicit_q_dot_k():
-    model, (tokens, _) = model_and_probe("preln", width=32, heads=4)
+@pytest.mark.parametrize("bias", [False, True])
+def test_max_attention_logit_equals_an_explicit_q_dot_k(bias):
+    model, (tokens, targets) = model_and_probe("preln", width=32, heads=4, bias=bias)
+    if bias:
+        with torch.no_grad():
+            model.blocks[0].attn.qkv.bias.normal_()
     attn, norm = model.blocks[0].attn, model.blocks[0].wiring.norm_attn
     x = norm(model.token_embedding(tokens) + model.position_embedding.weight[: tokens.shape[1]])
     width, heads = 32, 4
     head_dim = width // heads
     w_q, w_k, _ = attn.qkv.weight.split(width)
-    b_q, b_k, _ = attn.qkv.bias.split(width)
+    bias = attn.qkv.bias if attn.qkv.bias is not None else torch.zeros(3 * width)
+    b_q, b_k, _ = bias.split(width)
     expected = 0.0
     x, w_q, w_k, b_q, b_k = (t.detach() for t in (x, w_q, w_k, b_q, b_k))
     for b in range(tokens.shape[0]):
@@ -83,7 +91,7 @@ def test_max_attention_logit_equals_an_explicit_q_dot_k():
                     logit = abs(float(q[i, h] @ k[j, h])) / math.sqrt(head_dim)
                     expected = max(expected, logit)
     assert attn.max_logit(x) == pytest.approx(expected, rel=1e-5)
-    probe = Probe(model, *model_and_probe("preln", width=32, heads=4)[1])
+    probe = Probe(model, tokens, targets)
     probe.logits()
     assert probe.attn_logit_max[0] == pytest.approx(expected, rel=1e-5)
     assert len(probe.attn_logit_max) == len(model.blocks)

@@ -17,7 +17,12 @@ from helpers import REPO
 
 from suite import figures
 from suite.collect import collect
-from suite.report import filter_runs, load_benchmarks, matching_benchmarks
+from suite.report import (
+    filter_runs,
+    load_benchmarks,
+    matching_benchmarks,
+    step_time_vs_preln,
+)
 
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -63,9 +68,25 @@ def test_benchmark_json_is_folded_in(tmp_path):
     )
     table = load_benchmarks(path)
     assert table.to_dict("records") == [
-        {"variant": "preln", "depth": 6, "width": None, "tokens_per_s": 2048.0}
+        {"variant": "preln", "depth": 6, "width": None, "tokens_per_s": 2048.0, "step_ms": 500.0}
     ]
     assert load_benchmarks(tmp_path / "missing.json") is None
+
+
+def test_step_time_relative_to_preln_per_shape():
+    benchmarks = pd.DataFrame(
+        {
+            "variant": ["preln", "sandwich", "postln", "preln", "postln"],
+            "width": [64, 64, 64, 128, 128],
+            "depth": [6, 6, 6, 6, 6],
+            "step_ms": [10.0, 12.0, 9.0, 40.0, 44.0],
+        }
+    )
+    table = step_time_vs_preln(benchmarks).set_index(["width", "variant"])["vs_preln"]
+    assert table[(64, "sandwich")] == pytest.approx(1.2)
+    assert table[(64, "postln")] == pytest.approx(0.9)
+    assert table[(128, "postln")] == pytest.approx(1.1)
+    assert table[(64, "preln")] == 1.0
 
 
 def test_filters():

@@ -18,7 +18,7 @@ WIDTH, HEADS, DEPTH = 16, 4, 3
 def make_model(name: str, depth: int = DEPTH, **params) -> GPT:
     torch.manual_seed(0)
     shape = ModelShape(
-        vocab_size=50, width=WIDTH, heads=HEADS, depth=depth, mlp_ratio=4.0, seq_len=8
+        vocab_size=50, width=WIDTH, heads=HEADS, depth=depth, mlp_ratio=4.0, seq_len=8, bias=True
     )
     return GPT(shape, variants.get(name)(**params))
 
@@ -55,7 +55,7 @@ def ref_attention(attn, x):
 
 def ref_mlp(mlp, x):
     hidden = x @ mlp.fc.weight.T + mlp.fc.bias
-    gelu = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+    gelu = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
     return gelu @ mlp.proj.weight.T + mlp.proj.bias
 
 
@@ -167,7 +167,7 @@ def test_deepnorm_beta_scales_v_out_and_mlp_but_not_q_k():
     depth = 6
     torch.manual_seed(0)
     shape = ModelShape(
-        vocab_size=50, width=WIDTH, heads=HEADS, depth=depth, mlp_ratio=4.0, seq_len=8
+        vocab_size=50, width=WIDTH, heads=HEADS, depth=depth, mlp_ratio=4.0, seq_len=8, bias=True
     )
     scaled = GPT(shape, DeepNorm())
     torch.manual_seed(0)
@@ -262,7 +262,14 @@ def test_dyt_alpha_starts_at_half_and_replaces_every_norm():
 def test_qk_norm_normalizes_queries_and_keys_before_the_dot_product():
     torch.manual_seed(0)
     shape = ModelShape(
-        vocab_size=50, width=WIDTH, heads=HEADS, depth=2, mlp_ratio=4.0, seq_len=8, qk_norm=True
+        vocab_size=50,
+        width=WIDTH,
+        heads=HEADS,
+        depth=2,
+        mlp_ratio=4.0,
+        seq_len=8,
+        qk_norm=True,
+        bias=True,
     )
     model = GPT(shape, variants.get("preln")())
     randomize(model)
