@@ -18,3 +18,22 @@ def test_peer_comparison_runs_at_matched_shapes(spec, variant):
     result = compare(Shape(*spec), variant, rounds=1, steps_per_round=1)
     assert result["peer_params"] == pytest.approx(result["suite_params"], rel=0.01)
     assert all(math.isfinite(v) and v > 0 for v in result.values())
+
+
+@pytest.mark.parametrize(
+    "script", [["benchmarks.packed_prototype", "--members", "2", "--rounds", "1"]]
+)
+def test_measurement_scripts_run(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-m", *script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "speed-up" in result.stdout

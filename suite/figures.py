@@ -243,15 +243,13 @@ def hardest_cell(runs: pd.DataFrame) -> tuple[int, float] | None:
 def training_curves(
     curves: pd.DataFrame, depth: int, lr: float, entropy: float, initial_loss: float
 ) -> Figure:
-    """Loss vs step of every variant (one line per seed) at one (depth, LR); the y axis stops
+    """Loss vs step of every variant (one line per run) at one (depth, LR); the y axis stops
     just above the initial loss, so a divergence shows as a line leaving the top."""
     names = variant_order(curves["variant"])
     # Per-batch losses are noisy at this batch size; a 10-step rolling mean shows the trend.
-    curves = curves.sort_values(["variant", "seed", "step"])
+    curves = curves.sort_values(["variant", "run", "step"])
     curves = curves.assign(
-        loss=curves.groupby(["variant", "seed"])["loss"].transform(
-            lambda v: v.rolling(10, min_periods=1).mean()
-        )
+        loss=curves.groupby("run")["loss"].transform(lambda v: v.rolling(10, min_periods=1).mean())
     )
     fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
     sns.lineplot(
@@ -261,7 +259,7 @@ def training_curves(
         hue="variant",
         hue_order=names,
         palette=palette(names),
-        units="seed",
+        units="run",
         estimator=None,
         linewidth=1,
         alpha=0.8,

@@ -121,7 +121,7 @@ def curves_at(runs: pd.DataFrame, store: Path, depth: int, lr: float) -> pd.Data
             curve = read_curve(store, run.cell_id)
         except (OSError, ValueError):
             continue  # a record without its curve (deleted, partial copy): plot the others
-        frames.append(curve.assign(variant=run.variant, seed=run.seed))
+        frames.append(curve.assign(variant=run.variant, seed=run.seed, run=run.cell_id))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -184,7 +184,7 @@ def build_sections(
             "The cost side: median tokens/s of the sweep's training steps (dashed: "
             "pytest-benchmark results, when given).",
         ),
-        Section("Training curves", "Loss vs step for every variant and seed at one cell."),
+        Section("Training curves", "Loss vs step for every run at one cell."),
     ]
     if finished.empty:
         for section in sections:
@@ -213,7 +213,7 @@ def build_sections(
         else ("the cell where the variants' verdicts disagree most")
     )
     curves_section.caption = (
-        f"Loss vs step (10-step mean) of every variant and seed at {chosen}; dashed = unigram "
+        f"Loss vs step (10-step mean) of every run at {chosen}; dashed = unigram "
         "entropy. "
         "Watch for flat lines at the entropy (stalled) and lines that end early (diverged)."
     )
@@ -252,7 +252,9 @@ def diagnostics_sections(
             "logit growth (past ~1e4 at scale) precedes divergence, and qk-norm bounds it.",
         ),
     ]
-    curves = curves if not curves.empty else pd.DataFrame(columns=["variant", "seed", "step"])
+    curves = (
+        curves if not curves.empty else pd.DataFrame(columns=["variant", "seed", "run", "step"])
+    )
     made = [
         diagnostics_figures.init_grad_norms(finished),
         diagnostics_figures.model_update(curves, finished, lr),
