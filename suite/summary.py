@@ -60,7 +60,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         grouped["verdict"].apply(lambda v: 100 * (v == CONVERGED).mean()).rename("converged_%"),
         grouped["verdict"].apply(lambda v: 100 * (v == STALLED).mean()).rename("stalled_%"),
         grouped["verdict"].apply(lambda v: 100 * (v == DIVERGED).mean()).rename("diverged_%"),
-        runs[runs["status"] != "ok"].groupby(CELL).size().rename("errors"),
+        runs[runs["status"] == "error"].groupby(CELL).size().rename("errors"),
         max_stable_lr(runs),
         lr_sensitivity(runs),
         best_val(runs),

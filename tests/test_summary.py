@@ -88,7 +88,10 @@ def test_summarize_counts_percentages_and_errors():
                 "seed": 0,
                 "status": "error",
                 "verdict": None,
-            }
+            },
+            # a cell still running (or interrupted) has no result yet, but did not raise
+            {"variant": "postln", "depth": 6, "lr": 3e-1, "seed": 0, "status": "running"},
+            {"variant": "postln", "depth": 6, "lr": 3e-1, "seed": 1, "status": "interrupted"},
         ]
     )
     table = summarize(pd.concat([frame, errored], ignore_index=True))
