@@ -48,7 +48,8 @@ report: setup
 
 # Training-step benchmarks (pytest-benchmark); the report folds them into its throughput figure.
 bench: setup
-	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-json=.benchmarks/step.json
+	$(BIN)/python -m pytest benchmarks/test_training_step.py --benchmark-enable \
+		--benchmark-min-rounds=15 --benchmark-max-time=2 --benchmark-json=.benchmarks/step.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

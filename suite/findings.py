@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from suite import diagnostics_figures, figures
 from suite.collect import collect
+from suite.store import read_curve
 from suite.summary import capped_loss, lr_sensitivity, ok_runs
 from suite.verdict import CONVERGED
 
@@ -40,7 +41,7 @@ def _converged(verdicts: pd.Series) -> str:
     return f"{(verdicts == CONVERGED).sum()}/{len(verdicts)}"
 
 
-def warmup(runs: pd.DataFrame) -> tuple[str, Figure]:
+def warmup(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     """Converged seeds and mean val loss per (variant, LR, warmup)."""
     grouped = runs.groupby(["variant", "lr", "warmup_steps"])
     table = pd.DataFrame(
@@ -81,31 +82,40 @@ def warmup(runs: pd.DataFrame) -> tuple[str, Figure]:
     return markdown(shown), fig
 
 
-def depth(runs: pd.DataFrame) -> tuple[str, Figure]:
-    """Converged seeds and median early model update per (variant, depth, LR)."""
+def first_updates(runs: pd.DataFrame, store: Path, steps: tuple[int, ...]) -> pd.DataFrame:
+    """The model update after the given (0-based) steps of each run, read from its curve."""
+    rows = []
+    for run in runs.itertuples():
+        curve = read_curve(store, run.cell_id).set_index("step")["model_update"]
+        rows.append(
+            {f"update_after_{s + 1}": curve.get(s) for s in steps} | {"cell_id": run.cell_id}
+        )
+    return runs.merge(pd.DataFrame(rows), on="cell_id")
+
+
+def depth(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
+    """Converged seeds and the median model update after 1 and 3 steps per (variant, depth, LR)
+    (DeepNet's Fig. 3 looks at the first updates: later ones saturate at these LRs)."""
+    runs = first_updates(runs, store, (0, 2))
     grouped = runs.groupby(["variant", "depth", "lr"])
     table = pd.DataFrame(
         {
             "converged": grouped["verdict"].agg(_converged),
             "val_loss": grouped["val_loss"].mean(),
-            "early_model_update": grouped["early_model_update"].median(),
+            "update_after_1": grouped["update_after_1"].median(),
+            "update_after_3": grouped["update_after_3"].median(),
         }
     )
     names = figures.variant_order(runs["variant"])
     lrs = sorted(runs["lr"].unique())
     fig, axes = plt.subplots(
-        1,
-        len(lrs),
-        figsize=(4.5 * len(lrs), 3.6),
-        sharey=True,
-        squeeze=False,
-        constrained_layout=True,
+        1, len(lrs), figsize=(4.5 * len(lrs), 3.6), squeeze=False, constrained_layout=True
     )
     for ax, lr in zip(axes.flat, lrs, strict=True):
         sns.lineplot(
             runs[runs["lr"] == lr],
             x="depth",
-            y="early_model_update",
+            y="update_after_1",
             hue="variant",
             hue_order=names,
             palette=figures.palette(names),
@@ -115,14 +125,15 @@ def depth(runs: pd.DataFrame) -> tuple[str, Figure]:
             legend=ax is axes.flat[-1],
         )
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         depths = sorted(runs["depth"].unique())
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_title(f"LR {lr:g}")
-    axes.flat[0].set_ylabel("model update after 10 steps")
+        ax.set_ylabel("‖F(x;θ₁) − F(x;θ₀)‖ after the first step")
     return markdown(table.round(3)), fig
 
 
-def lr(runs: pd.DataFrame) -> tuple[str, Figure]:
+def lr(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     """Per (qk-norm, LR): converged seeds, val loss, largest attention logit; LR sensitivity."""
     labelled = runs.assign(
         variant=runs["variant"] + runs["qk_norm"].map({True: " + qk-norm", False: ""})
@@ -158,13 +169,13 @@ def lr(runs: pd.DataFrame) -> tuple[str, Figure]:
     return markdown(table.round(3)) + "\n\nLR sensitivity:\n\n" + sensitivity, fig
 
 
-def init(runs: pd.DataFrame) -> tuple[str, Figure]:
+def init(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     """Median last/first-layer FFN gradient-norm ratio at init per (variant, depth)."""
     table = runs.groupby(["variant", "depth"])["init_grad_norm_ratio"].median().unstack("depth")
     return markdown(table.round(3)), diagnostics_figures.init_grad_norms(runs)
 
 
-PRESETS: dict[str, Callable[[pd.DataFrame], tuple[str, Figure]]] = {
+PRESETS: dict[str, Callable[[pd.DataFrame, Path], tuple[str, Figure]]] = {
     "warmup": warmup,
     "depth": depth,
     "lr": lr,
@@ -184,7 +195,7 @@ def main() -> None:
         if subset.empty:
             print(f"## {name}: no runs in {args.store}\n")
             continue
-        text, fig = make(subset)
+        text, fig = make(subset, args.store)
         path = args.figures / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
