@@ -2,6 +2,7 @@
 
     python -m benchmarks.peer                      # both shapes of issue #7, Pre-LN and Post-LN
     python -m benchmarks.peer --rounds 30 --threads 2
+    python -m benchmarks.peer --compile --variants preln  # torch.compile the suite's model
 
 For each shape and norm placement it builds the suite's GPT and an x-transformers
 ``TransformerWrapper(Decoder)`` with the same width, heads, head dim, depth, sequence, batch,
@@ -132,12 +133,18 @@ def alternate(
     return {name: statistics.median(times) for name, times in per_step.items()}
 
 
-def compare(shape: Shape, variant: str, rounds: int, steps_per_round: int) -> dict[str, float]:
+def compare(
+    shape: Shape, variant: str, rounds: int, steps_per_round: int, compile_suite: bool = False
+) -> dict[str, float]:
     torch.manual_seed(0)
     ours = suite_model(shape, variant)
     theirs = x_transformers_model(shape, pre_norm=variant != "postln")
+    suite_step = training_step(torch.compile(ours) if compile_suite else ours, shape)
+    start = time.perf_counter()
+    suite_step()  # with --compile: the compilation happens here
+    first_step_s = time.perf_counter() - start
     seconds = alternate(
-        {"suite": training_step(ours, shape), "x-transformers": training_step(theirs, shape)},
+        {"suite": suite_step, "x-transformers": training_step(theirs, shape)},
         rounds,
         steps_per_round,
     )
@@ -149,6 +156,7 @@ def compare(shape: Shape, variant: str, rounds: int, steps_per_round: int) -> di
         "peer_tokens_per_s": tokens / seconds["x-transformers"],
         "ratio": seconds["x-transformers"] / seconds["suite"],
         "suite_flops_per_s": step_flops(ours, shape) / seconds["suite"],
+        "suite_first_step_s": first_step_s,
     }
 
 
@@ -157,28 +165,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="training steps per timed round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the suite's model")
+    parser.add_argument("--variants", default="preln,postln")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     gemm = gemm_rate()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"fp32 GEMM (1024², best of 20): {gemm / 1e9:.1f} GFLOP/s"
+        f"fp32 GEMM (1024², best of 20): {gemm / 1e9:.1f} GFLOP/s; "
+        f"suite model {'compiled' if args.compile else 'eager'}"
     )
     print(
         "| shape | variant | params suite / x-transformers | suite tok/s | x-transformers tok/s "
-        "| ratio | suite GFLOP/s | % of GEMM |"
+        "| ratio | suite GFLOP/s | % of GEMM | suite first step |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in SHAPES:
         shape = Shape(*spec)
-        for variant in ("preln", "postln"):
-            r = compare(shape, variant, args.rounds, args.steps)
+        for variant in args.variants.split(","):
+            r = compare(shape, variant, args.rounds, args.steps, args.compile)
             print(
                 f"| {shape.label()} | {variant} | {r['suite_params']:,} / {r['peer_params']:,} "
                 f"| {r['suite_tokens_per_s']:,.0f} | {r['peer_tokens_per_s']:,.0f} "
                 f"| {r['ratio']:.2f}× | {r['suite_flops_per_s'] / 1e9:.1f} "
-                f"| {100 * r['suite_flops_per_s'] / gemm:.0f}% |",
+                f"| {100 * r['suite_flops_per_s'] / gemm:.0f}% | {r['suite_first_step_s']:.1f} s |",
                 flush=True,
             )
 
