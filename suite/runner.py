@@ -123,10 +123,6 @@ def run_cell(
     ``on_progress(curve)`` every ``train.flush_every`` steps (the caller persists them)."""
     if cell.train.threads:
         torch.set_num_threads(cell.train.threads)
-    # Stalled or diverging models drive many activations and Adam moments into subnormal range,
-    # where x86 float math runs ~10× slower: without this, throughput would measure the FPU's
-    # denormal handling rather than the variant.
-    torch.set_flush_denormal(True)
     device = resolve_device(cell.train.device)
     record = base_record(cell, device)
     corpus = corpus_for(cell.data)  # a missing or unreadable corpus is a config error: raise
@@ -141,6 +137,11 @@ def run_cell(
     if on_start is not None:
         on_start(record)
     curve: list[dict[str, float]] = []
+    # Stalled or diverging models drive many activations and Adam moments into subnormal range,
+    # where x86 float math runs ~10× slower: without flushing them, throughput would measure the
+    # FPU's denormal handling rather than the variant. Restored after the cell (torch's default
+    # is off), so a caller's own float math in the same process is untouched.
+    torch.set_flush_denormal(True)
     try:
         torch.manual_seed(cell.seed)
         model = build_model(cell, corpus.vocab_size).to(device)
@@ -153,5 +154,7 @@ def run_cell(
     except Exception as error:  # recorded, so the sweep goes on and the summary lists it
         log.error("cell %s failed: %s", cell.cell_id(), error)
         record.update(status="error", error=traceback.format_exc(), verdict=None)
+    finally:
+        torch.set_flush_denormal(False)
     record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
     return record, curve

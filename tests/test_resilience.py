@@ -170,4 +170,8 @@ def test_two_workers_writing_one_store_at_once(tmp_path):
     runs = collect(tmp_path)
     assert len(runs) == 2 and (runs["status"] == "ok").all()
     assert not list(tmp_path.glob("cells/*/.*"))  # no stray temporary files
-    assert pd.read_parquet(tmp_path / "runs.parquet").equals(runs)
+    stored = pd.read_parquet(tmp_path / "runs.parquet")
+    lists = [c for c in runs.columns if c.endswith("_by_layer")]  # read back as arrays
+    assert stored.drop(columns=lists).equals(runs.drop(columns=lists))
+    for column in lists:
+        assert [list(v) for v in stored[column]] == [list(v) for v in runs[column]]

@@ -137,3 +137,8 @@ def test_every_registered_variant_trains_a_few_steps(name):
     record, curve = run_cell(make_cell(name, steps=3))
     assert record["status"] == "ok", record["error"]
     assert len(curve) == 3 and all(math.isfinite(r["loss"]) for r in curve)
+
+
+def test_a_cell_does_not_leave_denormals_flushed_for_the_caller():
+    run_cell(make_cell(steps=2))
+    assert torch.tensor(1e-40).item() != 0.0  # subnormal floats work again after the cell
