@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -37,6 +38,24 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _panel_per_lr(runs: pd.DataFrame, x: str, y: str, sharey: bool) -> tuple[Figure, Any]:
+    """One panel per LR of ``y`` vs ``x``, a line per variant (band: range over seeds)."""
+    names = figures.variant_order(runs["variant"])
+    lrs = sorted(runs["lr"].unique())
+    fig, axes = plt.subplots(
+        1, len(lrs), figsize=(4.4 * len(lrs), 3.6), sharey=sharey, squeeze=False,
+        constrained_layout=True,
+    )  # fmt: skip
+    for ax, lr in zip(axes.flat, lrs, strict=True):
+        sns.lineplot(
+            runs[runs["lr"] == lr], x=x, y=y, hue="variant", hue_order=names,
+            palette=figures.palette(names), marker="o", errorbar=("pi", 100), ax=ax,
+            legend=ax is axes.flat[-1],
+        )  # fmt: skip
+        ax.set_title(f"LR {lr:g}")
+    return fig, axes
+
+
 def _converged(verdicts: pd.Series) -> str:
     return f"{(verdicts == CONVERGED).sum()}/{len(verdicts)}"
 
@@ -51,32 +70,9 @@ def warmup(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
         cell=table["converged"] + " (" + table["val_loss"].map("{:.3f}".format) + ")"
     )["cell"].unstack("warmup_steps")
     shown.columns = [f"warmup {w}" for w in shown.columns]
-    lrs = sorted(runs["lr"].unique())
-    names = figures.variant_order(runs["variant"])
-    fig, axes = plt.subplots(
-        1,
-        len(lrs),
-        figsize=(4.2 * len(lrs), 3.6),
-        sharey=True,
-        squeeze=False,
-        constrained_layout=True,
-    )
-    for ax, lr in zip(axes.flat, lrs, strict=True):
-        sns.lineplot(
-            runs[runs["lr"] == lr],
-            x="warmup_steps",
-            y="val_loss",
-            hue="variant",
-            hue_order=names,
-            palette=figures.palette(names),
-            marker="o",
-            errorbar=("pi", 100),
-            ax=ax,
-            legend=ax is axes.flat[-1],
-        )
-        entropy = runs["val_unigram_entropy"].mean()
-        ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(f"LR {lr:g}")
+    fig, axes = _panel_per_lr(runs, x="warmup_steps", y="val_loss", sharey=True)
+    for ax in axes.flat:
+        ax.axhline(runs["val_unigram_entropy"].mean(), color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("warmup steps")
     axes.flat[0].set_ylabel("final val loss (dashed: unigram entropy)")
     return markdown(shown), fig
@@ -106,29 +102,12 @@ def depth(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
             "update_after_3": grouped["update_after_3"].median(),
         }
     )
-    names = figures.variant_order(runs["variant"])
-    lrs = sorted(runs["lr"].unique())
-    fig, axes = plt.subplots(
-        1, len(lrs), figsize=(4.5 * len(lrs), 3.6), squeeze=False, constrained_layout=True
-    )
-    for ax, lr in zip(axes.flat, lrs, strict=True):
-        sns.lineplot(
-            runs[runs["lr"] == lr],
-            x="depth",
-            y="update_after_1",
-            hue="variant",
-            hue_order=names,
-            palette=figures.palette(names),
-            marker="o",
-            errorbar=("pi", 100),
-            ax=ax,
-            legend=ax is axes.flat[-1],
-        )
+    fig, axes = _panel_per_lr(runs, x="depth", y="update_after_1", sharey=False)
+    depths = sorted(runs["depth"].unique())
+    for ax in axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        depths = sorted(runs["depth"].unique())
         ax.set_xticks(depths, [str(d) for d in depths])
-        ax.set_title(f"LR {lr:g}")
         ax.set_ylabel("‖F(x;θ₁) − F(x;θ₀)‖ after the first step")
     return markdown(table.round(3)), fig
 
