@@ -193,7 +193,6 @@ class Diagnostics:
 
     def after_step(
         self,
-        step: int,
         loss: float,
         grad_norm: float,
         before: list[torch.Tensor] | None,

@@ -149,7 +149,7 @@ def train(
         )
         if diagnostics is not None:
             out.curve[-1].update(
-                diagnostics.after_step(step, loss_value, grad_value, before, reason is not None)
+                diagnostics.after_step(loss_value, grad_value, before, reason is not None)
             )
         if reason is not None:
             out.diverged_step, out.divergence_reason = step, reason

@@ -118,14 +118,14 @@ def test_activation_rms_log_z_and_model_update_by_hand():
     assert record["init_log_z"] == pytest.approx(torch.logsumexp(logits, -1).mean().item())
     # no update yet: the model update is zero
     before = diagnostics.snapshot()
-    row = diagnostics.after_step(0, 5.0, 1.0, before, diverged=False)
+    row = diagnostics.after_step(5.0, 1.0, before, diverged=False)
     assert row["model_update"] == 0.0 and row["update_ratio"] == 0.0
     # one hand-made update: ratio ‖Δθ‖/‖θ‖, and the final hidden state moves
     before = diagnostics.snapshot()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.01)
-    row = diagnostics.after_step(1, 5.0, 1.0, before, diverged=False)
+    row = diagnostics.after_step(5.0, 1.0, before, diverged=False)
     assert row["update_ratio"] == pytest.approx(0.01, rel=1e-4)
     assert row["model_update"] > 0
     assert row["grad_rms"] == pytest.approx(1.0 / math.sqrt(model.num_parameters()))
