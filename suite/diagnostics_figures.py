@@ -8,7 +8,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from suite.figures import palette, variant_order
+from suite.figures import lines_per_run, palette, variant_order
 from suite.summary import ok_runs
 
 MAX_DEPTH_PANELS = 4
@@ -74,19 +74,7 @@ def model_update(curves: pd.DataFrame, runs: pd.DataFrame, lr: float) -> Figure 
     names = variant_order(set(sampled["variant"]) | set(at_lr["variant"]))
     colours = palette(names)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    sns.lineplot(
-        sampled,
-        x="step",
-        y="model_update",
-        hue="variant",
-        hue_order=names,
-        palette=colours,
-        units="run",
-        estimator=None,
-        linewidth=1,
-        marker=".",
-        ax=left,
-    )
+    lines_per_run(sampled, "model_update", left, names, marker=".")
     left.set_ylabel("‖F(x; θ_t) − F(x; θ_0)‖ (RMS over tokens)")
     left.set_title("model update vs step")
     median = at_lr.groupby(["variant", "depth"], as_index=False)["early_model_update"].median()
@@ -119,19 +107,7 @@ def attention_logits(curves: pd.DataFrame) -> Figure | None:
         return None
     names = variant_order(sampled["variant"])
     fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
-    sns.lineplot(
-        sampled,
-        x="step",
-        y="attn_logit_max",
-        hue="variant",
-        hue_order=names,
-        palette=palette(names),
-        units="run",
-        estimator=None,
-        linewidth=1,
-        marker=".",
-        ax=ax,
-    )
+    lines_per_run(sampled, "attn_logit_max", ax, names, marker=".")
     ax.set_yscale("log")
     ax.set_ylabel("max |q·k| / √d_head over layers")
     return fig

@@ -240,6 +240,25 @@ def hardest_cell(runs: pd.DataFrame) -> tuple[int, float] | None:
     return ranked[0][0]
 
 
+def lines_per_run(
+    curves: pd.DataFrame, y: str, ax: plt.Axes, names: list[str], **style: object
+) -> None:
+    """``y`` vs step, one thin line per run (column ``run``), coloured by variant."""
+    sns.lineplot(
+        curves,
+        x="step",
+        y=y,
+        hue="variant",
+        hue_order=names,
+        palette=palette(names),
+        units="run",
+        estimator=None,
+        linewidth=1,
+        ax=ax,
+        **style,
+    )
+
+
 def training_curves(
     curves: pd.DataFrame, depth: int, lr: float, entropy: float, initial_loss: float
 ) -> Figure:
@@ -252,19 +271,7 @@ def training_curves(
         loss=curves.groupby("run")["loss"].transform(lambda v: v.rolling(10, min_periods=1).mean())
     )
     fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
-    sns.lineplot(
-        curves,
-        x="step",
-        y="loss",
-        hue="variant",
-        hue_order=names,
-        palette=palette(names),
-        units="run",
-        estimator=None,
-        linewidth=1,
-        alpha=0.8,
-        ax=ax,
-    )
+    lines_per_run(curves, "loss", ax, names, alpha=0.8)
     ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
     finite = curves["loss"][np.isfinite(curves["loss"])]
     if not finite.empty:
