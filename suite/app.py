@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from suite.collect import CELL_POINTER, SKIPPED_MARKER
-from suite.config import ConfigError, cell_from_config
+from suite.config import CellConfig, ConfigError, cell_from_config
 from suite.preflight import CONF_DIR, preflight, register_variant_configs
-from suite.runner import run_cell
+from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_curve, write_started
 
 log = logging.getLogger("suite")
@@ -46,11 +48,15 @@ _INSPECT_FLAGS = (
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
     cell = cell_from_config(cfg)
-    cell_id = cell.cell_id()
     job_dir = Path(HydraConfig.get().runtime.output_dir)
+    number = f"{HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
+    resume = cfg.get("resume", True)
+    if cell.train.packed_lrs:
+        return _run_packed_job(cell, job_dir, f"pack {number}", resume)
+    cell_id = cell.cell_id()
+    label = f"cell {number}"
     (job_dir / CELL_POINTER).write_text(cell_id)
-    label = f"cell {HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
-    if cfg.get("resume", True) and finished_record(cell.store, cell_id) is not None:
+    if resume and finished_record(cell.store, cell_id) is not None:
         (job_dir / SKIPPED_MARKER).touch()
         log.info("%s: %s is already in the store; skipped", label, cell_id)
         return "skipped"
@@ -60,13 +66,46 @@ def run_job(cfg: DictConfig) -> str:
         on_start=lambda marker: write_started(cell.store, cell_id, {**marker, "pid": os.getpid()}),
         on_progress=lambda partial: write_curve(cell.store, cell_id, partial),
     )
+    _keep(cell, record, curve, label)
+    return record["status"]
+
+
+def _run_packed_job(cell: CellConfig, job_dir: Path, label: str, resume: bool) -> str:
+    """One Hydra job trains the cells of all ``train.packed_lrs`` together (suite.packed)."""
+    members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in cell.train.packed_lrs]
+    (job_dir / CELL_POINTER).write_text("\n".join(member.cell_id() for member in members))
+    if resume:
+        members = [m for m in members if finished_record(m.store, m.cell_id()) is None]
+    skipped = len(cell.train.packed_lrs) - len(members)
+    if skipped:
+        (job_dir / SKIPPED_MARKER).write_text(str(skipped))
+        log.info("%s: %d learning rate(s) already in the store; skipped", label, skipped)
+    if not members:
+        return "skipped"
+    log.info("%s: %s", label, ", ".join(member.cell_id() for member in members))
+    records = run_pack(
+        members,
+        on_start=lambda member, marker: write_started(
+            cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
+        ),
+        on_progress=lambda member, partial: write_curve(
+            cell.store, members[member].cell_id(), partial
+        ),
+        on_done=lambda member, record, curve: _keep(members[member], record, curve, label),
+    )
+    return "ok" if all(record["status"] == "ok" for record, _ in records) else "error"
+
+
+def _keep(cell: CellConfig, record: dict[str, Any], curve: list[dict], label: str) -> None:
+    """Write a finished cell's record and curve to the store and log one line about it."""
     record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher)
     record["shared_device"] = record["parallel_cells"] > 1
     folder = write_cell(cell.store, record, curve)
     if record["status"] == "ok":
         log.info(
-            "%s done: %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
+            "%s done: %s  %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
             label,
+            record["cell_id"],
             record["verdict"],
             record["final_loss"],
             record["val_loss"],
@@ -74,8 +113,7 @@ def run_job(cfg: DictConfig) -> str:
             folder,
         )
     else:
-        log.error("%s errored (traceback in %s/record.json)", label, folder)
-    return record["status"]
+        log.error("%s: %s errored (traceback in %s/record.json)", label, record["cell_id"], folder)
 
 
 def parallel_cells(launcher: DictConfig) -> int:
@@ -90,16 +128,31 @@ def parallel_cells(launcher: DictConfig) -> int:
     return 1  # basic launcher, or a cluster launcher with one machine per cell
 
 
+def pack_learning_rates(args: list[str], cells: list[CellConfig]) -> tuple[list[str], int]:
+    """The command line with the learning-rate axis folded into each job: every job gets the
+    sweep's learning rates as ``train.packed_lrs`` and trains them as one packed run. Returns
+    the new arguments and the number of jobs."""
+    lrs = list(dict.fromkeys(cell.optim.lr for cell in cells))
+    kept = [arg for arg in args if arg.split("=")[0].lstrip("+~") != "optim.lr"]
+    packed = [f"optim.lr={lrs[0]!r}", f"train.packed_lrs=[{','.join(map(repr, lrs))}]"]
+    return kept + packed, len(cells) // len(lrs)
+
+
 def main() -> None:
     register_variant_configs()  # also when preflight is skipped (--help, --cfg job)
     args = sys.argv[1:]
     if not any(arg.split("=")[0] in _INSPECT_FLAGS for arg in args):
         overrides = [arg for arg in args if not arg.startswith("-")]
         try:
-            os.environ[SWEEP_SIZE_ENV] = str(preflight(overrides))
+            cells = [cell for _, cell in preflight(overrides)]
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
+        jobs = len(cells)
+        if any(cell.train.pack_lr for cell in cells):
+            args, jobs = pack_learning_rates(args, cells)
+            sys.argv[1:] = args
+        os.environ[SWEEP_SIZE_ENV] = str(jobs)
     try:
         run_job()
     except KeyboardInterrupt:

@@ -60,11 +60,15 @@ def report_text(runs: pd.DataFrame) -> str:
 
 
 def sweep_cell_ids(sweep_dir: str | Path) -> set[str]:
-    return {p.read_text().strip() for p in Path(sweep_dir).glob(f"*/{CELL_POINTER}")}
+    """The cells of one sweep: one id per Hydra job, or one per line for a packed job."""
+    pointers = Path(sweep_dir).glob(f"*/{CELL_POINTER}")
+    return {cell_id for p in pointers for cell_id in p.read_text().split()}
 
 
 def count_skipped(sweep_dir: str | Path) -> int:
-    return len(list(Path(sweep_dir).glob(f"*/{SKIPPED_MARKER}")))
+    """Cells skipped because the store had them (a packed job's marker holds its count)."""
+    markers = Path(sweep_dir).glob(f"*/{SKIPPED_MARKER}")
+    return sum(int(p.read_text().strip() or 1) for p in markers)
 
 
 class CollectCallback(Callback):

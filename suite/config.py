@@ -72,6 +72,8 @@ class TrainConfig:
     log_every: int = 25
     flush_every: int = 50  # steps between rewrites of the partial curve in the store
     timing_skip_steps: int = 10  # steps excluded from the throughput median (warm-up, allocator)
+    pack_lr: bool = False  # train a sweep's learning rates as one packed run (suite/packed.py)
+    packed_lrs: list[float] = field(default_factory=list)  # set by the CLI for each packed run
 
 
 @dataclass
@@ -129,6 +131,8 @@ class CellConfig:
         data["train"].pop("threads")
         data["train"].pop("log_every")
         data["train"].pop("flush_every")
+        data["train"].pop("pack_lr")  # packed members equal their unpacked cells (tested)
+        data["train"].pop("packed_lrs")
         return data
 
     def config_hash(self) -> str:
@@ -262,6 +266,14 @@ def validate(cell: CellConfig) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be at least 1", t.log_every)
     _check(t.flush_every >= 1, "train.flush_every", "must be at least 1", t.flush_every)
     _check(t.timing_skip_steps >= 0, "train.timing_skip_steps", "must be ≥ 0", t.timing_skip_steps)
+    for lr in t.packed_lrs:
+        _check(_finite_positive(lr), "train.packed_lrs", "must be positive numbers", t.packed_lrs)
+    _check(
+        not (t.compile and (t.pack_lr or t.packed_lrs)),
+        "train.pack_lr",
+        "packed runs are not compiled; set train.compile=false or train.pack_lr=false",
+        t.pack_lr,
+    )
     _check(
         _finite_positive(v.blowup_factor) and v.blowup_factor > 1,
         "verdict.blowup_factor",

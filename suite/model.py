@@ -37,6 +37,51 @@ class ModelShape:
     qk_norm: bool = False
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal scaled-dot-product attention in one fused kernel call, also under ``torch.func.vmap``.
+
+    torch has no vmap rule for the fused CPU kernel and would loop over the vmapped members one
+    call at a time; packed training (suite/packed.py) vmaps the whole model, so there the members
+    are folded into the batch dimension instead, which computes exactly the same thing.
+    """
+    if _functorch_transforms_active():
+        return _MembersFoldedIntoBatch.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _functorch_transforms_active() -> bool:
+    # A private torch query; should it go away, vmap still works through torch's slow fallback.
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
+class _MembersFoldedIntoBatch(torch.autograd.Function):
+    """Only its vmap rule is ever used: it runs on the unwrapped tensors, below the transform,
+    so regular autograd records the fused kernel itself and forward/backward are never called."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise NotImplementedError("only differentiable through its vmap rule")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):
+        def fold(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+            t = t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+            return t.flatten(0, 1)
+
+        q, k, v = (fold(t, dim) for t, dim in zip((q, k, v), in_dims, strict=True))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.unflatten(0, (info.batch_size, -1)), 0
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention: one fused QKV projection, fused scaled-dot-product kernel.
 
@@ -71,7 +116,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = self.queries_keys_values(x)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = causal_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
     @torch.no_grad()

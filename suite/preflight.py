@@ -119,20 +119,22 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     return cells
 
 
-def preflight(overrides: list[str]) -> int:
+def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     """Compose and validate every cell of the sweep and build each distinct model once;
-    returns the number of cells."""
+    returns the cells, as :func:`sweep_cells`."""
     cells = sweep_cells(overrides)
+    # A packed run holds one model copy per learning rate of the sweep.
+    members = len({cell.optim.lr for _, cell in cells})
     built: set[str] = set()
     for job, cell in cells:
         try:
-            _check_model_builds(cell, built)
+            _check_model_builds(cell, built, members if cell.train.pack_lr else 1)
         except ConfigError as error:
             raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
-    return len(cells)
+    return cells
 
 
-def _check_model_builds(cell: CellConfig, built: set[str]) -> None:
+def _check_model_builds(cell: CellConfig, built: set[str], copies: int) -> None:
     """Build each distinct (variant, shape) once on CPU: a broken variant fails here, not
     mid-sweep (the vocabulary size does not matter to the check). A model too big for the
     machine is refused before anything is allocated."""
@@ -140,7 +142,7 @@ def _check_model_builds(cell: CellConfig, built: set[str]) -> None:
     if key in built:
         return
     built.add(key)
-    if check_fits_in_memory(cell) > PREFLIGHT_BUILD_LIMIT:
+    if check_fits_in_memory(cell, copies) > PREFLIGHT_BUILD_LIMIT:
         return  # too slow to build twice; GPT checks its blocks again when the cell starts
     try:
         build_model(cell, vocab_size=256)
@@ -152,15 +154,16 @@ def _check_model_builds(cell: CellConfig, built: set[str]) -> None:
         ) from None
 
 
-def check_fits_in_memory(cell: CellConfig) -> float:
-    """Parameters, gradients and AdamW's two moments: 16 bytes per fp32 parameter. Activations
-    are not counted; a run that still does not fit is recorded as an out-of-memory error.
-    Returns the (approximate) parameter count."""
+def check_fits_in_memory(cell: CellConfig, copies: int = 1) -> float:
+    """Parameters, gradients and AdamW's two moments: 16 bytes per fp32 parameter, for each of
+    ``copies`` models (a packed run's members). Activations are not counted; a run that still
+    does not fit is recorded as an out-of-memory error. Returns the (approximate) parameter
+    count of one model."""
     m = cell.model
     device = _available_device(cell.train.device)
     per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
     parameters = m.depth * per_layer + (256 + m.seq_len) * m.width
-    needed = 16 * parameters
+    needed = 16 * parameters * copies
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     else:
@@ -168,7 +171,9 @@ def check_fits_in_memory(cell: CellConfig) -> float:
     if needed > available:
         raise ConfigError(
             f"model: the parameters, gradients and AdamW state need ~{needed / 2**30:,.0f} GiB "
-            f"(model.width={m.width}, model.depth={m.depth}, model.mlp_ratio={m.mlp_ratio:g}) "
+            f"(model.width={m.width}, model.depth={m.depth}, model.mlp_ratio={m.mlp_ratio:g}"
+            + (f", {copies} packed learning rates" if copies > 1 else "")
+            + ") "
             f"but this {device.type} has {available / 2**30:,.0f} GiB"
         )
     return parameters

@@ -203,6 +203,12 @@ def build_sections(
             section.note = "Nothing to plot: no LR converged for every seed at any depth."
         else:
             section.image = png_data_uri(figure)
+    packed = int((finished.get("packed_members", pd.Series(dtype=float)).fillna(1) > 1).sum())
+    if packed:
+        sections[4].caption += (
+            f" {packed} runs were packed (train.pack_lr=true): their tokens/s counts the tokens "
+            "of every member of the pack."
+        )
     depth, lr = curves_cell or figures.hardest_cell(finished)
     curves = curves_at(finished, store, depth, lr)
     curves_section = sections[-1]

@@ -11,7 +11,8 @@ import json
 import logging
 import resource
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -22,6 +23,7 @@ from suite.config import CellConfig, DataConfig
 from suite.data import Corpus, load_corpus
 from suite.environment import environment, resolve_device
 from suite.model import GPT, ModelShape
+from suite.packed import train_packed
 from suite.train import TrainOutcome, train
 from variants.registry import source as variant_source
 
@@ -112,15 +114,8 @@ def outcome_fields(outcome: TrainOutcome) -> dict[str, Any]:
     }
 
 
-def run_cell(
-    cell: CellConfig,
-    on_start: Callable[[dict[str, Any]], None] | None = None,
-    on_progress: Callable[[list[dict[str, float]]], None] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Train one cell; returns its record and per-step curve. Never raises for training failures.
-
-    ``on_start(record)`` is called before training with everything known so far, and
-    ``on_progress(curve)`` every ``train.flush_every`` steps (the caller persists them)."""
+def _start(cell: CellConfig) -> tuple[torch.device, Corpus, dict[str, Any]]:
+    """The device, the corpus and the record so far (everything known before training)."""
     if cell.train.threads:
         torch.set_num_threads(cell.train.threads)
     device = resolve_device(cell.train.device)
@@ -134,27 +129,101 @@ def run_cell(
         unigram_entropy=corpus.unigram_entropy,
         val_unigram_entropy=corpus.val_unigram_entropy,
     )
-    if on_start is not None:
-        on_start(record)
-    curve: list[dict[str, float]] = []
+    return device, corpus, record
+
+
+@contextmanager
+def _denormals_flushed() -> Iterator[None]:
     # Stalled or diverging models drive many activations and Adam moments into subnormal range,
     # where x86 float math runs ~10× slower: without flushing them, throughput would measure the
     # FPU's denormal handling rather than the variant. Restored after the cell (torch's default
     # is off), so a caller's own float math in the same process is untouched.
     torch.set_flush_denormal(True)
     try:
-        torch.manual_seed(cell.seed)
-        model = build_model(cell, corpus.vocab_size).to(device)
-        record["n_params"] = model.num_parameters()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        outcome = train(model, corpus, cell, device, on_progress)
-        curve = outcome.curve
-        record.update(outcome_fields(outcome))
-    except Exception as error:  # recorded, so the sweep goes on and the summary lists it
-        log.error("cell %s failed: %s", cell.cell_id(), error)
-        record.update(status="error", error=traceback.format_exc(), verdict=None)
+        yield
     finally:
         torch.set_flush_denormal(False)
+
+
+def _build(cell: CellConfig, corpus: Corpus, device: torch.device) -> GPT:
+    torch.manual_seed(cell.seed)
+    model = build_model(cell, corpus.vocab_size).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return model
+
+
+def _errored(record: dict[str, Any], cell_id: str, error: Exception) -> None:
+    log.error("cell %s failed: %s", cell_id, error)
+    record.update(status="error", error=traceback.format_exc(), verdict=None)
+
+
+def run_cell(
+    cell: CellConfig,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[list[dict[str, float]]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Train one cell; returns its record and per-step curve. Never raises for training failures.
+
+    ``on_start(record)`` is called before training with everything known so far, and
+    ``on_progress(curve)`` every ``train.flush_every`` steps (the caller persists them)."""
+    device, corpus, record = _start(cell)
+    record["packed_members"] = 1
+    if on_start is not None:
+        on_start(record)
+    curve: list[dict[str, float]] = []
+    with _denormals_flushed():
+        try:
+            model = _build(cell, corpus, device)
+            record["n_params"] = model.num_parameters()
+            outcome = train(model, corpus, cell, device, on_progress)
+            curve = outcome.curve
+            record.update(outcome_fields(outcome))
+        except Exception as error:  # recorded, so the sweep goes on and the summary lists it
+            _errored(record, cell.cell_id(), error)
     record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
     return record, curve
+
+
+def run_pack(
+    cells: Sequence[CellConfig],
+    on_start: Callable[[int, dict[str, Any]], None] | None = None,
+    on_progress: Callable[[int, list[dict[str, float]]], None] | None = None,
+    on_done: Callable[[int, dict[str, Any], list[dict[str, float]]], None] | None = None,
+) -> list[tuple[dict[str, Any], list[dict[str, float]]]]:
+    """Train cells that differ only in their learning rate as one packed run (suite.packed).
+
+    Like :func:`run_cell` for each member; ``on_done(member, record, curve)`` is called as soon
+    as a member finishes (a diverged member finishes early), so its record can be kept at once.
+    """
+    results: list[tuple[dict[str, Any], list[dict[str, float]]] | None] = [None] * len(cells)
+    started = [_start(cell) for cell in cells]
+    device, corpus = started[0][0], started[0][1]
+    records = [record for _, _, record in started]
+    for member, record in enumerate(records):
+        record["packed_members"] = len(cells)
+        if on_start is not None:
+            on_start(member, record)
+
+    def done(member: int, record: dict[str, Any], curve: list[dict[str, float]]) -> None:
+        record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
+        results[member] = (record, curve)
+        if on_done is not None:
+            on_done(member, record, curve)
+
+    def trained(member: int, outcome: TrainOutcome) -> None:
+        records[member].update(outcome_fields(outcome))
+        done(member, records[member], outcome.curve)
+
+    with _denormals_flushed():
+        try:
+            model = _build(cells[0], corpus, device)
+            for record in records:
+                record["n_params"] = model.num_parameters()
+            train_packed(model, corpus, cells, device, trained, on_progress)
+        except Exception as error:  # every member not finished yet is recorded as errored
+            for member, cell in enumerate(cells):
+                if results[member] is None:
+                    _errored(records[member], cell.cell_id(), error)
+                    done(member, records[member], [])
+    return [result for result in results if result is not None]

@@ -47,7 +47,7 @@ RECORD_COLUMNS = (
     "final_loss", "best_loss", "val_loss",
     # cost
     "tokens_per_s", "peak_memory_mb", "memory_kind", "wall_time_s", "parallel_cells",
-    "shared_device",
+    "shared_device", "packed_members",
     # diagnostics (suite/diagnostics.py; absent when diagnostics.enabled=false)
     "init_grad_norm_by_layer", "init_grad_norm_ratio", "init_act_rms_by_layer",
     "final_act_rms_by_layer", "init_attn_logit_max", "max_attn_logit", "init_log_z",

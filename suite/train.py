@@ -71,12 +71,12 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     )
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _losses(
+def loss_and_objective(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.autocast, z_loss: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cross-entropy (what is reported and judged) and the objective that is optimized:
@@ -107,21 +107,19 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cell.model.seq_len
     out = TrainOutcome()
-    losses: list[float] = []
-    step_times: list[float] = []
     started = time.perf_counter()
     diagnostics = _diagnostics_for(model, corpus, cell, device)
 
     for step in range(cfg.steps):
         sampled = diagnostics is not None and diagnostics.samples(step)
         before = diagnostics.snapshot() if sampled else None
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batches.next(device)
-        loss, objective = _losses(step_model, x, y, autocast, optim.z_loss)
+        loss, objective = loss_and_objective(step_model, x, y, autocast, optim.z_loss)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if optim.grad_clip > 0:
@@ -134,10 +132,8 @@ def train(
         reason = divergence_reason(loss_value, grad_value, out.initial_loss, cell.verdict)
         if reason is None:
             optimizer.step()
-        _synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - t0
-        step_times.append(seconds)
-        losses.append(loss_value)
         out.curve.append(
             {
                 "step": step,
@@ -169,19 +165,27 @@ def train(
             )
 
     out.wall_time_s = time.perf_counter() - started
-    out.steps_completed = len(losses) - (1 if out.diverged_step is not None else 0)
-    steady = step_times[cfg.timing_skip_steps :] or step_times[1:]
-    if steady:
-        out.tokens_per_s = tokens_per_step / statistics.median(steady)
-    finite = [v for v in losses if math.isfinite(v)]
-    out.best_loss = min(finite) if finite else math.nan
-    out.final_loss = final_loss(losses, cell.verdict)
     if out.diverged_step is None:
         out.val_loss = evaluate(step_model, corpus, cell, device, autocast)
-    out.verdict = judge(losses, out.diverged_step is not None, corpus.unigram_entropy, cell.verdict)
+    conclude(out, cell, corpus.unigram_entropy)
     if diagnostics is not None:
         out.diagnostics = diagnostics.at_end(out.curve)
     return out
+
+
+def conclude(out: TrainOutcome, cell: CellConfig, unigram_entropy: float) -> None:
+    """Fill in the run's summary numbers and verdict from its curve."""
+    losses = [row["loss"] for row in out.curve]
+    out.steps_completed = len(losses) - (1 if out.diverged_step is not None else 0)
+    # The median step time, as tokens/s: tokens / median(seconds), not the median of the rates.
+    seconds_per_token = [1 / row["tokens_per_s"] for row in out.curve]
+    steady = seconds_per_token[cell.train.timing_skip_steps :] or seconds_per_token[1:]
+    if steady:
+        out.tokens_per_s = 1 / statistics.median(steady)
+    finite = [v for v in losses if math.isfinite(v)]
+    out.best_loss = min(finite) if finite else math.nan
+    out.final_loss = final_loss(losses, cell.verdict)
+    out.verdict = judge(losses, out.diverged_step is not None, unigram_entropy, cell.verdict)
 
 
 def _diagnostics_for(
@@ -210,6 +214,6 @@ def evaluate(
     batches = validation_batches(
         corpus, cell.model.seq_len, cell.train.batch_size, cell.train.eval_batches, device
     )
-    total = sum(_losses(model, x, y, autocast, 0.0)[0].item() for x, y in batches)
+    total = sum(loss_and_objective(model, x, y, autocast, 0.0)[0].item() for x, y in batches)
     model.train()
     return total / len(batches)

@@ -39,10 +39,10 @@ def test_variant_parameter_override_from_the_command_line():
 
 
 def test_quick_sweep_expands_to_the_documented_grid():
-    assert preflight(["+variant=preln"]) == 2 * 5 * 2
-    assert preflight(["+variant=postln,preln,rmsnorm,rezero,deepnorm"]) == 5 * 20
-    assert preflight(["+variant=preln", "model.depth=3"]) == 5 * 2  # command line beats preset
-    assert preflight(["+variant=preln", "sweep=standard"]) == 4 * 8 * 2 * 3
+    assert len(preflight(["+variant=preln"])) == 2 * 5 * 2
+    assert len(preflight(["+variant=postln,preln,rmsnorm,rezero,deepnorm"])) == 5 * 20
+    assert len(preflight(["+variant=preln", "model.depth=3"])) == 5 * 2  # command line beats preset
+    assert len(preflight(["+variant=preln", "sweep=standard"])) == 4 * 8 * 2 * 3
 
 
 def test_config_hash_ignores_where_results_go_but_not_what_is_trained():

@@ -112,13 +112,13 @@ def test_deep_postln_at_high_lr_fails_where_preln_at_modest_lr_trains():
 
 
 def test_z_loss_changes_training_but_not_what_is_reported():
-    from suite.train import _losses
+    from suite.train import loss_and_objective
 
     logits_model = build_model(make_cell(), 256)
     x = torch.randint(0, 256, (2, 8))
     y = torch.randint(0, 256, (2, 8))
     autocast = torch.autocast("cpu", enabled=False)
-    cross_entropy, objective = _losses(logits_model, x, y, autocast, 1e-1)
+    cross_entropy, objective = loss_and_objective(logits_model, x, y, autocast, 1e-1)
     logits = logits_model(x).view(-1, 256)
     log_z = torch.logsumexp(logits, -1)
     torch.testing.assert_close(objective, cross_entropy + 1e-1 * (log_z**2).mean())

@@ -1,0 +1,229 @@
+"""Packed learning-rate sweeps: the cells of one (variant, depth, seed, ...) that differ only in
+their learning rate, trained together as one batched computation.
+
+Every member starts from the same model and reads the same batches, as its own unpacked cell
+would (same seed); only the learning rate differs. The K copies of each parameter are stacked
+along a leading member dimension and each step is one ``torch.func.vmap`` of
+``functional_call(model)`` over them (the variant's code runs unchanged), so K small models make
+one set of K-times-larger kernel calls. Each member has its own AdamW state, gradient norm,
+clipping and divergence verdict; a member that diverges is finished at once and dropped from the
+stack, so it stops costing compute and never touches the others.
+
+Diagnostics (suite/diagnostics.py) hook one model's modules and are not measured for packed runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from suite.config import CellConfig, OptimConfig
+from suite.data import Batches, Corpus, validation_batches
+from suite.train import TrainOutcome, conclude, loss_and_objective, lr_schedule, synchronize
+from suite.verdict import divergence_reason
+
+log = logging.getLogger(__name__)
+
+MemberDone = Callable[[int, TrainOutcome], None]
+MemberProgress = Callable[[int, list[dict[str, float]]], None]
+
+
+class PackedAdamW:
+    """AdamW (Loshchilov & Hutter 2019) over member-stacked parameters, one learning rate per
+    member; the same update as ``torch.optim.AdamW``, weight decay on matrices only."""
+
+    def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig) -> None:
+        self.optim = optim
+        self.params = params
+        self.exp_avg = {name: torch.zeros_like(p) for name, p in params.items()}
+        self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in params.items()}
+        self.steps = 0
+
+    def keep(self, members: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
+        """Continue with only these members (indices into the current stack)."""
+        self.params = params
+        self.exp_avg = {name: t[members] for name, t in self.exp_avg.items()}
+        self.exp_avg_sq = {name: t[members] for name, t in self.exp_avg_sq.items()}
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        o = self.optim
+        self.steps += 1
+        step_size = lrs / (1 - o.beta1**self.steps)
+        bias_correction2_sqrt = math.sqrt(1 - o.beta2**self.steps)
+        for name, p in self.params.items():
+            grad, exp_avg, exp_avg_sq = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
+            per_member = (-1, *[1] * (p.dim() - 1))
+            if p.dim() >= 3:  # a matrix of each member
+                p.mul_((1 - lrs * o.weight_decay).view(per_member))
+            exp_avg.lerp_(grad, 1 - o.beta1)
+            exp_avg_sq.mul_(o.beta2).addcmul_(grad, grad, value=1 - o.beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(o.eps)
+            p.sub_(exp_avg / denom * step_size.view(per_member))
+
+
+def member_grad_norms(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each member's global gradient norm (over all its parameters)."""
+    per_tensor = [p.grad.reshape(len(p), -1).norm(dim=1) for p in params.values()]
+    return torch.stack(per_tensor).norm(dim=0)
+
+
+def stack_members(model: nn.Module, members: int) -> dict[str, torch.Tensor]:
+    """``members`` identical copies of every parameter, stacked along a new first dimension
+    (tied weights appear once, as ``named_parameters`` lists them)."""
+    return {
+        name: p.detach().expand(members, *p.shape).clone().requires_grad_()
+        for name, p in model.named_parameters()
+    }
+
+
+def check_packable(cells: Sequence[CellConfig]) -> None:
+    """A pack's cells may differ in their learning rate and nothing else that matters."""
+
+    def without_lr(cell: CellConfig) -> dict:
+        defining = cell.result_defining()
+        defining["optim"].pop("lr")
+        return defining
+
+    first = without_lr(cells[0])
+    for cell in cells[1:]:
+        if without_lr(cell) != first:
+            raise ValueError(f"cells {cells[0].cell_id()} and {cell.cell_id()} differ beyond lr")
+
+
+def train_packed(
+    model: nn.Module,
+    corpus: Corpus,
+    cells: Sequence[CellConfig],
+    device: torch.device,
+    on_done: MemberDone,
+    on_progress: MemberProgress | None = None,
+) -> None:
+    """Train every cell (member) from ``model``'s initial weights; ``on_done(member, outcome)``
+    is called for each as soon as it is finished: when it diverges, or all together at the end."""
+    check_packable(cells)
+    lead = cells[0]
+    cfg, optim = lead.train, lead.optim
+    params = stack_members(model, len(cells))
+    optimizer = PackedAdamW(params, optim)
+    schedules = [lr_schedule(c.optim, c.warmup_steps(), cfg.steps) for c in cells]
+    batches = Batches(corpus.train, lead.model.seq_len, cfg.batch_size, seed=lead.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    tokens_per_step = cfg.batch_size * lead.model.seq_len
+    outcomes = [TrainOutcome() for _ in cells]
+    active = list(range(len(cells)))  # members still training, in stack order
+    started = time.perf_counter()
+
+    def losses(member_params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        def member_model(tokens: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, member_params, (tokens,))
+
+        return loss_and_objective(member_model, x, y, autocast, optim.z_loss)
+
+    batched_losses = vmap(losses, in_dims=(0, None, None))
+
+    def finish(member: int) -> None:
+        out = outcomes[member]
+        out.wall_time_s = time.perf_counter() - started
+        conclude(out, cells[member], corpus.unigram_entropy)
+        on_done(member, out)
+
+    for step in range(cfg.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        lrs = [schedules[member](step) for member in active]
+        x, y = batches.next(device)
+        for p in params.values():
+            p.grad = None
+        loss, objective = batched_losses(params, x, y)
+        objective.sum().backward()  # member k's parameters only see member k's objective
+        grad_norms = member_grad_norms(params)
+        if optim.grad_clip > 0:
+            # As torch.nn.utils.clip_grad_norm_, member by member.
+            scale = (optim.grad_clip / (grad_norms + 1e-6)).clamp(max=1.0)
+            for p in params.values():
+                p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
+        loss_values, grad_values = loss.tolist(), grad_norms.tolist()
+        reasons = []
+        for index, member in enumerate(active):
+            if step == 0:
+                outcomes[member].initial_loss = loss_values[index]
+            reasons.append(
+                divergence_reason(
+                    loss_values[index],
+                    grad_values[index],
+                    outcomes[member].initial_loss,
+                    cells[member].verdict,
+                )
+            )
+        keep = [index for index, reason in enumerate(reasons) if reason is None]
+        if len(keep) < len(active):
+            kept = torch.tensor(keep, device=device)
+            stacked = {}
+            for name, p in params.items():
+                stacked[name] = p.detach()[kept].requires_grad_()
+                stacked[name].grad = p.grad[kept]
+            params = stacked
+            optimizer.keep(kept, params)
+        if keep:
+            optimizer.step(torch.tensor([lrs[index] for index in keep], device=device))
+        synchronize(device)
+        tokens_per_s = len(active) * tokens_per_step / (time.perf_counter() - t0)
+        for index, member in enumerate(active):
+            outcomes[member].curve.append(
+                {
+                    "step": step,
+                    "lr": lrs[index],
+                    "loss": loss_values[index],
+                    "grad_norm": grad_values[index],
+                    "tokens_per_s": tokens_per_s,
+                }
+            )
+            if reasons[index] is not None:
+                outcomes[member].diverged_step = step
+                outcomes[member].divergence_reason = reasons[index]
+                log.info("lr %g: step %d: diverged (%s)", lrs[index], step, reasons[index])
+                finish(member)
+        active = [active[index] for index in keep]
+        if not active:
+            break
+        if on_progress is not None and (step + 1) % cfg.flush_every == 0:
+            for member in active:
+                on_progress(member, outcomes[member].curve)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log.info(
+                "step %4d/%d  %d member(s)  loss %s  %.0f tok/s",
+                step,
+                cfg.steps,
+                len(active),
+                " ".join(f"{loss_values[index]:.4f}" for index in keep),
+                tokens_per_s,
+            )
+
+    if active:
+        val_losses = evaluate_packed(batched_losses, params, corpus, lead, device)
+        for member, val_loss in zip(active, val_losses, strict=True):
+            outcomes[member].val_loss = val_loss
+            finish(member)
+
+
+@torch.no_grad()
+def evaluate_packed(
+    batched_losses: Callable,
+    params: dict[str, torch.Tensor],
+    corpus: Corpus,
+    cell: CellConfig,
+    device: torch.device,
+) -> list[float]:
+    """Each member's mean validation loss over the same batches ``suite.train.evaluate`` uses."""
+    batches = validation_batches(
+        corpus, cell.model.seq_len, cell.train.batch_size, cell.train.eval_batches, device
+    )
+    total = sum(batched_losses(params, x, y)[0] for x, y in batches)
+    return (total / len(batches)).tolist()
