@@ -21,7 +21,11 @@ def test_peer_comparison_runs_at_matched_shapes(spec, variant):
 
 
 @pytest.mark.parametrize(
-    "script", [["benchmarks.packed_prototype", "--members", "2", "--rounds", "1"]]
+    "script",
+    [
+        ["benchmarks.packed_vs_unpacked", "--cells-only", "--rounds", "1", "+variant=preln"]
+        + ["sweep=tiny", "train.steps=5"]
+    ],
 )
 def test_measurement_scripts_run(script):
     import subprocess

@@ -2,7 +2,9 @@
 
 Every invocation is a Hydra multirun over the selected sweep preset's grid, after a preflight
 (suite.preflight) has validated every cell. Each Hydra job is one cell: it skips the cell if the
-store already has its finished record, else trains it and writes the record.
+store already has its finished record, else trains it and writes the record. With
+``train.pack_lr=true`` each job is one pack instead: the cells of all the sweep's learning rates
+for one point of the other axes, trained together (suite.packed), each member kept as it finishes.
 """
 
 from __future__ import annotations

@@ -83,6 +83,19 @@ def stack_members(model: nn.Module, members: int) -> dict[str, torch.Tensor]:
     }
 
 
+def keep_members(
+    params: dict[str, torch.Tensor], optimizer: PackedAdamW, members: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A smaller stack of only these members, with their gradients and optimizer state: the
+    dropped ones cost nothing from the next step on."""
+    kept = {}
+    for name, p in params.items():
+        kept[name] = p.detach()[members].requires_grad_()
+        kept[name].grad = p.grad[members]
+    optimizer.keep(members, kept)
+    return kept
+
+
 def check_packable(cells: Sequence[CellConfig]) -> None:
     """A pack's cells may differ in their learning rate and nothing else that matters."""
 
@@ -141,15 +154,15 @@ def train_packed(
         x, y = batches.next(device)
         for p in params.values():
             p.grad = None
-        loss, objective = batched_losses(params, x, y)
-        objective.sum().backward()  # member k's parameters only see member k's objective
+        member_losses, objectives = batched_losses(params, x, y)
+        objectives.sum().backward()  # member k's parameters only see member k's objective
         grad_norms = member_grad_norms(params)
         if optim.grad_clip > 0:
             # As torch.nn.utils.clip_grad_norm_, member by member.
             scale = (optim.grad_clip / (grad_norms + 1e-6)).clamp(max=1.0)
             for p in params.values():
                 p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
-        loss_values, grad_values = loss.tolist(), grad_norms.tolist()
+        loss_values, grad_values = member_losses.tolist(), grad_norms.tolist()
         reasons = []
         for index, member in enumerate(active):
             if step == 0:
@@ -164,13 +177,7 @@ def train_packed(
             )
         keep = [index for index, reason in enumerate(reasons) if reason is None]
         if len(keep) < len(active):
-            kept = torch.tensor(keep, device=device)
-            stacked = {}
-            for name, p in params.items():
-                stacked[name] = p.detach()[kept].requires_grad_()
-                stacked[name].grad = p.grad[kept]
-            params = stacked
-            optimizer.keep(kept, params)
+            params = keep_members(params, optimizer, torch.tensor(keep, device=device))
         if keep:
             optimizer.step(torch.tensor([lrs[index] for index in keep], device=device))
         synchronize(device)

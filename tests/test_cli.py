@@ -110,6 +110,9 @@ def test_ctrl_c_mid_sweep_keeps_every_finished_cell(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A shell's background job (`pytest ... &`) ignores SIGINT, and Python keeps an inherited
+        # SIG_IGN: give the sweep the default a terminal would, so Ctrl-C reaches it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:  # wait for the first cell to finish, then press Ctrl-C
         if "cell 1/4 done" in line:

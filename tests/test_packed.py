@@ -12,6 +12,7 @@ import torch
 from helpers import make_cell, run_suite
 
 import suite.runner
+import variants
 from suite.config import ConfigError
 from suite.packed import train_packed
 from suite.runner import build_model, corpus_for, run_cell, run_pack
@@ -39,7 +40,7 @@ def train_pack(cells) -> list[tuple[int, TrainOutcome]]:
 
 
 @pytest.mark.parametrize(
-    "variant, grad_clip", [("preln", 0.0), ("postln", 1.0), ("rezero", 0.0), ("deepnorm", 0.0)]
+    "variant, grad_clip", [(name, 0.0) for name in variants.names()] + [("postln", 1.0)]
 )
 def test_members_match_their_unpacked_cells(variant, grad_clip):
     cells = pack_cells(variant, [1e-3, 3e-3, DIVERGING_LR], grad_clip=grad_clip)
@@ -52,7 +53,8 @@ def test_members_match_their_unpacked_cells(variant, grad_clip):
         losses = [row["loss"] for row in curve]
         assert losses == pytest.approx([row["loss"] for row in alone_curve], rel=1e-4)
         grads = [row["grad_norm"] for row in curve]
-        assert grads == pytest.approx([row["grad_norm"] for row in alone_curve], rel=1e-3)
+        # Looser: at a diverging step the gradient is huge and more sensitive than the loss.
+        assert grads == pytest.approx([row["grad_norm"] for row in alone_curve], rel=1e-2)
         if alone["verdict"] != "diverged":
             assert record["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-4)
     assert records[-1]["verdict"] == "diverged"
@@ -121,3 +123,17 @@ def test_preflight_counts_every_packed_model_copy_against_memory():
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     with pytest.raises(ConfigError, match="packed learning rates"):
         check_fits_in_memory(cell, copies=math.ceil(memory / one_copy_bytes) + 1)
+
+
+def test_the_command_lines_lr_axis_becomes_one_job_per_pack():
+    from suite.app import pack_learning_rates
+    from suite.preflight import sweep_cells
+
+    args = ["+variant=preln", "sweep=tiny", "optim.lr=1e-3,1e-2,1e-1", "train.pack_lr=true"]
+    cells = [cell for _, cell in sweep_cells(args)]
+    packed_args, jobs = pack_learning_rates(args, cells)
+    packs = [cell for _, cell in sweep_cells(packed_args)]
+    assert jobs == len(packs) == 2  # depth 2 and 4
+    assert all(cell.train.packed_lrs == [1e-3, 1e-2, 1e-1] for cell in packs)
+    members = {(c.model.depth, lr) for c in packs for lr in c.train.packed_lrs}
+    assert members == {(c.model.depth, c.optim.lr) for c in cells}
