@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from suite.store import finished_record, write_cell, write_curve, write_started
 log = logging.getLogger("suite")
 
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
+MAIN_PID_ENV = "SUITE_MAIN_PID"
 # Hydra flags that print or inspect instead of running: no preflight for those.
 _INSPECT_FLAGS = (
     "--help",
@@ -49,6 +52,7 @@ _INSPECT_FLAGS = (
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
+    _stop_when_the_sweep_is_gone()
     cell = cell_from_config(cfg)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     number = f"{HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
@@ -118,6 +122,46 @@ def _keep(cell: CellConfig, record: dict[str, Any], curve: list[dict], label: st
         log.error("%s: %s errored (traceback in %s/record.json)", label, record["cell_id"], folder)
 
 
+def _stop_when_the_sweep_is_gone() -> None:
+    """In a worker process of a parallel launcher (joblib, submitit local): exit as soon as the
+    sweep's main process is gone. Otherwise a killed sweep (``kill PID``) leaves its workers
+    training their queued cells for minutes, unseen. Ctrl-C in a terminal reaches every process
+    of the sweep anyway. The cell in flight is left as a killed run is: its partial curve and
+    running marker, never a half-written record (store writes are atomic). A worker that only
+    reaches its first cell after the main process died cannot tell that from a cluster job on
+    another machine, and is not stopped."""
+    global _watching
+    main_pid = int(os.environ.get(MAIN_PID_ENV, "0"))
+    if _watching or os.getpid() == main_pid or not _descends_from(main_pid):
+        return  # the main process itself, or a cluster job on another machine
+    _watching = True
+
+    def watch() -> None:
+        while _descends_from(main_pid):
+            time.sleep(1)
+        log.error("the sweep's main process is gone: this worker stops (finished cells are kept)")
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sweep-watchdog", daemon=True).start()
+
+
+def _descends_from(pid: int) -> bool:
+    """Whether ``pid`` is this process's parent or, on Linux (/proc), any ancestor. When a process
+    dies its children are re-parented, so a dead (even unreaped) ancestor drops out of the chain."""
+    current = os.getppid()
+    while current > 1 and current != pid:
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+        except OSError:
+            return False
+        current = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
+    return current == pid and pid > 1
+
+
+_watching = False
+
+
 def parallel_cells(launcher: DictConfig) -> int:
     """How many cells this launcher runs at once on one machine: their throughput numbers were
     measured on a shared device and are flagged so (``shared_device``)."""
@@ -142,6 +186,7 @@ def pack_learning_rates(args: list[str], cells: list[CellConfig]) -> tuple[list[
 
 def main() -> None:
     register_variant_configs()  # also when preflight is skipped (--help, --cfg job)
+    os.environ[MAIN_PID_ENV] = str(os.getpid())  # inherited by the launcher's workers
     args = sys.argv[1:]
     if not any(arg.split("=")[0] in _INSPECT_FLAGS for arg in args):
         overrides = [arg for arg in args if not arg.startswith("-")]

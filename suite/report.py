@@ -205,7 +205,8 @@ def build_sections(
             section.image = png_data_uri(figure)
     packed = int((finished.get("packed_members", pd.Series(dtype=float)).fillna(1) > 1).sum())
     if packed:
-        sections[4].caption += (
+        throughput = next(s for s in sections if s.title == "Throughput vs depth")
+        throughput.caption += (
             f" {packed} runs were packed (train.pack_lr=true): their tokens/s counts the tokens "
             "of every member of the pack."
         )
@@ -268,7 +269,10 @@ def diagnostics_sections(
     ]
     for section, figure in zip(sections, made, strict=True):
         if figure is None:
-            section.note = "No diagnostics recorded for these runs (diagnostics.enabled=false?)."
+            section.note = (
+                "No diagnostics recorded for these runs: they are off with "
+                "diagnostics.enabled=false and not measured in packed runs (train.pack_lr=true)."
+            )
         else:
             section.image = png_data_uri(figure)
     return sections

@@ -110,6 +110,12 @@ def test_packed_sweep_stores_the_same_cells_as_the_unpacked_one(tiny_sweep, tmp_
     assert (packed["verdict"] == unpacked.loc[packed.index, "verdict"]).all()
     assert "Summary of this sweep (8 cells" in result.stdout
 
+    from suite.report import build_sections
+
+    sections = build_sections(packed.reset_index(), store, None, None)
+    throughput = next(s for s in sections if s.title == "Throughput vs depth")
+    assert "8 runs were packed" in throughput.caption
+
     again = run_suite(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "8 already in the store" in again.stdout and "done:" not in again.stdout

@@ -3,12 +3,15 @@ concurrent writers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -175,3 +178,61 @@ def test_two_workers_writing_one_store_at_once(tmp_path):
     assert stored.drop(columns=lists).equals(runs.drop(columns=lists))
     for column in lists:
         assert [list(v) for v in stored[column]] == [list(v) for v in runs[column]]
+
+
+WORKER_MARKS = ("popen_loky", "submitit.core._submit")  # loky's and submitit's job processes
+
+
+def _worker_pids(root: int) -> set[int]:
+    """The processes under ``root`` that run the launcher's jobs (not its helper processes)."""
+    found, pending = set(), [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        pending += [int(child) for child in children]
+        found |= {int(c) for c in children if any(m in _cmdline(int(c)) for m in WORKER_MARKS)}
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize(
+    "launcher",
+    [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["hydra/launcher=submitit_local"]],
+)
+def test_killing_a_parallel_sweep_stops_its_workers_too(tmp_path, launcher):
+    args = ["+variant=preln", "sweep=tiny", "train.steps=5000", f"store={tmp_path}", *launcher]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "suite", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # so the test can clean up whatever is left
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("cells/*/running.json"))) < 2:  # two cells are training
+            assert time.monotonic() < deadline, "the sweep never started two cells"
+            time.sleep(0.5)
+        workers = _worker_pids(process.pid)
+        assert len(workers) >= 2
+        process.kill()  # SIGKILL the main process only, as `kill -9 PID` does
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_cmdline(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(_cmdline(pid) for pid in workers), "workers outlived the sweep"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
