@@ -26,6 +26,20 @@ def run_suite(
     )
 
 
+def start_suite(*args: str, **popen: object) -> subprocess.Popen:
+    """The real CLI started in the background (stdout and stderr merged, unbuffered), for tests
+    that interrupt or kill it mid-sweep; ``popen`` overrides any of those settings."""
+    settings = {
+        "cwd": REPO,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "text": True,
+        "env": {**os.environ, "PYTHONUNBUFFERED": "1"},
+        **popen,
+    }
+    return subprocess.Popen([sys.executable, "-m", "suite", *args], **settings)
+
+
 def make_cell(
     variant: str = "preln",
     *,

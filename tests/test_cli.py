@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import REPO, run_suite
+from helpers import REPO, run_suite, start_suite
 
 from suite.collect import collect
 from suite.store import RECORD_COLUMNS
@@ -89,27 +89,13 @@ def test_readme_documents_every_column():
 
 
 def test_ctrl_c_mid_sweep_keeps_every_finished_cell(tmp_path):
-    import os
     import signal
     import subprocess
-    import sys
 
     store = tmp_path / "store"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "suite",
-            "+variant=preln",
-            "sweep=tiny",
-            f"store={store}",
-            "train.steps=400",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
+    process = start_suite(
+        *("+variant=preln", "sweep=tiny", f"store={store}", "train.steps=400"),
         stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         # A shell's background job (`pytest ... &`) ignores SIGINT, and Python keeps an inherited
         # SIG_IGN: give the sweep the default a terminal would, so Ctrl-C reaches it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

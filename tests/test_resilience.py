@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO, fake_distribution, run_suite
+from helpers import REPO, fake_distribution, run_suite, start_suite
 
 from suite.collect import collect
 
@@ -63,14 +63,7 @@ def test_sigkill_mid_cell_keeps_finished_cells_marks_the_killed_one_and_resumes(
         "train.flush_every=20",
         f"store={tmp_path}",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "suite", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = start_suite(*args)
     in_second_cell = False
     for line in process.stdout:
         in_second_cell = in_second_cell or "cell 2/2:" in line
@@ -211,15 +204,8 @@ def _cmdline(pid: int) -> str:
 )
 def test_killing_a_parallel_sweep_stops_its_workers_too(tmp_path, launcher):
     args = ["+variant=preln", "sweep=tiny", "train.steps=5000", f"store={tmp_path}", *launcher]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "suite", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,  # so the test can clean up whatever is left
-    )
+    # A session of its own, so the test can clean up whatever is left.
+    process = start_suite(*args, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("cells/*/running.json"))) < 2:  # two cells are training
