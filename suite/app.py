@@ -32,6 +32,7 @@ log = logging.getLogger("suite")
 
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
 MAIN_PID_ENV = "SUITE_MAIN_PID"
+_watching = False  # whether this worker process already watches the sweep's main process
 # Hydra flags that print or inspect instead of running: no preflight for those.
 _INSPECT_FLAGS = (
     "--help",
@@ -157,9 +158,6 @@ def _descends_from(pid: int) -> bool:
             return False
         current = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
     return current == pid and pid > 1
-
-
-_watching = False
 
 
 def parallel_cells(launcher: DictConfig) -> int:
