@@ -207,12 +207,16 @@ def test_killing_a_parallel_sweep_stops_its_workers_too(tmp_path, launcher):
     # A session of its own, so the test can clean up whatever is left.
     process = start_suite(*args, start_new_session=True)
     try:
+        # Every worker must be training (a worker killed before its first cell is not stopped;
+        # see suite.app._stop_when_the_sweep_is_gone): joblib runs 2 at once, submitit all 4.
         deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("cells/*/running.json"))) < 2:  # two cells are training
-            assert time.monotonic() < deadline, "the sweep never started two cells"
+        while True:
+            workers = _worker_pids(process.pid)
+            training = len(list(tmp_path.glob("cells/*/running.json")))
+            if len(workers) >= 2 and training >= len(workers):
+                break
+            assert time.monotonic() < deadline, "the sweep never got all its workers training"
             time.sleep(0.5)
-        workers = _worker_pids(process.pid)
-        assert len(workers) >= 2
         process.kill()  # SIGKILL the main process only, as `kill -9 PID` does
         process.wait(timeout=60)
         deadline = time.monotonic() + 30
