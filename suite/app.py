@@ -124,27 +124,39 @@ def _keep(cell: CellConfig, record: dict[str, Any], curve: list[dict], label: st
 
 
 def _stop_when_the_sweep_is_gone() -> None:
-    """In a worker process of a parallel launcher (joblib, submitit local): exit as soon as the
-    sweep's main process is gone. Otherwise a killed sweep (``kill PID``) leaves its workers
+    """In a worker process of a local parallel launcher (joblib, submitit local): exit as soon as
+    the sweep's main process is gone. Otherwise a killed sweep (``kill PID``) leaves its workers
     training their queued cells for minutes, unseen. Ctrl-C in a terminal reaches every process
     of the sweep anyway. The cell in flight is left as a killed run is: its partial curve and
-    running marker, never a half-written record (store writes are atomic). A worker that only
-    reaches its first cell after the main process died cannot tell that from a cluster job on
-    another machine, and is not stopped."""
+    running marker, never a half-written record (store writes are atomic). Cluster launchers'
+    jobs are left alone: they belong to the cluster, not to the process that submitted them."""
     global _watching
     main_pid = int(os.environ.get(MAIN_PID_ENV, "0"))
-    if _watching or os.getpid() == main_pid or not _descends_from(main_pid):
-        return  # the main process itself, or a cluster job on another machine
+    if _watching or main_pid in (0, os.getpid()):
+        return  # the main process itself, or not started by `python -m suite`
+    if not _local_launcher(HydraConfig.get().launcher):
+        return
     _watching = True
 
-    def watch() -> None:
-        while _descends_from(main_pid):
-            time.sleep(1)
+    def stop() -> None:
         log.error("the sweep's main process is gone: this worker stops (finished cells are kept)")
         logging.shutdown()
         os._exit(1)
 
+    def watch() -> None:
+        while _descends_from(main_pid):
+            time.sleep(1)
+        stop()
+
+    if not _descends_from(main_pid):
+        stop()  # killed while this worker was starting up
     threading.Thread(target=watch, name="sweep-watchdog", daemon=True).start()
+
+
+def _local_launcher(launcher: DictConfig) -> bool:
+    """Whether the launcher runs cells in worker processes on this machine."""
+    target = str(launcher.get("_target_", ""))
+    return "joblib" in target or "LocalLauncher" in target
 
 
 def _descends_from(pid: int) -> bool:
