@@ -133,13 +133,13 @@ def train_packed(
     active = list(range(len(cells)))  # members still training, in stack order
     started = time.perf_counter()
 
-    def losses(member_params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+    def losses(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, z_loss: float):
         def member_model(tokens: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, member_params, (tokens,))
+            return functional_call(model, params, (tokens,))
 
-        return loss_and_objective(member_model, x, y, autocast, optim.z_loss)
+        return loss_and_objective(member_model, x, y, autocast, z_loss)
 
-    batched_losses = vmap(losses, in_dims=(0, None, None))
+    batched_losses = vmap(losses, in_dims=(0, None, None, None))
 
     def finish(member: int) -> None:
         out = outcomes[member]
@@ -154,7 +154,7 @@ def train_packed(
         x, y = batches.next(device)
         for p in params.values():
             p.grad = None
-        member_losses, objectives = batched_losses(params, x, y)
+        member_losses, objectives = batched_losses(params, x, y, optim.z_loss)
         objectives.sum().backward()  # member k's parameters only see member k's objective
         grad_norms = member_grad_norms(params)
         if optim.grad_clip > 0:
@@ -232,5 +232,6 @@ def evaluate_packed(
     batches = validation_batches(
         corpus, cell.model.seq_len, cell.train.batch_size, cell.train.eval_batches, device
     )
-    total = sum(batched_losses(params, x, y)[0] for x, y in batches)
+    # z_loss 0: the validation loss is the cross-entropy alone, as suite.train.evaluate's.
+    total = sum(batched_losses(params, x, y, 0.0)[0] for x, y in batches)
     return (total / len(batches)).tolist()

@@ -21,10 +21,11 @@ from suite.train import TrainOutcome
 DIVERGING_LR = 3.0  # blows the loss past 2× its initial value within two steps
 
 
-def pack_cells(variant: str, lrs: list[float], grad_clip: float = 0.0):
+def pack_cells(variant: str, lrs: list[float], grad_clip: float = 0.0, z_loss: float = 0.0):
     cells = [make_cell(variant, lr=lr, steps=20) for lr in lrs]
     for cell in cells:
         cell.optim.grad_clip = grad_clip
+        cell.optim.z_loss = z_loss
         cell.diagnostics.enabled = False
     return cells
 
@@ -40,10 +41,11 @@ def train_pack(cells) -> list[tuple[int, TrainOutcome]]:
 
 
 @pytest.mark.parametrize(
-    "variant, grad_clip", [(name, 0.0) for name in variants.names()] + [("postln", 1.0)]
+    "variant, grad_clip, z_loss",
+    [(name, 0.0, 0.0) for name in variants.names()] + [("postln", 1.0, 0.0), ("preln", 0.0, 1e-2)],
 )
-def test_members_match_their_unpacked_cells(variant, grad_clip):
-    cells = pack_cells(variant, [1e-3, 3e-3, DIVERGING_LR], grad_clip=grad_clip)
+def test_members_match_their_unpacked_cells(variant, grad_clip, z_loss):
+    cells = pack_cells(variant, [1e-3, 3e-3, DIVERGING_LR], grad_clip=grad_clip, z_loss=z_loss)
     records, curves = zip(*run_pack(cells), strict=True)
     for cell, record, curve in zip(cells, records, curves, strict=True):
         alone, alone_curve = run_cell(cell)
