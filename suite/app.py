@@ -32,6 +32,8 @@ log = logging.getLogger("suite")
 
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
 MAIN_PID_ENV = "SUITE_MAIN_PID"
+# How the local parallel launchers' _target_ classes are recognized.
+JOBLIB_LAUNCHER, SUBMITIT_LOCAL_LAUNCHER = "joblib", "LocalLauncher"
 _watching = False  # whether this worker process already watches the sweep's main process
 # Hydra flags that print or inspect instead of running: no preflight for those.
 _INSPECT_FLAGS = (
@@ -156,7 +158,7 @@ def _stop_when_the_sweep_is_gone() -> None:
 def _local_launcher(launcher: DictConfig) -> bool:
     """Whether the launcher runs cells in worker processes on this machine."""
     target = str(launcher.get("_target_", ""))
-    return "joblib" in target or "LocalLauncher" in target
+    return JOBLIB_LAUNCHER in target or SUBMITIT_LOCAL_LAUNCHER in target
 
 
 def _descends_from(pid: int) -> bool:
@@ -176,10 +178,10 @@ def parallel_cells(launcher: DictConfig) -> int:
     """How many cells this launcher runs at once on one machine: their throughput numbers were
     measured on a shared device and are flagged so (``shared_device``)."""
     target = str(launcher.get("_target_", ""))
-    if "joblib" in target:
+    if JOBLIB_LAUNCHER in target:
         jobs = int(launcher.get("n_jobs", 1))
         return (os.cpu_count() or 1) if jobs < 0 else jobs
-    if "LocalLauncher" in target:  # submitit_local starts every cell of the sweep at once
+    if SUBMITIT_LOCAL_LAUNCHER in target:  # submitit_local starts every cell of the sweep at once
         return int(os.environ.get(SWEEP_SIZE_ENV, "0")) or 1
     return 1  # basic launcher, or a cluster launcher with one machine per cell
 
