@@ -17,8 +17,16 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from suite.store import RECORD_COLUMNS, RUNS, read_records, write_table
+from suite.config import (
+    ConfigError,
+    VerdictConfig,
+    identity_hash,
+    verdict_config,
+    verdict_from_overrides,
+)
+from suite.store import RECORD_COLUMNS, RUNS, read_losses, read_records, write_table
 from suite.summary import format_summary, summarize
+from suite.verdict import judge_curve, rule_description
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +34,16 @@ CELL_POINTER = "cell_id"  # written into each Hydra job's output folder
 SKIPPED_MARKER = "skipped"  # ... beside it when the cell was already in the store
 
 
-def collect(store: str | Path, write: bool = True) -> pd.DataFrame:
-    """All records under ``store`` as one DataFrame; also written to ``<store>/runs.parquet``."""
-    records = read_records(store)
+def collect(
+    store: str | Path, write: bool = True, verdict: VerdictConfig | None = None
+) -> pd.DataFrame:
+    """All records under ``store`` as one DataFrame, every finished run judged from its stored
+    curve with the ``verdict`` knobs (default: the suite's); also written to
+    ``<store>/runs.parquet``."""
+    verdict = verdict or VerdictConfig()
+    records = latest_per_cell(read_records(store))
     for record in records:
+        judge_record(record, store, verdict)
         record["config"] = json.dumps(record.get("config"), sort_keys=True)
     runs = pd.DataFrame.from_records(records)
     extra = [c for c in runs.columns if c not in RECORD_COLUMNS]
@@ -40,6 +54,56 @@ def collect(store: str | Path, write: bool = True) -> pd.DataFrame:
     if write and not runs.empty:
         write_table(runs, Path(store) / RUNS)
     return runs
+
+
+def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConfig) -> None:
+    """Judge a finished run from its stored curve (suite.verdict), in place. A curve that is
+    missing, unreadable or not the one the record describes (a different number of steps) leaves
+    the record's own training-time judgement, marked ``judged_from = record``."""
+    if record.get("status") != "ok":
+        return
+    record["verdict_rule"] = rule_description(verdict)
+    diverged = record.get("diverged_step") is not None
+    try:
+        losses = read_losses(store, record["cell_id"])
+        expected = int(record["steps_completed"]) + (1 if diverged else 0)
+        if len(losses) != expected:
+            raise ValueError(f"{len(losses)} steps stored, the record has {expected}")
+        judgement = judge_curve(
+            losses, diverged, int(record["steps"]), float(record["unigram_entropy"]), verdict
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning(
+            "%s: cannot judge from its curve (%s); keeping the verdict recorded in training",
+            record.get("cell_id"),
+            error,
+        )
+        record["judged_from"] = "record"
+        record["verdict_rule"] = "as recorded in training"
+        return
+    record.update(judgement.fields(), judged_from="curve")
+
+
+def latest_per_cell(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per cell identity: a store written before a change of the cell id (e.g. label
+    knobs leaving the hash) can hold the same cell under two ids once it is re-run. The identity
+    is re-derived from each record's stored config; a finished record wins over an unfinished
+    one, then the newest."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for record in records:
+        config = record.get("config")
+        key = identity_hash(config) if isinstance(config, dict) else record.get("cell_id")
+        rank = (record.get("status") == "ok", str(record.get("started_at") or ""))
+        current = chosen.get(key)
+        if current is None or rank >= (
+            current.get("status") == "ok",
+            str(current.get("started_at") or ""),
+        ):
+            chosen[key] = record
+    superseded = len(records) - len(chosen)
+    if superseded:
+        log.info("%d record(s) superseded by a later run of the same cell", superseded)
+    return list(chosen.values())
 
 
 _UNFINISHED = (
@@ -76,7 +140,7 @@ class CollectCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         store = config.store
-        runs = collect(store)
+        runs = collect(store, verdict=verdict_config(config.get("verdict")))
         if runs.empty:
             return
         this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(config.hydra.sweep.dir))]
@@ -91,12 +155,30 @@ class CollectCallback(Callback):
             raise SystemExit(1)  # the records are kept; the exit code tells scripts to look
 
 
+def add_verdict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "verdict",
+        nargs="*",
+        metavar="verdict.KEY=VALUE",
+        help="judge with other verdict knobs, e.g. verdict.stall_margin=0.2 (nothing re-trains)",
+    )
+
+
+def parse_verdict(parser: argparse.ArgumentParser, overrides: list[str]) -> VerdictConfig:
+    """The verdict knobs given on the command line; a bad one exits 2 naming the key."""
+    try:
+        return verdict_from_overrides(overrides)
+    except ConfigError as error:
+        parser.exit(2, f"config error: {error}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results", help="results store (default: results)")
     parser.add_argument("--sweep", help="only runs of this sweep preset (e.g. quick)")
+    add_verdict_arguments(parser)
     args = parser.parse_args(argv)
-    runs = collect(args.store)
+    runs = collect(args.store, verdict=parse_verdict(parser, args.verdict))
     if runs.empty:
         raise SystemExit(f"no records under {args.store}/cells")
     if args.sweep:

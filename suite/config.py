@@ -7,6 +7,7 @@ whose message starts with the offending key.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -78,9 +79,26 @@ class TrainConfig:
 
 @dataclass
 class VerdictConfig:
+    """The verdict's knobs (suite/verdict.py). Only ``blowup_factor`` acts during training (the
+    divergence stop); the others are labels computed from the stored curve at collect time."""
+
     blowup_factor: float = 2.0  # diverged if loss > blowup_factor × initial loss
     stall_margin: float = 0.1  # stalled if final loss > unigram entropy − stall_margin (nats)
     final_window: int = 10  # steps averaged for the final training loss
+    smooth_window: int = 10  # steps averaged for the smoothed loss that finds the escape step
+    borderline_margin: float = 0.05  # borderline: final loss this close (nats) to the threshold
+    late_escape_fraction: float = 0.25  # ... or escaped in this last fraction of the budget
+
+
+# Verdict knobs that only label a stored curve: left out of the cell's identity, so changing one
+# re-collects instead of re-training.
+LABEL_KNOBS = (
+    "stall_margin",
+    "final_window",
+    "smooth_window",
+    "borderline_margin",
+    "late_escape_fraction",
+)
 
 
 @dataclass
@@ -124,20 +142,10 @@ class CellConfig:
 
     def result_defining(self) -> dict[str, Any]:
         """The part of the config that can change the result (not where it is stored)."""
-        data = asdict(self)
-        data.pop("store")
-        data.pop("sweep")
-        data.pop("diagnostics")  # measured beside training, never changing it (tested)
-        data["train"].pop("threads")
-        data["train"].pop("log_every")
-        data["train"].pop("flush_every")
-        data["train"].pop("pack_lr")  # packed members equal their unpacked cells (tested)
-        data["train"].pop("packed_lrs")
-        return data
+        return result_defining(asdict(self))
 
     def config_hash(self) -> str:
-        canonical = json.dumps(self.result_defining(), sort_keys=True, default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return identity_hash(asdict(self))
 
     def cell_id(self) -> str:
         return (
@@ -149,6 +157,27 @@ class CellConfig:
         if self.optim.warmup_steps:
             return self.optim.warmup_steps
         return round(self.optim.warmup_fraction * self.train.steps)
+
+
+def result_defining(config: dict[str, Any]) -> dict[str, Any]:
+    """Of a cell's config (as stored in its record), the part that can change what is trained:
+    not where it is stored, how often it logs, the diagnostics or the verdict's label knobs."""
+    data = copy.deepcopy(config)
+    data.pop("store", None)
+    data.pop("sweep", None)
+    data.pop("diagnostics", None)  # measured beside training, never changing it (tested)
+    for key in ("threads", "log_every", "flush_every", "packed_lrs"):
+        data.get("train", {}).pop(key, None)
+    data.get("train", {}).pop("pack_lr", None)  # packed members equal their unpacked cells
+    for key in LABEL_KNOBS:
+        data.get("verdict", {}).pop(key, None)
+    return data
+
+
+def identity_hash(config: dict[str, Any]) -> str:
+    """sha256 of :func:`result_defining`: equal for two configs exactly when they train alike."""
+    canonical = json.dumps(result_defining(config), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _typed_section(name: str, schema: type, node: Any) -> Any:
@@ -184,6 +213,64 @@ def _check(condition: bool, key: str, message: str, value: Any) -> None:
 
 def _finite_positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
+
+
+def validate_verdict(v: VerdictConfig) -> None:
+    """Range checks of the verdict's knobs (also for the ones given to collect and report)."""
+    _check(
+        _finite_positive(v.blowup_factor) and v.blowup_factor > 1,
+        "verdict.blowup_factor",
+        "must be a number > 1",
+        v.blowup_factor,
+    )
+    _check(
+        math.isfinite(v.stall_margin) and v.stall_margin >= 0,
+        "verdict.stall_margin",
+        "must be a number ≥ 0 (nats below the unigram entropy)",
+        v.stall_margin,
+    )
+    _check(v.final_window >= 1, "verdict.final_window", "must be at least 1", v.final_window)
+    _check(v.smooth_window >= 1, "verdict.smooth_window", "must be at least 1", v.smooth_window)
+    _check(
+        math.isfinite(v.borderline_margin) and v.borderline_margin >= 0,
+        "verdict.borderline_margin",
+        "must be a number ≥ 0 (nats)",
+        v.borderline_margin,
+    )
+    _check(
+        0 <= v.late_escape_fraction < 1,
+        "verdict.late_escape_fraction",
+        "must be in [0, 1)",
+        v.late_escape_fraction,
+    )
+
+
+def verdict_from_overrides(overrides: list[str]) -> VerdictConfig:
+    """The verdict knobs from ``verdict.KEY=VALUE`` arguments (collect and report take them as
+    a sweep does); raises ConfigError naming the key."""
+    pairs = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.startswith("verdict.") or key.count(".") != 1:
+            raise ConfigError(f"{key or override}: expected verdict.KEY=VALUE (got {override!r})")
+        if key == "verdict.blowup_factor":
+            raise ConfigError(
+                "verdict.blowup_factor: stops training, so it cannot change by re-judging "
+                "stored curves; re-run the sweep with it instead"
+            )
+        pairs[key.removeprefix("verdict.")] = value
+    try:
+        node = OmegaConf.from_dotlist([f"{key}={value}" for key, value in pairs.items()])
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"verdict: {error}") from None
+    return verdict_config(node)
+
+
+def verdict_config(node: Any) -> VerdictConfig:
+    """Typed, checked verdict knobs from a config node (e.g. a composed sweep's ``verdict``)."""
+    verdict = _typed_section("verdict", VerdictConfig, node)
+    validate_verdict(verdict)
+    return verdict
 
 
 def validate(cell: CellConfig) -> None:
@@ -274,19 +361,7 @@ def validate(cell: CellConfig) -> None:
         "packed runs are not compiled; set train.compile=false or train.pack_lr=false",
         t.pack_lr,
     )
-    _check(
-        _finite_positive(v.blowup_factor) and v.blowup_factor > 1,
-        "verdict.blowup_factor",
-        "must be a number > 1",
-        v.blowup_factor,
-    )
-    _check(
-        math.isfinite(v.stall_margin),
-        "verdict.stall_margin",
-        "must be a finite number",
-        v.stall_margin,
-    )
-    _check(v.final_window >= 1, "verdict.final_window", "must be at least 1", v.final_window)
+    validate_verdict(v)
     _check(g.every >= 1, "diagnostics.every", "must be at least 1", g.every)
     _check(g.early_steps >= 0, "diagnostics.early_steps", "must be ≥ 0", g.early_steps)
     _check(g.probe_batch >= 1, "diagnostics.probe_batch", "must be at least 1", g.probe_batch)

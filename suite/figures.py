@@ -16,7 +16,13 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from suite.summary import capped_loss, lr_sensitivity, max_stable_lr, ok_runs  # noqa: E402
+from suite.summary import (  # noqa: E402
+    capped_loss,
+    kaplan_meier,
+    lr_sensitivity,
+    max_stable_lr,
+    ok_runs,
+)
 from suite.verdict import CONVERGED, DIVERGED, STALLED  # noqa: E402
 
 # Built-ins first, in the order of the literature; anything else after, alphabetically.
@@ -55,8 +61,8 @@ def _lr_label(lr: float) -> str:
 
 
 def verdict_heatmaps(runs: pd.DataFrame) -> Figure:
-    """Depth × LR per variant; colour = fraction of seeds converged; text = converged/seeds and
-    one letter per failed seed (S stalled, D diverged)."""
+    """Depth × LR per variant; colour = fraction of seeds converged; text = converged/seeds,
+    one letter per failed seed (S stalled, D diverged) and one * per borderline seed."""
     finished = ok_runs(runs)
     names = variant_order(finished["variant"])
     lrs = sorted(finished["lr"].unique())
@@ -74,15 +80,18 @@ def verdict_heatmaps(runs: pd.DataFrame) -> Figure:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names, strict=False):
         subset = finished[finished["variant"] == name]
-        grouped = subset.groupby(["depth", "lr"])["verdict"]
-        fraction = grouped.apply(lambda v: (v == CONVERGED).mean()).unstack()
+        grouped = subset.groupby(["depth", "lr"])
+        fraction = grouped["verdict"].apply(lambda v: (v == CONVERGED).mean()).unstack()
         fraction = fraction.reindex(index=depths, columns=lrs)
         text = (
-            grouped.apply(
-                lambda v: (
-                    f"{(v == CONVERGED).sum()}/{len(v)}\n"
-                    + "S" * int((v == STALLED).sum())
-                    + "D" * int((v == DIVERGED).sum())
+            grouped[["verdict", "borderline"]]
+            .apply(
+                lambda cell: (
+                    f"{(cell['verdict'] == CONVERGED).sum()}/{len(cell)}"
+                    + "*" * int(cell["borderline"].eq(True).sum())
+                    + "\n"
+                    + "S" * int((cell["verdict"] == STALLED).sum())
+                    + "D" * int((cell["verdict"] == DIVERGED).sum())
                 )
             )
             .unstack()
@@ -106,6 +115,51 @@ def verdict_heatmaps(runs: pd.DataFrame) -> Figure:
         ax.set_xlabel("learning rate")
         ax.set_ylabel("depth")
         ax.set_xticklabels([_lr_label(lr) for lr in lrs], rotation=45)
+    return fig
+
+
+def plateau_survival(runs: pd.DataFrame) -> Figure | None:
+    """Fraction of runs still on the unigram plateau vs step, one panel per depth, one line per
+    variant: a Kaplan–Meier curve, runs that never escaped censored at their budget (dotted
+    line). None when no run's escape step is known."""
+    finished = ok_runs(runs)
+    if "judged_from" in finished:
+        finished = finished[finished["judged_from"] != "record"]
+    finished = finished[finished["steps"].fillna(0) > 0]
+    if finished.empty:
+        return None
+    depths = sorted(finished["depth"].unique())
+    names = variant_order(finished["variant"])
+    colours = palette(names)
+    fig, axes = plt.subplots(
+        1,
+        len(depths),
+        figsize=(4.6 * len(depths), 3.6),
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for ax, depth in zip(axes.flat, depths, strict=True):
+        at_depth = finished[finished["depth"] == depth]
+        for name in names:
+            subset = at_depth[at_depth["variant"] == name]
+            if subset.empty:
+                continue
+            curve = kaplan_meier(subset["escape_step"], subset["steps"])
+            ax.step(
+                curve["step"],
+                curve["on_plateau"],
+                where="post",
+                color=colours[name],
+                label=f"{name} ({len(subset)} runs)",
+            )
+        for budget in sorted(at_depth["steps"].unique()):
+            ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"depth {depth}")
+        ax.set_xlabel("step")
+    axes.flat[0].set_ylabel("fraction of runs still on the plateau")
+    axes.flat[-1].legend(fontsize=8, loc="best")
     return fig
 
 

@@ -24,15 +24,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from suite import diagnostics_figures, figures
-from suite.collect import collect
+from suite.collect import add_verdict_arguments, collect, parse_verdict
 from suite.environment import git_sha, suite_version
 from suite.store import read_curve
 from suite.summary import (
     diagnostics_table,
+    escape_label,
     format_summary,
     ok_runs,
     per_lr_table,
     summarize,
+    unstable_below,
 )
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ def header(runs: pd.DataFrame) -> dict[str, str]:
         + "; seq "
         + values("seq_len", lambda v: str(int(v))),
         "Sweeps": values("sweep"),
+        "Verdicts judged by": values("verdict_rule"),
         "Device": values("device_name"),
         "Torch": values("torch_version"),
         "Suite runs": values("suite_version") + " @ " + values("git_sha", lambda v: v[:12]),
@@ -158,11 +161,21 @@ def build_sections(
 ) -> list[Section]:
     finished = ok_runs(runs)
     benchmarks = matching_benchmarks(benchmarks, finished)
+    budget = _budget(finished)
     sections = [
         Section(
             "Verdicts by depth and learning rate",
             "Green trains, red fails: look for the LRs and depths where a variant's cells turn "
-            "red (S = a stalled seed, D = a diverged seed).",
+            f"red (S = a stalled seed: did not learn within its {budget} steps; D = a diverged "
+            "seed; * = a borderline seed, whose verdict sits near a boundary and could flip "
+            "with another budget, seed or CPU).",
+        ),
+        Section(
+            "Leaving the plateau",
+            "Fraction of runs whose smoothed training loss is still above the stall threshold "
+            "(unigram entropy − stall margin) at each step (Kaplan–Meier; runs that never got "
+            f"below it are censored at their budget, {budget} steps, dotted). A curve that "
+            "reaches 0 early learned fast; one that ends high stalled.",
         ),
         Section(
             "Final loss vs learning rate",
@@ -192,17 +205,34 @@ def build_sections(
         return sections
     makers = [
         lambda: figures.verdict_heatmaps(finished),
+        lambda: figures.plateau_survival(finished),
         lambda: figures.loss_vs_lr(finished),
         lambda: figures.max_stable_lr_vs_depth(finished),
         lambda: figures.lr_sensitivity_vs_depth(finished),
         lambda: figures.throughput_vs_depth(finished, benchmarks),
     ]
+    empty_notes = {
+        "Leaving the plateau": "No escape steps known: these runs were judged from their "
+        "records (their curves could not be read).",
+    }
     for section, make in zip(sections, makers, strict=False):
         figure = make()
         if figure is None:
-            section.note = "Nothing to plot: no LR converged for every seed at any depth."
+            section.note = empty_notes.get(
+                section.title, "Nothing to plot: no LR converged for every seed at any depth."
+            )
         else:
             section.image = png_data_uri(figure)
+    gaps = unstable_below(finished)
+    gaps = gaps[gaps != ""]
+    if len(gaps):
+        stable_section = next(s for s in sections if s.title.startswith("Max stable"))
+        stable_section.note = (
+            "A lower LR failed below the max stable LR (the max stable LR is the largest LR "
+            "where every seed converged, not the largest below which all did): "
+            + "; ".join(f"{name} depth {depth} at {lrs}" for (name, depth), lrs in gaps.items())
+            + "."
+        )
     packed = int((finished.get("packed_members", pd.Series(dtype=float)).fillna(1) > 1).sum())
     if packed:
         throughput = next(s for s in sections if s.title == "Throughput vs depth")
@@ -233,6 +263,14 @@ def build_sections(
             figures.training_curves(curves, depth, lr, entropy, initial)
         )
     return sections + diagnostics_sections(finished, curves, depth, lr)
+
+
+def _budget(finished: pd.DataFrame) -> str:
+    """The runs' step budget N for captions: "200", or "200–400" when it varies."""
+    steps = sorted({int(v) for v in finished.get("steps", pd.Series(dtype=float)).dropna()})
+    if not steps:
+        return "N"
+    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
 
 
 def diagnostics_sections(
@@ -289,16 +327,41 @@ def _table_html(frame: pd.DataFrame, table_id: str, formats: dict[str, str]) -> 
 
 
 SUMMARY_FORMATS = {
-    "converged_%": ".0f",
-    "stalled_%": ".0f",
-    "diverged_%": ".0f",
     "max_stable_lr": "g",
-    "lr_sensitivity": ".3f",
-    "best_val_loss": ".3f",
     "best_lr": "g",
     "median_tokens_per_s": ",.0f",
     "tokens_per_s_vs_preln": ".2f",
 }
+# Shown as "value [low, high]": 95% Wilson intervals for rates, the seeds' spread otherwise.
+SUMMARY_INTERVALS = {
+    "converged_%": ".0f",
+    "stalled_%": ".0f",
+    "diverged_%": ".0f",
+    "lr_sensitivity": ".3f",
+    "best_val_loss": ".3f",
+}
+
+
+def summary_for_html(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with each interval folded into its value's cell, and escape steps as text."""
+    shown = summary.copy()
+    for column, fmt in SUMMARY_INTERVALS.items():
+        shown[column] = [
+            ""
+            if pd.isna(value)
+            else f"{value:{fmt}}" + ("" if pd.isna(low) else f" [{low:{fmt}}, {high:{fmt}}]")
+            for value, low, high in zip(
+                summary[column], summary[f"{column}_lo"], summary[f"{column}_hi"], strict=True
+            )
+        ]
+        shown = shown.drop(columns=[f"{column}_lo", f"{column}_hi"])
+    shown["median_escape_step"] = [
+        escape_label(step, steps)
+        for step, steps in zip(summary["median_escape_step"], summary["steps"], strict=True)
+    ]
+    return shown
+
+
 DIAGNOSTICS_FORMATS = {
     "init_grad_norm_ratio": ".3f",
     "max_attn_logit": ".3g",
@@ -317,6 +380,9 @@ RUN_COLUMNS = [
     "warmup_steps",
     "seed",
     "verdict",
+    "escape_step",
+    "borderline",
+    "relapsed",
     "diverged_step",
     "initial_loss",
     "final_loss",
@@ -334,6 +400,7 @@ RUN_FORMATS = {
     "tokens_per_s": ",.0f",
     "wall_time_s": ".1f",
     "diverged_step": ".0f",
+    "escape_step": ".0f",
 }
 
 
@@ -357,7 +424,9 @@ def render(
             "finished": int((runs["status"] == "ok").sum()),
             "errors": len(errored),
         },
-        summary_table=_table_html(summary.reset_index(), "summary", SUMMARY_FORMATS),
+        summary_table=_table_html(
+            summary_for_html(summary).reset_index(), "summary", SUMMARY_FORMATS
+        ),
         diagnostics_table=_table_html(
             diagnostics_table(runs).reset_index(), "diagnostics", DIAGNOSTICS_FORMATS
         ),
@@ -417,10 +486,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--curves-depth", type=int, help="depth of the training-curves figure")
     parser.add_argument("--curves-lr", type=float, help="LR of the training-curves figure")
+    add_verdict_arguments(parser)
     args = parser.parse_args(argv)
     if (args.curves_depth is None) != (args.curves_lr is None):
         parser.error("--curves-depth and --curves-lr go together")
-    runs = filter_runs(collect(args.store, write=False), args.variants, args.depths, args.sweep)
+    verdict = parse_verdict(parser, args.verdict)
+    runs = filter_runs(
+        collect(args.store, write=False, verdict=verdict), args.variants, args.depths, args.sweep
+    )
     if runs.empty:
         raise SystemExit(
             f"no runs in {args.store} match the filters; run a sweep first "

@@ -101,6 +101,10 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
 def outcome_fields(outcome: TrainOutcome) -> dict[str, Any]:
     return {
         "verdict": outcome.verdict,
+        "stall_threshold": outcome.stall_threshold,
+        "escape_step": outcome.escape_step,
+        "relapsed": outcome.relapsed,
+        "borderline": outcome.borderline,
         "diverged_step": outcome.diverged_step,
         "divergence_reason": outcome.divergence_reason,
         "steps_completed": outcome.steps_completed,

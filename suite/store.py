@@ -42,8 +42,9 @@ RECORD_COLUMNS = (
     # on what data
     "corpus", "corpus_sha256", "corpus_tokens", "vocab_size", "unigram_entropy",
     "val_unigram_entropy",
-    # outcome
-    "verdict", "diverged_step", "divergence_reason", "steps_completed", "initial_loss",
+    # outcome (verdict and its companions judged from the curve at collect time)
+    "verdict", "escape_step", "relapsed", "borderline", "stall_threshold", "verdict_rule",
+    "judged_from", "diverged_step", "divergence_reason", "steps_completed", "initial_loss",
     "final_loss", "best_loss", "val_loss",
     # cost
     "tokens_per_s", "peak_memory_mb", "memory_kind", "wall_time_s", "parallel_cells",
@@ -156,3 +157,14 @@ def read_records(store: str | Path) -> list[dict[str, Any]]:
 
 def read_curve(store: str | Path, cell_id: str) -> pd.DataFrame:
     return pd.read_parquet(cell_dir(store, cell_id) / CURVE)
+
+
+def read_losses(store: str | Path, cell_id: str) -> list[float]:
+    """The per-step training losses of a cell's stored curve (empty for a zero-step run).
+    Raises OSError or ValueError when the curve is missing or unreadable."""
+    curve = read_curve(store, cell_id)
+    if curve.empty:
+        return []
+    if "loss" not in curve:
+        raise ValueError(f"{cell_dir(store, cell_id) / CURVE} has no loss column")
+    return curve["loss"].astype(float).tolist()

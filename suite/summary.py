@@ -5,6 +5,8 @@ All functions take the DataFrame that :func:`suite.collect.collect` returns and 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -18,33 +20,134 @@ def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "ok"]
 
 
-def max_stable_lr(runs: pd.DataFrame) -> pd.Series:
-    """Per (variant, depth): the largest LR at which every seed converged (NaN if none did)."""
+def _lr_stable(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, depth, LR): whether every seed converged."""
     finished = ok_runs(runs)
-    stable = (
+    return (
         finished.assign(stable=finished["verdict"] == CONVERGED)
         .groupby([*CELL, "lr"])["stable"]
         .all()
         .reset_index()
     )
+
+
+def max_stable_lr(runs: pd.DataFrame) -> pd.Series:
+    """Per (variant, depth): the largest LR at which every seed converged (NaN if none did).
+
+    Lower LRs that failed do not lower it (a grid can fail at 3e-3 and train at 1e-2, e.g. a run
+    still on the plateau at a small LR); :func:`unstable_below` lists them, so it is never hidden.
+    """
+    stable = _lr_stable(runs)
     stable["stable_lr"] = stable["lr"].where(stable["stable"])
     return stable.groupby(CELL)["stable_lr"].max().rename("max_stable_lr")
 
 
+def unstable_below(runs: pd.DataFrame) -> pd.Series:
+    """Per (variant, depth): the LRs below the max stable LR where not every seed converged,
+    e.g. "0.0003 0.003" (empty when the grid is stable all the way up to it)."""
+    stable = _lr_stable(runs).join(max_stable_lr(runs), on=CELL)
+    gaps = stable[~stable["stable"] & (stable["lr"] < stable["max_stable_lr"])]
+    listed = gaps.groupby(CELL)["lr"].agg(lambda lrs: " ".join(f"{lr:g}" for lr in sorted(lrs)))
+    return listed.rename("unstable_below")
+
+
+def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (Wilson 1927), as fractions; (nan, nan) for no
+    trials. Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n."""
+    if trials <= 0:
+        return math.nan, math.nan
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = (
+        z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    )
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate_columns(verdicts: pd.Series, verdict: str, name: str) -> pd.Series:
+    """Percentage of ``verdict`` among ``verdicts`` with its Wilson interval, in percent."""
+    hits, n = int((verdicts == verdict).sum()), len(verdicts)
+    low, high = wilson_interval(hits, n)
+    return pd.Series(
+        {name: 100 * hits / n if n else math.nan, f"{name}_lo": 100 * low, f"{name}_hi": 100 * high}
+    )
+
+
+def kaplan_meier(escape_steps: pd.Series, budgets: pd.Series) -> pd.DataFrame:
+    """Fraction of runs still on the plateau after each step: Kaplan–Meier estimate, a run that
+    never escaped counting as censored at its budget. Columns ``step`` and ``on_plateau``,
+    starting at (0, 1.0); one row per step where a run escaped or was censored."""
+    escaped = escape_steps.notna().to_numpy()
+    times = np.where(escaped, escape_steps.fillna(0).to_numpy(float), budgets.to_numpy(float))
+    steps, on_plateau, surviving = [0.0], [1.0], 1.0
+    for time in np.unique(times):
+        at_risk = int((times >= time).sum())
+        events = int(((times == time) & escaped).sum())
+        if at_risk:
+            surviving *= 1 - events / at_risk
+        steps.append(float(time))
+        on_plateau.append(surviving)
+    return pd.DataFrame({"step": steps, "on_plateau": on_plateau})
+
+
+def median_escape_step(finished: pd.DataFrame) -> float:
+    """The Kaplan–Meier median escape step: the first step by which half the runs had left the
+    plateau; inf when more than half were still on it at their budget (shown as "> N"); NaN when
+    no run's escape step is known (runs judged from their record, not from a curve)."""
+    if "judged_from" in finished:
+        finished = finished[finished["judged_from"] != "record"]
+    if finished.empty:
+        return math.nan
+    curve = kaplan_meier(finished["escape_step"], finished["steps"])
+    reached = curve[curve["on_plateau"] <= 0.5]
+    return float(reached["step"].iloc[0]) if not reached.empty else math.inf
+
+
+def _per_seed_spread(runs: pd.DataFrame, metric) -> pd.DataFrame:
+    """Per (variant, depth): the min and max over seeds of ``metric`` computed on each seed's
+    runs alone (the seeds' spread, the interval of seed-level quantities)."""
+    per_seed = [
+        metric(group).rename(seed) for seed, group in ok_runs(runs).groupby("seed", sort=True)
+    ]
+    if not per_seed:
+        return pd.DataFrame(columns=["lo", "hi"])
+    table = pd.concat(per_seed, axis=1)
+    return pd.DataFrame({"lo": table.min(axis=1), "hi": table.max(axis=1)})
+
+
+RATES = ("converged_%", "stalled_%", "diverged_%")
 SUMMARY_COLUMNS = [
     "runs",
-    "converged_%",
-    "stalled_%",
-    "diverged_%",
+    "steps",
+    *[f"{rate}{part}" for rate in RATES for part in ("", "_lo", "_hi")],
+    "borderline",
+    "relapsed",
+    "median_escape_step",
     "errors",
     "max_stable_lr",
+    "unstable_below",
     "lr_sensitivity",
+    "lr_sensitivity_lo",
+    "lr_sensitivity_hi",
     "best_val_loss",
+    "best_val_loss_lo",
+    "best_val_loss_hi",
     "best_lr",
     "median_tokens_per_s",
     "tokens_per_s_vs_preln",
 ]
-CONSOLE_COLUMNS = [c for c in SUMMARY_COLUMNS if c not in ("best_lr", "tokens_per_s_vs_preln")]
+CONSOLE_COLUMNS = [
+    "runs",
+    "steps",
+    *RATES,
+    "borderline",
+    "median_escape_step",
+    "errors",
+    "max_stable_lr",
+    "lr_sensitivity",
+    "best_val_loss",
+    "median_tokens_per_s",
+]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -52,43 +155,98 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     best val loss and its LR, median tokens/s and its ratio to Pre-LN at the same depth."""
     if runs.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    # Tables collected before the escape step and flags existed: those columns stay empty.
+    missing = [c for c in ("steps", "escape_step", "borderline", "relapsed") if c not in runs]
+    runs = runs.assign(**{column: np.nan for column in missing})
     finished = ok_runs(runs)
     grouped = finished.groupby(CELL)
     cells = pd.MultiIndex.from_frame(runs[CELL].drop_duplicates())
+    rates = [
+        grouped["verdict"].apply(_rate_columns, verdict, name).unstack()
+        for verdict, name in zip((CONVERGED, STALLED, DIVERGED), RATES, strict=True)
+    ]
+    sensitivity_spread = _per_seed_spread(runs, lr_sensitivity)
     parts = [
         grouped.size().rename("runs"),
-        grouped["verdict"].apply(lambda v: 100 * (v == CONVERGED).mean()).rename("converged_%"),
-        grouped["verdict"].apply(lambda v: 100 * (v == STALLED).mean()).rename("stalled_%"),
-        grouped["verdict"].apply(lambda v: 100 * (v == DIVERGED).mean()).rename("diverged_%"),
+        grouped["steps"].agg(_budget).rename("steps"),
+        *rates,
+        _flag_count(grouped, "borderline"),
+        _flag_count(grouped, "relapsed"),
+        pd.Series({key: median_escape_step(group) for key, group in grouped}, dtype=float).rename(
+            "median_escape_step"
+        ),
         runs[runs["status"] == "error"].groupby(CELL).size().rename("errors"),
         max_stable_lr(runs),
+        unstable_below(runs),
         lr_sensitivity(runs),
+        sensitivity_spread.add_prefix("lr_sensitivity_"),
         best_val(runs),
+        best_val_spread(runs),
         grouped["tokens_per_s"].median().rename("median_tokens_per_s"),
         throughput_vs_preln(runs),
     ]
     table = pd.concat([part.reindex(cells) for part in parts], axis=1)
-    table["errors"] = table["errors"].fillna(0).astype(int)
-    table["runs"] = table["runs"].fillna(0).astype(int)
+    for count in ("runs", "errors", "borderline", "relapsed"):
+        table[count] = table[count].fillna(0).astype(int)
+    for text in ("steps", "unstable_below"):
+        table[text] = [value if isinstance(value, str) else "" for value in table[text]]
     return table.reindex(columns=SUMMARY_COLUMNS).sort_index()
+
+
+def _budget(steps: pd.Series) -> str:
+    """The step budget N of a group's runs: "200", or "200–400" when they differ."""
+    values = sorted({int(v) for v in steps.dropna()})
+    if not values:
+        return ""
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
+def _flag_count(grouped, column: str) -> pd.Series:
+    """How many runs of each group carry a true flag (records from before the flag: 0)."""
+    return grouped[column].agg(lambda v: int(v.eq(True).sum())).rename(column)
 
 
 def _fmt(fmt: str, missing: str = ""):
     return lambda v: missing if pd.isna(v) else format(v, fmt)
 
 
+def escape_label(step: float, steps: str) -> str:
+    """A median escape step for display: the step, or "> N" when censored at the budget N."""
+    if pd.isna(step):
+        return ""
+    return f">{steps.split('–')[-1]}" if math.isinf(step) else f"{step:.0f}"
+
+
 def format_summary(table: pd.DataFrame) -> str:
-    """The console rendering of :func:`summarize`."""
+    """The console rendering of :func:`summarize`; intervals are in the report and the Parquet
+    summary, and a max stable LR with a failing LR below it is marked with *."""
     if table.empty:
         return "(no runs)"
     shown = table[CONSOLE_COLUMNS].copy()
-    for column in ("converged_%", "stalled_%", "diverged_%"):
+    for column in RATES:
         shown[column] = shown[column].map(_fmt(".0f"))
-    shown["max_stable_lr"] = shown["max_stable_lr"].map(_fmt("g", "none"))
+    shown["median_escape_step"] = [
+        escape_label(step, steps)
+        for step, steps in zip(table["median_escape_step"], table["steps"], strict=True)
+    ]
+    shown["max_stable_lr"] = [
+        _fmt("g", "none")(lr) + ("*" if gaps else "")
+        for lr, gaps in zip(table["max_stable_lr"], table["unstable_below"], strict=True)
+    ]
     shown["lr_sensitivity"] = shown["lr_sensitivity"].map(_fmt(".3f"))
     shown["best_val_loss"] = shown["best_val_loss"].map(_fmt(".3f"))
     shown["median_tokens_per_s"] = shown["median_tokens_per_s"].map(_fmt(",.0f"))
-    return shown.rename(columns={"median_tokens_per_s": "tokens/s"}).to_string()
+    text = shown.rename(
+        columns={"median_tokens_per_s": "tokens/s", "median_escape_step": "escape_step"}
+    ).to_string()
+    notes = [
+        "stalled = not below the unigram entropy − stall margin within `steps`; "
+        "escape_step = median step the smoothed loss got there (>N: half never did); "
+        "borderline = runs whose verdict sits near a boundary"
+    ]
+    if (table["unstable_below"] != "").any():
+        notes.append("* a lower LR on the grid did not converge for every seed (see the report)")
+    return "\n".join([text, *notes])
 
 
 def capped_loss(runs: pd.DataFrame) -> pd.Series:
@@ -120,6 +278,14 @@ def best_val(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["best_val_loss", "best_lr"], index=empty, dtype=float)
     best = per_lr.loc[per_lr.groupby(CELL)["val_loss"].idxmin()]
     return best.set_index(CELL).rename(columns={"val_loss": "best_val_loss", "lr": "best_lr"})
+
+
+def best_val_spread(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, depth): the seeds' min and max val loss at the best (seed-mean) LR."""
+    best = best_val(runs)
+    finished = ok_runs(runs).join(best["best_lr"], on=CELL)
+    at_best = finished[finished["lr"] == finished["best_lr"]].groupby(CELL)["val_loss"]
+    return pd.DataFrame({"best_val_loss_lo": at_best.min(), "best_val_loss_hi": at_best.max()})
 
 
 def throughput_vs_preln(runs: pd.DataFrame, baseline: str = "preln") -> pd.Series:

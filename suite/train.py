@@ -20,7 +20,7 @@ from torch import nn
 from suite.config import CellConfig, OptimConfig
 from suite.data import Batches, Corpus, validation_batches
 from suite.diagnostics import Diagnostics
-from suite.verdict import divergence_reason, final_loss, judge
+from suite.verdict import divergence_reason, judge_curve
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ class TrainOutcome:
     best_loss: float = math.nan
     val_loss: float = math.nan
     verdict: str = ""
+    stall_threshold: float = math.nan
+    escape_step: int | None = None
+    relapsed: bool = False
+    borderline: bool = False
     diverged_step: int | None = None
     divergence_reason: str | None = None
     steps_completed: int = 0
@@ -184,8 +188,12 @@ def conclude(out: TrainOutcome, cell: CellConfig, unigram_entropy: float) -> Non
         out.tokens_per_s = 1 / statistics.median(steady)
     finite = [v for v in losses if math.isfinite(v)]
     out.best_loss = min(finite) if finite else math.nan
-    out.final_loss = final_loss(losses, cell.verdict)
-    out.verdict = judge(losses, out.diverged_step is not None, unigram_entropy, cell.verdict)
+    # The same judgement collect makes from the stored curve; here for the cell's log line.
+    judgement = judge_curve(
+        losses, out.diverged_step is not None, cell.train.steps, unigram_entropy, cell.verdict
+    )
+    for name, value in judgement.fields().items():
+        setattr(out, name, value)
 
 
 def _diagnostics_for(

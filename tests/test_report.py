@@ -125,14 +125,20 @@ pytestmark_slow = pytest.mark.slow
 def test_report_from_a_real_sweep_is_self_contained(report):
     html = report.read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    # heatmaps, loss-vs-LR, max stable LR, sensitivity, throughput, curves, and the diagnostics:
-    # init gradient norms, model update, attention logits
-    assert len(images) == 9
+    # heatmaps, plateau survival, loss-vs-LR, max stable LR, sensitivity, throughput, curves, and
+    # the diagnostics: init gradient norms, model update, attention logits
+    assert len(images) == 10
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="https?://', html)  # nothing fetched from the network
     for text in (
         "postln, preln",
         "Verdicts by depth and learning rate",
+        "did not learn within its 150 steps",  # the budget N of every stalled verdict
+        "Leaving the plateau",
+        "median_escape_step",
+        "borderline",
+        "Verdicts judged by",
+        "v2 stall_margin=0.1",
         "lr_sensitivity",
         "max_stable_lr",
         "tokens_per_s_vs_preln",
@@ -156,7 +162,7 @@ def test_report_filters_and_partial_data(tiny_sweep, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 runs, 0 errored)" in result.stdout
-    assert len(re.findall(r"<img ", out.read_text())) == 9
+    assert len(re.findall(r"<img ", out.read_text())) == 10
 
 
 @pytestmark_slow
@@ -223,7 +229,7 @@ def test_report_in_headless_chromium(report):
         widths = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);"
         )
-        assert len(widths) == 9 and all(w > 0 for w in widths), widths
+        assert len(widths) == 10 and all(w > 0 for w in widths), widths
         # The appendix sorts when a header is clicked.
         driver.execute_script("document.querySelector('#runs thead th').click();")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

@@ -12,11 +12,15 @@ from suite.summary import (
     best_val,
     diagnostics_table,
     format_summary,
+    kaplan_meier,
+    median_escape_step,
     lr_sensitivity,
     max_stable_lr,
     per_lr_table,
     summarize,
     throughput_vs_preln,
+    unstable_below,
+    wilson_interval,
 )
 
 
@@ -219,3 +223,91 @@ def test_diagnostics_table_aggregates_per_variant_and_depth():
 
 def test_diagnostics_table_is_empty_for_runs_without_diagnostics():
     assert diagnostics_table(runs([("preln", 6, 1e-3, 0, "converged", 2.4)])).empty
+
+
+# --- intervals, escape steps and flags ---------------------------------------------------------
+
+
+def test_wilson_interval_known_values():
+    # Reference values: Wilson (1927) score interval, z = 1.96.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_summary_rates_carry_wilson_intervals_that_shrink_with_more_runs():
+    few = runs([("x", 6, 1e-3, s, "converged" if s else "stalled", 2.5) for s in range(2)])
+    many = runs([("x", 6, 1e-3, s, "converged" if s % 2 else "stalled", 2.5) for s in range(40)])
+    small, large = summarize(few).loc[("x", 6)], summarize(many).loc[("x", 6)]
+    assert small["converged_%"] == large["converged_%"] == 50
+    for row in (small, large):
+        assert row["converged_%_lo"] < 50 < row["converged_%_hi"]
+    assert large["converged_%_hi"] - large["converged_%_lo"] < 0.5 * (
+        small["converged_%_hi"] - small["converged_%_lo"]
+    )
+
+
+def test_kaplan_meier_censors_runs_that_never_escaped_at_their_budget():
+    escape = pd.Series([10.0, 20.0, math.nan, math.nan])
+    curve = kaplan_meier(escape, pd.Series([100] * 4))
+    assert list(curve["step"]) == [0, 10, 20, 100]
+    assert list(curve["on_plateau"]) == [1.0, 0.75, 0.5, 0.5]
+    # A run censored early (a shorter budget) leaves the risk set without counting as an escape.
+    curve = kaplan_meier(pd.Series([math.nan, 100.0, 150.0]), pd.Series([50, 200, 200]))
+    assert list(curve["on_plateau"]) == [1.0, 1.0, 0.5, 0.0]
+
+
+def test_median_escape_step_and_censored_median():
+    frame = runs([("x", 6, 1e-3, s, "converged", 2.5) for s in range(4)])
+    frame["steps"] = 200
+    frame["escape_step"] = [30.0, 50.0, 70.0, math.nan]
+    assert median_escape_step(frame) == 50
+    frame["escape_step"] = [30.0, math.nan, math.nan, math.nan]
+    assert math.isinf(median_escape_step(frame))  # more than half never left the plateau
+    table = summarize(frame.assign(verdict="stalled"))
+    assert ">200" in format_summary(table)
+
+
+def test_summary_counts_borderline_and_relapsed_runs_and_shows_the_budget():
+    frame = runs([("x", 6, 1e-3, s, "converged", 2.5) for s in range(3)])
+    frame["steps"] = 400
+    frame["escape_step"] = [30.0, 350.0, 40.0]
+    frame["borderline"] = [False, True, False]
+    frame["relapsed"] = [False, False, True]
+    row = summarize(frame).loc[("x", 6)]
+    assert (row["borderline"], row["relapsed"], row["steps"]) == (1, 1, "400")
+    assert "borderline" in format_summary(summarize(frame))
+
+
+def test_a_failing_lr_below_the_max_stable_lr_is_listed_not_hidden():
+    frame = runs(
+        [
+            ("x", 6, 1e-3, 0, "converged", 2.5),
+            ("x", 6, 3e-3, 0, "stalled", 3.3),
+            ("x", 6, 1e-2, 0, "converged", 2.4),
+            ("y", 6, 1e-3, 0, "converged", 2.5),
+        ]
+    )
+    assert unstable_below(frame).loc[("x", 6)] == "0.003"
+    assert ("y", 6) not in unstable_below(frame).index
+    table = summarize(frame)
+    assert table.loc[("x", 6), "max_stable_lr"] == 1e-2
+    assert table.loc[("y", 6), "unstable_below"] == ""
+    assert "0.01*" in format_summary(table) and "a lower LR" in format_summary(table)
+
+
+def test_seed_spread_of_lr_sensitivity_and_best_val_loss():
+    frame = runs(
+        [
+            ("x", 6, 1e-3, 0, "converged", 2.5),
+            ("x", 6, 1e-3, 1, "converged", 2.7),
+            ("x", 6, 1e-2, 0, "converged", 2.9),
+            ("x", 6, 1e-2, 1, "converged", 2.8),
+        ]
+    )
+    row = summarize(frame).loc[("x", 6)]
+    # Per seed: seed 0 excess (0 + 0.4)/2 = 0.2, seed 1 (0 + 0.1)/2 = 0.05.
+    assert (row["lr_sensitivity_lo"], row["lr_sensitivity_hi"]) == pytest.approx((0.05, 0.2))
+    assert row["best_lr"] == 1e-3
+    assert (row["best_val_loss_lo"], row["best_val_loss_hi"]) == (2.5, 2.7)
