@@ -24,7 +24,7 @@ from suite.config import (
     verdict_config,
     verdict_from_overrides,
 )
-from suite.store import RECORD_COLUMNS, RUNS, read_losses, read_records, write_table
+from suite.store import RECORD_COLUMNS, RUNS, SUMMARY, read_losses, read_records, write_table
 from suite.summary import format_summary, summarize
 from suite.verdict import judge_curve, rule_description
 
@@ -53,6 +53,7 @@ def collect(
         runs = runs.reset_index(drop=True)
     if write and not runs.empty:
         write_table(runs, Path(store) / RUNS)
+        write_table(summarize(runs).reset_index(), Path(store) / SUMMARY)
     return runs
 
 

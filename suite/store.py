@@ -4,6 +4,7 @@
     <store>/cells/<cell_id>/curve.parquet per-step training curve (rewritten as training goes)
     <store>/cells/<cell_id>/running.json  while the cell trains; left behind if it was killed
     <store>/runs.parquet                  every record, collected into one table
+    <store>/summary.parquet               its per-(variant, depth) summary, with intervals
 
 ``record.json`` is written last and by rename, so a folder with a record is complete, and a
 crash can leave at most a stray temporary file, never a half-written record. Every file is
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 RECORD = "record.json"
 CURVE = "curve.parquet"
 RUNS = "runs.parquet"
+SUMMARY = "summary.parquet"
 RUNNING = "running.json"
 
 # The collected DataFrame's columns, in order (documented in the README).
