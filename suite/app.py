@@ -111,11 +111,13 @@ def _keep(cell: CellConfig, record: dict[str, Any], curve: list[dict], label: st
     record["shared_device"] = record["parallel_cells"] > 1
     folder = write_cell(cell.store, record, curve)
     if record["status"] == "ok":
+        escape = record.get("escape_step")
         log.info(
-            "%s done: %s  %s  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
+            "%s done: %s  %s (%s)  final loss %.4f  val %.4f  %.0f tok/s  -> %s",
             label,
             record["cell_id"],
             record["verdict"],
+            "never left the plateau" if escape is None else f"left the plateau at step {escape}",
             record["final_loss"],
             record["val_loss"],
             record["tokens_per_s"],

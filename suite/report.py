@@ -373,6 +373,17 @@ PER_LR_FORMATS = {
     "final_loss_mean": ".3f",
     "final_loss_std": ".3f",
 }
+
+
+def per_lr_for_html(runs: pd.DataFrame) -> pd.DataFrame:
+    table = per_lr_table(runs).reset_index()
+    table["median_escape_step"] = [
+        escape_label(step, steps)
+        for step, steps in zip(table["median_escape_step"], table["steps"], strict=True)
+    ]
+    return table
+
+
 RUN_COLUMNS = [
     "variant",
     "depth",
@@ -430,9 +441,7 @@ def render(
         diagnostics_table=_table_html(
             diagnostics_table(runs).reset_index(), "diagnostics", DIAGNOSTICS_FORMATS
         ),
-        per_lr_table=_table_html(
-            per_lr_table(runs).reset_index(), "per-lr", {"lr": "g", **PER_LR_FORMATS}
-        ),
+        per_lr_table=_table_html(per_lr_for_html(runs), "per-lr", {"lr": "g", **PER_LR_FORMATS}),
         sections=build_sections(runs, store, benchmarks, curves_cell),
         benchmark_table=(
             _table_html(

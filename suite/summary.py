@@ -300,9 +300,11 @@ def throughput_vs_preln(runs: pd.DataFrame, baseline: str = "preln") -> pd.Serie
 
 
 def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, depth, LR): seeds, divergence rate, mean ± std of the final training loss
-    over the seeds that did not diverge."""
-    finished = ok_runs(runs)
+    """Per (variant, depth, LR): seeds, converged and diverged fractions, borderline runs, the
+    median escape step, mean ± std of the final training loss over the seeds that did not
+    diverge."""
+    missing = [c for c in ("steps", "escape_step", "borderline") if c not in runs]
+    finished = ok_runs(runs.assign(**{column: np.nan for column in missing}))
     diverged = finished["verdict"] == DIVERGED
     grouped = finished.assign(diverged=diverged).groupby([*CELL, "lr"])
     kept = finished[~diverged].groupby([*CELL, "lr"])["final_loss"]
@@ -311,6 +313,11 @@ def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
             "seeds": grouped.size(),
             "converged": grouped["verdict"].apply(lambda v: (v == CONVERGED).mean()),
             "divergence_rate": grouped["diverged"].mean(),
+            "borderline": grouped["borderline"].agg(lambda v: int(v.eq(True).sum())),
+            "median_escape_step": pd.Series(
+                {key: median_escape_step(group) for key, group in grouped}, dtype=float
+            ),
+            "steps": grouped["steps"].agg(_budget),
             "final_loss_mean": kept.mean(),
             "final_loss_std": kept.std(ddof=0),
         }

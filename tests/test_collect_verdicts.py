@@ -157,3 +157,22 @@ def test_changing_stall_margin_re_collects_through_the_cli_without_training(tiny
     blowup = collect_cli("verdict.blowup_factor=3")
     assert blowup.returncode == 2 and "verdict.blowup_factor" in blowup.stderr
     assert "re-run the sweep" in blowup.stderr
+
+
+@pytest.mark.slow
+def test_budget_calibration_cut_at_the_full_budget_is_the_collected_verdict(tiny_sweep, capsys):
+    """benchmarks/budget_calibration.py judges a constant-LR curve cut at a shorter budget as
+    that shorter run; cut at its own budget it must agree with collect exactly."""
+    from benchmarks.budget_calibration import cut, main
+
+    store, _ = tiny_sweep
+    runs = collect(store, write=False)
+    for _, run in runs.iterrows():
+        full = cut(str(store), run, int(run["steps"]), VerdictConfig())
+        assert full["verdict"] == run["verdict"], run["cell_id"]
+        assert full["borderline"] == run["borderline"]
+        short = cut(str(store), run, 20, VerdictConfig())
+        assert short["budget"] == 20 and short["verdict"] in ("stalled", "converged", "diverged")
+    main(["--store", str(store), "--budgets", "50,150"])
+    printed = capsys.readouterr().out
+    assert "Escape step of every run" in printed and "budget 150" in printed

@@ -102,13 +102,21 @@ def test_grad_clip_limits_the_update():
     assert clipped["final_loss"] > record["final_loss"]
 
 
-def test_deep_postln_at_high_lr_fails_where_preln_at_modest_lr_trains():
+def test_postln_without_warmup_stays_on_the_plateau_where_preln_learns():
+    """The headline finding, in a setting with a wide margin on both sides. Measured on an Intel
+    Xeon with 1 and 2 threads, seeds 0–2: Pre-LN (LR 3e-3) escaped the plateau at step 50–92 of
+    300 and ended 0.50–0.65 nats below the stall threshold; Post-LN (LR 1e-2) ended 0.11–0.13
+    above it, on the unigram plateau. Another CPU sums floats in another order, which acts like
+    another seed: the assertions leave room for that, not a hair."""
     torch.set_num_threads(1)
-    postln, _ = run_cell(make_cell("postln", lr=3e-2, depth=12, steps=120))
-    preln, _ = run_cell(make_cell("preln", lr=3e-3, depth=12, steps=200))
-    assert postln["verdict"] != "converged"
+    postln, _ = run_cell(make_cell("postln", lr=1e-2, depth=6, steps=300))
+    preln, _ = run_cell(make_cell("preln", lr=3e-3, depth=6, steps=300))
     assert preln["verdict"] == "converged"
-    assert preln["final_loss"] < preln["unigram_entropy"] - 0.2
+    assert preln["final_loss"] < preln["stall_threshold"] - 0.3
+    assert preln["escape_step"] is not None and preln["escape_step"] < 150  # first half
+    assert postln["verdict"] == "stalled"
+    assert postln["final_loss"] > postln["stall_threshold"] + 0.05  # on the plateau
+    assert postln["final_loss"] > preln["final_loss"] + 0.4
 
 
 def test_z_loss_changes_training_but_not_what_is_reported():
