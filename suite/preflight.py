@@ -123,6 +123,7 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     """Compose and validate every cell of the sweep and build each distinct model once;
     returns the cells, as :func:`sweep_cells`."""
     cells = sweep_cells(overrides)
+    _refuse_duplicate_cells(cells)
     # A packed run holds one model copy per learning rate of the sweep.
     members = len({cell.optim.lr for _, cell in cells})
     built: set[str] = set()
@@ -132,6 +133,24 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
         except ConfigError as error:
             raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
     return cells
+
+
+def _refuse_duplicate_cells(cells: list[tuple[list[str], CellConfig]]) -> None:
+    """Two jobs of one grid must not be the same cell: they would train it twice, at once. It
+    happens when a swept key does not change training (a verdict label knob, train.threads)."""
+    seen: dict[str, list[str]] = {}
+    for job, cell in cells:
+        first = seen.setdefault(cell.cell_id(), job)
+        if first is job:
+            continue
+        differing = sorted(set(first) ^ set(job))
+        keys = sorted({override.split("=")[0].lstrip("+~") for override in differing})
+        raise ConfigError(
+            f"{', '.join(keys) or 'sweep'}: the grid names cell {cell.cell_id()} twice "
+            f"({' vs '.join(' '.join(o for o in j if o in differing) for j in (first, job))}); "
+            "that key does not change training. Verdict knobs re-judge stored curves: run the "
+            "sweep once, then `python -m suite.collect verdict.KEY=VALUE` for each value"
+        )
 
 
 def _check_model_builds(cell: CellConfig, built: set[str], copies: int) -> None:

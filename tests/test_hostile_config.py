@@ -43,6 +43,9 @@ KEYS = [
     "verdict.blowup_factor",
     "verdict.stall_margin",
     "verdict.final_window",
+    "verdict.smooth_window",
+    "verdict.borderline_margin",
+    "verdict.late_escape_fraction",
     "seed",
     "variant.eps",
 ]
@@ -98,4 +101,28 @@ def test_any_bad_value_is_a_config_error_naming_a_key(overrides):
 )
 def test_huge_models_and_foreign_targets_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
+        preflight(["+variant=preln", "sweep=tiny", override])
+
+
+@pytest.mark.parametrize(
+    "override", ["verdict.stall_margin=0.1,0.2", "train.threads=1,2", "seed=0,0"]
+)
+def test_a_grid_that_names_the_same_cell_twice_is_refused(override):
+    """Sweeping a key that does not change training would train each cell twice, at once."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: the grid names cell .* twice|twice"):
+        preflight(["+variant=preln", "sweep=tiny", override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("verdict.stall_margin=-0.1", "verdict.stall_margin"),
+        ("verdict.smooth_window=0", "verdict.smooth_window"),
+        ("verdict.borderline_margin=nan", "verdict.borderline_margin"),
+        ("verdict.late_escape_fraction=1.0", "verdict.late_escape_fraction"),
+    ],
+)
+def test_verdict_label_knobs_are_range_checked(override, key):
+    with pytest.raises(ConfigError, match=key):
         preflight(["+variant=preln", "sweep=tiny", override])
