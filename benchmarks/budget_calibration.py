@@ -21,7 +21,7 @@ import json
 
 import pandas as pd
 
-from suite.collect import collect
+from suite.collect import add_verdict_arguments, collect, parse_verdict
 from suite.config import VerdictConfig
 from suite.store import read_losses
 from suite.verdict import judge_curve
@@ -43,14 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--budgets", default="200,300,400", help="step budgets to judge, e.g. 200,400"
     )
+    add_verdict_arguments(parser)
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
-    verdict = VerdictConfig()
-    runs = collect(args.store, write=False)
+    verdict = parse_verdict(parser, args.verdict)
+    runs = collect(args.store, write=False, verdict=verdict)
     runs = runs[runs["status"] == "ok"].copy()
-    schedules = {json.loads(c)["optim"]["schedule"] for c in runs["config"]}
-    if schedules != {"constant"}:
-        parser.error(f"only constant-LR runs can be cut to a shorter budget (got {schedules})")
+    optims = [json.loads(c)["optim"] for c in runs["config"]]
+    if any(o["schedule"] != "constant" or o["warmup_fraction"] for o in optims):
+        parser.error(
+            "only runs whose LR at a step does not depend on the step budget can be cut to a "
+            "shorter one: a constant schedule, warmup in optim.warmup_steps (not a fraction)"
+        )
     too_short = runs[runs["steps"] < max(budgets)]
     if not too_short.empty:
         parser.error(f"runs shorter than the largest budget: {', '.join(too_short['cell_id'])}")

@@ -53,7 +53,8 @@ def collect(
         runs = runs.reset_index(drop=True)
     if write and not runs.empty:
         write_table(runs, Path(store) / RUNS)
-        write_table(summarize(runs).reset_index(), Path(store) / SUMMARY)
+        summary = summarize(runs).reset_index()
+        write_table(summary.assign(verdict_rule=rule_description(verdict)), Path(store) / SUMMARY)
     return runs
 
 
@@ -86,25 +87,33 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
 
 
 def latest_per_cell(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per cell identity: a store written before a change of the cell id (e.g. label
-    knobs leaving the hash) can hold the same cell under two ids once it is re-run. The identity
-    is re-derived from each record's stored config; a finished record wins over an unfinished
-    one, then the newest."""
-    chosen: dict[str, dict[str, Any]] = {}
+    """One result per cell identity. A store written before a change of the cell id (e.g. label
+    knobs leaving the hash) can hold the same cell under two ids once it is re-run; the identity
+    is re-derived from each record's stored config. Of a cell's finished records the newest is
+    kept; an unfinished one (errored, interrupted, running) is kept too when it is newer than
+    that, so a failed re-run is shown, not hidden behind the older result (nor the result lost)."""
+    by_cell: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         config = record.get("config")
-        key = identity_hash(config) if isinstance(config, dict) else record.get("cell_id")
-        rank = (record.get("status") == "ok", str(record.get("started_at") or ""))
-        current = chosen.get(key)
-        if current is None or rank >= (
-            current.get("status") == "ok",
-            str(current.get("started_at") or ""),
-        ):
-            chosen[key] = record
-    superseded = len(records) - len(chosen)
+        key = identity_hash(config) if isinstance(config, dict) else str(record.get("cell_id"))
+        by_cell.setdefault(key, []).append(record)
+    kept = []
+    for group in by_cell.values():
+        group.sort(key=_started)
+        finished = [record for record in group if record.get("status") == "ok"]
+        unfinished = [record for record in group if record.get("status") != "ok"]
+        if finished:
+            kept.append(finished[-1])
+            unfinished = [r for r in unfinished if _started(r) > _started(finished[-1])]
+        kept.extend(unfinished[-1:])
+    superseded = len(records) - len(kept)
     if superseded:
         log.info("%d record(s) superseded by a later run of the same cell", superseded)
-    return list(chosen.values())
+    return kept
+
+
+def _started(record: dict[str, Any]) -> str:
+    return str(record.get("started_at") or "")  # ISO 8601 UTC: sorts as text
 
 
 _UNFINISHED = (

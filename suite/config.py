@@ -84,8 +84,7 @@ class VerdictConfig:
 
     blowup_factor: float = 2.0  # diverged if loss > blowup_factor × initial loss
     stall_margin: float = 0.1  # stalled if final loss > unigram entropy − stall_margin (nats)
-    final_window: int = 10  # steps averaged for the final training loss
-    smooth_window: int = 10  # steps averaged for the smoothed loss that finds the escape step
+    final_window: int = 10  # steps averaged for the final loss (and the smoothed loss of escape)
     borderline_margin: float = 0.05  # borderline: final loss this close (nats) to the threshold
     late_escape_fraction: float = 0.25  # ... or escaped in this last fraction of the budget
 
@@ -95,7 +94,6 @@ class VerdictConfig:
 LABEL_KNOBS = (
     "stall_margin",
     "final_window",
-    "smooth_window",
     "borderline_margin",
     "late_escape_fraction",
 )
@@ -230,7 +228,6 @@ def validate_verdict(v: VerdictConfig) -> None:
         v.stall_margin,
     )
     _check(v.final_window >= 1, "verdict.final_window", "must be at least 1", v.final_window)
-    _check(v.smooth_window >= 1, "verdict.smooth_window", "must be at least 1", v.smooth_window)
     _check(
         math.isfinite(v.borderline_margin) and v.borderline_margin >= 0,
         "verdict.borderline_margin",

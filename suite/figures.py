@@ -22,6 +22,7 @@ from suite.summary import (  # noqa: E402
     lr_sensitivity,
     max_stable_lr,
     ok_runs,
+    with_escape_known,
 )
 from suite.verdict import CONVERGED, DIVERGED, STALLED  # noqa: E402
 
@@ -122,10 +123,7 @@ def plateau_survival(runs: pd.DataFrame) -> Figure | None:
     """Fraction of runs still on the unigram plateau vs step, one panel per depth, one line per
     variant: a Kaplan–Meier curve, runs that never escaped censored at their budget (dotted
     line). None when no run's escape step is known."""
-    finished = ok_runs(runs)
-    if "judged_from" in finished:
-        finished = finished[finished["judged_from"] != "record"]
-    finished = finished[finished["steps"].fillna(0) > 0]
+    finished = with_escape_known(runs)
     if finished.empty:
         return None
     depths = sorted(finished["depth"].unique())

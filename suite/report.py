@@ -33,6 +33,7 @@ from suite.summary import (
     format_summary,
     ok_runs,
     per_lr_table,
+    step_budget,
     summarize,
     unstable_below,
 )
@@ -161,7 +162,7 @@ def build_sections(
 ) -> list[Section]:
     finished = ok_runs(runs)
     benchmarks = matching_benchmarks(benchmarks, finished)
-    budget = _budget(finished)
+    budget = step_budget(finished.get("steps", pd.Series(dtype=float))) or "N"
     sections = [
         Section(
             "Verdicts by depth and learning rate",
@@ -263,14 +264,6 @@ def build_sections(
             figures.training_curves(curves, depth, lr, entropy, initial)
         )
     return sections + diagnostics_sections(finished, curves, depth, lr)
-
-
-def _budget(finished: pd.DataFrame) -> str:
-    """The runs' step budget N for captions: "200", or "200–400" when it varies."""
-    steps = sorted({int(v) for v in finished.get("steps", pd.Series(dtype=float)).dropna()})
-    if not steps:
-        return "N"
-    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
 
 
 def diagnostics_sections(

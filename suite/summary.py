@@ -1,4 +1,4 @@
-"""Summaries of collected runs (definitions in DESIGN.md's Metrics section).
+"""Summaries of collected runs (definitions in the README: Verdicts, Summary columns, Uncertainty).
 
 All functions take the DataFrame that :func:`suite.collect.collect` returns and are pure.
 """
@@ -75,8 +75,10 @@ def _rate_columns(verdicts: pd.Series, verdict: str, name: str) -> pd.Series:
 
 def kaplan_meier(escape_steps: pd.Series, budgets: pd.Series) -> pd.DataFrame:
     """Fraction of runs still on the plateau after each step: Kaplan–Meier estimate, a run that
-    never escaped counting as censored at its budget. Columns ``step`` and ``on_plateau``,
-    starting at (0, 1.0); one row per step where a run escaped or was censored."""
+    never escaped counting as censored at its budget N (observed through step N − 1). A run that
+    diverged before escaping never escaped within its budget and counts so: the curve is the
+    fraction of runs that had not (yet) learned. Columns ``step`` and ``on_plateau``, starting
+    at (0, 1.0); one row per step where a run escaped or was censored."""
     escaped = escape_steps.notna().to_numpy()
     times = np.where(escaped, escape_steps.fillna(0).to_numpy(float), budgets.to_numpy(float))
     steps, on_plateau, surviving = [0.0], [1.0], 1.0
@@ -90,29 +92,62 @@ def kaplan_meier(escape_steps: pd.Series, budgets: pd.Series) -> pd.DataFrame:
     return pd.DataFrame({"step": steps, "on_plateau": on_plateau})
 
 
-def median_escape_step(finished: pd.DataFrame) -> float:
+def with_escape_known(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs whose escape step is known: trained (budget > 0) and judged from their
+    curve (not from a record whose curve could not be read)."""
+    finished = ok_runs(with_optional_columns(runs))
+    finished = finished[finished["steps"].fillna(0) > 0]
+    return finished[finished["judged_from"] != "record"]
+
+
+def median_escape_step(runs: pd.DataFrame) -> float:
     """The Kaplan–Meier median escape step: the first step by which half the runs had left the
     plateau; inf when more than half were still on it at their budget (shown as "> N"); NaN when
-    no run's escape step is known (runs judged from their record, not from a curve)."""
-    if "judged_from" in finished:
-        finished = finished[finished["judged_from"] != "record"]
-    if finished.empty:
+    no run's escape step is known (see :func:`with_escape_known`)."""
+    known = with_escape_known(runs)
+    if known.empty:
         return math.nan
-    curve = kaplan_meier(finished["escape_step"], finished["steps"])
+    curve = kaplan_meier(known["escape_step"], known["steps"])
     reached = curve[curve["on_plateau"] <= 0.5]
     return float(reached["step"].iloc[0]) if not reached.empty else math.inf
 
 
-def _per_seed_spread(runs: pd.DataFrame, metric) -> pd.DataFrame:
-    """Per (variant, depth): the min and max over seeds of ``metric`` computed on each seed's
-    runs alone (the seeds' spread, the interval of seed-level quantities)."""
-    per_seed = [
-        metric(group).rename(seed) for seed, group in ok_runs(runs).groupby("seed", sort=True)
+def seed_bootstrap(runs: pd.DataFrame, metric, resamples: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Per (variant, depth): a 95% percentile interval of ``metric`` (a function of runs giving a
+    Series per (variant, depth)) under resampling the seeds with replacement: each resample keeps
+    every run of the drawn seeds, a seed drawn twice counting twice. Deterministic (fixed RNG),
+    so the same table gives the same interval on any machine. Columns ``lo`` and ``hi``."""
+    finished = ok_runs(runs)
+    seeds = np.sort(finished["seed"].unique())
+    if len(seeds) < 2:
+        return pd.DataFrame(columns=["lo", "hi"], dtype=float)
+    by_seed = {s: finished[finished["seed"] == s] for s in seeds}
+    rng = np.random.default_rng(seed)
+    samples = [
+        metric(pd.concat([by_seed[s] for s in rng.choice(seeds, size=len(seeds))]))
+        for _ in range(resamples)
     ]
-    if not per_seed:
-        return pd.DataFrame(columns=["lo", "hi"])
-    table = pd.concat(per_seed, axis=1)
-    return pd.DataFrame({"lo": table.min(axis=1), "hi": table.max(axis=1)})
+    table = pd.concat(samples, axis=1)
+    return pd.DataFrame(
+        {
+            "lo": table.quantile(0.025, axis=1, interpolation="lower"),
+            "hi": table.quantile(0.975, axis=1, interpolation="higher"),
+        }
+    )
+
+
+OPTIONAL_COLUMNS = ("steps", "escape_step", "borderline", "relapsed", "judged_from")
+
+
+def with_optional_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """Tables collected before the escape step and its flags existed: those columns empty."""
+    missing = [column for column in OPTIONAL_COLUMNS if column not in runs]
+    return runs.assign(**{column: np.nan for column in missing}) if missing else runs
+
+
+def count_true(flags: pd.Series) -> int:
+    """How many values are True (missing values are not)."""
+    return int(flags.eq(True).sum())
 
 
 RATES = ("converged_%", "stalled_%", "diverged_%")
@@ -155,9 +190,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     best val loss and its LR, median tokens/s and its ratio to Pre-LN at the same depth."""
     if runs.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    # Tables collected before the escape step and flags existed: those columns stay empty.
-    missing = [c for c in ("steps", "escape_step", "borderline", "relapsed") if c not in runs]
-    runs = runs.assign(**{column: np.nan for column in missing})
+    runs = with_optional_columns(runs)
     finished = ok_runs(runs)
     grouped = finished.groupby(CELL)
     cells = pd.MultiIndex.from_frame(runs[CELL].drop_duplicates())
@@ -165,23 +198,20 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         grouped["verdict"].apply(_rate_columns, verdict, name).unstack()
         for verdict, name in zip((CONVERGED, STALLED, DIVERGED), RATES, strict=True)
     ]
-    sensitivity_spread = _per_seed_spread(runs, lr_sensitivity)
     parts = [
         grouped.size().rename("runs"),
-        grouped["steps"].agg(_budget).rename("steps"),
+        grouped["steps"].agg(step_budget).rename("steps"),
         *rates,
-        _flag_count(grouped, "borderline"),
-        _flag_count(grouped, "relapsed"),
-        pd.Series({key: median_escape_step(group) for key, group in grouped}, dtype=float).rename(
-            "median_escape_step"
-        ),
+        grouped["borderline"].agg(count_true).rename("borderline"),
+        grouped["relapsed"].agg(count_true).rename("relapsed"),
+        _per_group(grouped, median_escape_step, "median_escape_step"),
         runs[runs["status"] == "error"].groupby(CELL).size().rename("errors"),
         max_stable_lr(runs),
         unstable_below(runs),
         lr_sensitivity(runs),
-        sensitivity_spread.add_prefix("lr_sensitivity_"),
+        seed_bootstrap(runs, lr_sensitivity).add_prefix("lr_sensitivity_"),
         best_val(runs),
-        best_val_spread(runs),
+        seed_bootstrap(runs, lambda r: best_val(r)["best_val_loss"]).add_prefix("best_val_loss_"),
         grouped["tokens_per_s"].median().rename("median_tokens_per_s"),
         throughput_vs_preln(runs),
     ]
@@ -193,17 +223,18 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(columns=SUMMARY_COLUMNS).sort_index()
 
 
-def _budget(steps: pd.Series) -> str:
-    """The step budget N of a group's runs: "200", or "200–400" when they differ."""
+def step_budget(steps: pd.Series) -> str:
+    """The step budget N of some runs: "200", or "200–400" when they differ ("" for none)."""
     values = sorted({int(v) for v in steps.dropna()})
     if not values:
         return ""
     return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
 
-def _flag_count(grouped, column: str) -> pd.Series:
-    """How many runs of each group carry a true flag (records from before the flag: 0)."""
-    return grouped[column].agg(lambda v: int(v.eq(True).sum())).rename(column)
+def _per_group(grouped, function, name: str) -> pd.Series:
+    """``function(group)`` for every group, as a float Series on the groups' index."""
+    index = grouped.size().index
+    return pd.Series([function(group) for _, group in grouped], index=index, dtype=float, name=name)
 
 
 def _fmt(fmt: str, missing: str = ""):
@@ -237,11 +268,11 @@ def format_summary(table: pd.DataFrame) -> str:
     shown["best_val_loss"] = shown["best_val_loss"].map(_fmt(".3f"))
     shown["median_tokens_per_s"] = shown["median_tokens_per_s"].map(_fmt(",.0f"))
     text = shown.rename(
-        columns={"median_tokens_per_s": "tokens/s", "median_escape_step": "escape_step"}
+        columns={"median_tokens_per_s": "tokens/s", "median_escape_step": "median_escape"}
     ).to_string()
     notes = [
         "stalled = not below the unigram entropy − stall margin within `steps`; "
-        "escape_step = median step the smoothed loss got there (>N: half never did); "
+        "median_escape = median step the smoothed loss got there (>N: half never did); "
         "borderline = runs whose verdict sits near a boundary"
     ]
     if (table["unstable_below"] != "").any():
@@ -280,14 +311,6 @@ def best_val(runs: pd.DataFrame) -> pd.DataFrame:
     return best.set_index(CELL).rename(columns={"val_loss": "best_val_loss", "lr": "best_lr"})
 
 
-def best_val_spread(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, depth): the seeds' min and max val loss at the best (seed-mean) LR."""
-    best = best_val(runs)
-    finished = ok_runs(runs).join(best["best_lr"], on=CELL)
-    at_best = finished[finished["lr"] == finished["best_lr"]].groupby(CELL)["val_loss"]
-    return pd.DataFrame({"best_val_loss_lo": at_best.min(), "best_val_loss_hi": at_best.max()})
-
-
 def throughput_vs_preln(runs: pd.DataFrame, baseline: str = "preln") -> pd.Series:
     """Per (variant, depth): median tokens/s divided by the baseline variant's at the same depth."""
     median = ok_runs(runs).groupby(CELL)["tokens_per_s"].median()
@@ -303,8 +326,7 @@ def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (variant, depth, LR): seeds, converged and diverged fractions, borderline runs, the
     median escape step, mean ± std of the final training loss over the seeds that did not
     diverge."""
-    missing = [c for c in ("steps", "escape_step", "borderline") if c not in runs]
-    finished = ok_runs(runs.assign(**{column: np.nan for column in missing}))
+    finished = ok_runs(with_optional_columns(runs))
     diverged = finished["verdict"] == DIVERGED
     grouped = finished.assign(diverged=diverged).groupby([*CELL, "lr"])
     kept = finished[~diverged].groupby([*CELL, "lr"])["final_loss"]
@@ -313,11 +335,9 @@ def per_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
             "seeds": grouped.size(),
             "converged": grouped["verdict"].apply(lambda v: (v == CONVERGED).mean()),
             "divergence_rate": grouped["diverged"].mean(),
-            "borderline": grouped["borderline"].agg(lambda v: int(v.eq(True).sum())),
-            "median_escape_step": pd.Series(
-                {key: median_escape_step(group) for key, group in grouped}, dtype=float
-            ),
-            "steps": grouped["steps"].agg(_budget),
+            "borderline": grouped["borderline"].agg(count_true),
+            "median_escape_step": _per_group(grouped, median_escape_step, "median_escape_step"),
+            "steps": grouped["steps"].agg(step_budget),
             "final_loss_mean": kept.mean(),
             "final_loss_std": kept.std(ddof=0),
         }

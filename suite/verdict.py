@@ -3,22 +3,23 @@
 Only the divergence stop acts during training (:func:`divergence_reason`): it changes what is
 trained, so its knob (``blowup_factor``) is part of a cell's identity. Everything else here is a
 label computed from the curve by :func:`judge_curve`, at collect time, so a label knob
-(``stall_margin``, ``final_window``, ``smooth_window``, ``borderline_margin``,
-``late_escape_fraction``) changes verdicts by re-collecting, never by re-training.
+(``stall_margin``, ``final_window``, ``borderline_margin``, ``late_escape_fraction``) changes
+verdicts by re-collecting, never by re-training.
 
 - ``diverged``: a non-finite loss or gradient, or the loss above ``blowup_factor`` × its initial
   value; the run stopped at that step.
 - ``stalled``: did not learn within its budget of N steps: the final training loss (mean of the
-  last ``final_window`` steps) is not ``stall_margin`` nats below the corpus's unigram entropy,
-  i.e. no better than token frequencies (the plateau deep Post-LN sits on).
+  last ``final_window`` steps) is not below the stall threshold, ``stall_margin`` nats under the
+  corpus's unigram entropy, i.e. no better than token frequencies (the plateau Post-LN sits on).
 - ``converged``: everything else.
 - ``untrained``: a zero-step run (``train.steps=0``), which only measures the model at init.
 
 Beside the verdict: the **escape step** (first step at which the training loss, averaged over the
-trailing ``smooth_window`` steps, is below the same threshold; none when it never was: censored
-at the budget), **relapse** (escaped, then ended above the threshold) and **borderline** (a
-verdict that could flip: the final loss within ``borderline_margin`` of the threshold, or an
-escape in the last ``late_escape_fraction`` of the budget).
+trailing ``final_window`` steps as the final loss is, is below the same threshold; none when it
+never was: censored at the budget; every converged run has one), **relapse** (escaped, then
+ended above the threshold) and **borderline** (a verdict that could flip: the final loss within
+``borderline_margin`` of the threshold, or an escape in the last ``late_escape_fraction`` of the
+budget).
 """
 
 from __future__ import annotations
@@ -53,29 +54,24 @@ def divergence_reason(
 
 def final_loss(losses: Sequence[float], cfg: VerdictConfig) -> float:
     """Mean training loss over the last ``final_window`` steps (nan when there are none)."""
-    tail = list(losses)[-cfg.final_window :]
-    return sum(tail) / len(tail) if tail else math.nan
+    return trailing_mean(list(losses), len(losses) - 1, cfg.final_window)
 
 
-def smoothed(losses: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over up to ``window`` steps at each step (fewer at the start)."""
-    out, total = [], 0.0
-    for step, loss in enumerate(losses):
-        total += loss
-        if step >= window:
-            total -= losses[step - window]
-        out.append(total / min(step + 1, window))
-    return out
+def trailing_mean(losses: Sequence[float], step: int, window: int) -> float:
+    """Mean of the losses of the ``window`` steps up to and including ``step`` (fewer at the
+    start); the same sum in the same order wherever it is asked for, so the final loss and the
+    smoothed loss at the last step are one number."""
+    tail = losses[max(0, step - window + 1) : step + 1]
+    return sum(tail) / len(tail) if len(tail) else math.nan
 
 
 def escape_step(losses: Sequence[float], threshold: float, window: int) -> int | None:
-    """First step whose smoothed loss is below ``threshold``; None if it never was."""
+    """First step whose trailing mean over ``window`` steps is below ``threshold``; None if it
+    never was (a non-finite loss only ever ends a curve: the steps before it are judged)."""
     losses = list(losses)
-    if not all(math.isfinite(v) for v in losses):
-        # A non-finite loss only ever ends a curve (the divergence stop); judge the steps before.
-        losses = losses[: next(i for i, v in enumerate(losses) if not math.isfinite(v))]
-    for step, value in enumerate(smoothed(losses, window)):
-        if value < threshold:
+    finite = next((i for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
+    for step in range(finite):
+        if trailing_mean(losses, step, window) < threshold:
             return step
     return None
 
@@ -105,8 +101,8 @@ def judge_curve(
     """Judge a run from its per-step training losses and its budget of ``budget`` steps."""
     threshold = unigram_entropy - cfg.stall_margin
     last = final_loss(losses, cfg)
-    escaped = escape_step(losses, threshold, cfg.smooth_window)
-    ended_above = not math.isfinite(last) or last > threshold
+    escaped = escape_step(losses, threshold, cfg.final_window)
+    ended_above = not last < threshold  # also when nan: a run must get below to converge
     if diverged:
         verdict = DIVERGED
     elif not losses:

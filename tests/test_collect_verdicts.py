@@ -176,3 +176,19 @@ def test_budget_calibration_cut_at_the_full_budget_is_the_collected_verdict(tiny
     main(["--store", str(store), "--budgets", "50,150"])
     printed = capsys.readouterr().out
     assert "Escape step of every run" in printed and "budget 150" in printed
+
+
+def test_a_failed_re_run_is_shown_beside_the_older_result_not_hidden(trained, tmp_path):
+    store, records = trained
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    cell_id, record = next(iter(records.items()))
+    new_id = cell_id.rsplit("-", 1)[0] + "-9876543210"
+    failed = {**record, "cell_id": new_id, "status": "error", "verdict": None}
+    failed.update(error="Traceback ...\nRuntimeError: boom", started_at="2999-01-01T00:00:00+00:00")
+    (cell_dir(copy, new_id)).mkdir(parents=True)
+    (cell_dir(copy, new_id) / "record.json").write_text(json.dumps(failed))
+    runs = collect(copy, write=False).set_index("cell_id")
+    assert runs.loc[new_id, "status"] == "error"
+    assert runs.loc[cell_id, "status"] == "ok"  # the older result is not lost either
+    assert len(runs) == 4

@@ -43,7 +43,6 @@ KEYS = [
     "verdict.blowup_factor",
     "verdict.stall_margin",
     "verdict.final_window",
-    "verdict.smooth_window",
     "verdict.borderline_margin",
     "verdict.late_escape_fraction",
     "seed",
@@ -118,7 +117,7 @@ def test_a_grid_that_names_the_same_cell_twice_is_refused(override):
     ("override", "key"),
     [
         ("verdict.stall_margin=-0.1", "verdict.stall_margin"),
-        ("verdict.smooth_window=0", "verdict.smooth_window"),
+        ("verdict.final_window=0", "verdict.final_window"),
         ("verdict.borderline_margin=nan", "verdict.borderline_margin"),
         ("verdict.late_escape_fraction=1.0", "verdict.late_escape_fraction"),
     ],

@@ -297,7 +297,7 @@ def test_a_failing_lr_below_the_max_stable_lr_is_listed_not_hidden():
     assert "0.01*" in format_summary(table) and "a lower LR" in format_summary(table)
 
 
-def test_seed_spread_of_lr_sensitivity_and_best_val_loss():
+def test_seed_bootstrap_intervals_of_lr_sensitivity_and_best_val_loss():
     frame = runs(
         [
             ("x", 6, 1e-3, 0, "converged", 2.5),
@@ -307,7 +307,37 @@ def test_seed_spread_of_lr_sensitivity_and_best_val_loss():
         ]
     )
     row = summarize(frame).loc[("x", 6)]
-    # Per seed: seed 0 excess (0 + 0.4)/2 = 0.2, seed 1 (0 + 0.1)/2 = 0.05.
+    # Resampled seeds: {0} gives (0 + 0.4)/2 = 0.2, {1} gives 0.05, {0, 1} the estimate itself.
     assert (row["lr_sensitivity_lo"], row["lr_sensitivity_hi"]) == pytest.approx((0.05, 0.2))
+    assert row["lr_sensitivity_lo"] <= row["lr_sensitivity"] <= row["lr_sensitivity_hi"]
     assert row["best_lr"] == 1e-3
-    assert (row["best_val_loss_lo"], row["best_val_loss_hi"]) == (2.5, 2.7)
+    assert (row["best_val_loss_lo"], row["best_val_loss_hi"]) == pytest.approx((2.5, 2.7))
+
+
+def test_bootstrap_interval_contains_the_estimate_when_seeds_disagree_on_the_best_lr():
+    # Each seed alone has sensitivity 0.5; together both LRs average 1.5, sensitivity 0.
+    frame = runs(
+        [
+            ("x", 6, 1e-3, 0, "converged", 1.0),
+            ("x", 6, 1e-2, 0, "converged", 2.0),
+            ("x", 6, 1e-3, 1, "converged", 2.0),
+            ("x", 6, 1e-2, 1, "converged", 1.0),
+        ]
+    )
+    row = summarize(frame).loc[("x", 6)]
+    assert row["lr_sensitivity"] == 0
+    assert row["lr_sensitivity_lo"] == 0 and row["lr_sensitivity_hi"] == pytest.approx(0.5)
+
+
+def test_per_lr_table_and_summary_with_no_finished_run():
+    errored = pd.DataFrame(
+        [{"variant": "x", "depth": 6, "lr": 1e-3, "seed": 0, "status": "error"}]
+    ).reindex(columns=RECORD_COLUMNS)
+    assert per_lr_table(errored).empty
+    assert summarize(errored).loc[("x", 6), "errors"] == 1
+
+
+def test_zero_step_runs_have_no_escape_step_to_summarize():
+    frame = runs([("x", 6, 1e-3, s, "untrained", None) for s in range(2)])
+    frame["steps"] = 0
+    assert math.isnan(median_escape_step(frame))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from suite.config import VerdictConfig
 from suite.verdict import (
@@ -140,3 +142,22 @@ def test_label_knobs_change_the_verdict_of_the_same_curve():
     assert judge_curve(losses, False, 200, ENTROPY, CFG).verdict == CONVERGED
     wider = VerdictConfig(stall_margin=0.2)
     assert judge_curve(losses, False, 200, ENTROPY, wider).verdict == STALLED
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=8.0), min_size=1, max_size=60),
+    st.integers(min_value=1, max_value=15),
+    st.floats(min_value=0.0, max_value=1.0),
+)
+def test_every_converged_run_has_an_escape_step_and_every_stalled_escape_is_a_relapse(
+    losses, window, margin
+):
+    cfg = VerdictConfig(final_window=window, stall_margin=margin)
+    judgement = judge_curve(losses, False, len(losses), ENTROPY, cfg)
+    if judgement.verdict == CONVERGED:
+        assert judgement.escape_step is not None
+        assert judgement.final_loss < judgement.stall_threshold
+    else:
+        assert judgement.verdict == STALLED
+        assert judgement.relapsed == (judgement.escape_step is not None)
