@@ -125,3 +125,11 @@ def test_a_grid_that_names_the_same_cell_twice_is_refused(override):
 def test_verdict_label_knobs_are_range_checked(override, key):
     with pytest.raises(ConfigError, match=key):
         preflight(["+variant=preln", "sweep=tiny", override])
+
+
+@pytest.mark.parametrize("preset", ["quick", "warmup", "depth", "lr"])
+def test_every_cpu_preset_runs_under_the_basic_launcher_too(preset):
+    """The presets' per-core joblib settings sit in their launcher config, so replacing the
+    launcher on the command line (hydra/launcher=basic: one cell at a time, in-process) works."""
+    cells = preflight(["+variant=preln", f"sweep={preset}", "hydra/launcher=basic"])
+    assert cells
