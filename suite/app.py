@@ -26,7 +26,7 @@ from suite.collect import CELL_POINTER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config
 from suite.preflight import CONF_DIR, preflight, register_variant_configs
 from suite.runner import run_cell, run_pack
-from suite.store import finished_record, write_cell, write_curve, write_started
+from suite.store import finished_record, write_cell, write_partial_curve, write_started
 
 log = logging.getLogger("suite")
 
@@ -73,7 +73,7 @@ def run_job(cfg: DictConfig) -> str:
     record, curve = run_cell(
         cell,
         on_start=lambda marker: write_started(cell.store, cell_id, {**marker, "pid": os.getpid()}),
-        on_progress=lambda partial: write_curve(cell.store, cell_id, partial),
+        on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
     )
     _keep(cell, record, curve, label)
     return record["status"]
@@ -97,7 +97,7 @@ def _run_packed_job(cell: CellConfig, job_dir: Path, label: str, resume: bool) -
         on_start=lambda member, marker: write_started(
             cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
         ),
-        on_progress=lambda member, partial: write_curve(
+        on_progress=lambda member, partial: write_partial_curve(
             cell.store, members[member].cell_id(), partial
         ),
         on_done=lambda member, record, curve: _keep(members[member], record, curve, label),

@@ -175,18 +175,18 @@ def run_cell(
     record["packed_members"] = 1
     if on_start is not None:
         on_start(record)
-    curve: list[dict[str, float]] = []
+    outcome = TrainOutcome()
     with _denormals_flushed():
         try:
             model = _build(cell, corpus, device)
             record["n_params"] = model.num_parameters()
-            outcome = train(model, corpus, cell, device, on_progress)
-            curve = outcome.curve
+            train(model, corpus, cell, device, on_progress, outcome)
             record.update(outcome_fields(outcome))
         except Exception as error:  # recorded, so the sweep goes on and the summary lists it
             _errored(record, cell.cell_id(), error)
+            record["steps_completed"] = len(outcome.curve)  # kept beside the traceback
     record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
-    return record, curve
+    return record, outcome.curve
 
 
 def run_pack(

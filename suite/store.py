@@ -1,14 +1,18 @@
 """The results store: one folder per cell, written atomically; the interface to reporting.
 
-    <store>/cells/<cell_id>/record.json   one flat record (columns documented in the README)
-    <store>/cells/<cell_id>/curve.parquet per-step training curve (rewritten as training goes)
-    <store>/cells/<cell_id>/running.json  while the cell trains; left behind if it was killed
-    <store>/runs.parquet                  every record, collected into one table
-    <store>/summary.parquet               its per-(variant, depth) summary, with intervals
+    <store>/cells/<cell_id>/record.json          one flat record (columns documented in the README)
+    <store>/cells/<cell_id>/curve-<token>.parquet  the per-step curve the record names (curve_file)
+    <store>/cells/<cell_id>/curve.partial.parquet  the curve so far, while the cell trains
+    <store>/cells/<cell_id>/running.json         while the cell trains; left behind if it was killed
+    <store>/runs.parquet                         every record, collected into one table
+    <store>/summary.parquet                      its per-(variant, depth) summary, with intervals
 
-``record.json`` is written last and by rename, so a folder with a record is complete, and a
-crash can leave at most a stray temporary file, never a half-written record. Every file is
-written to a unique temporary name first, so concurrent workers never interleave bytes.
+A cell's result is its record and the curve file the record names, replaced as a unit: the curve
+is written under a new name first, then the record is replaced by an atomic rename (the commit
+point), then older curve files are removed. A run killed at any point leaves the previous result
+whole (its record still names its own curve) and its own progress only in the partial curve.
+Every file is written to a unique temporary name first, so concurrent workers never interleave
+bytes. Records written before this layout name no curve file; their curve is ``curve.parquet``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import socket
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,8 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 RECORD = "record.json"
-CURVE = "curve.parquet"
+CURVE = "curve.parquet"  # the curve of a record that names none (stores written before)
+PARTIAL_CURVE = "curve.partial.parquet"
 RUNS = "runs.parquet"
 SUMMARY = "summary.parquet"
 RUNNING = "running.json"
@@ -58,8 +64,8 @@ RECORD_COLUMNS = (
     # where it ran
     "device", "device_name", "threads", "cpu_count", "torch_version", "cuda_version",
     "python_version", "platform", "hostname", "suite_version", "git_sha", "started_at",
-    # the full cell config as JSON, enough to re-run it
-    "config",
+    # the full cell config as JSON, enough to re-run it; the record's curve file in its folder
+    "config", "curve_file",
 )
 # fmt: on
 
@@ -97,18 +103,24 @@ def write_started(store: str | Path, cell_id: str, marker: dict[str, Any]) -> No
     _atomic_write(cell_dir(store, cell_id) / RUNNING, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_curve(store: str | Path, cell_id: str, curve: list[dict[str, float]]) -> None:
-    """(Re)write a cell's per-step curve; called periodically so a killed run keeps most of it."""
-    path = cell_dir(store, cell_id) / CURVE
+def write_partial_curve(store: str | Path, cell_id: str, curve: list[dict[str, float]]) -> None:
+    """(Re)write the curve of a cell in training; called periodically so a killed run keeps
+    most of it. Never touches the curve of the cell's finished result."""
+    path = cell_dir(store, cell_id) / PARTIAL_CURVE
     _atomic_write(path, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
 
 
 def write_cell(store: str | Path, record: dict[str, Any], curve: list[dict[str, float]]) -> Path:
-    """Write a finished cell: its full curve, then its record (last, so it marks completion)."""
+    """Write a finished (or errored) cell as a unit: its curve under a new name, then its record
+    naming that curve (the commit), then clean up older curves and the running marker."""
     folder = cell_dir(store, record["cell_id"])
-    write_curve(store, record["cell_id"], curve)
-    text = json.dumps(_json_safe(record), indent=1, sort_keys=True)
+    curve_file = f"curve-{uuid.uuid4().hex[:12]}.parquet"
+    _atomic_write(folder / curve_file, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
+    text = json.dumps(_json_safe({**record, "curve_file": curve_file}), indent=1, sort_keys=True)
     _atomic_write(folder / RECORD, lambda tmp: Path(tmp).write_text(text))
+    for old in folder.glob("curve*.parquet"):
+        if old.name != curve_file:
+            old.unlink(missing_ok=True)
     (folder / RUNNING).unlink(missing_ok=True)
     return folder
 
@@ -157,8 +169,22 @@ def read_records(store: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def curve_path(store: str | Path, cell_id: str) -> Path:
+    """The curve of the cell's result: the file its record names; for a record that names none
+    (written before), ``curve.parquet``; for a cell without a readable record (interrupted or
+    still running), the partial curve."""
+    folder = cell_dir(store, cell_id)
+    try:
+        named = json.loads((folder / RECORD).read_text()).get("curve_file")
+    except (OSError, ValueError, AttributeError):
+        return folder / PARTIAL_CURVE if not (folder / CURVE).exists() else folder / CURVE
+    if isinstance(named, str) and named and Path(named).name == named:
+        return folder / named
+    return folder / CURVE
+
+
 def read_curve(store: str | Path, cell_id: str) -> pd.DataFrame:
-    return pd.read_parquet(cell_dir(store, cell_id) / CURVE)
+    return pd.read_parquet(curve_path(store, cell_id))
 
 
 def read_losses(store: str | Path, cell_id: str) -> list[float]:

@@ -101,7 +101,10 @@ def train(
     cell: CellConfig,
     device: torch.device,
     on_progress: Callable[[list[dict[str, float]]], None] | None = None,
+    out: TrainOutcome | None = None,
 ) -> TrainOutcome:
+    """Train ``model`` on ``cell``; fills and returns ``out`` (a new outcome if none is given:
+    a caller that passes its own keeps the curve trained so far when training raises)."""
     cfg, optim = cell.train, cell.optim
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, optim)
@@ -110,7 +113,7 @@ def train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cell.model.seq_len
-    out = TrainOutcome()
+    out = out if out is not None else TrainOutcome()
     started = time.perf_counter()
     diagnostics = _diagnostics_for(model, corpus, cell, device)
 

@@ -14,7 +14,7 @@ from helpers import make_cell, run_suite
 from suite.collect import collect
 from suite.config import VerdictConfig
 from suite.runner import run_cell
-from suite.store import CURVE, cell_dir, write_cell
+from suite.store import cell_dir, curve_path, write_cell
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +65,10 @@ def test_a_curve_that_does_not_match_its_record_keeps_the_recorded_verdict(train
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
     cell_id = next(c for c, r in records.items() if r["verdict"] == "converged")
-    path = cell_dir(copy, cell_id) / CURVE
-    pd.read_parquet(path).head(10).to_parquet(path)  # e.g. a later, killed re-run's partial curve
+    path = curve_path(copy, cell_id)
+    pd.read_parquet(path).head(10).to_parquet(path)  # a curve that is not the record's
     other = next(c for c, r in records.items() if r["verdict"] == "stalled")
-    (cell_dir(copy, other) / CURVE).write_bytes(b"not parquet")
+    curve_path(copy, other).write_bytes(b"not parquet")
     runs = collect(copy, write=False).set_index("cell_id")
     for damaged in (cell_id, other):
         assert runs.loc[damaged, "judged_from"] == "record"

@@ -77,7 +77,7 @@ def test_sigkill_mid_cell_keeps_finished_cells_marks_the_killed_one_and_resumes(
     assert len(finished) == 1 and next(iter(finished.values()))["status"] == "ok"
     killed = [p.parent for p in tmp_path.glob("cells/*/running.json")]
     assert len(killed) == 1
-    partial = pd.read_parquet(killed[0] / "curve.parquet")
+    partial = pd.read_parquet(killed[0] / "curve.partial.parquet")
     assert len(partial) >= 100  # the flushed part of the curve survived
     runs = collect(tmp_path)
     assert sorted(runs["status"]) == ["interrupted", "ok"]

@@ -93,6 +93,18 @@ def test_exception_inside_a_cell_is_recorded_not_raised(monkeypatch):
     assert curve == []
 
 
+def test_a_cell_that_raises_after_training_keeps_the_curve_it_trained(monkeypatch):
+    import suite.train
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("evaluation failed (simulated)")
+
+    monkeypatch.setattr(suite.train, "evaluate", fail)
+    record, curve = run_cell(make_cell(steps=30))
+    assert record["status"] == "error" and "evaluation failed" in record["error"]
+    assert len(curve) == 30 == record["steps_completed"]
+
+
 def test_grad_clip_limits_the_update():
     record, curve = run_cell(make_cell(steps=5))
     assert all(math.isfinite(r["grad_norm"]) for r in curve)

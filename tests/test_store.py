@@ -1,0 +1,101 @@
+"""The store keeps a cell's result whole: record and curve replaced as a unit, a killed re-run
+never touching the finished curve, a failed cell keeping what it trained, old layouts readable."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from suite.collect import collect
+from suite.store import (
+    CURVE,
+    PARTIAL_CURVE,
+    RECORD,
+    cell_dir,
+    curve_path,
+    read_curve,
+    write_cell,
+    write_partial_curve,
+    write_started,
+)
+
+
+def curve_of(steps: int, loss: float = 2.0) -> list[dict[str, float]]:
+    return [{"step": s, "loss": 5.5 - s * (5.5 - loss) / max(1, steps - 1)} for s in range(steps)]
+
+
+def record(cell_id: str = "preln-L2-lr0.001-s0-0123456789", steps: int = 40) -> dict:
+    return {
+        "cell_id": cell_id,
+        "status": "ok",
+        "verdict": "converged",
+        "steps": steps,
+        "steps_completed": steps,
+        "diverged_step": None,
+        "unigram_entropy": 3.2,
+        "final_loss": 2.0,
+        "variant": "preln",
+        "depth": 2,
+        "lr": 1e-3,
+        "seed": 0,
+        "started_at": "2026-01-01T00:00:00+00:00",
+    }
+
+
+def test_a_killed_re_run_leaves_the_finished_result_whole(tmp_path):
+    finished = record()
+    write_cell(tmp_path, finished, curve_of(40))
+    # The same cell trained again (resume=false, or a second sweep): it starts and flushes...
+    write_started(tmp_path, finished["cell_id"], {**finished, "pid": 1})
+    write_partial_curve(tmp_path, finished["cell_id"], curve_of(15))
+    # ... and is killed here. The finished record and its whole curve are what is read.
+    assert len(read_curve(tmp_path, finished["cell_id"])) == 40
+    runs = collect(tmp_path, write=False)
+    assert list(runs["status"]) == ["ok"] and list(runs["judged_from"]) == ["curve"]
+
+
+def test_a_crash_between_curve_and_record_keeps_the_old_pair(tmp_path):
+    finished = record()
+    write_cell(tmp_path, finished, curve_of(40))
+    folder = cell_dir(tmp_path, finished["cell_id"])
+    # A re-run wrote its new curve file, then died before the record (the commit point).
+    pd.DataFrame(curve_of(7)).to_parquet(folder / "curve-orphan00000.parquet")
+    assert len(read_curve(tmp_path, finished["cell_id"])) == 40
+    write_cell(tmp_path, finished, curve_of(40))  # the next finished run cleans up
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([RECORD, json.loads((folder / RECORD).read_text())["curve_file"]])
+
+
+def test_an_errored_cell_keeps_its_curve(tmp_path):
+    failed = {**record(), "status": "error", "verdict": None, "steps_completed": 12}
+    write_cell(tmp_path, failed, curve_of(12))
+    assert len(read_curve(tmp_path, failed["cell_id"])) == 12
+
+
+def test_an_interrupted_cell_reads_its_partial_curve(tmp_path):
+    started = record()
+    write_started(tmp_path, started["cell_id"], {**started, "pid": 1})
+    write_partial_curve(tmp_path, started["cell_id"], curve_of(9))
+    assert curve_path(tmp_path, started["cell_id"]).name == PARTIAL_CURVE
+    assert len(read_curve(tmp_path, started["cell_id"])) == 9
+
+
+def test_a_store_in_the_old_layout_still_reads(tmp_path):
+    old = record()
+    folder = cell_dir(tmp_path, old["cell_id"])
+    folder.mkdir(parents=True)
+    (folder / RECORD).write_text(json.dumps(old))  # no curve_file
+    pd.DataFrame(curve_of(40)).to_parquet(folder / CURVE)
+    assert len(read_curve(tmp_path, old["cell_id"])) == 40
+    assert collect(tmp_path, write=False).loc[0, "judged_from"] == "curve"
+
+
+@pytest.mark.parametrize("name", ["../../escape.parquet", "/etc/passwd", ""])
+def test_a_record_cannot_point_its_curve_outside_its_folder(tmp_path, name):
+    bad = {**record(), "curve_file": name}
+    folder = cell_dir(tmp_path, bad["cell_id"])
+    folder.mkdir(parents=True)
+    (folder / RECORD).write_text(json.dumps(bad))
+    assert curve_path(tmp_path, bad["cell_id"]).parent == folder
