@@ -24,7 +24,15 @@ from suite.config import (
     verdict_config,
     verdict_from_overrides,
 )
-from suite.store import RECORD_COLUMNS, RUNS, SUMMARY, read_losses, read_records, write_table
+from suite.store import (
+    RECORD_COLUMNS,
+    RUNS,
+    SUMMARY,
+    UNREADABLE,
+    read_losses,
+    read_records,
+    write_table,
+)
 from suite.summary import format_summary, summarize
 from suite.verdict import judge_curve, rule_description
 
@@ -45,7 +53,7 @@ def collect(
     for record in records:
         judge_record(record, store, verdict)
         record["config"] = json.dumps(record.get("config"), sort_keys=True)
-    runs = pd.DataFrame.from_records(records)
+    runs = keep_last_good_rows(pd.DataFrame.from_records(records), Path(store) / RUNS)
     extra = [c for c in runs.columns if c not in RECORD_COLUMNS]
     runs = runs.reindex(columns=[*RECORD_COLUMNS, *extra])
     if not runs.empty:
@@ -56,6 +64,28 @@ def collect(
         summary = summarize(runs).reset_index()
         write_table(summary.assign(verdict_rule=rule_description(verdict)), Path(store) / SUMMARY)
     return runs
+
+
+def keep_last_good_rows(runs: pd.DataFrame, previous_table: Path) -> pd.DataFrame:
+    """A cell whose record file went bad keeps the row it had in the previous collected table
+    (its last good copy), flagged ``record_unreadable``; without one it stays an ``unreadable``
+    row. Either way the table never shrinks because a file went bad, and resume re-trains it."""
+    if runs.empty or not (runs["status"] == UNREADABLE).any():
+        return runs
+    runs = runs.assign(record_unreadable=runs["status"] == UNREADABLE)
+    try:
+        previous = pd.read_parquet(previous_table).set_index("cell_id")
+    except (OSError, ValueError, KeyError):
+        return runs
+    rows = []
+    for _, row in runs.iterrows():
+        cell_id = row["cell_id"]
+        if row["status"] == UNREADABLE and cell_id in previous.index:
+            old = previous.loc[cell_id]
+            row = (old.iloc[0] if isinstance(old, pd.DataFrame) else old).copy()
+            row["cell_id"], row["record_unreadable"] = cell_id, True
+        rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
 
 
 def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConfig) -> None:
@@ -118,6 +148,11 @@ def _started(record: dict[str, Any]) -> str:
 
 _UNFINISHED = (
     ("error", "errored (traceback in their record.json)"),
+    (
+        UNREADABLE,
+        "with an unreadable record.json and no earlier collected row (re-running the same "
+        "command re-trains them)",
+    ),
     ("interrupted", "interrupted (re-run the same command to finish them)"),
     ("running", "still running"),
 )
@@ -125,6 +160,14 @@ _UNFINISHED = (
 
 def report_text(runs: pd.DataFrame) -> str:
     lines = [format_summary(summarize(runs))]
+    if "record_unreadable" in runs:
+        restored = runs[(runs["record_unreadable"] == True) & (runs["status"] != UNREADABLE)]  # noqa: E712
+        if len(restored):
+            lines.append(
+                f"\n{len(restored)} cell(s) with an unreadable record.json, shown as last "
+                "collected (re-running the same command re-trains them):"
+            )
+            lines.extend(f"  {cell_id}" for cell_id in restored["cell_id"])
     for status, what in _UNFINISHED:
         cells = runs.loc[runs["status"] == status, "cell_id"] if not runs.empty else []
         if len(cells):

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 RECORD = "record.json"
 CURVE = "curve.parquet"  # the curve of a record that names none (stores written before)
 PARTIAL_CURVE = "curve.partial.parquet"
+UNREADABLE = "unreadable"  # the status of a cell whose record file cannot be read
 RUNS = "runs.parquet"
 SUMMARY = "summary.parquet"
 RUNNING = "running.json"
@@ -148,10 +150,31 @@ def _process_alive(marker: dict[str, Any]) -> bool:
     return True
 
 
+_CELL_ID = re.compile(r"^(?P<variant>.+)-L(?P<depth>\d+)-lr(?P<lr>[^-]+)-s(?P<seed>\d+)-[0-9a-f]+$")
+
+
+def cell_from_id(cell_id: str) -> dict[str, Any]:
+    """Variant, depth, LR and seed as a cell id spells them (for a cell whose record is lost)."""
+    match = _CELL_ID.match(cell_id)
+    if match is None:
+        return {}
+    try:
+        lr = float(match["lr"])
+    except ValueError:
+        return {}
+    return {
+        "variant": match["variant"],
+        "depth": int(match["depth"]),
+        "lr": lr,
+        "seed": int(match["seed"]),
+    }
+
+
 def read_records(store: str | Path) -> list[dict[str, Any]]:
     """Every record under the store, plus a row for each cell that started but has no record
-    (``interrupted``, or ``running`` while its process lives). Unreadable records are skipped
-    with a warning naming them."""
+    (``interrupted``, or ``running`` while its process lives). A record that cannot be read, or
+    is not a record of its folder's cell, becomes a row with status ``unreadable`` (and a
+    warning naming it), so the cell is never silently dropped."""
     records = []
     for folder in sorted(Path(store).glob("cells/*")):
         record_path, marker_path = folder / RECORD, folder / RUNNING
@@ -160,8 +183,18 @@ def read_records(store: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(path.read_text())
+            if not isinstance(record, dict) or record.get("cell_id") != folder.name:
+                raise ValueError("not a record of this cell")
         except (OSError, ValueError) as error:
-            log.warning("skipping unreadable record %s: %s", path, error)
+            log.warning("unreadable record %s: %s", path, error)
+            records.append(
+                {
+                    **cell_from_id(folder.name),
+                    "cell_id": folder.name,
+                    "status": UNREADABLE,
+                    "error": str(error),
+                }
+            )
             continue
         if path is marker_path:
             record["status"] = "running" if _process_alive(record) else "interrupted"

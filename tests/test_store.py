@@ -99,3 +99,44 @@ def test_a_record_cannot_point_its_curve_outside_its_folder(tmp_path, name):
     folder.mkdir(parents=True)
     (folder / RECORD).write_text(json.dumps(bad))
     assert curve_path(tmp_path, bad["cell_id"]).parent == folder
+
+
+@pytest.mark.parametrize("damage", [b"{truncated", b"[]", b'{"cell_id": "another-cell"}'])
+def test_a_damaged_record_keeps_its_last_collected_row(tmp_path, damage):
+    from suite.collect import report_text
+
+    for seed in range(3):
+        write_cell(tmp_path, record(f"preln-L2-lr0.001-s{seed}-0123456789"), curve_of(40))
+    assert len(collect(tmp_path)) == 3  # writes runs.parquet
+    damaged = "preln-L2-lr0.001-s1-0123456789"
+    (cell_dir(tmp_path, damaged) / RECORD).write_bytes(damage)
+    runs = collect(tmp_path).set_index("cell_id")
+    assert len(runs) == 3  # the table never shrinks because a file went bad
+    assert runs.loc[damaged, "status"] == "ok" and runs.loc[damaged, "record_unreadable"]
+    assert runs.loc[damaged, "verdict"] == "converged"  # the last good copy of the result
+    assert damaged in report_text(runs.reset_index())
+    assert len(pd.read_parquet(tmp_path / "runs.parquet")) == 3  # ... and it stays written
+
+
+def test_a_damaged_record_without_an_earlier_table_is_listed_not_dropped(tmp_path):
+    from suite.collect import report_text
+    from suite.store import finished_record
+
+    write_cell(tmp_path, record(), curve_of(40))
+    (cell_dir(tmp_path, record()["cell_id"]) / RECORD).write_text("{")
+    runs = collect(tmp_path, write=False)
+    assert list(runs["status"]) == ["unreadable"]
+    assert "unreadable record.json" in report_text(runs)
+    assert finished_record(tmp_path, record()["cell_id"]) is None  # resume re-trains it
+
+
+def test_a_lost_record_still_says_which_cell_it_was():
+    from suite.store import cell_from_id
+
+    assert cell_from_id("peri-ln-L24-lr0.003-s1-2e702987b1") == {
+        "variant": "peri-ln",
+        "depth": 24,
+        "lr": 0.003,
+        "seed": 1,
+    }
+    assert cell_from_id("not-a-cell") == {}
