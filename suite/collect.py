@@ -168,6 +168,15 @@ def report_text(runs: pd.DataFrame) -> str:
                 "collected (re-running the same command re-trains them):"
             )
             lines.extend(f"  {cell_id}" for cell_id in restored["cell_id"])
+    if "judged_from" in runs:
+        unjudged = runs.loc[runs["judged_from"] == "record", "cell_id"]
+        if len(unjudged):
+            lines.append(
+                f"\n{len(unjudged)} cell(s) whose curve is missing, unreadable or not the "
+                "record's: judged as recorded in training (re-running the same command "
+                "re-trains them):"
+            )
+            lines.extend(f"  {cell_id}" for cell_id in unjudged)
     for status, what in _UNFINISHED:
         cells = runs.loc[runs["status"] == status, "cell_id"] if not runs.empty else []
         if len(cells):

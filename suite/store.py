@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,20 @@ def write_table(runs: pd.DataFrame, path: Path) -> None:
 
 
 def finished_record(store: str | Path, cell_id: str) -> dict[str, Any] | None:
-    """The cell's record if it finished (status ok); None if absent, errored or unreadable."""
+    """The cell's record if it finished (status ok) and its curve is readable; None if absent,
+    errored, unreadable or missing its curve, so that resume trains the cell again."""
     try:
         record = json.loads((cell_dir(store, cell_id) / RECORD).read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("status") == "ok" else None
+    if not isinstance(record, dict) or record.get("status") != "ok":
+        return None
+    try:
+        pq.read_metadata(curve_path(store, cell_id))
+    except (OSError, ValueError):
+        log.warning("%s: its curve is missing or unreadable; it is trained again", cell_id)
+        return None
+    return record
 
 
 def _process_alive(marker: dict[str, Any]) -> bool:

@@ -140,3 +140,20 @@ def test_a_lost_record_still_says_which_cell_it_was():
         "seed": 1,
     }
     assert cell_from_id("not-a-cell") == {}
+
+
+def test_resume_re_trains_a_cell_whose_curve_is_gone_or_damaged_and_collect_says_so(tmp_path):
+    from suite.collect import report_text
+    from suite.store import finished_record
+
+    write_cell(tmp_path, record(), curve_of(40))
+    cell_id = record()["cell_id"]
+    assert finished_record(tmp_path, cell_id) is not None
+    curve_path(tmp_path, cell_id).write_bytes(b"PAR1 garbage")
+    assert finished_record(tmp_path, cell_id) is None
+    text = report_text(collect(tmp_path, write=False))
+    assert "curve is missing, unreadable" in text and cell_id in text
+    curve_path(tmp_path, cell_id).unlink()
+    assert finished_record(tmp_path, cell_id) is None
+    (cell_dir(tmp_path, cell_id) / RECORD).write_text("[1, 2]")  # parseable, not a record
+    assert finished_record(tmp_path, cell_id) is None
