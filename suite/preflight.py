@@ -25,6 +25,7 @@ from suite.config import CellConfig, ConfigError, cell_from_config
 from suite.environment import resolve_device
 from suite.model import VariantError
 from suite.runner import build_model
+from suite.targets import ForbiddenTarget, check_config, check_target
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"variant"}
@@ -68,6 +69,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     # Only the choices that can change the preset's grid: the sweep preset and Hydra's own keys.
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
     base = compose("config", overrides=fixed, return_hydra_config=True)
+    _check_targets_in("", lambda: check_config(base))  # Hydra's own config: callbacks, launcher
     given = {o.key_or_group for o in parsed}
     preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
     axes = []
@@ -113,6 +115,7 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
                             override.value(),
                             force_add=override.is_add(),
                         )
+                _check_targets_in("", lambda cfg=cfg: check_config(cfg))
                 cells.append((job, cell_from_config(cfg)))
             except (ConfigError, OmegaConfBaseException, HydraException) as error:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
@@ -211,16 +214,24 @@ def _available_device(requested: str) -> torch.device:
 
 
 def _refuse_foreign_targets(overrides: list) -> None:
-    """Only the suite's own classes and Hydra's plugins may be instantiated from a config."""
+    """Every ``_target_`` given on the command line, swept values included, before composing."""
     for override in overrides:
         key = override.key_or_group
         if key == "_target_" or key.endswith("._target_"):
-            target = str(override.value())
-            if not target.startswith(("suite.", "hydra_plugins.", "hydra.")):
-                raise ConfigError(
-                    f"{key}: may only name the suite's own classes or Hydra plugins "
-                    f"(got {target!r})"
-                )
+            values = (
+                list(override.sweep_string_iterator())
+                if override.is_sweep_override()
+                else [override.value()]
+            )
+            for value in values:
+                _check_targets_in(key, lambda v=value: check_target(v))
+
+
+def _check_targets_in(where: str, check) -> None:
+    try:
+        check()
+    except ForbiddenTarget as error:
+        raise ConfigError(f"{where}: {error}" if where else str(error)) from None
 
 
 def _needs_compose(override) -> bool:

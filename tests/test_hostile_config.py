@@ -133,3 +133,50 @@ def test_every_cpu_preset_runs_under_the_basic_launcher_too(preset):
     launcher on the command line (hydra/launcher=basic: one cell at a time, in-process) works."""
     cells = preflight(["+variant=preln", f"sweep={preset}", "hydra/launcher=basic"])
     assert cells
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+hydra.callbacks.evil._target_=os.system",
+        "++hydra.callbacks.evil._target_=builtins.exec",
+        "+hydra.callbacks.evil._target_=suite.app.os.system",  # imported into a suite module
+        "+hydra.callbacks.evil={_target_: os.system, command: touch}",  # a dict value
+        "+hydra.callbacks.evil._target_=hydra.utils.call",  # a Hydra function, not a class
+        "+model.evil._target_=suite.store.pd.read_parquet",
+        "+evil=[{_target_: subprocess.run}]",  # inside a list
+        "+evil.deeper.still={_target_: variants.registry.importlib.import_module}",
+        "+evil._target_=${oc.env:HOME}",  # an interpolation
+        "+evil._target_=suite.collect.CollectCallback,os.system",  # a sweep
+        "+evil._target_=antigravity.fly",  # never imported to find out
+    ],
+)
+def test_every_override_form_of_a_foreign_target_is_refused(override):
+    with pytest.raises(ConfigError, match="_target_"):
+        preflight(["+variant=preln", "sweep=tiny", override])
+
+
+def test_the_suites_own_classes_are_still_allowed_as_targets():
+    cells = preflight(
+        [
+            "+variant=preln",
+            "sweep=tiny",
+            "+hydra.callbacks.again._target_=suite.collect.CollectCallback",
+        ]
+    )
+    assert cells
+
+
+def test_a_foreign_target_from_the_command_line_runs_nothing(tmp_path):
+    from helpers import run_suite
+
+    marker = tmp_path / "pwned"
+    result = run_suite(
+        "+variant=preln",
+        "sweep=tiny",
+        f"store={tmp_path / 'store'}",
+        "+hydra.callbacks.evil._target_=suite.app.os.system",
+        f"+hydra.callbacks.evil.command='touch {marker}'",
+    )
+    assert result.returncode == 2 and "_target_" in result.stderr
+    assert not marker.exists() and not (tmp_path / "store").exists()
