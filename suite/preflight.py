@@ -127,6 +127,8 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     returns the cells, as :func:`sweep_cells`."""
     cells = sweep_cells(overrides)
     _refuse_duplicate_cells(cells)
+    for store in {cell.store for _, cell in cells}:
+        check_store_writable(store)
     # A packed run holds one model copy per learning rate of the sweep.
     members = len({cell.optim.lr for _, cell in cells})
     built: set[str] = set()
@@ -136,6 +138,21 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
         except ConfigError as error:
             raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
     return cells
+
+
+def check_store_writable(store: str) -> None:
+    """The store, or the folder it would be created in, must be a writable folder: checked
+    without writing anything."""
+    path = Path(store).expanduser().absolute()
+    if not str(store).strip():
+        raise ConfigError("store: must be a folder path (got an empty one)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"store: {str(existing)!r} is a file, not a folder (store={store!r})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"store: cannot write in {str(existing)!r} (store={store!r})")
 
 
 def _refuse_duplicate_cells(cells: list[tuple[list[str], CellConfig]]) -> None:

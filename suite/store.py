@@ -77,12 +77,24 @@ def cell_dir(store: str | Path, cell_id: str) -> Path:
     return Path(store) / "cells" / cell_id
 
 
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+# mkstemp creates files readable by their owner only; a store is often shared by a group (a
+# cluster's nodes and users), so every file gets the mode the user's umask gives a new file.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

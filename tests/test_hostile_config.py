@@ -180,3 +180,11 @@ def test_a_foreign_target_from_the_command_line_runs_nothing(tmp_path):
     )
     assert result.returncode == 2 and "_target_" in result.stderr
     assert not marker.exists() and not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("store", ["{file}/store", "{file}", " "])
+def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path, store):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"^store: "):
+        preflight(["+variant=preln", "sweep=tiny", f"store={store.format(file=blocker)}"])

@@ -157,3 +157,15 @@ def test_resume_re_trains_a_cell_whose_curve_is_gone_or_damaged_and_collect_says
     assert finished_record(tmp_path, cell_id) is None
     (cell_dir(tmp_path, cell_id) / RECORD).write_text("[1, 2]")  # parseable, not a record
     assert finished_record(tmp_path, cell_id) is None
+
+
+def test_store_files_follow_the_umask_so_a_group_can_read_a_shared_store(tmp_path):
+    import os
+    import stat
+
+    write_cell(tmp_path, record(), curve_of(5))
+    folder = cell_dir(tmp_path, record()["cell_id"])
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
