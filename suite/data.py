@@ -108,7 +108,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     else:
         train, val = interleaved_split(tokens, cfg.val_fraction)
     if len(train) < 2 or len(val) < 2:
-        raise ConfigError(f"data.path: corpus too small ({len(tokens)} tokens)")
+        key = "data.max_bytes" if cfg.source == "stdlib" else "data.path"
+        raise ConfigError(f"{key}: corpus too small ({len(tokens)} tokens)")
     return Corpus(
         train,
         val,

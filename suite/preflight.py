@@ -24,7 +24,7 @@ import variants
 from suite.config import CellConfig, ConfigError, cell_from_config
 from suite.environment import resolve_device
 from suite.model import VariantError
-from suite.runner import build_model
+from suite.runner import build_model, corpus_for
 from suite.targets import ForbiddenTarget, check_config, check_target
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -129,6 +129,7 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     _refuse_duplicate_cells(cells)
     for store in {cell.store for _, cell in cells}:
         check_store_writable(store)
+    check_data(cells)
     # A packed run holds one model copy per learning rate of the sweep.
     members = len({cell.optim.lr for _, cell in cells})
     built: set[str] = set()
@@ -138,6 +139,32 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
         except ConfigError as error:
             raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
     return cells
+
+
+def check_data(cells: list[tuple[list[str], CellConfig]]) -> None:
+    """Open each distinct data source of the sweep once, before any cell starts, and check what
+    a cell would later trip on: a corpus that cannot be read or is too small, token ids beyond
+    the vocabulary, a sequence longer than a split."""
+    by_source: dict[str, list[CellConfig]] = {}
+    for _, cell in cells:
+        by_source.setdefault(json.dumps(asdict(cell.data), sort_keys=True), []).append(cell)
+    for group in by_source.values():
+        data = group[0].data
+        try:
+            corpus = corpus_for(data)
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"data.path: cannot read {data.path!r} as data.source={data.source} ({error})"
+            ) from None
+        shortest = min(len(corpus.train), len(corpus.val))
+        for cell in group:
+            if cell.model.seq_len + 1 >= shortest:
+                raise ConfigError(
+                    f"model.seq_len: {cell.model.seq_len} is too long for {corpus.name}, whose "
+                    f"smaller split has {shortest} tokens (a window is seq_len + 1 tokens)"
+                )
 
 
 def check_store_writable(store: str) -> None:

@@ -188,3 +188,50 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path, store):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match=r"^store: "):
         preflight(["+variant=preln", "sweep=tiny", f"store={store.format(file=blocker)}"])
+
+
+def _data_file(tmp_path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (lambda t: ["data=text", f"data.path={_data_file(t, 'empty.txt', b'')}"], "data.path"),
+        (lambda t: ["data=text", f"data.path={_data_file(t, 'tiny.txt', b'abc')}"], "data.path"),
+        (lambda t: ["data=tokens", f"data.path={_data_file(t, 'odd.bin', b'abc')}"], "data.path"),
+        (lambda t: ["data=tokens", f"data.path={_data_file(t, 'e.bin', b'')}"], "data.path"),
+        (
+            lambda t: [
+                "data=tokens",
+                f"data.path={_data_file(t, 'ids.bin', bytes(range(200)) * 50)}",
+                "data.vocab_size=300",
+            ],
+            "data.vocab_size",
+        ),
+        (lambda t: ["data.max_bytes=10"], "data.max_bytes"),
+        (
+            lambda t: ["data=text", f"data.path={_data_file(t, 'short.txt', b'x' * 3000)}"],
+            "model.seq_len",
+        ),
+        (lambda t: ["data=text", f"data.path={t}"], "data.path"),  # a folder
+    ],
+)
+def test_bad_data_fails_in_preflight_naming_the_key(tmp_path, args, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        preflight(["+variant=preln", "sweep=tiny", "model.seq_len=512", *args(tmp_path)])
+
+
+def test_bad_data_from_the_command_line_writes_nothing(tmp_path):
+    from helpers import run_suite
+
+    empty = _data_file(tmp_path, "empty.txt", b"")
+    store = tmp_path / "store"
+    result = run_suite(
+        "+variant=preln", "sweep=tiny", "data=text", f"data.path={empty}", f"store={store}"
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("config error: data.path: ")
+    assert not store.exists()
