@@ -235,3 +235,22 @@ def test_bad_data_from_the_command_line_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("config error: data.path: ")
     assert not store.exists()
+
+
+def test_every_config_key_has_a_range_check_or_a_type_that_is_one():
+    """A new key without a check fails here: each non-boolean field of every section must be
+    checked by name in suite.config (validate / validate_verdict) or suite.preflight."""
+    import dataclasses
+    import inspect
+
+    import suite.config
+    import suite.preflight
+
+    source = inspect.getsource(suite.config) + inspect.getsource(suite.preflight)
+    unchecked = [
+        f"{section}.{field.name}"
+        for section, schema in suite.config.SECTIONS.items()
+        for field in dataclasses.fields(schema)
+        if field.type not in ("bool", bool) and f'"{section}.{field.name}"' not in source
+    ]
+    assert unchecked == [], unchecked
