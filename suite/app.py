@@ -22,7 +22,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from suite.collect import CELL_POINTER, SKIPPED_MARKER
+from suite.claims import Claim, claim_cell, describe
+from suite.collect import CELL_POINTER, CLAIMED_MARKER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config
 from suite.preflight import CONF_DIR, preflight, register_variant_configs
 from suite.runner import run_cell, run_pack
@@ -69,14 +70,37 @@ def run_job(cfg: DictConfig) -> str:
         (job_dir / SKIPPED_MARKER).touch()
         log.info("%s: %s is already in the store; skipped", label, cell_id)
         return "skipped"
-    log.info("%s: %s", label, cell_id)
-    record, curve = run_cell(
-        cell,
-        on_start=lambda marker: write_started(cell.store, cell_id, {**marker, "pid": os.getpid()}),
-        on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
-    )
-    _keep(cell, record, curve, label)
+    claim = claim_cell(cell.store, cell_id)
+    if not isinstance(claim, Claim):
+        _left_to_another(job_dir, label, [cell_id], claim)
+        return "claimed"
+    try:
+        # Another sweep may have finished it between the look above and the claim.
+        if resume and finished_record(cell.store, cell_id) is not None:
+            (job_dir / SKIPPED_MARKER).touch()
+            log.info("%s: %s was finished meanwhile by another sweep; skipped", label, cell_id)
+            return "skipped"
+        log.info("%s: %s", label, cell_id)
+        record, curve = run_cell(
+            cell,
+            on_start=lambda marker: write_started(
+                cell.store, cell_id, {**marker, "pid": os.getpid()}
+            ),
+            on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
+        )
+        _keep(cell, record, curve, label)
+    finally:
+        claim.release()
     return record["status"]
+
+
+def _left_to_another(
+    job_dir: Path, label: str, cell_ids: list[str], holder: dict[str, Any]
+) -> None:
+    """Cells another live process is training: skipped, marked for this sweep's summary."""
+    (job_dir / CLAIMED_MARKER).write_text("\n".join(cell_ids))
+    for cell_id in cell_ids:
+        log.info("%s: %s is being trained by %s; left to it", label, cell_id, describe(holder))
 
 
 def _run_packed_job(cell: CellConfig, job_dir: Path, label: str, resume: bool) -> str:
@@ -89,19 +113,34 @@ def _run_packed_job(cell: CellConfig, job_dir: Path, label: str, resume: bool) -
     if skipped:
         (job_dir / SKIPPED_MARKER).write_text(str(skipped))
         log.info("%s: %d learning rate(s) already in the store; skipped", label, skipped)
+    claims, held_elsewhere = {}, {}
+    for member in members:
+        claim = claim_cell(member.store, member.cell_id())
+        if isinstance(claim, Claim):
+            claims[member.cell_id()] = claim
+        else:
+            held_elsewhere[member.cell_id()] = claim
+    if held_elsewhere:
+        holder = next(iter(held_elsewhere.values()))
+        _left_to_another(job_dir, label, list(held_elsewhere), holder)
+    members = [m for m in members if m.cell_id() in claims]
     if not members:
-        return "skipped"
+        return "claimed" if held_elsewhere else "skipped"
     log.info("%s: %s", label, ", ".join(member.cell_id() for member in members))
-    records = run_pack(
-        members,
-        on_start=lambda member, marker: write_started(
-            cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
-        ),
-        on_progress=lambda member, partial: write_partial_curve(
-            cell.store, members[member].cell_id(), partial
-        ),
-        on_done=lambda member, record, curve: _keep(members[member], record, curve, label),
-    )
+    try:
+        records = run_pack(
+            members,
+            on_start=lambda member, marker: write_started(
+                cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
+            ),
+            on_progress=lambda member, partial: write_partial_curve(
+                cell.store, members[member].cell_id(), partial
+            ),
+            on_done=lambda member, record, curve: _keep(members[member], record, curve, label),
+        )
+    finally:
+        for claim in claims.values():
+            claim.release()
     return "ok" if all(record["status"] == "ok" for record, _ in records) else "error"
 
 

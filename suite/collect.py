@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CELL_POINTER = "cell_id"  # written into each Hydra job's output folder
 SKIPPED_MARKER = "skipped"  # ... beside it when the cell was already in the store
+CLAIMED_MARKER = "claimed"  # ... or the cells another live sweep was training, one per line
 
 
 def collect(
@@ -191,6 +192,12 @@ def sweep_cell_ids(sweep_dir: str | Path) -> set[str]:
     return {cell_id for p in pointers for cell_id in p.read_text().split()}
 
 
+def left_to_others(sweep_dir: str | Path) -> set[str]:
+    """The cells of one sweep that another live sweep was training: this one left them to it."""
+    markers = Path(sweep_dir).glob(f"*/{CLAIMED_MARKER}")
+    return {cell_id for p in markers for cell_id in p.read_text().split()}
+
+
 def count_skipped(sweep_dir: str | Path) -> int:
     """Cells skipped because the store had them (a packed job's marker holds its count)."""
     markers = Path(sweep_dir).glob(f"*/{SKIPPED_MARKER}")
@@ -205,15 +212,19 @@ class CollectCallback(Callback):
         runs = collect(store, verdict=verdict_config(config.get("verdict")))
         if runs.empty:
             return
-        this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(config.hydra.sweep.dir))]
-        skipped = count_skipped(config.hydra.sweep.dir)
+        sweep_dir = config.hydra.sweep.dir
+        this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(sweep_dir))]
+        skipped, others = count_skipped(sweep_dir), left_to_others(sweep_dir)
         reused = f", {skipped} already in the store (resume=false re-runs them)" if skipped else ""
+        if others:
+            reused += f", {len(others)} left to another sweep training them at the same time"
         print(
             f"\nSummary of this sweep ({len(this_sweep)} cells{reused}; "
             f"all runs: {Path(store) / RUNS}):"
         )
         print(report_text(this_sweep))
-        if (this_sweep["status"] != "ok").any():
+        unfinished = this_sweep[~this_sweep["cell_id"].isin(others)]
+        if (unfinished["status"] != "ok").any():
             raise SystemExit(1)  # the records are kept; the exit code tells scripts to look
 
 

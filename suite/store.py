@@ -88,7 +88,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -115,14 +115,14 @@ def _json_safe(value: Any) -> Any:
 def write_started(store: str | Path, cell_id: str, marker: dict[str, Any]) -> None:
     """Mark a cell as running; a marker left without a record means the run was interrupted."""
     text = json.dumps(_json_safe(marker), indent=1, sort_keys=True)
-    _atomic_write(cell_dir(store, cell_id) / RUNNING, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(cell_dir(store, cell_id) / RUNNING, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_partial_curve(store: str | Path, cell_id: str, curve: list[dict[str, float]]) -> None:
     """(Re)write the curve of a cell in training; called periodically so a killed run keeps
     most of it. Never touches the curve of the cell's finished result."""
     path = cell_dir(store, cell_id) / PARTIAL_CURVE
-    _atomic_write(path, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
 
 
 def write_cell(store: str | Path, record: dict[str, Any], curve: list[dict[str, float]]) -> Path:
@@ -130,9 +130,9 @@ def write_cell(store: str | Path, record: dict[str, Any], curve: list[dict[str, 
     naming that curve (the commit), then clean up older curves and the running marker."""
     folder = cell_dir(store, record["cell_id"])
     curve_file = f"curve-{uuid.uuid4().hex[:12]}.parquet"
-    _atomic_write(folder / curve_file, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
+    atomic_write(folder / curve_file, lambda tmp: pd.DataFrame(curve).to_parquet(tmp, index=False))
     text = json.dumps(_json_safe({**record, "curve_file": curve_file}), indent=1, sort_keys=True)
-    _atomic_write(folder / RECORD, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / RECORD, lambda tmp: Path(tmp).write_text(text))
     for old in folder.glob("curve*.parquet"):
         if old.name != curve_file:
             old.unlink(missing_ok=True)
@@ -141,7 +141,7 @@ def write_cell(store: str | Path, record: dict[str, Any], curve: list[dict[str, 
 
 
 def write_table(runs: pd.DataFrame, path: Path) -> None:
-    _atomic_write(path, lambda tmp: runs.to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: runs.to_parquet(tmp, index=False))
 
 
 def finished_record(store: str | Path, cell_id: str) -> dict[str, Any] | None:
