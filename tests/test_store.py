@@ -169,3 +169,85 @@ def test_store_files_follow_the_umask_so_a_group_can_read_a_shared_store(tmp_pat
     os.umask(umask)
     for path in folder.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+# --- property: kill or corrupt at random points, the invariants hold -------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import suite.store as store_module  # noqa: E402
+
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["finish", "corrupt_record", "corrupt_curve", "collect"]),
+        st.integers(min_value=0, max_value=2),  # which cell
+        st.integers(min_value=0, max_value=3),  # kill at this file write of write_cell (0: none)
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: nothing after it runs."""
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(OPERATIONS)
+def test_random_kills_and_corruption_never_lose_or_hide_a_result(tmp_path_factory, operations):
+    root = tmp_path_factory.mktemp("store")
+    ids = [f"preln-L2-lr0.001-s{i}-0123456789" for i in range(3)]
+    committed: dict[str, int] = {}  # cell -> steps of its last finished result
+    damaged_record, damaged_curve, collected_ok = set(), set(), set()
+    original_write = store_module.atomic_write
+    for number, (operation, which, kill_at) in enumerate(operations):
+        cell_id = ids[which]
+        if operation == "finish":
+            steps = 20 + number
+            writes = []
+
+            def dying_write(path, write, writes=writes, kill_at=kill_at):
+                writes.append(path)
+                if len(writes) == kill_at:
+                    raise Killed
+                original_write(path, write)
+
+            store_module.atomic_write = dying_write
+            try:
+                write_cell(root, record(cell_id, steps=steps), curve_of(steps))
+            except Killed:
+                pass
+            finally:
+                store_module.atomic_write = original_write
+            if kill_at == 0 or kill_at > 2:  # the record's rename (write 2) is the commit point
+                committed[cell_id] = steps
+                damaged_record.discard(cell_id)
+                damaged_curve.discard(cell_id)
+        elif operation == "corrupt_record" and cell_id in committed:
+            (cell_dir(root, cell_id) / RECORD).write_text('{"status": "ok", "cell_')
+            damaged_record.add(cell_id)
+        elif (
+            operation == "corrupt_curve" and cell_id in committed and cell_id not in damaged_record
+        ):
+            curve_path(root, cell_id).write_bytes(b"PAR1 not a curve")
+            damaged_curve.add(cell_id)
+        elif operation == "collect":
+            runs = collect(root).set_index("cell_id")  # never raises
+            for cell, steps in committed.items():
+                row = runs.loc[cell]
+                if cell in damaged_record:
+                    if cell in collected_ok:  # its last good copy is kept
+                        assert row["status"] == "ok" and row["record_unreadable"]
+                    else:
+                        assert row["status"] == "unreadable"
+                    continue
+                assert row["status"] == "ok" and row["steps_completed"] == steps
+                expected = "record" if cell in damaged_curve else "curve"
+                assert row["judged_from"] == expected
+                if expected == "curve":
+                    assert len(read_curve(root, cell)) == steps  # its own, whole curve
+                collected_ok.add(cell)
+            assert set(runs.index) >= set(committed)
