@@ -117,9 +117,12 @@ def train_packed(
     device: torch.device,
     on_done: MemberDone,
     on_progress: MemberProgress | None = None,
+    outcomes: list[TrainOutcome] | None = None,
 ) -> None:
     """Train every cell (member) from ``model``'s initial weights; ``on_done(member, outcome)``
-    is called for each as soon as it is finished: when it diverges, or all together at the end."""
+    is called for each as soon as it is finished: when it diverges, or all together at the end.
+    ``outcomes`` (one per member, filled in place) lets a caller keep the curves trained so far
+    when training raises."""
     check_packable(cells)
     lead = cells[0]
     cfg, optim = lead.train, lead.optim
@@ -129,7 +132,7 @@ def train_packed(
     batches = Batches(corpus.train, lead.model.seq_len, cfg.batch_size, seed=lead.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     tokens_per_step = cfg.batch_size * lead.model.seq_len
-    outcomes = [TrainOutcome() for _ in cells]
+    outcomes = outcomes if outcomes is not None else [TrainOutcome() for _ in cells]
     active = list(range(len(cells)))  # members still training, in stack order
     started = time.perf_counter()
 

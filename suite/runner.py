@@ -219,15 +219,17 @@ def run_pack(
         records[member].update(outcome_fields(outcome))
         done(member, records[member], outcome.curve)
 
+    outcomes = [TrainOutcome() for _ in cells]
     with _denormals_flushed():
         try:
             model = _build(cells[0], corpus, device)
             for record in records:
                 record["n_params"] = model.num_parameters()
-            train_packed(model, corpus, cells, device, trained, on_progress)
+            train_packed(model, corpus, cells, device, trained, on_progress, outcomes)
         except Exception as error:  # every member not finished yet is recorded as errored
             for member, cell in enumerate(cells):
                 if results[member] is None:
                     _errored(records[member], cell.cell_id(), error)
-                    done(member, records[member], [])
+                    records[member]["steps_completed"] = len(outcomes[member].curve)
+                    done(member, records[member], outcomes[member].curve)
     return [result for result in results if result is not None]

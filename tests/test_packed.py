@@ -86,6 +86,19 @@ def test_a_failing_pack_records_every_unfinished_member_as_an_error(monkeypatch)
     assert "simulated" in results[0][0]["error"]
 
 
+def test_a_pack_that_fails_after_training_keeps_each_members_curve(monkeypatch):
+    import suite.packed
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("evaluation failed (simulated)")
+
+    monkeypatch.setattr(suite.packed, "evaluate_packed", fail)
+    results = run_pack(pack_cells("preln", [1e-3, 3e-3]))
+    for record, curve in results:
+        assert record["status"] == "error"
+        assert len(curve) == record["steps_completed"] == record["steps"]
+
+
 def test_packing_does_not_change_a_cells_identity():
     plain = make_cell(lr=1e-3)
     packed = make_cell(lr=1e-3, pack_lr=True, packed_lrs=[1e-3, 1e-2])
