@@ -119,6 +119,32 @@ def verdict_heatmaps(runs: pd.DataFrame) -> Figure:
     return fig
 
 
+def _panels_per_depth(finished: pd.DataFrame, height: float, xlabel: str, ylabel: str):
+    """A row of panels, one per depth (shared y axis), and for each the runs at that depth:
+    yields (axes, runs at its depth, [(variant, its runs, its colour), ...]). Legend on the last
+    panel once the caller has drawn."""
+    depths = sorted(finished["depth"].unique())
+    names = variant_order(finished["variant"])
+    colours = palette(names)
+    fig, axes = plt.subplots(
+        1,
+        len(depths),
+        figsize=(4.6 * len(depths), height),
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
+    )
+    axes.flat[0].set_ylabel(ylabel)
+    panels = []
+    for ax, depth in zip(axes.flat, depths, strict=True):
+        at_depth = finished[finished["depth"] == depth]
+        ax.set_title(f"depth {depth}")
+        ax.set_xlabel(xlabel)
+        lines = [(name, at_depth[at_depth["variant"] == name], colours[name]) for name in names]
+        panels.append((ax, at_depth, [line for line in lines if not line[1].empty]))
+    return fig, panels
+
+
 def plateau_survival(runs: pd.DataFrame) -> Figure | None:
     """Fraction of runs still on the unigram plateau vs step, one panel per depth, one line per
     variant: a Kaplan–Meier curve, runs that never escaped censored at their budget (dotted
@@ -126,38 +152,21 @@ def plateau_survival(runs: pd.DataFrame) -> Figure | None:
     finished = with_escape_known(runs)
     if finished.empty:
         return None
-    depths = sorted(finished["depth"].unique())
-    names = variant_order(finished["variant"])
-    colours = palette(names)
-    fig, axes = plt.subplots(
-        1,
-        len(depths),
-        figsize=(4.6 * len(depths), 3.6),
-        sharey=True,
-        squeeze=False,
-        constrained_layout=True,
-    )
-    for ax, depth in zip(axes.flat, depths, strict=True):
-        at_depth = finished[finished["depth"] == depth]
-        for name in names:
-            subset = at_depth[at_depth["variant"] == name]
-            if subset.empty:
-                continue
+    fig, panels = _panels_per_depth(finished, 3.6, "step", "fraction of runs still on the plateau")
+    for ax, at_depth, lines in panels:
+        for name, subset, colour in lines:
             curve = kaplan_meier(subset["escape_step"], subset["steps"])
             ax.step(
                 curve["step"],
                 curve["on_plateau"],
                 where="post",
-                color=colours[name],
+                color=colour,
                 label=f"{name} ({len(subset)} runs)",
             )
         for budget in sorted(at_depth["steps"].unique()):
             ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_title(f"depth {depth}")
-        ax.set_xlabel("step")
-    axes.flat[0].set_ylabel("fraction of runs still on the plateau")
-    axes.flat[-1].legend(fontsize=8, loc="best")
+    panels[-1][0].legend(fontsize=8, loc="best")
     return fig
 
 
@@ -169,29 +178,15 @@ def loss_vs_lr(runs: pd.DataFrame) -> Figure:
     finished = finished.assign(
         capped=capped_loss(finished), diverged=finished["verdict"] == DIVERGED
     )
-    depths = sorted(finished["depth"].unique())
-    names = variant_order(finished["variant"])
-    colours = palette(names)
-    fig, axes = plt.subplots(
-        1,
-        len(depths),
-        figsize=(4.6 * len(depths), 3.8),
-        sharey=True,
-        squeeze=False,
-        constrained_layout=True,
+    fig, panels = _panels_per_depth(
+        finished, 3.8, "learning rate", "final val loss (nats, capped at init)"
     )
-    for ax, depth in zip(axes.flat, depths, strict=True):
-        at_depth = finished[finished["depth"] == depth]
-        for name in names:
-            subset = at_depth[at_depth["variant"] == name]
-            if subset.empty:
-                continue
+    for ax, at_depth, lines in panels:
+        for name, subset, colour in lines:
             mean = subset.groupby("lr")["capped"].mean()
-            ax.plot(mean.index, mean.values, marker="o", color=colours[name], label=name)
+            ax.plot(mean.index, mean.values, marker="o", color=colour, label=name)
             diverged = subset[subset["diverged"]]
-            ax.scatter(
-                diverged["lr"], diverged["capped"], marker="x", s=70, color=colours[name], zorder=3
-            )
+            ax.scatter(diverged["lr"], diverged["capped"], marker="x", s=70, color=colour, zorder=3)
         entropy = at_depth["val_unigram_entropy"].mean()
         if np.isfinite(entropy):  # absent from records written before the column existed
             ax.axhline(entropy, color="grey", linestyle="--", linewidth=1)
@@ -204,10 +199,7 @@ def loss_vs_lr(runs: pd.DataFrame) -> Figure:
                 color="grey",
             )
         ax.set_xscale("log")
-        ax.set_title(f"depth {depth}")
-        ax.set_xlabel("learning rate")
-    axes.flat[0].set_ylabel("final val loss (nats, capped at init)")
-    axes.flat[-1].legend(fontsize=8, loc="best")
+    panels[-1][0].legend(fontsize=8, loc="best")
     return fig
 
 
