@@ -35,7 +35,9 @@ def test_every_cell_has_record_and_curve(tiny_sweep):
     assert len(folders) == 8
     for folder in folders:
         record = json.loads((folder / "record.json").read_text())
-        assert sorted(p.name for p in folder.iterdir()) == ["record.json", record["curve_file"]]
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["record.json", record["curve_file"]]
+        )
         curve = pd.read_parquet(folder / record["curve_file"])
         assert record["cell_id"] == folder.name
         assert len(curve) == record["steps_completed"] == 150

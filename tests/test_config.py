@@ -26,9 +26,10 @@ def test_every_variant_composes_with_its_own_parameters(name):
     assert (cell.model.width, cell.model.heads, cell.train.steps, cell.train.threads) == (
         64,
         4,
-        200,
+        400,
         1,
     )
+    assert cell.model.tie_embeddings is False  # the calibrated quick preset (docs/calibration.md)
 
 
 def test_variant_parameter_override_from_the_command_line():
