@@ -98,7 +98,7 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
     record["verdict_rule"] = rule_description(verdict)
     diverged = record.get("diverged_step") is not None
     try:
-        losses = read_losses(store, record["cell_id"])
+        losses = read_losses(store, record["cell_id"], record)  # record already read
         expected = int(record["steps_completed"]) + (1 if diverged else 0)
         if len(losses) != expected:
             raise ValueError(f"{len(losses)} steps stored, the record has {expected}")

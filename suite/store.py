@@ -223,30 +223,37 @@ def read_records(store: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def curve_path(store: str | Path, cell_id: str) -> Path:
+def curve_path(store: str | Path, cell_id: str, record: dict[str, Any] | None = None) -> Path:
     """The curve of the cell's result: the file its record names; for a record that names none
     (written before), ``curve.parquet``; for a cell without a readable record (interrupted or
-    still running), the partial curve."""
+    still running), the partial curve. A caller that has read the record already passes it."""
     folder = cell_dir(store, cell_id)
-    try:
-        named = json.loads((folder / RECORD).read_text()).get("curve_file")
-    except (OSError, ValueError, AttributeError):
-        return folder / PARTIAL_CURVE if not (folder / CURVE).exists() else folder / CURVE
+    if record is None:
+        try:
+            record = json.loads((folder / RECORD).read_text())
+        except (OSError, ValueError):
+            return folder / PARTIAL_CURVE if not (folder / CURVE).exists() else folder / CURVE
+    named = record.get("curve_file") if isinstance(record, dict) else None
     if isinstance(named, str) and named and Path(named).name == named:
         return folder / named
     return folder / CURVE
 
 
-def read_curve(store: str | Path, cell_id: str) -> pd.DataFrame:
-    return pd.read_parquet(curve_path(store, cell_id))
+def read_curve(
+    store: str | Path, cell_id: str, record: dict[str, Any] | None = None
+) -> pd.DataFrame:
+    return pd.read_parquet(curve_path(store, cell_id, record))
 
 
-def read_losses(store: str | Path, cell_id: str) -> list[float]:
+def read_losses(
+    store: str | Path, cell_id: str, record: dict[str, Any] | None = None
+) -> list[float]:
     """The per-step training losses of a cell's stored curve (empty for a zero-step run).
     Raises OSError or ValueError when the curve is missing or unreadable."""
-    curve = read_curve(store, cell_id)
+    path = curve_path(store, cell_id, record)
+    curve = pd.read_parquet(path)
     if curve.empty:
         return []
     if "loss" not in curve:
-        raise ValueError(f"{cell_dir(store, cell_id) / CURVE} has no loss column")
+        raise ValueError(f"{path} has no loss column")
     return curve["loss"].astype(float).tolist()
