@@ -580,6 +580,9 @@ def cell_from_config(cfg: DictConfig) -> CellConfig:
     sections = {
         name: _typed_section(name, schema, cfg.get(name)) for name, schema in SECTIONS.items()
     }
+    if variants.get(variant_name).trains_without_weight_decay:
+        # As its paper trains it; the record's optim.weight_decay then says what was trained.
+        sections["optim"].weight_decay = 0.0
     cell = CellConfig(
         variant=variant_name,
         variant_params=variant_params,

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx
 
-from variants.base import GPT2_INIT_STD, AttentionOptions, BlockView, InitView, Variant, Wiring
+from variants.base import (
+    GPT2_INIT_STD,
+    AttentionOptions,
+    BlockView,
+    InitView,
+    MLPOptions,
+    Variant,
+    Wiring,
+)
 from variants.norms import LayerNorm
 
 if TYPE_CHECKING:  # torch exports no public name for the info its vmap rules receive
@@ -44,16 +52,21 @@ class ModelShape:
     value_residual: str = "off"  # off | fixed | learned (ValueResidual)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """Causal scaled-dot-product attention in one fused kernel call, also under ``torch.func.vmap``.
+    ``scale`` multiplies q·k before the softmax (1/√d_head when None).
 
     torch has no vmap rule for the fused CPU kernel and would loop over the vmapped members one
     call at a time; packed training (suite/packed.py) vmaps the whole model, so there the members
     are folded into the batch dimension instead, which computes exactly the same thing.
     """
     if _functorch_transforms_active():
+        if scale is not None:  # packed runs refuse the variants that set one (config.validate)
+            raise NotImplementedError("a softmax scale under vmap")
         return _MembersFoldedIntoBatch.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def _functorch_transforms_active() -> bool:
@@ -150,9 +163,15 @@ class CausalSelfAttention(nn.Module):
         head_dim = width // heads
         self.q_norm = LayerNorm(head_dim) if qk_norm else None
         self.k_norm = LayerNorm(head_dim) if qk_norm else None
-        norm = options.qkv_norm if options is not None else None
+        options = options if options is not None else AttentionOptions()
         # A variant's norms on the full-width q, k and v, before the heads split (HybridNorm).
-        self.qkv_norms = nn.ModuleList(norm(width) for _ in range(3)) if norm else None
+        self.qkv_norms = (
+            nn.ModuleList(options.qkv_norm(width) for _ in range(3)) if options.qkv_norm else None
+        )
+        self.query_key_map = (
+            options.query_key_map(heads, head_dim) if options.query_key_map else None
+        )
+        self.softmax_scale = options.softmax_scale(head_dim) if options.softmax_scale else None
         self.value_residual = value_residual
 
     def queries_keys_values(
@@ -167,6 +186,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.view(batch, seq, 3, self.heads, width // self.heads).transpose(1, 3).unbind(2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.query_key_map is not None:
+            q, k = self.query_key_map(q), self.query_key_map(k)
         if self.value_residual is not None:
             v = self.value_residual(v)
         return q, k, v
@@ -174,31 +195,40 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = self.queries_keys_values(x)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, self.softmax_scale)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
     @torch.no_grad()
     def max_logit(self, x: torch.Tensor) -> float:
-        """max |q·k| / √d_head over heads and causal (query, key) pairs: the pre-softmax
-        attention logit whose growth precedes divergence (Wortsman et al. 2023, "Small-scale
-        proxies for large-scale Transformer training instabilities")."""
+        """max |q·k| × softmax scale (1/√d_head unless the variant sets its own) over heads and
+        causal (query, key) pairs: the pre-softmax attention logit whose growth precedes
+        divergence (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
+        training instabilities")."""
         q, k, _ = self.queries_keys_values(x)
-        logits = (q @ k.transpose(-2, -1)).abs() / math.sqrt(q.shape[-1])
+        scale = self.softmax_scale or 1 / math.sqrt(q.shape[-1])
+        logits = (q @ k.transpose(-2, -1)).abs() * scale
         seq = q.shape[-2]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
         return logits.masked_fill(~causal, 0.0).amax().item()
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, bias: bool) -> None:
+    def __init__(
+        self, width: int, hidden: int, bias: bool, options: MLPOptions | None = None
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(width, hidden, bias=bias)
         self.proj = nn.Linear(hidden, width, bias=bias)
+        options = options if options is not None else MLPOptions()
+        self.hidden_scale = options.hidden_scale(hidden, width) if options.hidden_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(x)
+        if self.hidden_scale is not None:
+            hidden = self.hidden_scale(hidden)
         # The exact (erf) GELU of Hendrycks & Gimpel: on CPU its forward + backward measured 3×
         # faster than GPT-2's tanh approximation, which cost 15% of a whole training step.
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(hidden))
 
 
 class Block(nn.Module):
@@ -208,12 +238,13 @@ class Block(nn.Module):
         wiring: Wiring,
         attention: AttentionOptions | None = None,
         value_residual: ValueResidual | None = None,
+        mlp: MLPOptions | None = None,
     ) -> None:
         super().__init__()
         self.attn = CausalSelfAttention(
             shape.width, shape.heads, shape.bias, shape.qk_norm, attention, value_residual
         )
-        self.mlp = MLP(shape.width, int(shape.mlp_ratio * shape.width), shape.bias)
+        self.mlp = MLP(shape.width, int(shape.mlp_ratio * shape.width), shape.bias, mlp)
         self.wiring = wiring
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +269,7 @@ class GPT(nn.Module):
         self.position_embedding = nn.Embedding(shape.seq_len, shape.width)
         self.embedding_norm = variant.embedding_norm(shape.width)
         self.expand_stream = variant.expand_stream(shape.width)
-        attention = variant.attention_options()
+        attention, mlp = variant.attention_options(), variant.mlp_options()
         self.first_values = FirstBlockValues() if shape.value_residual != "off" else None
         blocks = [
             Block(
@@ -246,6 +277,7 @@ class GPT(nn.Module):
                 _wiring_module(variant, shape, layer),
                 attention,
                 self._value_residual(layer),
+                mlp,
             )
             for layer in range(shape.depth)
         ]
@@ -255,6 +287,7 @@ class GPT(nn.Module):
         self.head = nn.Linear(shape.width, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
             self.head.weight = self.token_embedding.weight
+        self.output_scale = variant.output_scale(shape.vocab_size, shape.width)
         self.apply(_base_init)
         self._variant_view = self._init_view(blocks)
         _check_init_signature(variant)
@@ -285,6 +318,9 @@ class GPT(nn.Module):
             width=self.shape.width,
             depth=self.shape.depth,
             blocks=tuple(block.init_view() for block in blocks),
+            token_embedding=self.token_embedding,
+            position_embedding=self.position_embedding,
+            head=self.head,
             embed=self.embed,
             forward=self.forward,
         )
@@ -331,7 +367,7 @@ class GPT(nn.Module):
             x = block(x)
         if self.first_values is not None:
             self.first_values.values = None  # held for this pass only
-        return self.head(self.final_norm(self.collapse_stream(x)))
+        return self.output_scale(self.head(self.final_norm(self.collapse_stream(x))))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -165,6 +165,37 @@ def admin_omegas_follow_the_profiling_recursion(model: GPT) -> None:
         assert omega_next[0].item() == pytest.approx(expected, rel=0.1)
 
 
+def unit_vectors(width: int, depth: int) -> dict[str, float]:
+    """nGPT: every matrix and embedding made of unit vectors of length d, whose entries have
+    mean square exactly 1/d (std 1/√d); exact unit norms are checked on the model."""
+    return dict.fromkeys((*GROUPS, "token_embedding", "position_embedding"), 1 / math.sqrt(width))
+
+
+def inverse_sqrt_size(name: str, p: Tensor, depth: int) -> Tensor:
+    """nGPT's scaled parameters of size d, stored at their init scaling 1/√d."""
+    return torch.full_like(p, 1 / math.sqrt(p.numel()))
+
+
+@torch.no_grad()
+def ngpt_starts_on_the_sphere_with_the_papers_scales(model: GPT) -> None:
+    """Unit vectors along d (rows of the embeddings, head, W_qkv, W_in; columns of the output
+    maps); effective α = 0.05, s_qk = 1, s_u = 1, s_z = 1 (NVIDIA's constants), s_z stored at
+    1/√d."""
+    d = model.shape.width
+    ones = [model.token_embedding.weight.norm(dim=1), model.position_embedding.weight.norm(dim=1)]
+    for block in model.blocks:
+        ones += [block.attn.qkv.weight.norm(dim=1), block.mlp.fc.weight.norm(dim=1)]
+        ones += [block.attn.proj.weight.norm(dim=0), block.mlp.proj.weight.norm(dim=0)]
+        for step in (block.wiring.attn_step, block.wiring.mlp_step):
+            torch.testing.assert_close(step(), torch.full((d,), 0.05))
+        torch.testing.assert_close(block.attn.query_key_map.scale(), torch.ones(d))
+        torch.testing.assert_close(block.mlp.hidden_scale.scale(), torch.ones(4 * d))
+    for norms_ in ones:
+        torch.testing.assert_close(norms_, torch.ones_like(norms_))
+    assert torch.all(model.output_scale.scale.stored == 1 / math.sqrt(d))
+    torch.testing.assert_close(model.output_scale.scale(), torch.ones(model.shape.vocab_size))
+
+
 INITS: dict[str, Init] = {
     # Vaswani et al. 2017 state no init; the suite's common N(0, 0.02).
     "postln": Init(gpt2, norms(*BLOCK_NORMS)),
@@ -232,6 +263,18 @@ INITS: dict[str, Init] = {
             **norms("blocks.*.wiring.norm_mlp", "final_norm", bias=None),
         },
     ),
+    # nGPT: the common Gaussian directions on the unit sphere; the scaled parameters (α, s_qk,
+    # s_u, s_z) stored at their init scalings (1/√d, 1/√d, 1, 1/√d).
+    "ngpt": Init(
+        unit_vectors,
+        {
+            "blocks.*.wiring.*_step.stored": inverse_sqrt_size,
+            "blocks.*.attn.query_key_map.scale.stored": inverse_sqrt_size,
+            "blocks.*.mlp.hidden_scale.scale.stored": 1.0,
+            "output_scale.scale.stored": channel_constant,
+        },
+        (ngpt_starts_on_the_sphere_with_the_papers_scales,),
+    ),
     # mHC: gating scales α = 0.01 (the paper), φ = 0; the biases as the docstring chooses them
     # (b_pre = b_post = 0, b_res = 4·I, near-identity H_res after Sinkhorn).
     "mhc": Init(
@@ -293,7 +336,7 @@ def test_init_matches_the_papers_statistics(name, width, depth):
     init = INITS[name]
     model = build(name, width, depth)
 
-    expected_stds = {**init.stds(width, depth), "token_embedding": 0.02, "position_embedding": 0.02}
+    expected_stds = {"token_embedding": 0.02, "position_embedding": 0.02, **init.stds(width, depth)}
     for group, sample in weight_groups(model).items():
         std = sample.std().item()
         assert std == pytest.approx(expected_stds[group], rel=STD_REL), (group, std)

@@ -64,7 +64,12 @@ def ref_attention(attn, x):
     if attn.qkv_norms is not None:  # a variant's QKV-norm (HybridNorm): full width, RMSNorm
         q, k, v = (ref_rms_norm(t, norm) for t, norm in zip((q, k, v), attn.qkv_norms, strict=True))
     q, k, v = (t.view(batch, seq, attn.heads, head).transpose(1, 2) for t in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head)
+    scale = 1 / math.sqrt(head)
+    if attn.query_key_map is not None:  # nGPT: s_qk ⊙ q/‖q‖ per head, logits × √d_head
+        s_qk = (attn.query_key_map.scale.stored * math.sqrt(width)).view(attn.heads, 1, head)
+        q, k = (s_qk * t / torch.sqrt((t**2).sum(-1, keepdim=True)) for t in (q, k))
+        scale = math.sqrt(head)
+    scores = q @ k.transpose(-1, -2) * scale
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, width)
@@ -73,6 +78,8 @@ def ref_attention(attn, x):
 
 def ref_mlp(mlp, x):
     hidden = x @ mlp.fc.weight.T + mlp.fc.bias
+    if mlp.hidden_scale is not None:  # nGPT: s_u ⊙ √d (s_u stored at scaling 1)
+        hidden = hidden * mlp.hidden_scale.scale.stored * math.sqrt(x.shape[-1])
     gelu = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
     return gelu @ mlp.proj.weight.T + mlp.proj.bias
 
@@ -133,6 +140,17 @@ def reference_block(name: str, block, x, n_layers: int):
         h = x + F_(x)
         u = ref_rms_norm(h, w.norm_mlp)
         return u + G_(u)
+    if name == "ngpt":  # h ← Norm(h + |α| (Norm F(h) − h)), α = stored × 0.05·√d
+
+        def unit(t):
+            return t / torch.sqrt((t**2).sum(-1, keepdim=True))
+
+        def move(t, update, step):
+            alpha = (step.stored * 0.05 * math.sqrt(t.shape[-1])).abs()
+            return unit(unit(t) + alpha * (unit(update) - unit(t)))
+
+        h = move(x, F_(x), w.attn_step)
+        return move(h, G_(h), w.mlp_step)
     if name in ("hc", "mhc"):
         connect = ref_hyper_connection if name == "hc" else ref_manifold_hyper_connection
         h = connect(w.attn_connection, x, lambda t: F_(ref_layer_norm(t, w.norm_attn)))

@@ -67,6 +67,10 @@ class InitView:
     width: int
     depth: int
     blocks: tuple[BlockView, ...]
+    token_embedding: nn.Embedding
+    position_embedding: nn.Embedding
+    head: nn.Linear
+    """The output head; its weight is the token embedding's when the model ties them."""
     embed: Callable[[Tensor], Tensor]
     """tokens (batch, seq) → the residual stream entering the first block."""
     forward: Callable[[Tensor], Tensor]
@@ -92,6 +96,21 @@ class AttentionOptions:
     qkv_norm: Callable[[int], nn.Module] | None = None
     """A norm, built for the model width, applied to each of the full-width query, key and value
     after the fused projection (HybridNorm's QKV-norm); none by default."""
+    query_key_map: Callable[[int, int], nn.Module] | None = None
+    """Built from (heads, head_dim): one module applied to the queries and to the keys, each
+    (batch, heads, seq, head_dim), after the heads split (nGPT's s_qk ⊙ Norm(·)); none by
+    default."""
+    softmax_scale: Callable[[int], float] | None = None
+    """head_dim → the factor on q·k before the softmax; 1/√head_dim by default."""
+
+
+@dataclass(frozen=True)
+class MLPOptions:
+    """What a variant may ask of every MLP sublayer, without subclassing the model."""
+
+    hidden_scale: Callable[[int, int], nn.Module] | None = None
+    """Built from (hidden, width): applied to the MLP's hidden pre-activation, before the
+    nonlinearity (nGPT's s_u); none by default."""
 
 
 @dataclass
@@ -103,6 +122,9 @@ class Variant:
     revision: ClassVar[int] = 1
     """Bumped when a fix changes what the variant trains (its formula or init): from 2 on it is
     part of the cell id, so a store re-trains that variant's cells, and only those."""
+    trains_without_weight_decay: ClassVar[bool] = False
+    """True for a variant whose paper trains it with no weight decay (nGPT, whose weights live
+    on the unit sphere): its cells are built with optim.weight_decay = 0, and say so."""
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         """The wiring of block ``layer`` (0-based) of ``n_layers``: see :class:`Wiring`."""
@@ -122,6 +144,15 @@ class Variant:
     def attention_options(self) -> AttentionOptions:
         """What every attention sublayer of this variant needs: see :class:`AttentionOptions`."""
         return AttentionOptions()
+
+    def mlp_options(self) -> MLPOptions:
+        """What every MLP sublayer of this variant needs: see :class:`MLPOptions`."""
+        return MLPOptions()
+
+    def output_scale(self, vocab_size: int, width: int) -> nn.Module:
+        """The module applied to the logits after the output head (identity by default; nGPT
+        scales each vocabulary entry's logit by a learned s_z)."""
+        return nn.Identity()
 
     def expand_stream(self, width: int) -> nn.Module:
         """The module that turns the embeddings (batch, seq, width) into the variant's residual
