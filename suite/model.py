@@ -268,7 +268,7 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(shape.vocab_size, shape.width)
         self.position_embedding = nn.Embedding(shape.seq_len, shape.width)
         self.embedding_norm = variant.embedding_norm(shape.width)
-        self.expand_stream = variant.expand_stream(shape.width)
+        self.expand_stream = variant.expand_stream(shape.width, shape.depth)
         attention, mlp = variant.attention_options(), variant.mlp_options()
         self.first_values = FirstBlockValues() if shape.value_residual != "off" else None
         blocks = [
@@ -282,7 +282,7 @@ class GPT(nn.Module):
             for layer in range(shape.depth)
         ]
         self.blocks = nn.ModuleList(blocks)
-        self.collapse_stream = variant.collapse_stream(shape.width)
+        self.collapse_stream = variant.collapse_stream(shape.width, shape.depth)
         self.final_norm = variant.final_norm(shape.width)
         self.head = nn.Linear(shape.width, shape.vocab_size, bias=False)
         if shape.tie_embeddings:

@@ -275,6 +275,16 @@ INITS: dict[str, Init] = {
         },
         (ngpt_starts_on_the_sphere_with_the_papers_scales,),
     ),
+    # Attention Residuals: pseudo-queries w = 0 (uniform weights over depth at init), key
+    # RMSNorm gains 1, Pre-LN's sublayer norms and GPT-2 init.
+    "attnres": Init(
+        gpt2_scaled,
+        {
+            "*.query": 0.0,
+            "*.key_norm.weight": 1.0,
+            **norms(*BLOCK_NORMS, "final_norm"),
+        },
+    ),
     # mHC: gating scales α = 0.01 (the paper), φ = 0; the biases as the docstring chooses them
     # (b_pre = b_post = 0, b_res = 4·I, near-identity H_res after Sinkhorn).
     "mhc": Init(

@@ -205,7 +205,7 @@ def test_the_step_after_each_optimizer_step_runs_every_step_and_packed_runs_refu
 
 
 class CollapsesToTheWrongShape(variants.get("preln")):
-    def collapse_stream(self, width: int) -> nn.Module:
+    def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
         return nn.Linear(width, width + 1)
 
 
@@ -337,3 +337,28 @@ def test_packed_runs_keep_the_value_residual_of_each_member():
         assert record["status"] == alone["status"] == "ok"
         for packed_row, row in zip(curve, alone_curve, strict=True):
             assert packed_row["loss"] == pytest.approx(row["loss"], rel=1e-4)
+
+
+def test_attention_residuals_with_unit_weights_over_depth_is_pre_ln(monkeypatch):
+    """Replace AttnRes's softmax weights by ones and every sublayer reads the plain sum of what
+    came before, which is Pre-LN's stream: with Pre-LN's weights copied across, the logits agree."""
+    from variants.attnres import DepthAttention
+
+    preln, attnres = build("preln"), build("attnres")
+    missing, unexpected = attnres.load_state_dict(preln.state_dict(), strict=False)
+    assert not unexpected and all(".query" in k or ".key_norm." in k for k in missing)
+    tokens = torch.randint(0, 50, (2, 8))
+    monkeypatch.setattr(DepthAttention, "weights", lambda self, v: torch.ones(v.shape[:-1]))
+    torch.testing.assert_close(attnres(tokens), preln(tokens))
+
+
+def test_attention_residuals_start_from_the_uniform_mean_and_fill_one_slot_per_sublayer():
+    model = build("attnres")
+    x = model.expand_stream(torch.randn(2, 8, WIDTH))
+    assert x.shape == (2, 8, 7, WIDTH) and torch.all(x[..., 1:, :] == 0)
+    wiring = model.blocks[0].wiring
+    values = torch.randn(2, 8, 3, WIDTH)
+    torch.testing.assert_close(wiring.depth_attn(values), values.mean(-2))  # w = 0 at init
+    y = model.blocks[0](x)
+    assert torch.equal(y[..., 0, :], x[..., 0, :]) and torch.all(y[..., 3:, :] == 0)
+    assert y[..., 1, :].abs().sum() > 0 and y[..., 2, :].abs().sum() > 0

@@ -193,14 +193,14 @@ def test_every_new_variant_sweeps_through_the_command_line(tmp_path):
     """issue 17: each new built-in runs through the CLI like the others (a few steps each)."""
     from helpers import run_suite
 
-    new = "admin,derf,hc,hybridnorm,lns,mhc,ngpt"
+    new = "admin,attnres,derf,hc,hybridnorm,lns,mhc,ngpt"
     result = run_suite(
         f"+variant={new}", "sweep=tiny", "model.depth=2", "train.steps=5", f"store={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = pd.read_parquet(tmp_path / "runs.parquet")
     assert sorted(runs["variant"].unique()) == new.split(",")
-    assert (runs["status"] == "ok").all() and len(runs) == 14
+    assert (runs["status"] == "ok").all() and len(runs) == 16
 
 
 def test_mixln_gives_the_first_quarter_of_the_blocks_post_ln_and_the_rest_pre_ln():

@@ -151,6 +151,17 @@ def reference_block(name: str, block, x, n_layers: int):
 
         h = move(x, F_(x), w.attn_step)
         return move(h, G_(h), w.mlp_step)
+    if name == "attnres":  # sublayer l reads Σ_{i<l} softmax(wᵀ RMSNorm v_i) v_i of the slots
+
+        def read(depth, values):
+            keys = ref_rms_norm(values, depth.key_norm)
+            return ((keys @ depth.query).softmax(-1).unsqueeze(-1) * values).sum(-2)
+
+        a, m = w.slot_attn, w.slot_mlp
+        out = x.clone()
+        out[..., a, :] = F_(ref_layer_norm(read(w.depth_attn, x[..., :a, :]), w.norm_attn))
+        out[..., m, :] = G_(ref_layer_norm(read(w.depth_mlp, out[..., :m, :]), w.norm_mlp))
+        return out
     if name in ("hc", "mhc"):
         connect = ref_hyper_connection if name == "hc" else ref_manifold_hyper_connection
         h = connect(w.attn_connection, x, lambda t: F_(ref_layer_norm(t, w.norm_attn)))
@@ -436,7 +447,9 @@ def test_init_weights_gets_only_the_narrow_view():
         assert parts.attn_qkv is block.attn.qkv and parts.attn_out is block.attn.proj
         assert parts.mlp_in is block.mlp.fc and parts.mlp_out is block.mlp.proj
         assert parts.wiring is block.wiring
-    # What the view reaches: the blocks' four linear maps and their wirings, nothing else (no
+    assert view.token_embedding is model.token_embedding and view.head is model.head
+    assert view.position_embedding is model.position_embedding
+    # What its blocks reach: the four linear maps and their wirings, nothing else (no
     # embedding, head, final norm or q/k norms).
     reachable = {
         id(p)

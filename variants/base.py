@@ -154,13 +154,14 @@ class Variant:
         scales each vocabulary entry's logit by a learned s_z)."""
         return nn.Identity()
 
-    def expand_stream(self, width: int) -> nn.Module:
+    def expand_stream(self, width: int, n_layers: int) -> nn.Module:
         """The module that turns the embeddings (batch, seq, width) into the variant's residual
         stream, which its wirings map to a stream of the same shape. Identity by default (one
-        stream of width d); a multi-stream variant (Hyper-Connections) returns n copies."""
+        stream of width d); a multi-stream variant (Hyper-Connections) returns n copies, and
+        Attention Residuals a slot for every sublayer of the ``n_layers`` blocks."""
         return nn.Identity()
 
-    def collapse_stream(self, width: int) -> nn.Module:
+    def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
         """The module that turns the residual stream after the last block back into (batch,
         seq, width), before :meth:`final_norm`. Identity by default."""
         return nn.Identity()

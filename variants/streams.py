@@ -49,10 +49,10 @@ class MultiStreamVariant(Variant):
     streams: int = 4
     eps: float = 1e-5
 
-    def expand_stream(self, width: int) -> nn.Module:
+    def expand_stream(self, width: int, n_layers: int) -> nn.Module:
         return CopyIntoStreams(self.streams)
 
-    def collapse_stream(self, width: int) -> nn.Module:
+    def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
         return SumStreams()
 
     def final_norm(self, width: int) -> nn.Module:
