@@ -67,6 +67,10 @@ class AdminWiring(nn.Module):
 class Admin(Variant):
     formula = "x = LN(ω⊙x + F(x)) per sublayer; ω_1 = 1, ω_i+1 = sqrt(Var[ω_i x_i] + Var F_i)"
     revision = 2  # 2: ω_1 = 1 and the authors' recursion (1: ω_1 = sqrt(Var[x_1]))
+    depth_parametrization_conflict = (
+        "it already scales its branches with depth: ω is profiled at init so that each "
+        "branch's share of the stream shrinks like 1/ℓ"
+    )
     eps: float = 1e-5
     profile_batch: int = 4
 

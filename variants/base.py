@@ -125,6 +125,10 @@ class Variant:
     trains_without_weight_decay: ClassVar[bool] = False
     """True for a variant whose paper trains it with no weight decay (nGPT, whose weights live
     on the unit sphere): its cells are built with optim.weight_decay = 0, and say so."""
+    depth_parametrization_conflict: ClassVar[str] = ""
+    """Why the variant cannot take model.parametrization=depth_mup|completep, in a few words:
+    it already scales its residual branches with the depth N (DeepNorm's α and β), or a
+    multiplier on its branches would be undone; empty when it can (suite/parametrization.py)."""
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         """The wiring of block ``layer`` (0-based) of ``n_layers``: see :class:`Wiring`."""

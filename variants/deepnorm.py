@@ -45,6 +45,10 @@ class DeepNormWiring(nn.Module):
 @dataclass
 class DeepNorm(Variant):
     formula = "x = LN(α·x + F(x)) per sublayer; α=(2N)^¼; β=(8N)^-¼ on v/out/MLP at init"
+    depth_parametrization_conflict = (
+        "it already scales its branches with depth: α = (2N)^¼ on the residual stream and "
+        "β = (8N)^-¼ on the branch weights"
+    )
     eps: float = 1e-5
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:

@@ -52,6 +52,10 @@ class LayerScaleWiring(nn.Module):
 @dataclass
 class LayerScale(Variant):
     formula = "h = x + γ⊙F(LN x); y = h + γ⊙G(LN h); γ per channel, init 0.1…1e-6 by depth"
+    depth_parametrization_conflict = (
+        "it already scales its branches with depth: the gains γ start at 0.1 … 1e-6, chosen "
+        "by N (CaiT)"
+    )
     eps: float = 1e-5
     init_scale: float | None = None  # None: CaiT's depth schedule
 

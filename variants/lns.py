@@ -39,6 +39,9 @@ class LNSWiring(PreLNWiring):
 @dataclass
 class LayerNormScaling(PreLN):
     formula = "h = x + F(LN(x)/√ℓ); y = h + G(LN(h)/√ℓ), ℓ = 1…N; final LN; no 1/√2N init"
+    depth_parametrization_conflict = (
+        "it already scales its branches with depth: their inputs × 1/√ℓ, ℓ the block's depth"
+    )
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return LNSWiring(width, self.eps, layer + 1)
