@@ -28,7 +28,7 @@ from torch import nn
 import variants
 from suite.config import OptimConfig
 from suite.model import GPT, ModelShape
-from suite.train import make_optimizer
+from suite.optimizers import make_optimizer
 
 VOCAB = 256
 SHAPES = [  # (width, heads, depth, seq_len, batch): the two shapes issue #7 names

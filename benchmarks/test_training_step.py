@@ -18,7 +18,7 @@ import variants
 from suite.config import OptimConfig
 from suite.environment import resolve_device
 from suite.model import GPT, ModelShape
-from suite.train import make_optimizer
+from suite.optimizers import make_optimizer
 
 BATCH, SEQ, VOCAB = 16, 64, 256
 

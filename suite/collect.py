@@ -34,7 +34,7 @@ from suite.store import (
     read_records,
     write_table,
 )
-from suite.summary import format_summary, summarize
+from suite.summary import format_summary, summarize, with_arm_labels
 from suite.verdict import judge_curve, rule_description
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def collect(
         runs = runs.reset_index(drop=True)
     if write and not runs.empty:
         write_table(runs, Path(store) / RUNS)
-        summary = summarize(runs).reset_index()
+        summary = summarize(with_arm_labels(runs)).reset_index()
         write_table(summary.assign(verdict_rule=rule_description(verdict)), Path(store) / SUMMARY)
     return runs
 
@@ -189,7 +189,7 @@ _UNFINISHED = (
 
 
 def report_text(runs: pd.DataFrame) -> str:
-    lines = [format_summary(summarize(runs))]
+    lines = [format_summary(summarize(with_arm_labels(runs)))]
     if "record_unreadable" in runs:
         restored = runs[(runs["record_unreadable"] == True) & (runs["status"] != UNREADABLE)]  # noqa: E712
         if len(restored):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -100,6 +101,10 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+def _default(schema: type, name: str) -> Any:
+    return next(spec.default for spec in dataclasses.fields(schema) if spec.name == name)
+
+
 # --- the sections ----------------------------------------------------------------------------
 
 
@@ -120,6 +125,22 @@ class ModelConfig:
         check=one_of("off", "fixed", "learned"),
         since="0.3",
     )
+    parametrization: str = setting(
+        "sp",
+        "how branches, learning rates and AdamW ε scale with depth N (suite/parametrization.py): "
+        "sp (none) | depth_mup (branches × (N/N₀)^-½) | completep (branches × (N/N₀)^-1)",
+        check=one_of("sp", "depth_mup", "completep"),
+        since="0.3",
+    )
+    # N₀ = 4: the shallowest depth of the transfer preset (4 … 32), so its shallowest cells are
+    # exactly sp and the grid reads as "an LR tuned at 4 blocks, carried to 8 … 32".
+    base_depth: int = setting(
+        4,
+        "N₀, the depth at which depth_mup and completep are exactly sp (the depth an LR is tuned "
+        "at); only used by those two",
+        check=at_least(1),
+        since="0.3",
+    )
 
     def check_together(self) -> None:
         _check(
@@ -127,6 +148,13 @@ class ModelConfig:
             "model.heads",
             f"must divide model.width={self.width}",
             self.heads,
+        )
+        _check(
+            self.parametrization != "sp" or self.base_depth == _default(ModelConfig, "base_depth"),
+            "model.base_depth",
+            "only matters with model.parametrization=depth_mup or completep (a different value "
+            "under sp would train the same model under another cell id)",
+            self.base_depth,
         )
 
 
@@ -161,7 +189,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = setting(1e-3, "peak learning rate (AdamW)", check=POSITIVE)
+    name: str = setting(
+        "adamw",
+        "adamw | muon: Muon for the blocks' hidden matrices, AdamW for the rest "
+        "(suite/optimizers.py); chosen as optim=adamw|muon",
+        check=one_of("adamw", "muon"),
+        since="0.3",
+    )
+    lr: float = setting(
+        1e-3, "peak learning rate (AdamW; Muon's too, at AdamW's update RMS)", check=POSITIVE
+    )
     beta1: float = setting(0.9, "AdamW β1", check=within(0, 1))
     beta2: float = setting(0.95, "AdamW β2", check=within(0, 1))
     eps: float = setting(1e-8, "AdamW ε", check=POSITIVE)
@@ -182,6 +219,16 @@ class OptimConfig:
     z_loss: float = setting(
         0.0, "coefficient of the auxiliary log²Z loss (PaLM: 1e-4); 0 = off", check=NON_NEGATIVE
     )
+    momentum: float = setting(
+        0.95, "Muon momentum μ (optim=muon only)", check=within(0, 1), since="0.3"
+    )
+    nesterov: bool = setting(True, "Muon's Nesterov momentum (optim=muon only)", since="0.3")
+    ns_steps: int = setting(
+        5,
+        "Muon's Newton–Schulz iterations (optim=muon only)",
+        check=Check(lambda x: 1 <= x < 100, "must be in [1, 100)"),
+        since="0.3",
+    )
 
     def check_together(self) -> None:
         _check(
@@ -190,6 +237,18 @@ class OptimConfig:
             "set either optim.warmup_steps or optim.warmup_fraction, not both",
             self.warmup_fraction,
         )
+        if self.name != "muon":
+            # Muon's knobs would change the cell id of an AdamW run without changing what trains.
+            for name in MUON_KNOBS:
+                _check(
+                    getattr(self, name) == _default(OptimConfig, name),
+                    f"optim.{name}",
+                    f"is a Muon setting; it needs optim=muon (this cell has optim={self.name})",
+                    getattr(self, name),
+                )
+
+
+MUON_KNOBS = ("momentum", "nesterov", "ns_steps")
 
 
 @dataclass
@@ -482,6 +541,27 @@ def validate(cell: CellConfig) -> None:
         f"variant {cell.variant!r} acts on its weights after every optimizer step, which a "
         "packed run cannot do for each member; set train.pack_lr=false",
         cell.train.pack_lr,
+    )
+    _check(
+        not (cell.train.pack_lr and cell.optim.name == "muon"),
+        "train.pack_lr",
+        "packed runs train with their own AdamW (suite/packed.py), not Muon; set "
+        "train.pack_lr=false or optim=adamw",
+        cell.train.pack_lr,
+    )
+    _check(
+        cell.optim.name != "muon" or hasattr(torch.optim, "Muon"),
+        "optim.name",
+        f"muon needs torch.optim.Muon (torch ≥ 2.9); this torch is {torch.__version__}",
+        cell.optim.name,
+    )
+    conflict = variant.depth_parametrization_conflict
+    _check(
+        cell.model.parametrization == "sp" or not conflict,
+        "model.parametrization",
+        f"variant {cell.variant!r} cannot take a depth parametrization: {conflict}. Use "
+        "model.parametrization=sp with it",
+        cell.model.parametrization,
     )
     seed = cell.seed
     _check(isinstance(seed, int) and not isinstance(seed, bool), "seed", "must be an integer", seed)

@@ -50,6 +50,8 @@ class ModelShape:
     tie_embeddings: bool = True
     qk_norm: bool = False
     value_residual: str = "off"  # off | fixed | learned (ValueResidual)
+    # On each sublayer's output before the wiring sees it (suite/parametrization.py; 1 = SP).
+    branch_multiplier: float = 1.0
 
 
 def causal_attention(
@@ -246,9 +248,14 @@ class Block(nn.Module):
         )
         self.mlp = MLP(shape.width, int(shape.mlp_ratio * shape.width), shape.bias, mlp)
         self.wiring = wiring
+        self.branch_multiplier = shape.branch_multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wiring(x, self.attn, self.mlp)
+        m = self.branch_multiplier
+        if m == 1.0:
+            return self.wiring(x, self.attn, self.mlp)
+        # A depth parametrization scales F and G themselves, so any wiring gets it unchanged.
+        return self.wiring(x, lambda h: m * self.attn(h), lambda h: m * self.mlp(h))
 
     def init_view(self) -> BlockView:
         """The parts of this block a variant's init may set."""

@@ -25,6 +25,8 @@ from torch.func import functional_call, vmap
 
 from suite.config import CellConfig, OptimConfig
 from suite.data import Batches, Corpus, validation_batches
+from suite.optimizers import hidden_parameters
+from suite.parametrization import DepthScaling, model_depth_scaling
 from suite.record import curve_row
 from suite.train import TrainOutcome, conclude, loss_and_objective, lr_schedule, synchronize
 from suite.verdict import divergence_reason
@@ -37,11 +39,19 @@ MemberProgress = Callable[[int, list[dict[str, float]]], None]
 
 class PackedAdamW:
     """AdamW (Loshchilov & Hutter 2019) over member-stacked parameters, one learning rate per
-    member; the same update as ``torch.optim.AdamW``, weight decay on matrices only."""
+    member; the same update as ``torch.optim.AdamW``, weight decay on matrices only. ``factors``
+    maps a parameter's name to its depth parametrization's (LR factor, ε factor), as
+    suite/optimizers.py gives its groups (none: 1 for every parameter)."""
 
-    def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig) -> None:
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        optim: OptimConfig,
+        factors: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
         self.optim = optim
         self.params = params
+        self.factors = factors or {}
         self.exp_avg = {name: torch.zeros_like(p) for name, p in params.items()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in params.items()}
         self.steps = 0
@@ -56,17 +66,29 @@ class PackedAdamW:
     def step(self, lrs: torch.Tensor) -> None:
         o = self.optim
         self.steps += 1
-        step_size = lrs / (1 - o.beta1**self.steps)
+        bias_correction1 = 1 - o.beta1**self.steps
         bias_correction2_sqrt = math.sqrt(1 - o.beta2**self.steps)
         for name, p in self.params.items():
             grad, exp_avg, exp_avg_sq = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
+            lr_factor, eps_factor = self.factors.get(name, (1.0, 1.0))
+            member_lrs = lrs * lr_factor if lr_factor != 1.0 else lrs
             per_member = (-1, *[1] * (p.dim() - 1))
             if p.dim() >= 3:  # a matrix of each member
-                p.mul_((1 - lrs * o.weight_decay).view(per_member))
+                p.mul_((1 - member_lrs * o.weight_decay).view(per_member))
             exp_avg.lerp_(grad, 1 - o.beta1)
             exp_avg_sq.mul_(o.beta2).addcmul_(grad, grad, value=1 - o.beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(o.eps)
-            p.sub_(exp_avg / denom * step_size.view(per_member))
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(o.eps * eps_factor)
+            p.sub_(exp_avg / denom * (member_lrs / bias_correction1).view(per_member))
+
+
+def depth_factors(model: nn.Module, scaling: DepthScaling) -> dict[str, tuple[float, float]]:
+    """Per parameter name, the (LR, ε) factors of the depth parametrization: ``scaling``'s for
+    the hidden parameters (inside the blocks), 1 for the rest (suite/optimizers.py)."""
+    hidden = {id(p) for p in hidden_parameters(model)}
+    return {
+        name: (scaling.hidden_lr, scaling.hidden_eps) if id(p) in hidden else (1.0, 1.0)
+        for name, p in model.named_parameters()
+    }
 
 
 def member_grad_norms(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,7 +150,7 @@ def train_packed(
     lead = cells[0]
     cfg, optim = lead.train, lead.optim
     params = stack_members(model, len(cells))
-    optimizer = PackedAdamW(params, optim)
+    optimizer = PackedAdamW(params, optim, depth_factors(model, model_depth_scaling(lead.model)))
     schedules = [lr_schedule(c.optim, c.warmup_steps(), cfg.steps) for c in cells]
     batches = Batches(corpus.train, lead.model.seq_len, cfg.batch_size, seed=lead.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")

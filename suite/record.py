@@ -55,7 +55,12 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("mlp_ratio", "float", "MLP hidden width / width"),
         ("seq_len", "int", "tokens per sequence"),
         ("n_params", "int", "parameter count (a tied head counted once)"),
-        ("lr", "float", "peak learning rate (AdamW)", "g", True),
+        ("optimizer", "str", "`adamw`, or `muon` (Muon for the blocks' hidden matrices, AdamW "
+         "for the rest; suite/optimizers.py)", None, True),
+        ("parametrization", "str", "depth parametrization: `sp`, `depth_mup` or `completep` "
+         "(suite/parametrization.py)", None, True),
+        ("base_depth", "int", "N₀, the depth at which `depth_mup` and `completep` equal `sp`"),
+        ("lr", "float", "peak learning rate (AdamW's; Muon's at AdamW's update RMS)", "g", True),
         ("warmup_steps", "int", "linear warmup steps (from optim.warmup_steps or "
          "optim.warmup_fraction)", None, True),
         ("schedule", "str", "`constant` or `cosine` after warmup"),

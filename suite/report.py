@@ -37,6 +37,7 @@ from suite.summary import (
     step_budget,
     summarize,
     unstable_below,
+    with_arm_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,7 @@ def render(
         autoescape=jinja2.select_autoescape(),
         undefined=jinja2.StrictUndefined,
     )
+    runs = with_arm_labels(runs)  # a variant under Muon or CompleteP is its own row and line
     errored = runs[runs["status"] != "ok"]
     summary = summarize(runs)
     return environment.get_template("report.html.j2").render(

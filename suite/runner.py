@@ -25,6 +25,7 @@ from suite.data import Corpus, load_corpus
 from suite.environment import environment, resolve_device
 from suite.model import GPT, ModelShape
 from suite.packed import train_packed
+from suite.parametrization import model_depth_scaling
 from suite.train import TrainOutcome, train
 from variants.registry import source as variant_source
 
@@ -54,6 +55,7 @@ def build_model(cell: CellConfig, vocab_size: int) -> GPT:
         tie_embeddings=m.tie_embeddings,
         qk_norm=m.qk_norm,
         value_residual=m.value_residual,
+        branch_multiplier=model_depth_scaling(m).branch_multiplier,
     )
     variant = variants.get(cell.variant)(**cell.variant_params)
     return GPT(shape, variant)
@@ -81,6 +83,9 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "heads": m.heads,
         "mlp_ratio": m.mlp_ratio,
         "seq_len": m.seq_len,
+        "optimizer": o.name,
+        "parametrization": m.parametrization,
+        "base_depth": m.base_depth,
         "lr": o.lr,
         "warmup_steps": cell.warmup_steps(),
         "schedule": o.schedule,

@@ -14,6 +14,32 @@ from suite.verdict import CONVERGED, DIVERGED, STALLED
 
 CELL = ["variant", "depth"]
 
+# What a run was trained with besides its variant, and the value that leaves its name alone.
+ARM_DEFAULTS = {"optimizer": "adamw", "parametrization": "sp"}
+BASE_DEPTH_DEFAULT = 4  # model.base_depth's default (suite/config.py)
+
+
+def with_arm_labels(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs with ``variant`` naming the arm too, where it is not the default: "preln" for
+    AdamW under sp (and every row of a table written before these columns existed), "preln ·
+    muon", "preln · completep", "preln · muon · completep" ("completep N₀=8" for another base
+    depth). Every summary groups by (variant, depth), so without the label a store holding a
+    variant under two optimizers or parametrizations would merge them into one row."""
+    if runs.empty or "variant" not in runs:
+        return runs
+    labels = runs["variant"]
+    for column, default in ARM_DEFAULTS.items():
+        if column not in runs:
+            continue
+        other = runs[column].notna() & (runs[column] != default)
+        suffix = " · " + runs[column].astype(str)
+        if column == "parametrization" and "base_depth" in runs:
+            moved = runs["base_depth"].notna() & (runs["base_depth"] != BASE_DEPTH_DEFAULT)
+            base = " N₀=" + runs["base_depth"].astype("Int64").astype(str)
+            suffix = suffix.where(~moved, suffix + base)
+        labels = labels.where(~other, labels + suffix)
+    return runs.assign(variant=labels)
+
 
 def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that finished (any verdict); errored cells are reported separately."""

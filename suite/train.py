@@ -1,4 +1,5 @@
-"""The training loop: AdamW, warmup then constant or cosine LR, per-step metrics, divergence stop.
+"""The training loop: AdamW or Muon (suite/optimizers.py), warmup then constant or cosine LR,
+per-step metrics, divergence stop.
 
 It knows nothing of which variant it trains. Timing is synchronized on CUDA, so each step's
 duration is the device's, not the launch queue's.
@@ -20,6 +21,8 @@ from torch import nn
 from suite.config import CellConfig, OptimConfig
 from suite.data import Batches, Corpus, validation_batches
 from suite.diagnostics import Diagnostics
+from suite.optimizers import make_optimizer, set_learning_rate
+from suite.parametrization import model_depth_scaling
 from suite.record import curve_row
 from suite.verdict import divergence_reason, judge_curve
 
@@ -65,20 +68,6 @@ def lr_schedule(optim: OptimConfig, warmup_steps: int, total_steps: int) -> Call
     return lr_at
 
 
-def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norm gains or scalars)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel (CPU and CUDA) updates every tensor in one pass: measured 2.6× faster
-    # than the foreach implementation on CPU.
-    return torch.optim.AdamW(
-        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True
-    )
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -111,7 +100,7 @@ def train(
     a caller that passes its own keeps the curve trained so far when training raises)."""
     cfg, optim = cell.train, cell.optim
     step_model = torch.compile(model) if cfg.compile else model
-    optimizer = make_optimizer(model, optim)
+    optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
     lr_at = lr_schedule(optim, cell.warmup_steps(), cfg.steps)
     batches = Batches(corpus.train, cell.model.seq_len, cfg.batch_size, seed=cell.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -129,8 +118,7 @@ def train(
         synchronize(device)
         t0 = time.perf_counter()
         lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         x, y = batches.next(device)
         loss, objective = loss_and_objective(step_model, x, y, autocast, optim.z_loss)
         optimizer.zero_grad(set_to_none=True)

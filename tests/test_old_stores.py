@@ -29,7 +29,15 @@ def test_a_v0_2_0_store_collects_into_the_same_table(tmp_path):
     same = [column for column in expected.columns if column in runs.columns]
     assert set(expected.columns) - set(same) == set()
     # Columns added since, empty for an old store's records (none optional shows up empty).
-    added = {"variant_revision", "amax_gain_forward", "amax_gain_backward", "value_residual"}
+    added = {
+        "variant_revision",
+        "amax_gain_forward",
+        "amax_gain_backward",
+        "value_residual",
+        "optimizer",
+        "parametrization",
+        "base_depth",
+    }
     assert set(runs.columns) - set(expected.columns) == added
     assert runs[sorted(added)].isna().all().all()
     pd.testing.assert_frame_equal(
