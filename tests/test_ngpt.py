@@ -94,3 +94,8 @@ def test_trains_without_weight_decay_as_the_paper_does_and_the_record_says_so():
 def test_packed_runs_refuse_it_naming_the_key():
     with pytest.raises(ConfigError, match="^train.pack_lr: variant 'ngpt'"):
         config.validate(make_cell("ngpt", pack_lr=True))
+
+
+def test_a_depth_parametrization_is_refused_naming_why():
+    with pytest.raises(ConfigError, match="^model.parametrization: .*Norm\\(F\\(h\\)\\)"):
+        compose_cell("+variant=ngpt", "model.parametrization=completep")

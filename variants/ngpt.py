@@ -132,6 +132,10 @@ class LogitScale(nn.Module):
 class NGPT(Variant):
     formula = "h ← Norm(h + α⊙(Norm F(h) − h)), same for G; unit weights; s_qk, s_u, s_z scales"
     trains_without_weight_decay = True
+    depth_parametrization_conflict = (
+        "a multiplier on its branches would be undone: each update enters as Norm(F(h)), and "
+        "its learned steps α already set how far a block moves the state"
+    )
     step_init: float = 0.05  # α's effective init (the paper's α_A = α_M = 0.05)
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
