@@ -24,6 +24,7 @@ from suite.summary import (  # noqa: E402
     ok_runs,
     with_escape_known,
 )
+from suite.transfer import optimal_lrs, power_law_exponent  # noqa: E402
 from suite.verdict import CONVERGED, DIVERGED, STALLED  # noqa: E402
 
 # Built-ins first, in the order of the literature; anything else after, alphabetically.
@@ -41,9 +42,12 @@ KNOWN_ORDER = [
     "admin",
     "derf",
     "lns",
+    "mixln",
     "hybridnorm",
     "hc",
     "mhc",
+    "ngpt",
+    "attnres",
 ]
 _COLOURS = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
 
@@ -261,6 +265,41 @@ def max_stable_lr_vs_depth(runs: pd.DataFrame) -> Figure | None:
     fig, _ = _lines_vs_depth(
         stable.dropna(), "max_stable_lr", "max stable LR (all seeds converged)", log_y=True
     )
+    return fig
+
+
+def lr_transfer(runs: pd.DataFrame) -> Figure | None:
+    """Optimal and max stable LR vs depth per variant (arm), each with its power-law fit
+    (dashed) and exponent s in the legend (suite/transfer.py); None below two depths."""
+    table = optimal_lrs(runs).reset_index()
+    if table.groupby("variant")["depth"].nunique().max() < 2:
+        return None
+    names = variant_order(table["variant"])
+    colours = palette(names)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, column, title in (
+        (axes[0], "optimal_lr", "optimal LR (loss minimum, refined between grid points)"),
+        (axes[1], "max_stable_lr", "max stable LR (all seeds converged)"),
+    ):
+        for name in names:
+            arm = table[table["variant"] == name].sort_values("depth").dropna(subset=[column])
+            if arm.empty:
+                continue
+            exponent = power_law_exponent(arm["depth"], arm[column])
+            label = name if np.isnan(exponent) else f"{name} (s = {exponent:+.2f})"
+            ax.plot(arm["depth"], arm[column], "o-", color=colours[name], label=label)
+            if not np.isnan(exponent):
+                depths = arm["depth"].astype(float).to_numpy()
+                fit = np.exp(np.polyval(np.polyfit(np.log(depths), np.log(arm[column]), 1),
+                                        np.log(depths)))  # fmt: skip
+                ax.plot(depths, fit, "--", color=colours[name], alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        depths = sorted(table["depth"].unique())
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.set_xlabel("depth N")
+        ax.set_title(title, fontsize=10)
+        legend_outside(ax)
     return fig
 
 

@@ -39,6 +39,7 @@ from suite.summary import (
     unstable_below,
     with_arm_labels,
 )
+from suite.transfer import transfer_exponents
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,14 @@ def build_sections(
             "LR on the grid converged for every seed.",
         ),
         Section(
+            "Learning-rate transfer across depth",
+            "Depth-μP and CompleteP (Yang et al. 2023; Dey et al. 2025, Fig. 1) claim the best "
+            "LR stops moving with depth. Left: the LR of the lowest seed-mean validation loss "
+            "(diverged runs count as their initial loss), refined between grid points; right: "
+            "the max stable LR. Dashed: the power-law fit LR ∝ N^s; s near 0 means the LR "
+            "transfers, s = −½ or −1 that it shrinks as 1/√N or 1/N.",
+        ),
+        Section(
             "LR sensitivity vs depth",
             "Wortsman et al. (2023): mean excess loss over the LR grid relative to the best "
             "LR; lower means the variant forgives a badly chosen LR.",
@@ -211,12 +220,14 @@ def build_sections(
         lambda: figures.plateau_survival(finished),
         lambda: figures.loss_vs_lr(finished),
         lambda: figures.max_stable_lr_vs_depth(finished),
+        lambda: figures.lr_transfer(finished),
         lambda: figures.lr_sensitivity_vs_depth(finished),
         lambda: figures.throughput_vs_depth(finished, benchmarks),
     ]
     empty_notes = {
         "Leaving the plateau": "No escape steps known: these runs were judged from their "
         "records (their curves could not be read).",
+        "Learning-rate transfer across depth": "Needs runs of one variant at two depths or more.",
     }
     for section, make in zip(sections, makers, strict=False):
         figure = make()
@@ -235,6 +246,25 @@ def build_sections(
             "where every seed converged, not the largest below which all did): "
             + "; ".join(f"{name} depth {depth} at {lrs}" for (name, depth), lrs in gaps.items())
             + "."
+        )
+    exponents = transfer_exponents(finished)
+    fitted = exponents.dropna(subset=["optimal_lr_exponent"])
+    if len(fitted):
+        transfer = next(s for s in sections if s.title.startswith("Learning-rate transfer"))
+        edge = int(fitted["optimum_at_grid_edge"].sum())
+        transfer.note = (
+            "Exponent s of the optimal LR (of the max stable LR): "
+            + "; ".join(
+                f"{name} {row.optimal_lr_exponent:+.2f} ({row.max_stable_lr_exponent:+.2f}) "
+                f"over depths {row.depths}"
+                for name, row in fitted.iterrows()
+            )
+            + "."
+            + (
+                f" {edge} optimum(s) sit at an edge of the LR grid: the fit there is a bound."
+                if edge
+                else ""
+            )
         )
     packed = int((finished.get("packed_members", pd.Series(dtype=float)).fillna(1) > 1).sum())
     if packed:

@@ -148,9 +148,11 @@ pytestmark_slow = pytest.mark.slow
 def test_report_from_a_real_sweep_is_self_contained(report):
     html = report.read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    # heatmaps, plateau survival, loss-vs-LR, max stable LR, sensitivity, throughput, curves, and
-    # the diagnostics: init gradient norms, model update, attention logits
-    assert len(images) == 10
+    # heatmaps, plateau survival, loss-vs-LR, max stable LR, LR transfer (the tiny sweep has two
+    # depths), sensitivity, throughput, curves, and the diagnostics: init gradient norms, model
+    # update, attention logits
+    assert len(images) == 11
+    assert "Exponent s of the optimal LR" in html
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="https?://', html)  # nothing fetched from the network
     for text in (
@@ -252,7 +254,7 @@ def test_report_in_headless_chromium(report):
         widths = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);"
         )
-        assert len(widths) == 10 and all(w > 0 for w in widths), widths
+        assert len(widths) == 11 and all(w > 0 for w in widths), widths
         # The appendix sorts when a header is clicked.
         driver.execute_script("document.querySelector('#runs thead th').click();")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
