@@ -250,6 +250,21 @@ def packed_learning_rates(env_set: DictConfig | dict[str, Any]) -> list[float]:
     return [float(lr) for lr in str(env_set.get(PACKED_LRS_ENV, "")).split()]
 
 
+def sweepable(args: list[str]) -> list[str]:
+    """The command line as Hydra can sweep it, once preflight has checked every cell.
+
+    Hydra composes the config before splitting a sweep: once to read the mode (every run here
+    is a multirun, so it is said up front) and once for the sweeper, with the swept choices left
+    out. A variant's own setting beside several variants (``+variant=dyt,derf
+    variant.alpha_init=4``) has no ``variant`` to land on in that compose and would fail, so it
+    goes in as ``++`` (set, or add): each job still composes its variant first and the setting
+    on top, as preflight checked.
+    """
+    if not {"-m", "--multirun"} & set(args):
+        args = ["--multirun", *args]
+    return ["++" + arg if arg.startswith("variant.") else arg for arg in args]
+
+
 def main() -> None:
     register_configs()  # also when preflight is skipped (--help, --cfg job)
     os.environ[MAIN_PID_ENV] = str(os.getpid())  # inherited by the launcher's workers
@@ -264,7 +279,7 @@ def main() -> None:
         jobs = len(cells)
         if any(cell.train.pack_lr for cell in cells):
             args, jobs = pack_learning_rates(args, cells)
-            sys.argv[1:] = args
+        sys.argv[1:] = sweepable(args)
         os.environ[SWEEP_SIZE_ENV] = str(jobs)
     try:
         run_job()

@@ -109,3 +109,17 @@ def test_ctrl_c_mid_sweep_keeps_every_finished_cell(tmp_path):
     runs = collect(store)
     assert len(runs) == len(records) and (runs["status"] == "ok").all()
     assert not list((store / "cells").glob("*/.record.json.*"))  # no half-written record
+
+
+def test_a_variant_setting_applies_to_every_variant_swept(tmp_path):
+    """`+variant=dyt,derf variant.alpha_init=4` used to fail in Hydra (the setting had no
+    variant to land on before the sweep was split); each variant's cells now carry it."""
+    result = run_suite(
+        "+variant=dyt,derf", "variant.alpha_init=4.0", "sweep=tiny", "model.depth=2",
+        "optim.lr=1e-3", "train.steps=2", f"store={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = collect(tmp_path)
+    assert sorted(runs["variant"]) == ["derf", "dyt"]
+    for config in runs["config"]:
+        assert json.loads(config)["variant_params"]["alpha_init"] == 4.0

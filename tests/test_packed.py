@@ -21,6 +21,11 @@ from suite.train import TrainOutcome
 DIVERGING_LR = 3.0  # blows the loss past 2× its initial value within two steps
 
 
+PACKABLE = [
+    name for name in variants.names() if not variants.get(name)().acts_after_optimizer_steps()
+]
+
+
 def pack_cells(variant: str, lrs: list[float], grad_clip: float = 0.0, z_loss: float = 0.0):
     cells = [make_cell(variant, lr=lr, steps=20) for lr in lrs]
     for cell in cells:
@@ -42,7 +47,9 @@ def train_pack(cells) -> list[tuple[int, TrainOutcome]]:
 
 @pytest.mark.parametrize(
     "variant, grad_clip, z_loss",
-    [(name, 0.0, 0.0) for name in variants.names()] + [("postln", 1.0, 0.0), ("preln", 0.0, 1e-2)],
+    # Every variant a packed run accepts; one that acts after each optimizer step (nGPT) is
+    # refused before training (tests/test_ngpt.py).
+    [(name, 0.0, 0.0) for name in PACKABLE] + [("postln", 1.0, 0.0), ("preln", 0.0, 1e-2)],
 )
 def test_members_match_their_unpacked_cells(variant, grad_clip, z_loss):
     cells = pack_cells(variant, [1e-3, 3e-3, DIVERGING_LR], grad_clip=grad_clip, z_loss=z_loss)
