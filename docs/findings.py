@@ -4,6 +4,8 @@
     python -m suite +variant=postln,preln,deepnorm sweep=depth store=results/findings
     python -m suite +variant=preln sweep=lr store=results/findings
     python -m suite +variant=postln,preln,deepnorm,rmsnorm sweep=init store=results/findings
+    python -m suite +variant=preln,rmsnorm,dyt,derf sweep=optimizer store=results/findings
+    python -m suite +variant=preln,rmsnorm sweep=transfer store=results/findings
     python docs/findings.py --store results/findings --figures docs/findings
 
 Prints one markdown table per preset and writes one PNG per preset; docs/findings.md quotes
@@ -25,7 +27,8 @@ from matplotlib.figure import Figure
 from suite import diagnostics_figures, figures
 from suite.collect import collect
 from suite.store import read_curve
-from suite.summary import capped_loss, lr_sensitivity, ok_runs
+from suite.summary import best_val, capped_loss, lr_sensitivity, ok_runs, with_arm_labels
+from suite.transfer import optimal_lrs, transfer_exponents
 from suite.verdict import CONVERGED
 
 
@@ -154,11 +157,61 @@ def init(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     return markdown(table.round(3)), diagnostics_figures.init_grad_norms(runs)
 
 
+def optimizer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
+    """Per (variant, depth, optimizer): converged seeds per LR and the best val loss; the gap of
+    each norm's best val loss to RMSNorm's under the same optimizer (the paper's measure)."""
+    grouped = runs.groupby(["variant", "depth", "optimizer", "lr"])
+    cells = (
+        grouped["verdict"].agg(_converged)
+        + " ("
+        + grouped["val_loss"].mean().map("{:.3f}".format)
+        + ")"
+    )
+    table = cells.unstack("lr")
+    table.columns = [f"LR {lr:g}" for lr in table.columns]
+    best = best_val(runs.assign(variant=runs["variant"] + "|" + runs["optimizer"])).reset_index()
+    best[["variant", "optimizer"]] = best["variant"].str.split("|", expand=True)
+    best = best.set_index(["variant", "depth", "optimizer"])
+    reference = best.xs("rmsnorm", level="variant")["best_val_loss"]
+    gap = best["best_val_loss"] - reference.reindex(best.index.droplevel("variant")).to_numpy()
+    gaps = pd.DataFrame(
+        {"best_val_loss": best["best_val_loss"], "best_lr": best["best_lr"], "gap_to_rmsnorm": gap}
+    )
+    capped = runs.assign(loss=capped_loss(runs))
+    depths = sorted(runs["depth"].unique())
+    fig, axes = plt.subplots(
+        1, len(depths), figsize=(5.2 * len(depths), 3.8), squeeze=False, constrained_layout=True
+    )
+    names = figures.variant_order(runs["variant"])
+    for ax, depth_ in zip(axes.flat, depths, strict=True):
+        sns.lineplot(
+            capped[capped["depth"] == depth_], x="lr", y="loss", hue="variant", style="optimizer",
+            hue_order=names, palette=figures.palette(names), marker="o", errorbar=("pi", 100),
+            ax=ax, legend=ax is axes.flat[-1],
+        )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(f"depth {depth_}")
+        ax.set_ylabel("final val loss (capped at init)")
+    figures.legend_outside(axes.flat[-1])
+    return markdown(table) + "\n\nBest LR per arm:\n\n" + markdown(gaps.round(3)), fig
+
+
+def transfer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
+    """Optimal (refined) and max stable LR per (arm, depth), and each arm's exponents s."""
+    labelled = with_arm_labels(runs)
+    optimal = optimal_lrs(labelled)
+    exponents = transfer_exponents(labelled)
+    text = markdown(optimal.round(5)) + "\n\nExponents:\n\n" + markdown(exponents.round(2))
+    return text, figures.lr_transfer(labelled)
+
+
 PRESETS: dict[str, Callable[[pd.DataFrame, Path], tuple[str, Figure]]] = {
     "warmup": warmup,
     "depth": depth,
     "lr": lr,
     "init": init,
+    "optimizer": optimizer,
+    "transfer": transfer,
 }
 
 
