@@ -84,12 +84,16 @@ def training_step(model: nn.Module, shape: Shape) -> Callable[[], float]:
     tokens = torch.randint(0, VOCAB, (shape.batch, shape.seq_len + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
+    # The variant's own step after the optimizer's, as in training (nGPT re-normalizes).
+    after_optimizer_step = getattr(model, "after_optimizer_step", lambda: None)
+
     def step() -> float:
         logits = model(x)
         loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        after_optimizer_step()
         return loss.item()
 
     return step

@@ -1,6 +1,6 @@
 """Each variant's training-step time relative to Pre-LN's, every variant timed in turn.
 
-    python -m benchmarks.variants_vs_preln [--rounds 10] [--steps 3]
+    python -m benchmarks.variants_vs_preln [--rounds 10] [--steps 3] [--variants ngpt,attnres]
 
 pytest-benchmark (``make bench``) times one benchmark after another, so a drift in the machine's
 speed during the run lands on whichever variant was being timed then. Here every round times
@@ -45,9 +45,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed round")
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first N shapes only")
+    parser.add_argument(
+        "--variants", help="only these variants (and preln, the reference), e.g. ngpt,attnres"
+    )
     args = parser.parse_args()
     shapes = SHAPES[: args.shapes]
     names = variants.names()
+    if args.variants:
+        chosen = {"preln", *args.variants.split(",")}
+        names = [name for name in names if name in chosen]
     ratios: dict[str, list[str]] = {name: [] for name in names}
     preln_ms = []
     for shape in shapes:
