@@ -29,15 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import (
-    InitView,
-    Sublayer,
-    Variant,
-    Wiring,
-    gpt2_residual_std,
-    scale_residual_projections,
-)
+from variants.base import Sublayer, Wiring
 from variants.norms import LayerNorm, RMSNorm
+from variants.preln import PreLN
 from variants.registry import register
 
 
@@ -89,9 +83,10 @@ class EmbeddingIntoSlots(nn.Module):
 
 @register("attnres")
 @dataclass
-class AttentionResiduals(Variant):
+class AttentionResiduals(PreLN):
+    """Pre-LN's sublayer norms, final LN and init; its own reads over depth."""
+
     formula = "sublayer l reads Σ_{i<l} softmax_i(w_lᵀ RMSNorm v_i)·v_i of all earlier outputs"
-    eps: float = 1e-5
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return AttnResWiring(width, self.eps, layer)
@@ -101,9 +96,3 @@ class AttentionResiduals(Variant):
 
     def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
         return DepthAttention(width, self.eps)
-
-    def final_norm(self, width: int) -> nn.Module:
-        return LayerNorm(width, self.eps)
-
-    def init_weights(self, model: InitView) -> None:
-        scale_residual_projections(model, gpt2_residual_std(model.depth))
