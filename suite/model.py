@@ -254,7 +254,8 @@ class Block(nn.Module):
         m = self.branch_multiplier
         if m == 1.0:
             return self.wiring(x, self.attn, self.mlp)
-        # A depth parametrization scales F and G themselves, so any wiring gets it unchanged.
+        # A depth parametrization scales F and G themselves, before the wiring; a variant whose
+        # wiring would undo it (a norm at the branch's end) refuses it (suite/config.py).
         return self.wiring(x, lambda h: m * self.attn(h), lambda h: m * self.mlp(h))
 
     def init_view(self) -> BlockView:

@@ -173,7 +173,19 @@ def test_a_parametrization_is_in_the_cell_id_and_sp_ids_are_unchanged():
     assert ids("model.parametrization=completep", "model.base_depth=2") != complete
 
 
-@pytest.mark.parametrize("variant", ["deepnorm", "admin", "lns", "layerscale"])
+REFUSING = [n for n in variants.names() if variants.get(n).depth_parametrization_conflict]
+
+
+def test_the_variants_that_refuse_a_parametrization_are_the_known_ones():
+    # By depth: DeepNorm, Admin, LNS, LayerScale; by a norm or softmax that undoes a multiplier:
+    # Sandwich, Peri-LN, ResPost, nGPT, AttnRes.
+    assert set(REFUSING) == {
+        "deepnorm", "admin", "lns", "layerscale", "sandwich", "peri-ln", "respost", "ngpt",
+        "attnres",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", REFUSING)
 @pytest.mark.parametrize("parametrization", ["depth_mup", "completep"])
 def test_variants_that_scale_their_branches_by_depth_refuse_a_parametrization(
     variant, parametrization
@@ -187,11 +199,32 @@ def test_variants_that_scale_their_branches_by_depth_refuse_a_parametrization(
     validate(small_cell("sp", 8, variant=variant))  # fine without one
 
 
-@pytest.mark.parametrize(
-    "variant", [n for n in variants.names() if not variants.get(n).depth_parametrization_conflict]
-)
+ACCEPTING = [n for n in variants.names() if not variants.get(n).depth_parametrization_conflict]
+
+
+@pytest.mark.parametrize("variant", ACCEPTING)
 def test_every_other_variant_takes_any_parametrization(variant):
     validate(small_cell("completep", 8, variant=variant))
+
+
+@pytest.mark.parametrize("variant", ACCEPTING)
+def test_no_variant_that_accepts_a_multiplier_silently_undoes_it(variant):
+    """A wiring that ends a branch in a norm (Sandwich, ResPost: LN(m·F) = LN(F)) would make
+    every parametrization train SP under another name: such a variant must refuse instead."""
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def logits(m: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = GPT(ModelShape(50, 32, 2, 2, 4.0, 8, branch_multiplier=m), variants.get(variant)())
+        # Off the init (ReZero's gate starts at 0) and far above any norm's ε: a norm at the
+        # branch's end then undoes m to within float error, which the margin below tells apart.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        return model(tokens)
+
+    plain = logits(1.0)
+    assert (plain - logits(0.125)).abs().max() > 1e-2 * plain.abs().max()
 
 
 def test_a_base_depth_without_a_parametrization_is_refused_naming_it():

@@ -87,6 +87,10 @@ class AttentionResiduals(PreLN):
     """Pre-LN's sublayer norms, final LN and init; its own reads over depth."""
 
     formula = "sublayer l reads Σ_{i<l} softmax_i(w_lᵀ RMSNorm v_i)·v_i of all earlier outputs"
+    depth_parametrization_conflict = (
+        "its sublayers read a softmax mix over depth, not a sum to correct: a multiplier would "
+        "only down-weight every sublayer output against the embedding"
+    )
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return AttnResWiring(width, self.eps, layer)

@@ -36,6 +36,10 @@ class ResPostWiring(nn.Module):
 @dataclass
 class ResPost(Variant):
     formula = "h = x + LN(F(x)); y = h + LN(G(h)); branch LN gain/bias start at 0; final LN"
+    depth_parametrization_conflict = (
+        "a multiplier on its branches would be undone: each branch ends in a LayerNorm, "
+        "LN(m·F) = LN(F)"
+    )
     eps: float = 1e-5
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:

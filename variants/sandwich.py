@@ -43,6 +43,10 @@ class SandwichWiring(nn.Module):
 @dataclass
 class Sandwich(Variant):
     formula = "h = x + LN(F(LN x)); y = h + LN(G(LN h)); final LN"
+    depth_parametrization_conflict = (
+        "a multiplier on its branches would be undone: each branch ends in a LayerNorm, "
+        "LN(m·F) = LN(F)"
+    )
     eps: float = 1e-5
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
