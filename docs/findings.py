@@ -159,7 +159,9 @@ def init(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
 
 def optimizer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     """Per (variant, depth, optimizer): converged seeds per LR and the best val loss; the gap of
-    each norm's best val loss to RMSNorm's under the same optimizer (the paper's measure)."""
+    each norm's best val loss to RMSNorm's under the same optimizer (the paper's measure). A
+    variant run at two settings of its own (variant.alpha_init) is two rows."""
+    runs = runs.assign(variant=with_arm_labels(runs.drop(columns="optimizer"))["variant"])
     grouped = runs.groupby(["variant", "depth", "optimizer", "lr"])
     cells = (
         grouped["verdict"].agg(_converged)
@@ -172,7 +174,12 @@ def optimizer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     best = best_val(runs.assign(variant=runs["variant"] + "|" + runs["optimizer"])).reset_index()
     best[["variant", "optimizer"]] = best["variant"].str.split("|", expand=True)
     best = best.set_index(["variant", "depth", "optimizer"])
-    reference = best.xs("rmsnorm", level="variant")["best_val_loss"]
+    has_reference = "rmsnorm" in best.index.get_level_values("variant")
+    reference = (
+        best.xs("rmsnorm", level="variant")["best_val_loss"]
+        if has_reference
+        else pd.Series(dtype=float)
+    )
     gap = best["best_val_loss"] - reference.reindex(best.index.droplevel("variant")).to_numpy()
     gaps = pd.DataFrame(
         {"best_val_loss": best["best_val_loss"], "best_lr": best["best_lr"], "gap_to_rmsnorm": gap}
@@ -196,7 +203,7 @@ def optimizer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     return markdown(table) + "\n\nBest LR per arm:\n\n" + markdown(gaps.round(3)), fig
 
 
-def transfer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
+def transfer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure | None]:
     """Optimal (refined) and max stable LR per (arm, depth), and each arm's exponents s."""
     labelled = with_arm_labels(runs)
     optimal = optimal_lrs(labelled)
@@ -205,7 +212,7 @@ def transfer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure]:
     return text, figures.lr_transfer(labelled)
 
 
-PRESETS: dict[str, Callable[[pd.DataFrame, Path], tuple[str, Figure]]] = {
+PRESETS: dict[str, Callable[[pd.DataFrame, Path], tuple[str, Figure | None]]] = {
     "warmup": warmup,
     "depth": depth,
     "lr": lr,
@@ -228,6 +235,9 @@ def main() -> None:
             print(f"## {name}: no runs in {args.store}\n")
             continue
         text, fig = make(subset, args.store)
+        if fig is None:  # e.g. one depth only: nothing to draw against depth
+            print(f"## {name} ({len(subset)} runs), no figure\n\n{text}\n")
+            continue
         path = args.figures / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -149,13 +149,6 @@ class ModelConfig:
             f"must divide model.width={self.width}",
             self.heads,
         )
-        _check(
-            self.parametrization != "sp" or self.base_depth == _default(ModelConfig, "base_depth"),
-            "model.base_depth",
-            "only matters with model.parametrization=depth_mup or completep (a different value "
-            "under sp would train the same model under another cell id)",
-            self.base_depth,
-        )
 
 
 @dataclass
@@ -555,6 +548,13 @@ def validate(cell: CellConfig) -> None:
         f"muon needs torch.optim.Muon (torch ≥ 2.9); this torch is {torch.__version__}",
         cell.optim.name,
     )
+    _check(
+        not (cell.train.pack_lr and variant.attention_options().softmax_scale),
+        "train.pack_lr",
+        f"variant {cell.variant!r} sets its own attention softmax scale, which the packed "
+        "runs' batched attention does not take; set train.pack_lr=false",
+        cell.train.pack_lr,
+    )
     conflict = variant.depth_parametrization_conflict
     _check(
         cell.model.parametrization == "sp" or not conflict,
@@ -660,7 +660,20 @@ def cell_from_config(cfg: DictConfig) -> CellConfig:
     sections = {
         name: _typed_section(name, schema, cfg.get(name)) for name, schema in SECTIONS.items()
     }
+    if sections["model"].parametrization == "sp":
+        # N₀ plays no part under sp: one id for one model, so that sp can be swept beside a
+        # parametrization at another base depth (model.parametrization=sp,completep
+        # model.base_depth=8).
+        sections["model"].base_depth = _default(ModelConfig, "base_depth")
     if variants.get(variant_name).trains_without_weight_decay:
+        decay = sections["optim"].weight_decay
+        _check(
+            decay in (0.0, _default(OptimConfig, "weight_decay")),
+            "optim.weight_decay",
+            f"variant {variant_name!r} trains without weight decay, as its paper does; leave "
+            "optim.weight_decay at its default (the cell is built with 0) or set it to 0",
+            decay,
+        )
         # As its paper trains it; the record's optim.weight_decay then says what was trained.
         sections["optim"].weight_decay = 0.0
     cell = CellConfig(

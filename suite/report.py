@@ -255,8 +255,8 @@ def build_sections(
         transfer.note = (
             "Exponent s of the optimal LR (of the max stable LR): "
             + "; ".join(
-                f"{name} {row.optimal_lr_exponent:+.2f} ({row.max_stable_lr_exponent:+.2f}) "
-                f"over depths {row.depths}"
+                f"{name} {row.optimal_lr_exponent:+.2f} "
+                f"({_signed(row.max_stable_lr_exponent)}) over depths {row.depths}"
                 for name, row in fitted.iterrows()
             )
             + "."
@@ -296,6 +296,10 @@ def build_sections(
             figures.training_curves(curves, depth, lr, entropy, initial)
         )
     return sections + diagnostics_sections(finished, curves, depth, lr)
+
+
+def _signed(value: float) -> str:
+    return "none" if pd.isna(value) else f"{value:+.2f}"
 
 
 def diagnostics_sections(

@@ -5,6 +5,7 @@ All functions take the DataFrame that :func:`suite.collect.collect` returns and 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -38,7 +39,48 @@ def with_arm_labels(runs: pd.DataFrame) -> pd.DataFrame:
             base = " N₀=" + runs["base_depth"].astype("Int64").astype(str)
             suffix = suffix.where(~moved, suffix + base)
         labels = labels.where(~other, labels + suffix)
-    return runs.assign(variant=labels)
+    return runs.assign(variant=labels + _varying_settings(runs))
+
+
+# Settings beside the variant's own parameters that make an arm (Muon's knobs).
+ARM_SETTINGS = ("optim.momentum", "optim.nesterov", "optim.ns_steps")
+
+
+def _varying_settings(runs: pd.DataFrame) -> pd.Series:
+    """ " · name=value" for every parameter of a variant (``variant.alpha_init=4``) and Muon
+    knob whose value differs among that variant's runs in this table: runs of one variant
+    under two settings are two arms, never one row (a setting all its runs share is left
+    out, to keep labels short)."""
+    labels = np.full(len(runs), "", dtype=object)
+    if "config" in runs:
+        settings = pd.DataFrame([_arm_settings(config) for config in runs["config"]])
+        variant = runs["variant"].to_numpy()
+        for name in settings.columns:
+            values = settings[name]
+            for arm in np.unique(variant):
+                rows = (variant == arm) & values.notna().to_numpy()
+                if values[rows].astype(str).nunique() > 1:
+                    labels[rows] += " · " + name + "=" + values[rows].astype(str).to_numpy()
+    return pd.Series(labels, index=runs.index)
+
+
+def _arm_settings(config: object) -> dict[str, object]:
+    """A run's variant parameters and Muon knobs, from its stored config (JSON or dict)."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return {}
+    if not isinstance(config, dict):
+        return {}
+    found = dict(config.get("variant_params") or {})
+    muon = (config.get("optim") or {}).get("name") == "muon"
+    for key in ARM_SETTINGS if muon else ():
+        section, name = key.split(".")
+        value = (config.get(section) or {}).get(name)
+        if value is not None:
+            found[name] = value
+    return found
 
 
 def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:

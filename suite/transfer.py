@@ -15,7 +15,8 @@ The optimal LR at one depth is the minimum of the seed-mean validation loss over
 (a diverged run counts as its initial loss, as in the LR sensitivity), refined between grid
 points: a parabola in log LR through the best point and its two neighbours, its vertex kept
 within them. At an edge of the grid the grid point is taken and flagged, since the true
-optimum may lie beyond it.
+optimum may lie beyond it. A depth where no LR got below its initial loss has no optimum and is
+left out of the fit.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import pandas as pd
 from suite.summary import CELL, capped_loss, max_stable_lr, ok_runs
 
 
-def refined_optimum(losses: pd.Series) -> tuple[float, bool]:
-    """(optimal LR, at the grid's edge) from one depth's seed-mean losses indexed by LR."""
+def refined_optimum(losses: pd.Series, initial_loss: float = math.inf) -> tuple[float, bool]:
+    """(optimal LR, at the grid's edge) from one depth's seed-mean losses indexed by LR; NaN
+    when no LR has a loss below ``initial_loss`` (nothing trained: there is no optimum)."""
     losses = losses.dropna().sort_index()
+    if losses.empty or not (losses < initial_loss).any():
+        return math.nan, False
     best = int(np.argmin(losses.to_numpy()))
     if best in (0, len(losses) - 1):
         return float(losses.index[best]), True
@@ -45,8 +49,10 @@ def optimal_lrs(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (variant, depth): ``optimal_lr`` (refined), ``at_grid_edge``, ``max_stable_lr``."""
     finished = ok_runs(runs)
     per_lr = finished.assign(loss=capped_loss(finished)).groupby([*CELL, "lr"])["loss"].mean()
+    initial = finished.groupby(CELL)["initial_loss"].min()
     rows = {
-        cell: refined_optimum(losses.droplevel(CELL)) for cell, losses in per_lr.groupby(level=CELL)
+        cell: refined_optimum(losses.droplevel(CELL), initial.get(cell, math.inf))
+        for cell, losses in per_lr.groupby(level=CELL)
     }
     index = pd.MultiIndex.from_tuples(list(rows), names=CELL)
     table = pd.DataFrame(list(rows.values()), index=index, columns=["optimal_lr", "at_grid_edge"])

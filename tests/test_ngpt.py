@@ -99,3 +99,30 @@ def test_packed_runs_refuse_it_naming_the_key():
 def test_a_depth_parametrization_is_refused_naming_why():
     with pytest.raises(ConfigError, match="^model.parametrization: .*Norm\\(F\\(h\\)\\)"):
         compose_cell("+variant=ngpt", "model.parametrization=completep")
+
+
+def test_a_weight_decay_set_for_it_is_refused_not_silently_dropped():
+    with pytest.raises(ConfigError, match="^optim.weight_decay: variant 'ngpt' trains without"):
+        compose_cell("+variant=ngpt", "optim.weight_decay=0.3")
+    assert compose_cell("+variant=ngpt", "optim.weight_decay=0").optim.weight_decay == 0.0
+
+
+def test_packed_runs_refuse_a_variant_with_its_own_softmax_scale():
+    """nGPT is refused for its after-step hook already; a plugin with only a softmax scale
+    must be refused too, before training, not mid-run."""
+    from dataclasses import dataclass
+
+    import variants
+    from variants import AttentionOptions
+
+    @dataclass
+    class ScaledSoftmax(variants.get("preln")):
+        def attention_options(self) -> AttentionOptions:
+            return AttentionOptions(softmax_scale=math.sqrt)
+
+    variants.registry._variants["scaled-softmax"] = ScaledSoftmax
+    try:
+        with pytest.raises(ConfigError, match="^train.pack_lr: .*softmax scale"):
+            config.validate(make_cell("scaled-softmax", pack_lr=True))
+    finally:
+        del variants.registry._variants["scaled-softmax"]

@@ -227,9 +227,18 @@ def test_no_variant_that_accepts_a_multiplier_silently_undoes_it(variant):
     assert (plain - logits(0.125)).abs().max() > 1e-2 * plain.abs().max()
 
 
-def test_a_base_depth_without_a_parametrization_is_refused_naming_it():
-    with pytest.raises(ConfigError, match=r"^model\.base_depth: only matters with"):
-        sweep_cells(["+variant=preln", "sweep=tiny", "model.base_depth=8"])
+def test_sp_ignores_the_base_depth_so_it_sweeps_beside_a_parametrization_at_another_one():
+    cells = [
+        cell
+        for _, cell in sweep_cells(
+            ["+variant=preln", "sweep=tiny", "model.parametrization=sp,completep",
+             "model.base_depth=8"]
+        )
+    ]  # fmt: skip
+    sp = [c for c in cells if c.model.parametrization == "sp"]
+    plain = [c for _, c in sweep_cells(["+variant=preln", "sweep=tiny"])]
+    assert sorted(c.cell_id() for c in sp) == sorted(c.cell_id() for c in plain)
+    assert {c.model.base_depth for c in cells if c.model.parametrization == "completep"} == {8}
 
 
 def test_a_packed_member_under_depth_mup_matches_its_unpacked_cell():

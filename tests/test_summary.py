@@ -341,3 +341,26 @@ def test_zero_step_runs_have_no_escape_step_to_summarize():
     frame = runs([("x", 6, 1e-3, s, "untrained", None) for s in range(2)])
     frame["steps"] = 0
     assert math.isnan(median_escape_step(frame))
+
+
+def test_runs_of_one_variant_at_two_of_its_own_settings_are_two_arms_not_one_row():
+    """`+variant=dyt,derf variant.alpha_init=4` into a store that holds the default runs too:
+    each variant's α₀ = 0.5 and α₀ = 4 runs must not be pooled; a setting every run of a
+    variant shares stays out of its label; Muon and a Muon knob label the same way."""
+    import json
+
+    from suite.summary import with_arm_labels
+
+    def run(variant, alpha=None, optimizer="adamw", momentum=0.95):
+        params = {} if alpha is None else {"alpha_init": alpha}
+        config = {"variant_params": params, "optim": {"name": optimizer, "momentum": momentum}}
+        return {"variant": variant, "optimizer": optimizer, "config": json.dumps(config)}
+
+    runs = pd.DataFrame(
+        [run("dyt", 0.5), run("dyt", 4.0), run("preln"), run("preln", optimizer="muon"),
+         run("preln", optimizer="muon", momentum=0.9), run("derf", 4.0), run("derf", 4.0)]
+    )  # fmt: skip
+    assert with_arm_labels(runs)["variant"].tolist() == [
+        "dyt · alpha_init=0.5", "dyt · alpha_init=4.0", "preln",
+        "preln · muon · momentum=0.95", "preln · muon · momentum=0.9", "derf", "derf",
+    ]  # fmt: skip

@@ -70,3 +70,15 @@ def test_an_arm_whose_optimum_shrinks_as_one_over_root_depth_gets_exponent_minus
     assert table.loc[("preln", 32), "max_stable_lr"] == 3e-2
     assert exponents.loc["preln", "max_stable_lr_exponent"] < 0
     assert exponents.loc["preln", "depths"] == "4, 8, 16, 32"
+
+
+def test_a_depth_where_nothing_trained_has_no_optimum_and_no_exponent():
+    """Every run diverged (all capped at the initial loss) or no loss at all: no optimum, rather
+    than the lowest LR of the grid and an exponent of 0 ("the LR transfers")."""
+    flat = pd.Series({lr: 5.5 for lr in GRID})
+    assert math.isnan(refined_optimum(flat, initial_loss=5.5)[0])
+    assert math.isnan(refined_optimum(pd.Series({1e-3: np.nan, 1e-2: np.nan}))[0])
+    runs = runs_with_optimum("preln", lambda n: 1e-2)
+    runs["val_loss"], runs["verdict"] = np.nan, "diverged"
+    exponents = transfer_exponents(runs)
+    assert math.isnan(exponents.loc["preln", "optimal_lr_exponent"])
