@@ -273,6 +273,7 @@ class GPT(nn.Module):
     def __init__(self, shape: ModelShape, variant: Variant) -> None:
         super().__init__()
         self.shape = shape
+        _check_hook_signatures(variant)
         self.token_embedding = nn.Embedding(shape.vocab_size, shape.width)
         self.position_embedding = nn.Embedding(shape.seq_len, shape.width)
         self.embedding_norm = variant.embedding_norm(shape.width)
@@ -298,7 +299,6 @@ class GPT(nn.Module):
         self.output_scale = variant.output_scale(shape.vocab_size, shape.width)
         self.apply(_base_init)
         self._variant_view = self._init_view(blocks)
-        _check_init_signature(variant)
         variant.init_weights(self._variant_view)
         self._after_optimizer_step = (
             variant.after_optimizer_step if variant.acts_after_optimizer_steps() else None
@@ -381,21 +381,28 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _check_init_signature(variant: Variant) -> None:
-    """A plugin written for suite 0.2 overrides ``init_weights(model, n_layers)``; since 0.3 it
-    gets one InitView (N is ``model.depth``). Say so, rather than a bare TypeError."""
-    required = [
-        parameter
-        for parameter in inspect.signature(variant.init_weights).parameters.values()
-        if parameter.default is inspect.Parameter.empty
-        and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(required) != 1:
-        raise VariantError(
-            f"variant {variant.name!r}: init_weights takes {len(required)} arguments; since "
-            "suite 0.3 it takes one, model: InitView (the depth N is model.depth; see README, "
-            "'Add your own variant')"
-        )
+def _check_hook_signatures(variant: Variant) -> None:
+    """Plugins written for an earlier contract, refused with what changed rather than a bare
+    TypeError: suite 0.2's ``init_weights(model, n_layers)`` (since 0.3 it gets one InitView;
+    N is ``model.depth``), and the one-argument ``expand_stream``/``collapse_stream`` of early
+    0.3 (they now get ``(width, n_layers)``)."""
+    expected = {
+        "init_weights": (1, "one, model: InitView (the depth N is model.depth)"),
+        "expand_stream": (2, "two, (width, n_layers)"),
+        "collapse_stream": (2, "two, (width, n_layers)"),
+    }
+    for hook, (count, meaning) in expected.items():
+        required = [
+            parameter
+            for parameter in inspect.signature(getattr(variant, hook)).parameters.values()
+            if parameter.default is inspect.Parameter.empty
+            and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(required) != count:
+            raise VariantError(
+                f"variant {variant.name!r}: {hook} takes {len(required)} arguments; since "
+                f"suite 0.3 it takes {meaning} (see README, 'Add your own variant')"
+            )
 
 
 def _wiring_module(variant: Variant, shape: ModelShape, layer: int) -> Wiring:

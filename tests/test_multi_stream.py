@@ -362,3 +362,14 @@ def test_attention_residuals_start_from_the_uniform_mean_and_fill_one_slot_per_s
     y = model.blocks[0](x)
     assert torch.equal(y[..., 0, :], x[..., 0, :]) and torch.all(y[..., 3:, :] == 0)
     assert y[..., 1, :].abs().sum() > 0 and y[..., 2, :].abs().sum() > 0
+
+
+class OneArgumentStreams(variants.get("preln")):
+    def expand_stream(self, width: int) -> nn.Module:  # early 0.3's signature
+        return nn.Identity()
+
+
+def test_a_plugin_with_the_early_one_argument_stream_hook_is_told_what_changed():
+    hint = r"expand_stream takes 1 arguments; .*\(width, n_layers\)"
+    with pytest.raises(VariantError, match=hint):
+        GPT(SHAPE, OneArgumentStreams())
