@@ -49,6 +49,9 @@ def cluster():
     env = {**os.environ, "SUITE_SLURM_STATE": str(STATE)}
     already_up = subprocess.run([CLUSTER, "status"], env=env, capture_output=True).returncode == 0
     up = subprocess.run([CLUSTER, "up"], env=env, capture_output=True, text=True, timeout=600)
+    if up.returncode != 0 and ("apt-get install" in up.stderr or "no apt-get" in up.stderr):
+        # No packages to be had on this machine: say so, rather than fail the suite's own tests.
+        pytest.skip("SLURM could not be installed here: " + up.stderr.strip()[-500:])
     assert up.returncode == 0, up.stdout + up.stderr
     yield {"SLURM_CONF": str(SLURM_CONF)}
     if not already_up:
