@@ -295,6 +295,11 @@ def lr_transfer(runs: pd.DataFrame) -> Figure | None:
                 ax.plot(depths, fit, "--", color=colours[name], alpha=0.6)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        values = table[column].dropna()
+        if len(values) and values.max() / values.min() < 2:
+            # A flat line (every depth at one grid LR): without room the log axis zooms into
+            # float noise of the fit.
+            ax.set_ylim(values.min() / 3, values.max() * 3)
         depths = sorted(table["depth"].unique())
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_xlabel("depth N")
