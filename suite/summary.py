@@ -57,7 +57,7 @@ def _varying_settings(runs: pd.DataFrame) -> pd.Series:
         variant = runs["variant"].to_numpy()
         for name in settings.columns:
             values = settings[name]
-            for arm in np.unique(variant):
+            for arm in pd.unique(runs["variant"].dropna()):
                 rows = (variant == arm) & values.notna().to_numpy()
                 if values[rows].astype(str).nunique() > 1:
                     labels[rows] += " · " + name + "=" + values[rows].astype(str).to_numpy()
