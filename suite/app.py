@@ -25,11 +25,13 @@ from omegaconf import DictConfig
 from suite.claims import Claim, claim_cell, describe
 from suite.collect import CELL_POINTER, CLAIMED_MARKER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config, config_dir
+from suite.devices import GPUS_ENV, DeviceSlot, detect_gpus, gpu_slot, register_resolver
 from suite.preflight import preflight, register_configs
 from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_partial_curve, write_started
 
 log = logging.getLogger("suite")
+register_resolver()  # also in the launcher's worker processes, which import this module
 
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
 MAIN_PID_ENV = "SUITE_MAIN_PID"
@@ -63,8 +65,9 @@ def run_job(cfg: DictConfig) -> str:
     number = f"{HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
     resume = cfg.get("resume", True)
     packed_lrs = packed_learning_rates(HydraConfig.get().job.env_set)
+    launcher = HydraConfig.get().runtime.choices.get("hydra/launcher", "")
     if packed_lrs:
-        return _run_packed_job(cell, packed_lrs, job_dir, f"pack {number}", resume)
+        return _run_packed_job(cell, packed_lrs, job_dir, f"pack {number}", resume, launcher)
     cell_id = cell.cell_id()
     label = f"cell {number}"
     (job_dir / CELL_POINTER).write_text(cell_id)
@@ -83,14 +86,15 @@ def run_job(cfg: DictConfig) -> str:
             log.info("%s: %s was finished meanwhile by another sweep; skipped", label, cell_id)
             return "skipped"
         log.info("%s: %s", label, cell_id)
-        record, curve = run_cell(
-            cell,
-            on_start=lambda marker: write_started(
-                cell.store, cell_id, {**marker, "pid": os.getpid()}
-            ),
-            on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
-        )
-        _keep(cell, record, curve, label)
+        with gpu_slot(launcher, cell.train.cells_per_gpu) as slot:
+            record, curve = run_cell(
+                cell,
+                on_start=lambda marker: write_started(
+                    cell.store, cell_id, {**marker, "pid": os.getpid()}
+                ),
+                on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
+            )
+        _keep(cell, record, curve, label, slot)
     finally:
         claim.release()
     return record["status"]
@@ -106,7 +110,12 @@ def _left_to_another(
 
 
 def _run_packed_job(
-    cell: CellConfig, packed_lrs: list[float], job_dir: Path, label: str, resume: bool
+    cell: CellConfig,
+    packed_lrs: list[float],
+    job_dir: Path,
+    label: str,
+    resume: bool,
+    launcher: str,
 ) -> str:
     """One Hydra job trains the cells of all ``packed_lrs`` together (suite.packed)."""
     members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in packed_lrs]
@@ -132,26 +141,42 @@ def _run_packed_job(
         return "claimed" if held_elsewhere else "skipped"
     log.info("%s: %s", label, ", ".join(member.cell_id() for member in members))
     try:
-        records = run_pack(
-            members,
-            on_start=lambda member, marker: write_started(
-                cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
-            ),
-            on_progress=lambda member, partial: write_partial_curve(
-                cell.store, members[member].cell_id(), partial
-            ),
-            on_done=lambda member, record, curve: _keep(members[member], record, curve, label),
-        )
+        with gpu_slot(launcher, cell.train.cells_per_gpu) as slot:
+            records = run_pack(
+                members,
+                on_start=lambda member, marker: write_started(
+                    cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
+                ),
+                on_progress=lambda member, partial: write_partial_curve(
+                    cell.store, members[member].cell_id(), partial
+                ),
+                on_done=lambda member, record, curve: _keep(
+                    members[member], record, curve, label, slot
+                ),
+            )
     finally:
         for claim in claims.values():
             claim.release()
     return "ok" if all(record["status"] == "ok" for record, _ in records) else "error"
 
 
-def _keep(cell: CellConfig, record: dict[str, Any], curve: list[dict], label: str) -> None:
+def _keep(
+    cell: CellConfig,
+    record: dict[str, Any],
+    curve: list[dict],
+    label: str,
+    slot: DeviceSlot | None,
+) -> None:
     """Write a finished cell's record and curve to the store and log one line about it."""
     record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher)
-    record["shared_device"] = record["parallel_cells"] > 1
+    # A pinned worker shares its GPU with at most cells_per_gpu - 1 others; otherwise every
+    # cell the launcher runs at once shares the one device (the CPU, or the one GPU).
+    record["cells_per_device"] = (
+        cell.train.cells_per_gpu if slot is not None else record["parallel_cells"]
+    )
+    record["shared_device"] = record["cells_per_device"] > 1
+    if slot is not None:
+        record["pinned_gpu"] = slot.gpu
     folder = write_cell(cell.store, record, curve)
     if record["status"] == "ok":
         escape = record.get("escape_step")
@@ -268,6 +293,8 @@ def sweepable(args: list[str]) -> list[str]:
 def main() -> None:
     register_configs()  # also when preflight is skipped (--help, --cfg job)
     os.environ[MAIN_PID_ENV] = str(os.getpid())  # inherited by the launcher's workers
+    # Decided once, here: a worker must not start CUDA before it is pinned to its GPU.
+    os.environ.setdefault(GPUS_ENV, ",".join(detect_gpus()))
     args = sys.argv[1:]
     if not any(arg.split("=")[0] in _INSPECT_FLAGS for arg in args):
         overrides = [arg for arg in args if not arg.startswith("-")]

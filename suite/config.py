@@ -280,6 +280,12 @@ class TrainConfig:
     timing_skip_steps: int = setting(
         10, "first steps left out of the median tokens/s (warm-up)", check=at_least(0)
     )
+    cells_per_gpu: int = setting(
+        1,
+        "cells trained at once on each GPU under hydra/launcher=gpus (suite/devices.py)",
+        check=at_least(1),
+        identity=False,
+    )
     # Packed members equal their unpacked cells (tested), so packing is not part of the identity.
     pack_lr: bool = setting(
         False,

@@ -29,6 +29,7 @@ from suite.config import (
     config_error,
     register_schema,
 )
+from suite.devices import GPU_LAUNCHER, register_resolver, sweep_gpus
 from suite.environment import resolve_device
 from suite.model import VariantError
 from suite.runner import build_model, corpus_for
@@ -42,6 +43,7 @@ def register_configs() -> None:
     """The schema (suite.config) and every registered variant (built-in or plugin), as the
     config group ``variant``, in Hydra's ConfigStore."""
     register_schema()
+    register_resolver()
     store = ConfigStore.instance()
     for name in variants.names():
         store.store(
@@ -89,7 +91,31 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             axes.append([override.input_line])
-    return [list(job) for job in itertools.product(*axes)]
+    jobs = [list(job) for job in itertools.product(*axes)]
+    if base.hydra.runtime.choices.get("hydra/launcher") == GPU_LAUNCHER:
+        _check_gpu_launcher(base, jobs)
+    return jobs
+
+
+def _check_gpu_launcher(base: DictConfig, jobs: list[list[str]]) -> None:
+    """The GPU launcher needs a GPU, and a cell device its pinning can choose."""
+    if not sweep_gpus():
+        raise ConfigError(
+            f"hydra/launcher={GPU_LAUNCHER}: no GPU is visible here (torch.cuda.is_available() "
+            "is false, or CUDA_VISIBLE_DEVICES hides every GPU); use hydra/launcher=per_core "
+            "(CPU cores) or basic"
+        )
+    devices = {str(base.train.device)} | {
+        arg.split("=", 1)[1]
+        for job in jobs
+        for arg in job
+        if arg.lstrip("+").startswith("train.device=")
+    }
+    for device in sorted(devices - {"auto", "cuda"}):
+        raise ConfigError(
+            f"train.device: {device!r} cannot be used with hydra/launcher={GPU_LAUNCHER}, which "
+            "pins each worker to one GPU; use train.device=auto or cuda"
+        )
 
 
 def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
