@@ -27,6 +27,7 @@ from suite.collect import CELL_POINTER, CLAIMED_MARKER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config, config_dir
 from suite.devices import GPUS_ENV, DeviceSlot, detect_gpus, gpu_slot, register_resolver
 from suite.preflight import preflight, register_configs
+from suite.progress import PLANS_ENV, write_plan
 from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_partial_curve, write_started
 
@@ -290,6 +291,20 @@ def sweepable(args: list[str]) -> list[str]:
     return ["++" + arg if arg.startswith("variant.") else arg for arg in args]
 
 
+def _write_plans(cells: list[CellConfig], args: list[str]) -> None:
+    """The sweep's plan in each store it writes to, for `python -m suite.collect --watch`."""
+    resume = True
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "resume":
+            resume = value.strip().lower() not in ("false", "0", "no", "off")
+    by_store: dict[str, list[str]] = {}
+    for cell in cells:
+        by_store.setdefault(cell.store, []).append(cell.cell_id())
+    paths = [write_plan(store, ids, args, resume) for store, ids in by_store.items()]
+    os.environ[PLANS_ENV] = os.pathsep.join(map(str, paths))
+
+
 def main() -> None:
     register_configs()  # also when preflight is skipped (--help, --cfg job)
     os.environ[MAIN_PID_ENV] = str(os.getpid())  # inherited by the launcher's workers
@@ -304,6 +319,7 @@ def main() -> None:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         jobs = len(cells)
+        _write_plans(cells, args)
         if any(cell.train.pack_lr for cell in cells):
             args, jobs = pack_learning_rates(args, cells)
         sys.argv[1:] = sweepable(args)

@@ -3,6 +3,7 @@
 Runs as a Hydra callback at the end of every sweep and as a command:
 
     python -m suite.collect [--store results] [--sweep quick]
+    python -m suite.collect --watch [--every 10]    # a sweep's progress while it runs
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from suite.config import (
     verdict_config,
     verdict_from_overrides,
 )
+from suite.progress import PLANS_ENV, ProgressPrinter, cluster_launcher, watch
 from suite.record import OPTIONAL_COLUMNS, RECORD_COLUMNS
 from suite.store import (
     RUNS,
@@ -239,9 +242,20 @@ def count_skipped(sweep_dir: str | Path) -> int:
 
 
 class CollectCallback(Callback):
-    """At the end of a multirun: collect the whole store, print this sweep's summary."""
+    """At the end of a multirun: collect the whole store, print this sweep's summary. While a
+    cluster launcher waits for its jobs, print the sweep's progress every minute."""
+
+    _progress: ProgressPrinter | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        plans = [Path(p) for p in os.environ.get(PLANS_ENV, "").split(os.pathsep) if p]
+        if plans and cluster_launcher(str(config.hydra.launcher.get("_target_", ""))):
+            self._progress = ProgressPrinter(plans)
+            self._progress.start()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
         store = config.store
         runs = collect(store, verdict=verdict_config(config.get("verdict")))
         if runs.empty:
@@ -283,8 +297,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results", help="results store (default: results)")
     parser.add_argument("--sweep", help="only runs of this sweep preset (e.g. quick)")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="show the progress of the store's running sweeps (cells done / running / queued) "
+        "until they end",
+    )
+    parser.add_argument(
+        "--every", type=float, default=10.0, help="seconds between --watch updates (default 10)"
+    )
     add_verdict_arguments(parser)
     args = parser.parse_args(argv)
+    if args.watch:
+        try:
+            watch(args.store, args.every)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+        return
     runs = collect(args.store, verdict=parse_verdict(parser, args.verdict))
     if runs.empty:
         raise SystemExit(f"no records under {args.store}/cells")

@@ -1,0 +1,184 @@
+"""Progress of a running sweep (suite/progress.py, `python -m suite.collect --watch`): each cell's
+state read from the store and the sweep's plan, the one-line summary, and the watch loop."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from helpers import REPO, run_suite
+
+from suite.claims import claim_cell
+from suite.progress import (
+    ProgressPrinter,
+    cell_progress,
+    is_over,
+    progress_line,
+    read_plans,
+    sweep_progress,
+    watch,
+    write_plan,
+)
+from suite.store import PARTIAL_CURVE, cell_dir, write_started
+
+BEFORE = "2026-01-01T00:00:00+00:00"
+
+
+def _record(store, cell_id, status="ok", started_at=None, verdict="converged"):
+    folder = cell_dir(store, cell_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "cell_id": cell_id,
+        "status": status,
+        "verdict": verdict,
+        "started_at": started_at or dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    (folder / "record.json").write_text(json.dumps(record))
+
+
+def _started(store, cell_id, started_at=None, pid=None, steps=400):
+    marker = {
+        "cell_id": cell_id,
+        "steps": steps,
+        "pid": pid or os.getpid(),
+        "hostname": socket.gethostname(),
+        "started_at": started_at or dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    write_started(store, cell_id, marker)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_each_cell_state_is_read_from_the_store(tmp_path):
+    store = tmp_path
+    _record(store, "old-ok", started_at=BEFORE)
+    _record(store, "old-error", status="error", started_at=BEFORE, verdict=None)
+    _started(store, "old-interrupted", started_at=BEFORE)
+    plan = json.loads(write_plan(store, CELLS, ["+variant=preln"], resume=True).read_text())
+    _record(store, "new-ok", verdict="diverged")
+    _record(store, "new-error", status="error", verdict=None)
+    _started(store, "running")
+    pd.DataFrame({"loss": [5.0, 4.0, 3.0]}).to_parquet(cell_dir(store, "running") / PARTIAL_CURVE)
+    claim = claim_cell(store, "running")
+    _started(store, "died", pid=_dead_pid())
+    claim_cell(store, "died").release()  # no live claim left behind
+    try:
+        states = {cell.cell_id: cell for cell in sweep_progress(store, plan)}
+    finally:
+        claim.release()
+    assert {cell_id: cell.state for cell_id, cell in states.items()} == {
+        "old-ok": "done",  # kept by resume
+        "old-error": "queued",  # resume trains it again
+        "old-interrupted": "queued",
+        "new-ok": "done",
+        "new-error": "errored",
+        "running": "running",
+        "died": "interrupted",
+        "never-started": "queued",
+    }
+    assert states["old-ok"].earlier and not states["new-ok"].earlier
+    assert (states["running"].step, states["running"].steps) == (3, 400)
+    assert f"pid {os.getpid()}" in states["running"].holder
+    line = progress_line(list(states.values()), plan, time.time())
+    assert line.startswith(
+        "8 cells: 2 done (1 diverged, 1 from earlier runs), 1 errored, 1 running, "
+        "1 interrupted, 3 queued"
+    )
+    assert "cells/h" in line and "left at that rate" in line
+    assert not is_over(list(states.values()))
+
+
+CELLS = [
+    "old-ok",
+    "old-error",
+    "old-interrupted",
+    "new-ok",
+    "new-error",
+    "running",
+    "died",
+    "never-started",
+]
+
+
+def test_without_resume_an_earlier_record_is_queued_for_retraining(tmp_path):
+    _record(tmp_path, "old-ok", started_at=BEFORE)
+    plan = json.loads(write_plan(tmp_path, ["old-ok"], [], resume=False).read_text())
+    assert cell_progress(tmp_path, "old-ok", plan).state == "queued"
+
+
+def test_a_plan_is_written_for_each_sweep_and_watch_shows_it_finished(tmp_path):
+    result = run_suite(
+        "+variant=preln",
+        "sweep=tiny",
+        "train.steps=5",
+        "model.depth=2",
+        "optim.lr=1e-3,3e-3",
+        f"store={tmp_path}",
+        "hydra/launcher=basic",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [(path, plan)] = read_plans(tmp_path)
+    runs = pd.read_parquet(tmp_path / "runs.parquet")
+    assert sorted(plan["cells"]) == sorted(runs["cell_id"]) and plan["resume"] is True
+    assert "optim.lr=1e-3,3e-3" in plan["command"]
+    watched = subprocess.run(
+        [sys.executable, "-m", "suite.collect", "--store", str(tmp_path), "--watch"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert watched.returncode == 0, watched.stderr
+    assert "2 cells: 2 done" in watched.stdout and path.stem in watched.stdout
+
+
+def test_watch_refreshes_until_the_sweep_is_over(tmp_path):
+    write_plan(tmp_path, ["a", "b"], ["+variant=preln"], resume=True)
+    _record(tmp_path, "a")
+    out, sleeps = io.StringIO(), []
+
+    def sleep(seconds):  # the second cell finishes while watch waits
+        sleeps.append(seconds)
+        _record(tmp_path, "b", verdict="stalled")
+
+    watch(tmp_path, every_s=7, out=out, sleep=sleep)
+    text = out.getvalue()
+    assert sleeps == [7]
+    assert "2 cells: 1 done (1 converged), 1 queued" in text
+    assert "2 cells: 2 done (1 converged, 1 stalled)" in text
+
+
+def test_watch_stops_when_the_sweeps_process_is_gone(tmp_path):
+    path = write_plan(tmp_path, ["a"], [], resume=True)
+    plan = json.loads(path.read_text())
+    path.write_text(json.dumps({**plan, "pid": _dead_pid()}))
+    out = io.StringIO()
+    watch(tmp_path, out=out, sleep=lambda _: pytest.fail("waited for a sweep that has ended"))
+    assert "its process has ended" in out.getvalue() and "1 queued" in out.getvalue()
+
+
+def test_watch_on_a_store_without_sweeps_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no sweep has been started"):
+        watch(tmp_path, out=io.StringIO())
+
+
+def test_the_cluster_progress_printer_prints_lines(tmp_path, capsys):
+    path = write_plan(tmp_path, ["a", "b"], [], resume=True)
+    _record(tmp_path, "a")
+    printer = ProgressPrinter([path], every_s=0.05)
+    printer.start()
+    time.sleep(0.5)
+    printer.stop()
+    assert "progress: 2 cells: 1 done (1 converged), 1 queued" in capsys.readouterr().out
