@@ -400,6 +400,12 @@ class SuiteConfig:
     store: str = setting("results", "the results store: one folder per cell under <store>/cells")
     sweep_name: str = setting("custom", "set by each sweep preset; recorded with every run")
     resume: bool = setting(True, "skip cells whose finished record is already in the store")
+    progress_every: float = setting(
+        60.0,
+        "seconds between the progress lines a sweep prints while a cluster launcher (slurm, "
+        "ray) waits for its jobs",
+        check=Check(lambda x: x > 0, "must be > 0"),
+    )
     variant: Any = setting(
         None,
         "chosen with +variant=NAME (the registry's group); its own "
@@ -662,6 +668,13 @@ def verdict_config(node: Any) -> VerdictConfig:
 def cell_from_config(cfg: DictConfig) -> CellConfig:
     """Typed, validated cell from a composed Hydra config; raises ConfigError naming the key."""
     _refuse_unknown_keys("", SuiteConfig, cfg, also=("hydra",))
+    progress_every = cfg.get("progress_every", 60.0)
+    _check(
+        _finite(progress_every) and progress_every > 0,
+        "progress_every",
+        "must be > 0",
+        progress_every,
+    )
     variant_name, variant_params = _resolve_variant(cfg.get("variant"))
     sections = {
         name: _typed_section(name, schema, cfg.get(name)) for name, schema in SECTIONS.items()

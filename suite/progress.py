@@ -142,7 +142,9 @@ def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:
         return "under a minute"
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    return "about " + (
+        f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    )
 
 
 def _sweep_process(plan: dict[str, Any]) -> str:
@@ -169,7 +171,7 @@ def progress_line(cells: list[CellProgress], plan: dict[str, Any], now: float) -
     if details:
         done += f" ({', '.join(details)})"
     parts = [done] + [f"{counts[state]} {state}" for state in STATES[1:] if counts[state]]
-    line = f"{len(cells)} cells: " + ", ".join(parts)
+    line = f"{len(cells)} cell{'' if len(cells) == 1 else 's'}: " + ", ".join(parts)
     finished_here = counts["done"] + counts["errored"] - earlier
     elapsed = now - dt.datetime.fromisoformat(plan["started_at"]).timestamp()
     if finished_here and elapsed > 0:
@@ -177,7 +179,7 @@ def progress_line(cells: list[CellProgress], plan: dict[str, Any], now: float) -
         left = counts["queued"] + counts["running"] + counts["interrupted"]
         line += f"; {rate:.1f} cells/h"
         if left:
-            line += f", about {_duration(left / rate * 3600)} left at that rate"
+            line += f", {_duration(left / rate * 3600)} left at that rate"
     return line
 
 

@@ -129,8 +129,11 @@ def test_a_cancelled_job_leaves_its_cell_interrupted_and_the_next_submission_fin
     # Long enough to outlast scancel's KillWait (5 s in slurm_cluster.sh): submitit ignores the
     # SIGTERM, so the cell trains on until the SIGKILL.
     sweep = ("+variant=preln", *SWEEP[1:], "optim.lr=1e-3", "train.steps=6000", f"store={store}")
+    progress = ("progress_every=1",)  # the sweep's process reports while SLURM runs the job
     start = time.monotonic()
-    process = start_suite(*sweep, *SLURM, env={**os.environ, "PYTHONUNBUFFERED": "1", **cluster})
+    process = start_suite(
+        *sweep, *progress, *SLURM, env={**os.environ, "PYTHONUNBUFFERED": "1", **cluster}
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(store.glob("cells/*/running.json")):
@@ -149,6 +152,7 @@ def test_a_cancelled_job_leaves_its_cell_interrupted_and_the_next_submission_fin
     # submitit learns the job's fate from sacct: the sweep fails and says why.
     assert process.returncode != 0
     assert "CANCELLED" in output, output[-3000:]
+    assert "progress: 1 cell: 0 done, 1 running" in output, output[-3000:]
     assert states(store, cluster) == ["CANCELLED"]
     [cell] = store.glob("cells/*")
     assert not (cell / "record.json").exists(), "the cell finished before SIGKILL: more steps"
