@@ -37,6 +37,7 @@ def test_a_v0_2_0_store_collects_into_the_same_table(tmp_path):
         "optimizer",
         "parametrization",
         "base_depth",
+        "cells_per_device",
     }
     assert set(runs.columns) - set(expected.columns) == added
     assert runs[sorted(added)].isna().all().all()
