@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     add_verdict_arguments(parser)
     args = parser.parse_args(argv)
     if args.watch:
+        if not args.every > 0:
+            parser.exit(2, f"config error: --every: must be > 0 (got {args.every})\n")
         try:
             watch(args.store, args.every)
         except KeyboardInterrupt:

@@ -74,7 +74,13 @@ def read_plans(store: str | Path) -> list[tuple[Path, dict[str, Any]]]:
             plan = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(plan, dict) and isinstance(plan.get("cells"), list):
+        try:
+            dt.datetime.fromisoformat(plan["started_at"])
+            cells = plan["cells"]
+            cells_listed = isinstance(cells, list) and all(isinstance(c, str) for c in cells)
+        except (TypeError, KeyError, ValueError):
+            continue
+        if cells_listed:
             plans.append((path, plan))
     return plans
 

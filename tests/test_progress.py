@@ -182,3 +182,13 @@ def test_the_cluster_progress_printer_prints_lines(tmp_path, capsys):
     time.sleep(0.5)
     printer.stop()
     assert "progress: 2 cells: 1 done (1 converged), 1 queued" in capsys.readouterr().out
+
+
+def test_a_damaged_plan_is_skipped_not_fatal(tmp_path):
+    write_plan(tmp_path, ["a"], [], resume=True)
+    (tmp_path / "sweeps" / "0-truncated.json").write_text('{"cells": ["a"')
+    (tmp_path / "sweeps" / "1-no-start.json").write_text('{"cells": ["a"]}')
+    (tmp_path / "sweeps" / "2-bad-cells.json").write_text(
+        '{"cells": "a", "started_at": "2026-01-01T00:00:00+00:00"}'
+    )
+    assert len(read_plans(tmp_path)) == 1
