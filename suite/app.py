@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 from suite.claims import Claim, claim_cell, describe
 from suite.collect import CELL_POINTER, CLAIMED_MARKER, SKIPPED_MARKER
 from suite.config import CellConfig, ConfigError, cell_from_config, config_dir
-from suite.devices import GPUS_ENV, DeviceSlot, detect_gpus, gpu_slot, register_resolver
+from suite.devices import (
+    GPUS_ENV,
+    DeviceSlot,
+    detect_gpus,
+    gpu_slot,
+    pins_gpus,
+    register_resolver,
+)
 from suite.preflight import preflight, register_configs
 from suite.progress import PLANS_ENV, write_plan
 from suite.runner import run_cell, run_pack
@@ -66,9 +73,9 @@ def run_job(cfg: DictConfig) -> str:
     number = f"{HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
     resume = cfg.get("resume", True)
     packed_lrs = packed_learning_rates(HydraConfig.get().job.env_set)
-    launcher = HydraConfig.get().runtime.choices.get("hydra/launcher", "")
+    pin = pins_gpus(_local_launcher(HydraConfig.get().launcher), cell.train.device)
     if packed_lrs:
-        return _run_packed_job(cell, packed_lrs, job_dir, f"pack {number}", resume, launcher)
+        return _run_packed_job(cell, packed_lrs, job_dir, f"pack {number}", resume, pin)
     cell_id = cell.cell_id()
     label = f"cell {number}"
     (job_dir / CELL_POINTER).write_text(cell_id)
@@ -87,7 +94,7 @@ def run_job(cfg: DictConfig) -> str:
             log.info("%s: %s was finished meanwhile by another sweep; skipped", label, cell_id)
             return "skipped"
         log.info("%s: %s", label, cell_id)
-        with gpu_slot(launcher, cell.train.cells_per_gpu) as slot:
+        with gpu_slot(pin, cell.train.cells_per_gpu) as slot:
             record, curve = run_cell(
                 cell,
                 on_start=lambda marker: write_started(
@@ -116,7 +123,7 @@ def _run_packed_job(
     job_dir: Path,
     label: str,
     resume: bool,
-    launcher: str,
+    pin: bool,
 ) -> str:
     """One Hydra job trains the cells of all ``packed_lrs`` together (suite.packed)."""
     members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in packed_lrs]
@@ -142,7 +149,7 @@ def _run_packed_job(
         return "claimed" if held_elsewhere else "skipped"
     log.info("%s: %s", label, ", ".join(member.cell_id() for member in members))
     try:
-        with gpu_slot(launcher, cell.train.cells_per_gpu) as slot:
+        with gpu_slot(pin, cell.train.cells_per_gpu) as slot:
             records = run_pack(
                 members,
                 on_start=lambda member, marker: write_started(

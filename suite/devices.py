@@ -1,6 +1,8 @@
 """Which GPU a cell trains on when one machine runs several cells at once (``hydra/launcher=gpus``).
 
-The launcher starts ``len(gpus) × train.cells_per_gpu`` worker processes. Before its first cell a
+The launcher starts ``len(gpus) × train.cells_per_gpu`` worker processes (the other local
+parallel launchers, joblib and submitit local, pin their workers the same way when the cells
+train on CUDA; their extra workers wait for a free slot). Before its first cell a
 worker takes a *device slot*, a lock file of a machine-wide slot folder held with ``flock`` for as
 long as the cell trains; slot ``j`` belongs to GPU ``gpus[j % len(gpus)]`` (round robin, so a
 sweep with fewer cells than slots spreads over every GPU). The first slot pins the worker:
@@ -154,11 +156,18 @@ def pinned_gpu() -> str | None:
     return _pinned_gpu
 
 
+def pins_gpus(local_workers: bool, device: str) -> bool:
+    """Whether a job pins its process to a GPU: it runs in one of several worker processes on
+    this machine (any local parallel launcher, not only ``gpus``), trains on CUDA as its device
+    setting lets it choose, and the sweep has GPUs. An explicit ``cuda:N`` is the user's choice."""
+    return local_workers and device in ("auto", "cuda") and bool(sweep_gpus())
+
+
 @contextmanager
-def gpu_slot(launcher: str, cells_per_gpu: int) -> Iterator[DeviceSlot | None]:
-    """Around one job's training: under the GPU launcher, hold a slot and pin the process to its
-    GPU; under any other launcher nothing (``None``)."""
-    if launcher != GPU_LAUNCHER:
+def gpu_slot(pin: bool, cells_per_gpu: int) -> Iterator[DeviceSlot | None]:
+    """Around one job's training: if ``pin``, hold a slot and pin the process to its GPU;
+    otherwise nothing (``None``)."""
+    if not pin:
         yield None
         return
     gpus = sweep_gpus()

@@ -19,6 +19,7 @@ from helpers import REPO, run_suite
 from suite.devices import (
     gpu_slot,
     parse_visible_devices,
+    pins_gpus,
     slot_gpu,
     take_slot,
     workers_for,
@@ -120,10 +121,10 @@ def test_a_worker_is_pinned_before_cuda_starts(tmp_path):
         os.environ["SUITE_SLOT_DIR"] = {str(tmp_path)!r}
         from suite.devices import gpu_slot, take_slot
         other = take_slot(["3", "5"], 1)  # another process's cell holds GPU 3
-        with gpu_slot("gpus", 1) as slot:
+        with gpu_slot(True, 1) as slot:
             print(slot.gpu, os.environ["CUDA_VISIBLE_DEVICES"])
         other.release()
-        with gpu_slot("gpus", 1) as slot:  # GPU 3 is free now, but this worker stays on 5
+        with gpu_slot(True, 1) as slot:  # GPU 3 is free now, but this worker stays on 5
             print(slot.gpu, os.environ["CUDA_VISIBLE_DEVICES"])
         """
     )
@@ -134,9 +135,15 @@ def test_a_worker_is_pinned_before_cuda_starts(tmp_path):
     assert result.stdout.split("\n")[:2] == ["5 5", "5 5"]
 
 
-def test_other_launchers_take_no_slot():
+def test_only_local_workers_training_on_cuda_pin(monkeypatch):
+    monkeypatch.setenv("SUITE_GPUS", "0,1")
+    assert pins_gpus(True, "auto") and pins_gpus(True, "cuda")
+    assert not pins_gpus(False, "auto")  # basic launcher (in-process) or a cluster's jobs
+    assert not pins_gpus(True, "cpu") and not pins_gpus(True, "cuda:1")  # the user's choice
+    monkeypatch.setenv("SUITE_GPUS", "")
+    assert not pins_gpus(True, "auto")  # no GPU
     environment = dict(os.environ)
-    with gpu_slot("per_core", 1) as slot:
+    with gpu_slot(False, 1) as slot:
         assert slot is None
     assert dict(os.environ) == environment
 
@@ -186,3 +193,23 @@ def test_gpu_launcher_refuses_what_it_cannot_pin_before_training(tmp_path, args,
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "cells").exists()
+
+
+@pytest.mark.slow
+def test_the_per_core_launcher_also_pins_its_workers_when_cells_train_on_gpus(tmp_path):
+    """The CPU preset's launcher (a worker per core) on a machine with one (faked) GPU: its
+    workers queue for the GPU's one slot instead of all training on it at once."""
+    result = run_suite(
+        "+variant=preln",
+        "sweep=tiny",
+        "train.steps=20",
+        "model.depth=2",
+        "optim.lr=1e-3,3e-3",
+        f"store={tmp_path / 'store'}",
+        "hydra/launcher=per_core",
+        env={"SUITE_FAKE_GPUS": "7", "SUITE_SLOT_DIR": str(tmp_path / "slots")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = pd.read_parquet(tmp_path / "store" / "runs.parquet")
+    assert (runs["pinned_gpu"] == "7").all() and (runs["cells_per_device"] == 1).all()
+    assert not runs["shared_device"].any()
