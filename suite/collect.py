@@ -247,6 +247,10 @@ class CollectCallback(Callback):
 
     _progress: ProgressPrinter | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Cluster launchers pickle the callbacks with the job; the printer's thread stays here.
+        return {k: v for k, v in self.__dict__.items() if k != "_progress"}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         plans = [Path(p) for p in os.environ.get(PLANS_ENV, "").split(os.pathsep) if p]
         if plans and cluster_launcher(str(config.hydra.launcher.get("_target_", ""))):

@@ -192,3 +192,23 @@ def test_a_damaged_plan_is_skipped_not_fatal(tmp_path):
         '{"cells": "a", "started_at": "2026-01-01T00:00:00+00:00"}'
     )
     assert len(read_plans(tmp_path)) == 1
+
+
+def test_the_collect_callback_still_pickles_while_it_prints_progress(tmp_path, monkeypatch):
+    """Cluster launchers (submitit, Ray) pickle Hydra's callbacks with every job."""
+    import cloudpickle
+    from omegaconf import OmegaConf
+
+    from suite.collect import CollectCallback
+
+    monkeypatch.setenv("SUITE_SWEEP_PLANS", str(write_plan(tmp_path, ["a"], [], resume=True)))
+    config = OmegaConf.create(
+        {"progress_every": 60, "hydra": {"launcher": {"_target_": "x.SlurmLauncher"}}}
+    )
+    callback = CollectCallback()
+    callback.on_multirun_start(config)
+    try:
+        assert callback._progress is not None  # a cluster launcher: the printer runs
+        assert isinstance(cloudpickle.loads(cloudpickle.dumps(callback)), CollectCallback)
+    finally:
+        callback._progress.stop()
