@@ -6,6 +6,7 @@ before any training, with a message naming the key.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import json
 import os
@@ -76,6 +77,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     parsed = parser.parse_overrides(overrides)
     _check_variant_names(parsed)
     _refuse_foreign_targets(parsed)
+    _check_launcher_installed(parsed)
     # Only the choices that can change the preset's grid: the sweep preset and Hydra's own keys.
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
     base = compose("config", overrides=fixed, return_hydra_config=True)
@@ -95,6 +97,25 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     if base.hydra.runtime.choices.get("hydra/launcher") == GPU_LAUNCHER:
         _check_gpu_launcher(base, jobs)
     return jobs
+
+
+# Launcher configs that need a plugin the suite does not install by default: its pip extra.
+_LAUNCHER_EXTRAS = {
+    "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    "ray_cluster": ("hydra_plugins.hydra_ray_launcher", "ray"),
+}
+
+
+def _check_launcher_installed(overrides: list) -> None:
+    for override in overrides:
+        if override.key_or_group != "hydra/launcher" or override.is_sweep_override():
+            continue
+        plugin, extra = _LAUNCHER_EXTRAS.get(str(override.value()), (None, None))
+        if plugin is not None and importlib.util.find_spec(plugin) is None:
+            raise ConfigError(
+                f"hydra/launcher={override.value()}: its Hydra plugin is not installed; "
+                f"pip install -e '.[{extra}]' (or pip install 'stability-suite[{extra}]')"
+            )
 
 
 def _check_gpu_launcher(base: DictConfig, jobs: list[list[str]]) -> None:

@@ -1,7 +1,8 @@
 """GPU pinning (suite/devices.py, hydra/launcher=gpus), tested on CPU with faked device lists:
 which GPUs count as visible, how slots map to GPUs, that a GPU never holds more than
 ``cells_per_gpu`` cells at once (across processes, and against another sweep's held slots), and
-that the records say where each cell ran."""
+that the records say where each cell ran. Also: a launcher whose plugin is not installed is
+named with its pip extra before anything runs."""
 
 from __future__ import annotations
 
@@ -213,3 +214,21 @@ def test_the_per_core_launcher_also_pins_its_workers_when_cells_train_on_gpus(tm
     runs = pd.read_parquet(tmp_path / "store" / "runs.parquet")
     assert (runs["pinned_gpu"] == "7").all() and (runs["cells_per_device"] == 1).all()
     assert not runs["shared_device"].any()
+
+
+def test_a_launcher_whose_plugin_is_missing_names_the_pip_extra(monkeypatch):
+    import importlib.util
+
+    from suite.config import ConfigError
+    from suite.preflight import sweep_cells
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if "ray_launcher" in name else real(name, *args),
+    )
+    with pytest.raises(
+        ConfigError, match=r"hydra/launcher=ray_cluster: .*pip install -e '\.\[ray\]'"
+    ):
+        sweep_cells(["+variant=preln", "sweep=tiny", "hydra/launcher=ray_cluster"])
