@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ PACKED_LRS_ENV = "SUITE_PACKED_LRS"  # set per job by pack_learning_rates
 # How the local parallel launchers' _target_ classes are recognized.
 JOBLIB_LAUNCHER, SUBMITIT_LOCAL_LAUNCHER = "joblib", "LocalLauncher"
 _watching = False  # whether this worker process already watches the sweep's main process
+_interrupted = threading.Event()  # Ctrl-C reached the sweep's main process
 # Hydra flags that print or inspect instead of running: no preflight for those.
 _INSPECT_FLAGS = (
     "--help",
@@ -67,6 +69,8 @@ _INSPECT_FLAGS = (
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt  # a Ctrl-C that Python swallowed (see _on_ctrl_c)
     _stop_when_the_sweep_is_gone()
     cell = cell_from_config(cfg)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -312,7 +316,29 @@ def _write_plans(cells: list[CellConfig], args: list[str]) -> None:
     os.environ[PLANS_ENV] = os.pathsep.join(map(str, paths))
 
 
+def _on_ctrl_c(signum: int, frame: object) -> None:
+    """SIGINT in the sweep's main process. Python's own handler raises KeyboardInterrupt
+    wherever the main thread is; if that is inside a weakref callback or a ``__del__`` (the
+    garbage collector runs them anywhere), Python prints "Exception ignored" and carries on, and
+    the sweep would train every remaining cell. So the interrupt is also remembered: the next job
+    refuses to start and the sweep ends with 130."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _interrupted_exit() -> None:
+    # Every finished cell's record is already on disk; only the cell in flight is lost.
+    print(
+        "\ninterrupted: finished cells are kept in the store; "
+        "`python -m suite.collect` summarizes them",
+        file=sys.stderr,
+    )
+    raise SystemExit(130) from None
+
+
 def main() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     register_configs()  # also when preflight is skipped (--help, --cfg job)
     os.environ[MAIN_PID_ENV] = str(os.getpid())  # inherited by the launcher's workers
     # Decided once, here: a worker must not start CUDA before it is pinned to its GPU.
@@ -334,10 +360,6 @@ def main() -> None:
     try:
         run_job()
     except KeyboardInterrupt:
-        # Every finished cell's record is already on disk; only the cell in flight is lost.
-        print(
-            "\ninterrupted: finished cells are kept in the store; "
-            "`python -m suite.collect` summarizes them",
-            file=sys.stderr,
-        )
-        raise SystemExit(130) from None
+        _interrupted_exit()
+    if _interrupted.is_set():  # swallowed during the last job: no job was left to refuse
+        _interrupted_exit()
