@@ -69,8 +69,9 @@ _INSPECT_FLAGS = (
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
-    if _interrupted.is_set():
-        raise KeyboardInterrupt  # a Ctrl-C that Python swallowed (see _on_ctrl_c)
+    # Only module functions here, no module objects: launchers pickle this function by value
+    # (the name run_job holds Hydra's wrapper), and a lock or an event cannot be pickled.
+    _refuse_after_ctrl_c()
     _stop_when_the_sweep_is_gone()
     cell = cell_from_config(cfg)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -87,18 +88,20 @@ def run_job(cfg: DictConfig) -> str:
         (job_dir / SKIPPED_MARKER).touch()
         log.info("%s: %s is already in the store; skipped", label, cell_id)
         return "skipped"
-    claim = claim_cell(cell.store, cell_id)
-    if not isinstance(claim, Claim):
-        _left_to_another(job_dir, label, [cell_id], claim)
-        return "claimed"
-    try:
-        # Another sweep may have finished it between the look above and the claim.
-        if resume and finished_record(cell.store, cell_id) is not None:
-            (job_dir / SKIPPED_MARKER).touch()
-            log.info("%s: %s was finished meanwhile by another sweep; skipped", label, cell_id)
-            return "skipped"
-        log.info("%s: %s", label, cell_id)
-        with gpu_slot(pin, cell.train.cells_per_gpu) as slot:
+    # The GPU slot before the claim: a cell waiting for a GPU is queued, not running (and left
+    # to take for another sweep sharing the store).
+    with gpu_slot(pin, cell.train.cells_per_gpu, _in_main_process()) as slot:
+        claim = claim_cell(cell.store, cell_id)
+        if not isinstance(claim, Claim):
+            _left_to_another(job_dir, label, [cell_id], claim)
+            return "claimed"
+        try:
+            # Another sweep may have finished it between the look above and the claim.
+            if resume and finished_record(cell.store, cell_id) is not None:
+                (job_dir / SKIPPED_MARKER).touch()
+                log.info("%s: %s was finished meanwhile by another sweep; skipped", label, cell_id)
+                return "skipped"
+            log.info("%s: %s", label, cell_id)
             record, curve = run_cell(
                 cell,
                 on_start=lambda marker: write_started(
@@ -106,9 +109,9 @@ def run_job(cfg: DictConfig) -> str:
                 ),
                 on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
             )
-        _keep(cell, record, curve, label, slot)
-    finally:
-        claim.release()
+            _keep(cell, record, curve, label, slot)
+        finally:
+            claim.release()
     return record["status"]
 
 
@@ -138,6 +141,15 @@ def _run_packed_job(
     if skipped:
         (job_dir / SKIPPED_MARKER).write_text(str(skipped))
         log.info("%s: %d learning rate(s) already in the store; skipped", label, skipped)
+    if not members:
+        return "skipped"
+    with gpu_slot(pin, cell.train.cells_per_gpu, _in_main_process()) as slot:
+        return _claim_and_train_pack(members, job_dir, label, slot)
+
+
+def _claim_and_train_pack(
+    members: list[CellConfig], job_dir: Path, label: str, slot: DeviceSlot | None
+) -> str:
     claims, held_elsewhere = {}, {}
     for member in members:
         claim = claim_cell(member.store, member.cell_id())
@@ -153,23 +165,26 @@ def _run_packed_job(
         return "claimed" if held_elsewhere else "skipped"
     log.info("%s: %s", label, ", ".join(member.cell_id() for member in members))
     try:
-        with gpu_slot(pin, cell.train.cells_per_gpu) as slot:
-            records = run_pack(
-                members,
-                on_start=lambda member, marker: write_started(
-                    cell.store, members[member].cell_id(), {**marker, "pid": os.getpid()}
-                ),
-                on_progress=lambda member, partial: write_partial_curve(
-                    cell.store, members[member].cell_id(), partial
-                ),
-                on_done=lambda member, record, curve: _keep(
-                    members[member], record, curve, label, slot
-                ),
-            )
+        records = run_pack(
+            members,
+            on_start=lambda member, marker: write_started(
+                members[member].store, members[member].cell_id(), {**marker, "pid": os.getpid()}
+            ),
+            on_progress=lambda member, partial: write_partial_curve(
+                members[member].store, members[member].cell_id(), partial
+            ),
+            on_done=lambda member, record, curve: _keep(
+                members[member], record, curve, label, slot
+            ),
+        )
     finally:
         for claim in claims.values():
             claim.release()
     return "ok" if all(record["status"] == "ok" for record, _ in records) else "error"
+
+
+def _in_main_process() -> bool:
+    return os.environ.get(MAIN_PID_ENV) == str(os.getpid())
 
 
 def _keep(
@@ -181,10 +196,13 @@ def _keep(
 ) -> None:
     """Write a finished cell's record and curve to the store and log one line about it."""
     record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher)
-    # A pinned worker shares its GPU with at most cells_per_gpu - 1 others; otherwise every
-    # cell the launcher runs at once shares the one device (the CPU, or the one GPU).
+    # At most: a pinned worker shares its GPU with up to cells_per_gpu - 1 others (and no more
+    # than the launcher runs at once); otherwise every cell the launcher runs at once shares the
+    # one device (the CPU, or the one GPU).
     record["cells_per_device"] = (
-        cell.train.cells_per_gpu if slot is not None else record["parallel_cells"]
+        min(cell.train.cells_per_gpu, record["parallel_cells"])
+        if slot is not None
+        else record["parallel_cells"]
     )
     record["shared_device"] = record["cells_per_device"] > 1
     if slot is not None:
@@ -260,9 +278,10 @@ def parallel_cells(launcher: DictConfig) -> int:
     """How many cells this launcher runs at once on one machine: their throughput numbers were
     measured on a shared device and are flagged so (``shared_device``)."""
     target = str(launcher.get("_target_", ""))
+    sweep_size = int(os.environ.get(SWEEP_SIZE_ENV) or 0) or 10**9
     if JOBLIB_LAUNCHER in target:
         jobs = int(launcher.get("n_jobs", 1))
-        return (os.cpu_count() or 1) if jobs < 0 else jobs
+        return min((os.cpu_count() or 1) if jobs < 0 else jobs, sweep_size)
     if SUBMITIT_LOCAL_LAUNCHER in target:  # submitit_local starts every cell of the sweep at once
         return int(os.environ.get(SWEEP_SIZE_ENV, "0")) or 1
     return 1  # basic launcher, or a cluster launcher with one machine per cell
@@ -324,6 +343,11 @@ def _on_ctrl_c(signum: int, frame: object) -> None:
     refuses to start and the sweep ends with 130."""
     _interrupted.set()
     raise KeyboardInterrupt
+
+
+def _refuse_after_ctrl_c() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt  # a Ctrl-C that Python swallowed (see _on_ctrl_c)
 
 
 def _interrupted_exit() -> None:

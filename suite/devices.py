@@ -19,7 +19,10 @@ assignment can be tested on a machine without any; cells then still train on the
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +32,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+log = logging.getLogger(__name__)
+
 GPUS_ENV = "SUITE_GPUS"  # the sweep's GPU list, decided once in the main process
 FAKE_GPUS_ENV = "SUITE_FAKE_GPUS"
 SLOT_DIR_ENV = "SUITE_SLOT_DIR"
@@ -36,34 +41,37 @@ GPU_LAUNCHER = "gpus"  # the launcher config (conf/hydra/launcher/gpus.yaml) tha
 
 
 def parse_visible_devices(value: str | None, count: int) -> list[str]:
-    """The GPUs a process may use, as CUDA names them to its children: the entries of
-    ``CUDA_VISIBLE_DEVICES`` up to the first invalid one (``-1`` or empty hides every later
-    one, as CUDA does), or ``0 … count-1`` when it is unset."""
+    """The GPUs a process may use, as CUDA names them to its children, given
+    ``CUDA_VISIBLE_DEVICES`` and the ``count`` of GPUs CUDA sees: its entries up to the first one
+    CUDA would not take (an index, ``GPU-<uuid>`` or ``MIG-<uuid>``; ``-1``, an empty or any other
+    entry, e.g. SLURM's ``NoDevFiles``, hides everything after it, as in CUDA), at most
+    ``count`` of them; ``0 … count-1`` when it is unset."""
     if value is None:
         return [str(index) for index in range(count)]
     gpus = []
     for entry in (part.strip() for part in value.split(",")):
-        if not entry or entry.startswith("-"):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
             break
         gpus.append(entry)
-    return gpus
+    return gpus[:count]
 
 
 def detect_gpus() -> list[str]:
     """This machine's usable GPUs (``SUITE_FAKE_GPUS`` replaces them in tests)."""
     fake = os.environ.get(FAKE_GPUS_ENV)
     if fake is not None:
-        return parse_visible_devices(fake, 0)
+        return parse_visible_devices(fake, len(fake.split(",")))
     import torch  # only here: the CUDA check below is the main process's, never a worker's
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), count)
+    if not torch.cuda.is_available():
+        return []
+    return parse_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
 
 
 def sweep_gpus() -> list[str]:
     """The GPU list the main process decided for this sweep (workers read it, never CUDA)."""
     value = os.environ.get(GPUS_ENV)
-    return detect_gpus() if value is None else parse_visible_devices(value, 0)
+    return detect_gpus() if value is None else parse_visible_devices(value, len(value.split(",")))
 
 
 def workers_for(gpus: list[str], cells_per_gpu: int) -> int:
@@ -75,9 +83,13 @@ def register_resolver() -> None:
     """``${suite_gpu_workers:K}`` in conf/hydra/launcher/gpus.yaml: the worker count for K cells
     per GPU. Workers resolve it too (from the main process's list, never touching CUDA)."""
     if not OmegaConf.has_resolver("suite_gpu_workers"):
-        OmegaConf.register_new_resolver(
-            "suite_gpu_workers", lambda cells_per_gpu: workers_for(sweep_gpus(), int(cells_per_gpu))
-        )
+        OmegaConf.register_new_resolver("suite_gpu_workers", _gpu_workers)
+
+
+def _gpu_workers(cells_per_gpu: int) -> int:
+    workers = workers_for(sweep_gpus(), int(cells_per_gpu))
+    sweep_size = int(os.environ.get("SUITE_SWEEP_SIZE") or 0)  # set by the sweep's main process
+    return min(workers, sweep_size) if sweep_size > 0 else workers
 
 
 def slot_gpu(slot: int, gpus: list[str]) -> str:
@@ -119,33 +131,47 @@ def take_slot(
     candidates = [j for j in range(slots) if on_gpu is None or slot_gpu(j, gpus) == on_gpu]
     if not candidates:
         raise ValueError(f"GPU {on_gpu!r} is not among the sweep's GPUs {gpus}")
+    waited = False
     while True:
         for index in candidates:
             gpu = slot_gpu(index, gpus)
             # The file is named by the GPU and its place on it, not by the slot number, so sweeps
             # with a different cells_per_gpu still count the same cells on one GPU.
-            path = folder / f"gpu-{gpu}.{index // len(gpus)}.lock"
+            path = folder / f"gpu-{_file_safe(gpu)}.{index // len(gpus)}.lock"
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
+            os.ftruncate(fd, 0)  # who holds it, for a person looking at the folder
+            os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
             return DeviceSlot(gpu=gpu, index=index, slots=slots, _fd=fd)
+        if not waited:
+            where = f"GPU {on_gpu}" if on_gpu is not None else "any GPU"
+            log.info(
+                "waiting for a free slot on %s (%d cell(s) per GPU, all held)", where, cells_per_gpu
+            )
+            waited = True
         time.sleep(poll_s)
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # MIG-GPU-<uuid>/1/0 names hold slashes
 
 
 _pinned_gpu: str | None = None  # this process's GPU, once pinned
 
 
-def pin_process(slot: DeviceSlot, gpus: list[str]) -> None:
-    """Make ``slot.gpu`` this process's only CUDA device. Before CUDA starts in the process that
-    is ``CUDA_VISIBLE_DEVICES``; where CUDA already runs (a one-worker sweep trains in the main
-    process) the current device is set instead."""
+def pin_process(slot: DeviceSlot, gpus: list[str], in_main_process: bool) -> None:
+    """Make ``slot.gpu`` this process's only CUDA device. In a worker process, which has not
+    touched CUDA, that is ``CUDA_VISIBLE_DEVICES``. The sweep's main process (a one-worker sweep
+    trains there) already asked CUDA for its devices in preflight, after which the variable is
+    no longer read: there the current device is set instead."""
     global _pinned_gpu
     import torch
 
-    if _pinned_gpu is None and not torch.cuda.is_initialized():
+    if _pinned_gpu is None and not in_main_process and not torch.cuda.is_initialized():
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
     elif _pinned_gpu is None and torch.cuda.is_available():
         torch.cuda.set_device(gpus.index(slot.gpu))
@@ -164,7 +190,9 @@ def pins_gpus(local_workers: bool, device: str) -> bool:
 
 
 @contextmanager
-def gpu_slot(pin: bool, cells_per_gpu: int) -> Iterator[DeviceSlot | None]:
+def gpu_slot(
+    pin: bool, cells_per_gpu: int, in_main_process: bool = False
+) -> Iterator[DeviceSlot | None]:
     """Around one job's training: if ``pin``, hold a slot and pin the process to its GPU;
     otherwise nothing (``None``)."""
     if not pin:
@@ -173,7 +201,7 @@ def gpu_slot(pin: bool, cells_per_gpu: int) -> Iterator[DeviceSlot | None]:
     gpus = sweep_gpus()
     slot = take_slot(gpus, cells_per_gpu, on_gpu=pinned_gpu())
     try:
-        pin_process(slot, gpus)
+        pin_process(slot, gpus, in_main_process)
         yield slot
     finally:
         slot.release()

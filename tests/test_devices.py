@@ -36,8 +36,12 @@ from suite.devices import (
         ("2,0", 4, ["2", "0"]),
         (" 1 , 3 ", 4, ["1", "3"]),
         ("0,-1,1", 4, ["0"]),  # CUDA hides everything after an invalid entry
+        ("0,abc,1", 4, ["0"]),
+        ("NoDevFiles", 4, []),  # what older SLURM sets for a job without GPUs
         ("-1", 4, []),
-        ("GPU-8f3e,MIG-1a2b", 0, ["GPU-8f3e", "MIG-1a2b"]),
+        ("0,1,2,3", 2, ["0", "1"]),  # never more than CUDA sees
+        ("0", 0, []),  # no CUDA here: a set variable names nothing
+        ("GPU-8f3e,MIG-1a2b", 2, ["GPU-8f3e", "MIG-1a2b"]),
     ],
 )
 def test_visible_gpus_follow_cuda_visible_devices(value, count, expected):
@@ -151,8 +155,8 @@ def test_only_local_workers_training_on_cuda_pin(monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_launcher_pins_each_cell_and_respects_another_sweeps_slots(tmp_path):
-    """Four workers (2 faked GPUs × 2 cells each) while another sweep holds both of GPU 0's slots:
-    every cell trains on GPU 1, never more than two at once there, and its record says so."""
+    """Workers for 2 faked GPUs × 2 cells each while another sweep holds both of GPU 0's slots:
+    every cell trains on GPU 1, and its record says so."""
     slots = tmp_path / "slots"
     env = {"SUITE_FAKE_GPUS": "0,1", "SUITE_SLOT_DIR": str(slots)}
     other_sweep = [take_slot(["0", "1"], 2, folder=slots, on_gpu="0") for _ in range(2)]
@@ -175,7 +179,8 @@ def test_gpu_launcher_pins_each_cell_and_respects_another_sweeps_slots(tmp_path)
     runs = pd.read_parquet(tmp_path / "store" / "runs.parquet")
     assert len(runs) == 3 and (runs["status"] == "ok").all()
     assert (runs["pinned_gpu"] == "1").all()
-    assert (runs["parallel_cells"] == 4).all() and (runs["cells_per_device"] == 2).all()
+    # 2 GPUs × 2 cells = 4 workers, capped at the sweep's 3 cells; at most 2 of them per GPU
+    assert (runs["parallel_cells"] == 3).all() and (runs["cells_per_device"] == 2).all()
     assert runs["shared_device"].all()
 
 
@@ -232,3 +237,21 @@ def test_a_launcher_whose_plugin_is_missing_names_the_pip_extra(monkeypatch):
         ConfigError, match=r"hydra/launcher=ray_cluster: .*pip install -e '\.\[ray\]'"
     ):
         sweep_cells(["+variant=preln", "sweep=tiny", "hydra/launcher=ray_cluster"])
+
+
+def test_a_mig_name_with_slashes_gets_a_lock_file(tmp_path):
+    slot = take_slot(["MIG-GPU-5c89852c/1/0"], 1, folder=tmp_path)
+    assert slot.gpu == "MIG-GPU-5c89852c/1/0"
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu-MIG-GPU-5c89852c_1_0.0.lock"]
+    slot.release()
+
+
+def test_cuda_visible_devices_without_cuda_is_no_gpu(monkeypatch):
+    from suite.devices import detect_gpus
+
+    monkeypatch.delenv("SUITE_FAKE_GPUS")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert detect_gpus() == []
