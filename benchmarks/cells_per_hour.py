@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def run_arm(args: argparse.Namespace, extra: list[str], env: dict[str, str]) -> 
     if result.returncode not in (0, 1):  # 1: some cell errored or diverged badly; still timed
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     runs = pd.read_parquet(store / "runs.parquet")
+    shutil.rmtree(store, ignore_errors=True)
     return {
         "cells": len(runs),
         "seconds": seconds,
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--fake-gpus", help="e.g. 0,1: check the script on a machine without")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.fake_gpus is not None:
+    if args.fake_gpus is not None:  # and slots of its own, apart from any real sweep's
         env["SUITE_FAKE_GPUS"] = args.fake_gpus
+        env["SUITE_SLOT_DIR"] = tempfile.mkdtemp(prefix="cells_per_hour_slots_")
     rows = []
     for per_gpu in [int(k) for k in args.per_gpu.split(",")]:
         arm = run_arm(args, ["hydra/launcher=gpus", f"train.cells_per_gpu={per_gpu}"], env)

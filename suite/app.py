@@ -35,7 +35,7 @@ from suite.devices import (
     register_resolver,
 )
 from suite.preflight import preflight, register_configs
-from suite.progress import PLANS_ENV, write_plan
+from suite.progress import PLANS_ENV, mark_ended, write_plan
 from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_partial_curve, write_started
 
@@ -385,5 +385,8 @@ def main() -> None:
         run_job()
     except KeyboardInterrupt:
         _interrupted_exit()
+    finally:
+        for plan in filter(None, os.environ.get(PLANS_ENV, "").split(os.pathsep)):
+            mark_ended(Path(plan))
     if _interrupted.is_set():  # swallowed during the last job: no job was left to refuse
         _interrupted_exit()

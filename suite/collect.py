@@ -27,7 +27,7 @@ from suite.config import (
     verdict_config,
     verdict_from_overrides,
 )
-from suite.progress import PLANS_ENV, ProgressPrinter, cluster_launcher, watch
+from suite.progress import PLANS_ENV, ProgressPrinter, quiet_launcher, watch
 from suite.record import OPTIONAL_COLUMNS, RECORD_COLUMNS
 from suite.store import (
     RUNS,
@@ -243,7 +243,8 @@ def count_skipped(sweep_dir: str | Path) -> int:
 
 class CollectCallback(Callback):
     """At the end of a multirun: collect the whole store, print this sweep's summary. While a
-    cluster launcher waits for its jobs, print the sweep's progress every minute."""
+    quiet launcher (SLURM, Ray, submitit local) runs the cells, print the sweep's progress every
+    ``progress_every`` seconds."""
 
     _progress: ProgressPrinter | None = None
 
@@ -253,7 +254,7 @@ class CollectCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         plans = [Path(p) for p in os.environ.get(PLANS_ENV, "").split(os.pathsep) if p]
-        if plans and cluster_launcher(str(config.hydra.launcher.get("_target_", ""))):
+        if plans and quiet_launcher(str(config.hydra.launcher.get("_target_", ""))):
             self._progress = ProgressPrinter(plans, float(config.get("progress_every", 60)))
             self._progress.start()
 
@@ -313,8 +314,14 @@ def main(argv: list[str] | None = None) -> None:
     add_verdict_arguments(parser)
     args = parser.parse_args(argv)
     if args.watch:
-        if not args.every > 0:
-            parser.exit(2, f"config error: --every: must be > 0 (got {args.every})\n")
+        if not 0 < args.every < 86400:
+            parser.exit(2, f"config error: --every: must be > 0 s and < a day (got {args.every})\n")
+        if args.sweep or args.verdict:
+            parser.exit(
+                2,
+                "config error: --watch shows every running sweep's progress; "
+                "--sweep and verdict knobs apply to the collected table, without --watch\n",
+            )
         try:
             watch(args.store, args.every)
         except KeyboardInterrupt:

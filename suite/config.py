@@ -282,7 +282,8 @@ class TrainConfig:
     )
     cells_per_gpu: int = setting(
         1,
-        "cells trained at once on each GPU under hydra/launcher=gpus (suite/devices.py)",
+        "cells trained at once on each GPU by a local launcher's pinned workers "
+        "(hydra/launcher=gpus, joblib, submitit_local; suite/devices.py)",
         check=at_least(1),
         identity=False,
     )

@@ -8,8 +8,11 @@ long as the cell trains; slot ``j`` belongs to GPU ``gpus[j % len(gpus)]`` (roun
 sweep with fewer cells than slots spreads over every GPU). The first slot pins the worker:
 ``CUDA_VISIBLE_DEVICES`` is set to that one GPU before CUDA starts in the process, so the model,
 the allocator and cuDNN see only it. Later cells of the same worker take a free slot of the same
-GPU (waiting for one if needed). So no GPU ever holds more than ``cells_per_gpu`` cells at once,
-also when two sweeps share the machine (their slots are the same files), and a worker that dies
+GPU (waiting for one if needed). So no GPU ever holds more than ``cells_per_gpu`` cells of the
+sweep at once; two sweeps of one user on the machine take the same lock files (named by the GPU
+and a place on it), so together they hold at most the larger of their ``cells_per_gpu`` per GPU,
+as long as they name the GPUs alike (indices vs UUIDs, ``CUDA_DEVICE_ORDER``) and share a temp
+dir. Other users' sweeps and in-process (basic launcher) runs take no slots. A worker that dies
 frees its slot with its file descriptor.
 
 ``SUITE_FAKE_GPUS`` (a comma list, e.g. ``0,1``) stands in for the detected GPUs so that the

@@ -117,13 +117,14 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("memory_kind", "str", "`cuda_max_allocated` or `process_max_rss`"),
         ("wall_time_s", "float", "training wall time", ".1f", True),
         ("parallel_cells", "int", "cells the launcher ran at once on this machine"),
-        ("cells_per_device", "int", "cells that trained at once on this cell's device: "
-         "`train.cells_per_gpu` on a pinned GPU (`hydra/launcher=gpus`), otherwise "
-         "`parallel_cells`"),
+        ("cells_per_device", "int", "at most this many cells trained at once on this cell's "
+         "device: on a pinned GPU (suite/devices.py) the smaller of `train.cells_per_gpu` and "
+         "`parallel_cells`, otherwise `parallel_cells` (a packed run counts as one cell)"),
         ("shared_device", "bool", "`true` when the throughput was measured on a device shared "
          "with other cells (`cells_per_device` > 1)"),
-        ("pinned_gpu", "str", "present under `hydra/launcher=gpus`: the GPU (as "
-         "`CUDA_VISIBLE_DEVICES` names it) the cell's worker was pinned to", None, False, True),
+        ("pinned_gpu", "str", "present when a local launcher pinned the cell's worker to a GPU "
+         "(`hydra/launcher=gpus`, or joblib / submitit local with cells on CUDA): that GPU, as "
+         "`CUDA_VISIBLE_DEVICES` names it", None, False, True),
         ("packed_members", "int", "learning rates trained together in one packed run "
          "(`train.pack_lr=true`), 1 otherwise"),
     ),

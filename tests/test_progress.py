@@ -18,11 +18,14 @@ from helpers import REPO, run_suite
 
 from suite.claims import claim_cell
 from suite.progress import (
+    CellProgress,
     ProgressPrinter,
     cell_progress,
     is_over,
+    mark_ended,
     progress_line,
     read_plans,
+    sweep_over,
     sweep_progress,
     watch,
     write_plan,
@@ -166,7 +169,68 @@ def test_watch_stops_when_the_sweeps_process_is_gone(tmp_path):
     path.write_text(json.dumps({**plan, "pid": _dead_pid()}))
     out = io.StringIO()
     watch(tmp_path, out=out, sleep=lambda _: pytest.fail("waited for a sweep that has ended"))
-    assert "its process has ended" in out.getvalue() and "1 queued" in out.getvalue()
+    assert "(ended)" in out.getvalue() and "1 queued" in out.getvalue()
+    assert "left at that rate" not in out.getvalue()
+
+
+def test_watch_keeps_watching_while_a_dead_sweeps_cells_still_train(tmp_path):
+    """A cluster's jobs outlive the sweep's process (SLURM): while one of its cells is running,
+    the sweep is not over."""
+    path = write_plan(tmp_path, ["a", "b"], [], resume=True)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": _dead_pid()}))
+    _started(tmp_path, "a")
+    claim = claim_cell(tmp_path, "a")
+    out, sleeps = io.StringIO(), []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        _record(tmp_path, "a")
+        claim.release()
+
+    try:
+        watch(tmp_path, out=out, sleep=sleep)
+    finally:
+        claim.release()
+    assert len(sleeps) == 1 and "1 running" in out.getvalue()
+
+
+def test_an_ended_sweep_is_not_shown_beside_a_running_one_and_its_rate_stops(tmp_path):
+    old = write_plan(tmp_path, ["a"], ["old"], resume=True)
+    mark_ended(old)
+    plan = json.loads(old.read_text())
+    assert _over(tmp_path, plan)
+    started = dt.datetime.fromisoformat(plan["started_at"])
+    ended = (started + dt.timedelta(hours=1)).isoformat()
+    cells = [CellProgress("a", "done"), CellProgress("b", "queued")]
+    line = progress_line(cells, {**plan, "ended_at": ended}, time.time() + 10 * 3600, over=True)
+    assert "1.0 cells/h" in line and "left" not in line  # the hour it ran, not up to now
+
+
+def test_a_quiet_sweep_from_another_host_is_over_after_five_minutes(tmp_path):
+    path = write_plan(tmp_path, ["a"], [], resume=True)
+    plan = {**json.loads(path.read_text()), "hostname": "elsewhere"}
+    assert not _over(tmp_path, plan)  # just started: its jobs may be queued on the cluster
+    long_ago = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=6)).isoformat()
+    assert _over(tmp_path, {**plan, "started_at": long_ago})
+
+
+def test_damaged_cell_files_do_not_stop_the_watcher(tmp_path):
+    plan = json.loads(write_plan(tmp_path, ["a", "b"], [], resume=True).read_text())
+    _started(tmp_path, "a")
+    marker = cell_dir(tmp_path, "a") / "running.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "started_at": 5, "steps": "x"}))
+    claim = claim_cell(tmp_path, "a")
+    (cell_dir(tmp_path, "b")).mkdir(parents=True)
+    (cell_dir(tmp_path, "b") / "record.json").write_text("{not json")
+    try:
+        states = [cell.state for cell in sweep_progress(tmp_path, plan)]
+    finally:
+        claim.release()
+    assert states == ["running", "queued"]
+
+
+def _over(store, plan):
+    return sweep_over(store, plan, sweep_progress(store, plan))
 
 
 def test_watch_on_a_store_without_sweeps_says_so(tmp_path):

@@ -66,7 +66,7 @@ def test_a_collected_table_holds_only_declared_columns_in_schema_order(tmp_path)
     (store / "cells" / "preln-L2-lr0.001-s0-dfc90f4a43" / "record.json").write_text("{bad")
     runs = collect(store)
     # record_unreadable shows up (one record was bad), pid does not (no cell is running), nor
-    # pinned_gpu (no cell ran under the GPU launcher)
+    # pinned_gpu (no cell was pinned to a GPU)
     assert list(runs.columns) == [c for c in RECORD_COLUMNS if c not in ("pid", "pinned_gpu")]
     kinds = {column.name: column.kind for column in COLUMNS}
     for name in runs.columns:
