@@ -85,3 +85,27 @@ def fake_distribution(site: Path, name: str, module_source: str) -> None:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
     (info / "top_level.txt").write_text(f"{module}\n")
     (info / "entry_points.txt").write_text(f"[stability_suite.variants]\n{module} = {module}\n")
+
+
+def resubmit_with_a_third_lr(
+    first: Path, store: Path, sweep: tuple[str, ...], launcher: tuple[str, ...], env: dict
+) -> subprocess.CompletedProcess:
+    """The cluster tests' resume check: a copy of ``first`` (the 4 cells of ``sweep`` at LRs 1e-3
+    and 3e-2) submitted again with a third LR trains only the 2 new cells through ``launcher``,
+    leaves the first submission's records untouched and collects all 6."""
+    import shutil
+
+    from suite.collect import collect
+
+    shutil.copytree(first, store)
+    before = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
+    result = run_suite(*sweep, "optim.lr=1e-3,3e-2,1e-2", f"store={store}", *launcher, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Summary of this sweep (6 cells, 4 already in the store" in result.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
+    assert {k: after[k] for k in before} == before
+    new = sorted(set(after) - set(before))
+    assert len(new) == 2 and all("-lr0.01-" in cell for cell in new)
+    runs = collect(store)
+    assert len(runs) == 6 and (runs["status"] == "ok").all()
+    return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO, run_suite, start_suite
+from helpers import REPO, resubmit_with_a_third_lr, run_suite, start_suite
 
 from suite.collect import collect
 
@@ -130,18 +129,7 @@ def test_a_ray_sweep_gives_the_basic_launchers_records_on_both_nodes(swept, clus
 
 def test_a_second_submission_trains_only_the_new_cells(swept, cluster, tmp_path):
     stores, _ = swept
-    store = tmp_path / "store"
-    shutil.copytree(stores["ray"], store)
-    before = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
-    result = run_suite(*SWEEP, "optim.lr=1e-3,3e-2,1e-2", f"store={store}", *RAY, env=cluster)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Summary of this sweep (6 cells, 4 already in the store" in result.stdout
-    after = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
-    assert {k: after[k] for k in before} == before  # the first submission's records untouched
-    new = sorted(set(after) - set(before))
-    assert len(new) == 2 and all("-lr0.01-" in cell for cell in new)
-    runs = collect(store)
-    assert len(runs) == 6 and (runs["status"] == "ok").all()
+    resubmit_with_a_third_lr(stores["ray"], tmp_path / "store", SWEEP, RAY, env=cluster)
 
 
 # One cell, long enough to be killed while it trains (a partial curve every 50 steps).

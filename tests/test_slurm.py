@@ -9,14 +9,13 @@ SUITE_SLURM=1 (`.ci/run` sets it); otherwise they are skipped. About two minutes
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO, run_suite, start_suite
+from helpers import REPO, resubmit_with_a_third_lr, run_suite, start_suite
 
 from suite.collect import collect
 
@@ -107,17 +106,7 @@ def test_a_slurm_job_array_gives_the_basic_launchers_records(swept, cluster):
 
 def test_a_second_submission_trains_only_the_new_cells(swept, cluster, tmp_path):
     store = tmp_path / "store"
-    shutil.copytree(swept["slurm"], store)
-    before = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
-    result = run_suite(*SWEEP, "optim.lr=1e-3,3e-2,1e-2", f"store={store}", *SLURM, env=cluster)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Summary of this sweep (6 cells, 4 already in the store" in result.stdout
-    after = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
-    assert {k: after[k] for k in before} == before  # the first submission's records untouched
-    new = sorted(set(after) - set(before))
-    assert len(new) == 2 and all("-lr0.01-" in cell for cell in new)
-    runs = collect(store)
-    assert len(runs) == 6 and (runs["status"] == "ok").all()
+    resubmit_with_a_third_lr(swept["slurm"], store, SWEEP, SLURM, env=cluster)
     # Both submissions ran as arrays (the skipped cells as tasks that return at once).
     assert states(store, cluster) == ["COMPLETED"] * 10
 
