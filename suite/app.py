@@ -278,12 +278,13 @@ def parallel_cells(launcher: DictConfig) -> int:
     """How many cells this launcher runs at once on one machine: their throughput numbers were
     measured on a shared device and are flagged so (``shared_device``)."""
     target = str(launcher.get("_target_", ""))
-    sweep_size = int(os.environ.get(SWEEP_SIZE_ENV) or 0) or 10**9
+    sweep_size = int(os.environ.get(SWEEP_SIZE_ENV) or 0)  # 0: unknown (not started by main)
     if JOBLIB_LAUNCHER in target:
         jobs = int(launcher.get("n_jobs", 1))
-        return min((os.cpu_count() or 1) if jobs < 0 else jobs, sweep_size)
+        workers = (os.cpu_count() or 1) if jobs < 0 else jobs
+        return min(workers, sweep_size) if sweep_size else workers
     if SUBMITIT_LOCAL_LAUNCHER in target:  # submitit_local starts every cell of the sweep at once
-        return int(os.environ.get(SWEEP_SIZE_ENV, "0")) or 1
+        return sweep_size or 1
     return 1  # basic launcher, or a cluster launcher with one machine per cell
 
 
