@@ -255,7 +255,7 @@ class CollectCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         plans = [Path(p) for p in os.environ.get(PLANS_ENV, "").split(os.pathsep) if p]
         if plans and quiet_launcher(str(config.hydra.launcher.get("_target_", ""))):
-            self._progress = ProgressPrinter(plans, float(config.get("progress_every", 60)))
+            self._progress = ProgressPrinter(plans, float(config.progress_every))
             self._progress.start()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -403,9 +403,9 @@ class SuiteConfig:
     resume: bool = setting(True, "skip cells whose finished record is already in the store")
     progress_every: float = setting(
         60.0,
-        "seconds between the progress lines a sweep prints while a cluster launcher (slurm, "
-        "ray) waits for its jobs",
-        check=Check(lambda x: x > 0, "must be > 0"),
+        "seconds between the progress lines a sweep prints while a quiet launcher (slurm, "
+        "ray, submitit_local) runs its cells",
+        check=Check(lambda x: _finite(x) and x > 0, "must be > 0"),
     )
     variant: Any = setting(
         None,
@@ -519,6 +519,14 @@ def identity_hash(config: dict[str, Any]) -> str:
 def _check(condition: bool, key: str, message: str, value: Any) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message} (got {value!r})")
+
+
+def _check_root_setting(name: str, value: Any) -> None:
+    """A root setting's own range check (the root is not a section the cell keeps)."""
+    spec = next(spec for spec in dataclasses.fields(SuiteConfig) if spec.name == name)
+    check: Check = spec.metadata["check"]
+    value = spec.default if value is None else value
+    _check(check.holds(value), name, check.requirement, value)
 
 
 def check_section(name: str, section: Any) -> None:
@@ -669,13 +677,7 @@ def verdict_config(node: Any) -> VerdictConfig:
 def cell_from_config(cfg: DictConfig) -> CellConfig:
     """Typed, validated cell from a composed Hydra config; raises ConfigError naming the key."""
     _refuse_unknown_keys("", SuiteConfig, cfg, also=("hydra",))
-    progress_every = cfg.get("progress_every", 60.0)
-    _check(
-        _finite(progress_every) and progress_every > 0,
-        "progress_every",
-        "must be > 0",
-        progress_every,
-    )
+    _check_root_setting("progress_every", cfg.get("progress_every"))
     variant_name, variant_params = _resolve_variant(cfg.get("variant"))
     sections = {
         name: _typed_section(name, schema, cfg.get(name)) for name, schema in SECTIONS.items()

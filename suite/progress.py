@@ -310,7 +310,7 @@ class ProgressPrinter:
     one progress line every ``every_s`` seconds, for each plan in ``plan_paths``
     (``<store>/sweeps/<plan>.json``)."""
 
-    def __init__(self, plan_paths: list[Path], every_s: float = 60.0) -> None:
+    def __init__(self, plan_paths: list[Path], every_s: float) -> None:
         self.plan_paths, self.every_s = plan_paths, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sweep-progress", daemon=True)
