@@ -68,10 +68,23 @@ def job_ids(store: Path) -> list[str]:
     return sorted(p.name for p in store.glob("hydra/*/*/.submitit/*") if p.name.isdigit())
 
 
-def states(store: Path, env: dict) -> list[str]:
-    """sacct's state of every array task (not their steps) the store's sweeps submitted."""
-    out = slurm("sacct", "-n", "-X", "-P", "-o", "State", "-j", ",".join(job_ids(store)), env=env)
-    return sorted(line.split()[0] for line in out.splitlines() if line)  # "CANCELLED by 0"
+# A task whose result submitit has already read can still be RUNNING (or COMPLETING) in sacct for
+# a moment: slurmd reports the end to the controller after the process exits, and on a loaded
+# machine that took seconds (seen in CI).
+UNSETTLED = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def states(store: Path, env: dict, settle_s: float = 60) -> list[str]:
+    """sacct's state of every array task (not their steps) the store's sweeps submitted, once
+    SLURM has recorded the end of every one of them (or after `settle_s`)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        ids = ",".join(job_ids(store))
+        out = slurm("sacct", "-n", "-X", "-P", "-o", "State", "-j", ids, env=env)
+        found = sorted(line.split()[0] for line in out.splitlines() if line)  # "CANCELLED by 0"
+        if not UNSETTLED.intersection(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
