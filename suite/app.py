@@ -34,7 +34,7 @@ from suite.devices import (
     pins_gpus,
     register_resolver,
 )
-from suite.preflight import preflight, register_configs
+from suite.preflight import preflight, register_configs, swept_overrides
 from suite.progress import PLANS_ENV, mark_ended, write_plan
 from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_partial_curve, write_started
@@ -57,6 +57,7 @@ _INSPECT_FLAGS = (
     "--cfg",
     "-c",
     "--info",
+    "-i",
     "--shell-completion",
     "--config-dir",
     "-cd",
@@ -315,11 +316,14 @@ def sweepable(args: list[str]) -> list[str]:
     out. A variant's own setting beside several variants (``+variant=dyt,derf
     variant.alpha_init=4``) has no ``variant`` to land on in that compose and would fail, so it
     goes in as ``++`` (set, or add): each job still composes its variant first and the setting
-    on top, as preflight checked.
+    on top, as preflight checked. ``+variant.KEY`` (add) is taken the same way: every variant
+    setting already has a default, so Hydra's add would fail where preflight accepted it.
     """
     if not {"-m", "--multirun"} & set(args):
         args = ["--multirun", *args]
-    return ["++" + arg if arg.startswith("variant.") else arg for arg in args]
+    return [
+        "++" + arg.lstrip("+") if arg.lstrip("+").startswith("variant.") else arg for arg in args
+    ]
 
 
 def _write_plans(cells: list[CellConfig], args: list[str]) -> None:
@@ -369,7 +373,17 @@ def main() -> None:
     # Decided once, here: a worker must not start CUDA before it is pinned to its GPU.
     os.environ.setdefault(GPUS_ENV, ",".join(detect_gpus()))
     args = sys.argv[1:]
-    if not any(arg.split("=")[0] in _INSPECT_FLAGS for arg in args):
+    flags = {arg.split("=")[0] for arg in args if arg.startswith("-")}
+    if flags & {"--cfg", "-c", "--info", "-i"} and (swept := swept_overrides(args)):
+        # Hydra prints one job's config and cannot take a sweep there (its own error is an
+        # "ambiguous value" traceback).
+        print(
+            f"config error: --cfg/--info show one job's config, but {' '.join(swept)} sweeps "
+            "several values; give one value each (e.g. +variant=preln)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if not flags & set(_INSPECT_FLAGS):
         overrides = [arg for arg in args if not arg.startswith("-")]
         try:
             cells = [cell for _, cell in preflight(overrides)]

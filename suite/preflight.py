@@ -70,6 +70,17 @@ def _check_variant_names(overrides: list) -> None:
                 )
 
 
+def swept_overrides(args: list[str]) -> list[str]:
+    """The command line's overrides that sweep several values (``+variant=a,b``, ``range(..)``);
+    empty if the line does not parse (Hydra then says why)."""
+    overrides = [arg for arg in args if "=" in arg and not arg.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return []
+    return [override.input_line for override in parsed if override.is_sweep_override()]
+
+
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The override list of every job the sweep will run, as Hydra's basic sweeper builds them:
     the preset's ``hydra.sweeper.params`` with command-line values taking precedence."""

@@ -111,11 +111,14 @@ def test_ctrl_c_mid_sweep_keeps_every_finished_cell(tmp_path):
     assert not list((store / "cells").glob("*/.record.json.*"))  # no half-written record
 
 
-def test_a_variant_setting_applies_to_every_variant_swept(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_a_variant_setting_applies_to_every_variant_swept(tmp_path, prefix):
     """`+variant=dyt,derf variant.alpha_init=4` used to fail in Hydra (the setting had no
-    variant to land on before the sweep was split); each variant's cells now carry it."""
+    variant to land on before the sweep was split), and `+variant.alpha_init=4` (add) failed
+    there after preflight had accepted it (the variant already has that setting); each variant's
+    cells now carry it, whichever way it is written."""
     result = run_suite(
-        "+variant=dyt,derf", "variant.alpha_init=4.0", "sweep=tiny", "model.depth=2",
+        "+variant=dyt,derf", f"{prefix}variant.alpha_init=4.0", "sweep=tiny", "model.depth=2",
         "optim.lr=1e-3", "train.steps=2", f"store={tmp_path}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -123,3 +126,13 @@ def test_a_variant_setting_applies_to_every_variant_swept(tmp_path):
     assert sorted(runs["variant"]) == ["derf", "dyt"]
     for config in runs["config"]:
         assert json.loads(config)["variant_params"]["alpha_init"] == 4.0
+
+
+def test_cfg_shows_one_jobs_config_and_names_a_sweep_it_cannot_show():
+    one = run_suite("+variant=preln", "model.depth=3", "--cfg", "job")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "name: preln" in one.stdout and "depth: 3" in one.stdout
+    several = run_suite("+variant=preln,rmsnorm", "sweep=tiny", "--cfg", "job")
+    assert several.returncode == 2
+    assert "config error" in several.stderr and "+variant=preln,rmsnorm" in several.stderr
+    assert "Traceback" not in several.stderr
