@@ -9,7 +9,8 @@ One-shot, into the record:
 - per-layer gradient norm at initialization of the feed-forward weights on the probe batch
   (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture", Fig. 3: grows
   toward the output for Post-LN, flat for Pre-LN), and its last/first-layer ratio;
-- per-layer activation RMS of the residual stream after each block, at init and at the end;
+- per-layer activation RMS of the residual stream after each block, at init and at the end
+  (over the stream's filled slots, for a variant that carries several);
 - loss and gradient-norm spikes: a value above mean + 6σ of the previous 128 steps (the rule
   OLMo-core counts), counted per run and kept apart from divergence.
 
@@ -101,6 +102,17 @@ def amax_gains(mixings: list[torch.Tensor]) -> tuple[float, float]:
     return magnitude.sum(-1).amax().item(), magnitude.sum(-2).amax().item()
 
 
+def stream_rms(stream: torch.Tensor) -> float:
+    """RMS of a residual stream: (batch, seq, width), or (batch, seq, slots, width) for a variant
+    that carries several. A slot that is exactly zero everywhere is left out: AttnRes fills its
+    2N + 1 slots block by block, and counting the ones not written yet would make the RMS grow
+    with depth by √(filled / total) alone."""
+    values = stream.float()
+    if values.dim() == 4:
+        values = values[:, :, values.abs().amax(dim=(0, 1, 3)) > 0]
+    return values.pow(2).mean().sqrt().item()
+
+
 class Probe:
     """One forward pass on the fixed probe batch that also reads, per block, the residual
     stream's RMS after the block and the attention's max logit, and the final hidden state."""
@@ -123,7 +135,7 @@ class Probe:
             self.hidden = output.detach().float()
 
         def after_block(_module, _inputs, output: torch.Tensor) -> None:
-            self.act_rms.append(output.detach().float().pow(2).mean().sqrt().item())
+            self.act_rms.append(stream_rms(output.detach()))
 
         def before_attention(module, inputs: tuple[torch.Tensor, ...]) -> None:
             self.attn_logit_max.append(module.max_logit(inputs[0].detach()))

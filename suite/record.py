@@ -133,7 +133,8 @@ GROUPS: dict[str, tuple[Column, ...]] = {
          "weights at init on the probe batch (Xiong et al. 2020, Fig. 3)"),
         ("init_grad_norm_ratio", "float", "`init_grad_norm_by_layer`: last / first layer",
          ".3f"),
-        ("init_act_rms_by_layer", "list", "RMS of the residual stream after each block, at init"),
+        ("init_act_rms_by_layer", "list", "RMS of the residual stream after each block, at init "
+         "(of several streams or slots: over those holding a value)"),
         ("final_act_rms_by_layer", "list", "... and at the end"),
         ("init_attn_logit_max", "float", "max |q·k|/√d_head over heads and layers, at init"),
         ("max_attn_logit", "float", "... the largest sampled in the run", ".3g"),

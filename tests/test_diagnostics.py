@@ -11,7 +11,14 @@ from helpers import make_cell
 
 from suite.config import ConfigError, DiagnosticsConfig, validate
 from suite.data import validation_batches
-from suite.diagnostics import Diagnostics, Probe, SpikeCounter, ffn_grad_norms, is_spike
+from suite.diagnostics import (
+    Diagnostics,
+    Probe,
+    SpikeCounter,
+    ffn_grad_norms,
+    is_spike,
+    stream_rms,
+)
 from suite.runner import build_model, corpus_for, run_cell
 
 CPU = torch.device("cpu")
@@ -200,3 +207,26 @@ def test_impossible_diagnostics_config_names_the_key(key, value):
     setattr(cell.diagnostics, key, value)
     with pytest.raises(ConfigError, match=rf"^diagnostics\.{key}:"):
         validate(cell)
+
+
+def test_stream_rms_counts_only_the_slots_holding_a_value():
+    stream = torch.zeros(2, 3, 5, 4)  # AttnRes after its first block: 3 of 5 slots written
+    stream[:, :, :3] = 2.0
+    stream[0, 0, 2, 0] = 0.0  # a zero inside a written slot still counts
+    filled = stream[:, :, :3]
+    assert stream_rms(stream) == pytest.approx(filled.pow(2).mean().sqrt().item())
+    assert stream_rms(stream) > 1.9  # the empty slots would have pulled it to ~1.5
+    plain = torch.randn(2, 3, 4)
+    assert stream_rms(plain) == pytest.approx(plain.pow(2).mean().sqrt().item())
+
+
+def test_attnres_activation_rms_of_a_block_does_not_depend_on_the_blocks_after_it():
+    """AttnRes holds 2N + 1 slots from the start; counted empty, they made block 1's RMS of a
+    6-deep model √(13 / 7) ≈ 1.36× smaller than of a 3-deep one."""
+    first_block = []
+    for depth in (3, 6):
+        model, batch = model_and_probe("attnres", depth=depth)
+        diagnostics = Diagnostics(model, batch, DiagnosticsConfig())
+        diagnostics.at_init()
+        first_block.append(diagnostics.record["init_act_rms_by_layer"][0])
+    assert first_block[1] == pytest.approx(first_block[0], rel=0.1)
