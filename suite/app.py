@@ -59,8 +59,6 @@ _INSPECT_FLAGS = (
     "--info",
     "-i",
     "--shell-completion",
-    "--config-dir",
-    "-cd",
     "--config-name",
     "-cn",
     "--config-path",
@@ -326,6 +324,29 @@ def sweepable(args: list[str]) -> list[str]:
     ]
 
 
+def preflight_overrides(args: list[str]) -> list[str]:
+    """The overrides of the command line, and a user's ``--config-dir DIR`` (presets or configs
+    of their own beside the suite's) as the search path preflight composes with, as Hydra will.
+    """
+    overrides, config_dirs = [], []
+    rest = iter(args)
+    for arg in rest:
+        flag, has_value, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            config_dirs.append(value if has_value else next(rest, ""))
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    if not config_dirs:
+        return overrides
+    if any(arg.lstrip("+").startswith("hydra.searchpath") for arg in overrides):
+        raise ConfigError("hydra.searchpath: give either it or --config-dir, not both")
+    for folder in config_dirs:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--config-dir: {folder!r} is not a directory")
+    paths = ",".join(f"'file://{Path(folder).resolve()}'" for folder in config_dirs)
+    return [*overrides, f"hydra.searchpath=[{paths}]"]
+
+
 def _write_plans(cells: list[CellConfig], args: list[str]) -> None:
     """The sweep's plan in each store it writes to, for `python -m suite.collect --watch`."""
     resume = True
@@ -384,9 +405,8 @@ def main() -> None:
         )
         raise SystemExit(2)
     if not flags & set(_INSPECT_FLAGS):
-        overrides = [arg for arg in args if not arg.startswith("-")]
         try:
-            cells = [cell for _, cell in preflight(overrides)]
+            cells = [cell for _, cell in preflight(preflight_overrides(args))]
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None

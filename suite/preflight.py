@@ -97,8 +97,8 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
     axes = []
     for override in parser.parse_overrides(preset) + parsed:
-        if override.is_hydra_override():
-            continue
+        if override.is_hydra_override() and override.key_or_group != "hydra.searchpath":
+            continue  # the search path stays: a job's preset may live in a user's config dir
         key = override.get_key_element()
         if override.is_sweep_override():
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])

@@ -136,3 +136,30 @@ def test_cfg_shows_one_jobs_config_and_names_a_sweep_it_cannot_show():
     assert several.returncode == 2
     assert "config error" in several.stderr and "+variant=preln,rmsnorm" in several.stderr
     assert "Traceback" not in several.stderr
+
+
+def test_a_preset_of_ones_own_in_a_config_dir_is_checked_and_swept(tmp_path):
+    """`--config-dir DIR` adds a user's presets beside the suite's (a wheel's conf/ is not theirs
+    to edit); preflight composes with it, so the grid is known and a bad value stops the sweep
+    before training, as for the suite's own presets."""
+    presets = tmp_path / "conf" / "sweep"
+    presets.mkdir(parents=True)
+    (presets / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - tiny\n"
+        "sweep_name: mine\n"
+        "hydra:\n  sweeper:\n    params:\n      model.depth: 2\n      optim.lr: 1e-3,2e-3\n"
+    )
+    store = tmp_path / "store"
+    common = ("+variant=preln", "sweep=mine", "train.steps=2", f"store={store}")
+    result = run_suite("--config-dir", str(tmp_path / "conf"), *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cell 2/2 done" in result.stdout  # the sweep's size was known up front
+    runs = collect(store)
+    assert sorted(runs["cell_id"].str.split("-").str[2]) == ["lr0.001", "lr0.002"]
+    assert set(runs["sweep"]) == {"mine"}
+
+    bad = run_suite(f"--config-dir={tmp_path / 'conf'}", *common, "model.heads=3")
+    assert bad.returncode == 2 and "config error: model.heads" in bad.stderr, bad.stderr[-2000:]
+    missing = run_suite("-cd", str(tmp_path / "nowhere"), *common)
+    assert missing.returncode == 2 and "--config-dir" in missing.stderr
