@@ -34,7 +34,7 @@ from suite.devices import (
     pins_gpus,
     register_resolver,
 )
-from suite.preflight import preflight, register_configs, swept_overrides
+from suite.preflight import preflight, register_configs, root_setting, swept_overrides
 from suite.progress import PLANS_ENV, mark_ended, write_plan
 from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_partial_curve, write_started
@@ -347,13 +347,8 @@ def preflight_overrides(args: list[str]) -> list[str]:
     return [*overrides, f"hydra.searchpath=[{paths}]"]
 
 
-def _write_plans(cells: list[CellConfig], args: list[str]) -> None:
+def _write_plans(cells: list[CellConfig], args: list[str], resume: bool) -> None:
     """The sweep's plan in each store it writes to, for `python -m suite.collect --watch`."""
-    resume = True
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "resume":
-            resume = value.strip().lower() not in ("false", "0", "no", "off")
     by_store: dict[str, list[str]] = {}
     for cell in cells:
         by_store.setdefault(cell.store, []).append(cell.cell_id())
@@ -406,12 +401,13 @@ def main() -> None:
         raise SystemExit(2)
     if not flags & set(_INSPECT_FLAGS):
         try:
-            cells = [cell for _, cell in preflight(preflight_overrides(args))]
+            overrides = preflight_overrides(args)
+            cells = [cell for _, cell in preflight(overrides)]
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         jobs = len(cells)
-        _write_plans(cells, args)
+        _write_plans(cells, args, resume=bool(root_setting(overrides, "resume")))
         if any(cell.train.pack_lr for cell in cells):
             args, jobs = pack_learning_rates(args, cells)
         sys.argv[1:] = sweepable(args)

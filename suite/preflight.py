@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -79,6 +80,22 @@ def swept_overrides(args: list[str]) -> list[str]:
     except HydraException:
         return []
     return [override.input_line for override in parsed if override.is_sweep_override()]
+
+
+def root_setting(overrides: list[str], key: str) -> Any:
+    """A root setting (``resume``, ``store``, ...) as every job of the sweep composes it: the
+    command line's value over a preset's or a config dir's over the default. A swept key has
+    no one value: its default is returned."""
+    register_configs()
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [
+        override.input_line
+        for override in parsed
+        if not override.is_sweep_override()
+        and (_needs_compose(override) or override.key_or_group.lstrip("+~") == key)
+    ]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=fixed).get(key)
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

@@ -276,3 +276,19 @@ def test_the_collect_callback_still_pickles_while_it_prints_progress(tmp_path, m
         assert isinstance(cloudpickle.loads(cloudpickle.dumps(callback)), CollectCallback)
     finally:
         callback._progress.stop()
+
+
+def test_the_plan_says_resume_as_the_jobs_compose_it(tmp_path):
+    """A preset (here one of the user's own, in a config dir) that turns resume off: its cells
+    will be trained again, so the watch must not show their earlier records as done."""
+    presets = tmp_path / "conf" / "sweep"
+    presets.mkdir(parents=True)
+    (presets / "again.yaml").write_text("# @package _global_\ndefaults: [tiny]\nresume: false\n")
+    args = ("+variant=preln", "sweep=again", "model.depth=2", "optim.lr=1e-3", "train.steps=2")
+    for store, extra, resumes in [("off", (), False), ("on", ("resume=true",), True)]:
+        result = run_suite(
+            "--config-dir", str(tmp_path / "conf"), *args, *extra, f"store={tmp_path / store}"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        [(_, plan)] = read_plans(tmp_path / store)
+        assert plan["resume"] is resumes
