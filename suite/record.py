@@ -116,7 +116,9 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("peak_memory_mb", "float", "CUDA peak allocated, or on CPU the process's peak RSS"),
         ("memory_kind", "str", "`cuda_max_allocated` or `process_max_rss`"),
         ("wall_time_s", "float", "training wall time", ".1f", True),
-        ("parallel_cells", "int", "cells the launcher ran at once on this machine"),
+        ("parallel_cells", "int", "cells the launcher ran at once on this machine; 1 under a "
+         "cluster launcher (SLURM, Ray), whose tasks are separate allocations: tasks that shared "
+         "a node are not counted"),
         ("cells_per_device", "int", "at most this many cells trained at once on this cell's "
          "device: on a pinned GPU (suite/devices.py) the smaller of `train.cells_per_gpu` and "
          "`parallel_cells`, otherwise `parallel_cells` (a packed run counts as one cell)"),
