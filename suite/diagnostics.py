@@ -109,7 +109,7 @@ def stream_rms(stream: torch.Tensor) -> float:
     with depth by √(filled / total) alone."""
     values = stream.float()
     if values.dim() == 4:
-        values = values[:, :, values.abs().amax(dim=(0, 1, 3)) > 0]
+        values = values[:, :, values.ne(0).any(dim=3).any(dim=1).any(dim=0)]  # NaN ≠ 0: kept
     return values.pow(2).mean().sqrt().item()
 
 

@@ -216,6 +216,8 @@ def test_stream_rms_counts_only_the_slots_holding_a_value():
     filled = stream[:, :, :3]
     assert stream_rms(stream) == pytest.approx(filled.pow(2).mean().sqrt().item())
     assert stream_rms(stream) > 1.9  # the empty slots would have pulled it to ~1.5
+    stream[1, 2, 1, 3] = float("nan")  # a diverged run's stream stays NaN, not finite
+    assert math.isnan(stream_rms(stream))
     plain = torch.randn(2, 3, 4)
     assert stream_rms(plain) == pytest.approx(plain.pow(2).mean().sqrt().item())
 
