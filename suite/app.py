@@ -341,7 +341,7 @@ def preflight_overrides(args: list[str]) -> list[str]:
     if any(arg.lstrip("+").startswith("hydra.searchpath") for arg in overrides):
         raise ConfigError("hydra.searchpath: give either it or --config-dir, not both")
     for folder in config_dirs:
-        if not Path(folder).is_dir():
+        if not folder or not Path(folder).is_dir():  # "" would be the working directory
             raise ConfigError(f"--config-dir: {folder!r} is not a directory")
     paths = ",".join(f"'file://{Path(folder).resolve()}'" for folder in config_dirs)
     return [*overrides, f"hydra.searchpath=[{paths}]"]

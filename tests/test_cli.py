@@ -163,3 +163,5 @@ def test_a_preset_of_ones_own_in_a_config_dir_is_checked_and_swept(tmp_path):
     assert bad.returncode == 2 and "config error: model.heads" in bad.stderr, bad.stderr[-2000:]
     missing = run_suite("-cd", str(tmp_path / "nowhere"), *common)
     assert missing.returncode == 2 and "--config-dir" in missing.stderr
+    no_value = run_suite(*common, "--config-dir")
+    assert no_value.returncode == 2 and "--config-dir" in no_value.stderr
