@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 
 from suite.claims import Claim, claim_cell, describe
 from suite.collect import CELL_POINTER, CLAIMED_MARKER, SKIPPED_MARKER
-from suite.config import CellConfig, ConfigError, cell_from_config, config_dir
+from suite.config import (
+    CellConfig,
+    ConfigError,
+    cell_from_config,
+    config_dir,
+    identity_hash,
+    register_path_resolver,
+)
 from suite.devices import (
     GPUS_ENV,
     DeviceSlot,
@@ -34,17 +41,25 @@ from suite.devices import (
     pins_gpus,
     register_resolver,
 )
-from suite.preflight import preflight, register_configs, root_setting, swept_overrides
-from suite.progress import PLANS_ENV, mark_ended, write_plan
+from suite.liveness import process_stamp
+from suite.plan import PLAN_ENV, PlanError, SweepPlan, job_plan, mark_ended
+from suite.preflight import (
+    launcher_choice,
+    preflight,
+    register_configs,
+    root_setting,
+    swept_overrides,
+)
+from suite.progress import PLANS_ENV
 from suite.runner import run_cell, run_pack
 from suite.store import finished_record, write_cell, write_partial_curve, write_started
 
 log = logging.getLogger("suite")
-register_resolver()  # also in the launcher's worker processes, which import this module
+# Also in the launcher's worker processes, which import this module.
+register_resolver()
+register_path_resolver()
 
-SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"
-MAIN_PID_ENV = "SUITE_MAIN_PID"
-PACKED_LRS_ENV = "SUITE_PACKED_LRS"  # set per job by pack_learning_rates
+SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"  # the main process's own, for the gpus launcher's resolver
 # How the local parallel launchers' _target_ classes are recognized.
 JOBLIB_LAUNCHER, SUBMITIT_LOCAL_LAUNCHER = "joblib", "LocalLauncher"
 _watching = False  # whether this worker process already watches the sweep's main process
@@ -59,11 +74,9 @@ _INSPECT_FLAGS = (
     "--info",
     "-i",
     "--shell-completion",
-    "--config-name",
-    "-cn",
-    "--config-path",
-    "-cp",
 )
+# Hydra flags that would run the jobs on another config than the one preflight composes.
+_OTHER_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp")
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
@@ -71,47 +84,91 @@ def run_job(cfg: DictConfig) -> str:
     # Only module functions here, no module objects: launchers pickle this function by value
     # (the name run_job holds Hydra's wrapper), and a lock or an event cannot be pickled.
     _refuse_after_ctrl_c()
-    _stop_when_the_sweep_is_gone()
     cell = cell_from_config(cfg)
+    plan = job_plan(cell.store)
+    _stop_when_the_sweep_is_gone(plan)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
-    number = f"{HydraConfig.get().job.num + 1}/{os.environ.get(SWEEP_SIZE_ENV, '?')}"
-    resume = cfg.get("resume", True)
-    packed_lrs = packed_learning_rates(HydraConfig.get().job.env_set)
-    pin = pins_gpus(_local_launcher(HydraConfig.get().launcher), cell.train.device)
-    if packed_lrs:
-        return _run_packed_job(cell, packed_lrs, job_dir, f"pack {number}", resume, pin)
+    number = f"{HydraConfig.get().job.num + 1}/{plan.size}"
     cell_id = cell.cell_id()
+    pin = pins_gpus(_local_launcher(HydraConfig.get().launcher), cell.train.device)
+    if cell_id in plan.packs:
+        members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in plan.packs[cell_id]]
+        _refuse_unplanned(plan, members)
+        return _run_packed_job(members, plan, job_dir, f"pack {number}", pin)
+    _refuse_unplanned(plan, [cell])
     label = f"cell {number}"
     (job_dir / CELL_POINTER).write_text(cell_id)
-    if resume and finished_record(cell.store, cell_id) is not None:
+    if plan.resume and finished(cell):
         (job_dir / SKIPPED_MARKER).touch()
         log.info("%s: %s is already in the store; skipped", label, cell_id)
         return "skipped"
     # The GPU slot before the claim: a cell waiting for a GPU is queued, not running (and left
     # to take for another sweep sharing the store).
-    with gpu_slot(pin, cell.train.cells_per_gpu, _in_main_process()) as slot:
+    with gpu_slot(pin, cell.train.cells_per_gpu, plan.in_main_process()) as slot:
         claim = claim_cell(cell.store, cell_id)
         if not isinstance(claim, Claim):
             _left_to_another(job_dir, label, [cell_id], claim)
             return "claimed"
         try:
             # Another sweep may have finished it between the look above and the claim.
-            if resume and finished_record(cell.store, cell_id) is not None:
+            if plan.resume and finished(cell):
                 (job_dir / SKIPPED_MARKER).touch()
                 log.info("%s: %s was finished meanwhile by another sweep; skipped", label, cell_id)
                 return "skipped"
             log.info("%s: %s", label, cell_id)
             record, curve = run_cell(
                 cell,
-                on_start=lambda marker: write_started(
-                    cell.store, cell_id, {**marker, "pid": os.getpid()}
+                on_start=lambda marker: _write_held(
+                    claim, write_started, cell.store, cell_id, {**marker, **process_stamp()}
                 ),
-                on_progress=lambda partial: write_partial_curve(cell.store, cell_id, partial),
+                on_progress=lambda partial: _write_held(
+                    claim, write_partial_curve, cell.store, cell_id, partial
+                ),
             )
-            _keep(cell, record, curve, label, slot)
+            return _keep(cell, record, curve, label, slot, claim, plan)
         finally:
             claim.release()
-    return record["status"]
+
+
+def finished(cell: CellConfig) -> bool:
+    """Whether the store holds this cell's finished result, trained as the cell says: a record
+    whose config trains differently (a packed run stored under an unpacked cell's id by suite
+    0.3) is not this cell's, and the cell is trained (and its folder replaced)."""
+    record = finished_record(cell.store, cell.cell_id())
+    if record is None:
+        return False
+    if identity_hash(record.get("config") or {}) != cell.config_hash():
+        log.warning(
+            "%s: its stored record was trained differently; it is trained again", cell.cell_id()
+        )
+        return False
+    return True
+
+
+def _refuse_unplanned(plan: SweepPlan, cells: list[CellConfig]) -> None:
+    """A job trains only cells its sweep's preflight checked (the plan lists them)."""
+    planned = set(plan.cells)
+    for cell in cells:
+        if cell.cell_id() not in planned:
+            raise PlanError(
+                f"cell {cell.cell_id()} is not in the sweep plan {plan.name}: preflight did not "
+                "check it, so it is not trained"
+            )
+
+
+def _write_held(claim: Claim, write: Any, *args: Any, stop: bool = True) -> None:
+    """Write something of a claimed cell (its running marker, its partial curve), only while
+    the claim is still this process's; once it is not, raise ClaimLost to stop training (or,
+    with ``stop=False``, for one member of a pack whose others train on, write nothing). A
+    failed write (a full disk) is logged and training goes on: these files only show progress;
+    the record is written at the end."""
+    if not stop and not claim.held():
+        return
+    claim.check()
+    try:
+        write(*args)
+    except OSError as error:
+        log.warning("cannot write the progress of %s (%s)", args[1], error.strerror or error)
 
 
 def _left_to_another(
@@ -124,30 +181,29 @@ def _left_to_another(
 
 
 def _run_packed_job(
-    cell: CellConfig,
-    packed_lrs: list[float],
-    job_dir: Path,
-    label: str,
-    resume: bool,
-    pin: bool,
+    members: list[CellConfig], plan: SweepPlan, job_dir: Path, label: str, pin: bool
 ) -> str:
-    """One Hydra job trains the cells of all ``packed_lrs`` together (suite.packed)."""
-    members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in packed_lrs]
+    """One Hydra job trains the cells of all the pack's learning rates together (suite.packed)."""
     (job_dir / CELL_POINTER).write_text("\n".join(member.cell_id() for member in members))
-    if resume:
-        members = [m for m in members if finished_record(m.store, m.cell_id()) is None]
-    skipped = len(packed_lrs) - len(members)
+    count = len(members)
+    if plan.resume:
+        members = [m for m in members if not finished(m)]
+    skipped = count - len(members)
     if skipped:
         (job_dir / SKIPPED_MARKER).write_text(str(skipped))
         log.info("%s: %d learning rate(s) already in the store; skipped", label, skipped)
     if not members:
         return "skipped"
-    with gpu_slot(pin, cell.train.cells_per_gpu, _in_main_process()) as slot:
-        return _claim_and_train_pack(members, job_dir, label, slot)
+    with gpu_slot(pin, members[0].train.cells_per_gpu, plan.in_main_process()) as slot:
+        return _claim_and_train_pack(members, job_dir, label, slot, plan)
 
 
 def _claim_and_train_pack(
-    members: list[CellConfig], job_dir: Path, label: str, slot: DeviceSlot | None
+    members: list[CellConfig],
+    job_dir: Path,
+    label: str,
+    slot: DeviceSlot | None,
+    plan: SweepPlan,
 ) -> str:
     claims, held_elsewhere = {}, {}
     for member in members:
@@ -162,28 +218,35 @@ def _claim_and_train_pack(
     members = [m for m in members if m.cell_id() in claims]
     if not members:
         return "claimed" if held_elsewhere else "skipped"
+    held = [claims[m.cell_id()] for m in members]
     log.info("%s: %s", label, ", ".join(member.cell_id() for member in members))
+    statuses = []
     try:
-        records = run_pack(
+        run_pack(
             members,
-            on_start=lambda member, marker: write_started(
-                members[member].store, members[member].cell_id(), {**marker, "pid": os.getpid()}
+            on_start=lambda member, marker: _write_held(
+                held[member],
+                write_started,
+                members[member].store,
+                members[member].cell_id(),
+                {**marker, **process_stamp()},
             ),
-            on_progress=lambda member, partial: write_partial_curve(
-                members[member].store, members[member].cell_id(), partial
+            on_progress=lambda member, partial: _write_held(
+                held[member],
+                write_partial_curve,
+                members[member].store,
+                members[member].cell_id(),
+                partial,
+                stop=False,  # the pack's other members train on
             ),
-            on_done=lambda member, record, curve: _keep(
-                members[member], record, curve, label, slot
+            on_done=lambda member, record, curve: statuses.append(
+                _keep(members[member], record, curve, label, slot, held[member], plan)
             ),
         )
     finally:
         for claim in claims.values():
             claim.release()
-    return "ok" if all(record["status"] == "ok" for record, _ in records) else "error"
-
-
-def _in_main_process() -> bool:
-    return os.environ.get(MAIN_PID_ENV) == str(os.getpid())
+    return "ok" if all(status == "ok" for status in statuses) else "error"
 
 
 def _keep(
@@ -192,9 +255,19 @@ def _keep(
     curve: list[dict],
     label: str,
     slot: DeviceSlot | None,
-) -> None:
-    """Write a finished cell's record and curve to the store and log one line about it."""
-    record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher)
+    claim: Claim,
+    plan: SweepPlan,
+) -> str:
+    """Write a finished cell's record and curve to the store and log one line about it; returns
+    its status. Nothing is written once the claim was taken over: the taker's result stands."""
+    if not claim.held():
+        log.error(
+            "%s: %s was taken over by another process; this run's result is dropped",
+            label,
+            record["cell_id"],
+        )
+        return "claimed"
+    record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher, plan.size)
     # At most: a pinned worker shares its GPU with up to cells_per_gpu - 1 others (and no more
     # than the launcher runs at once); otherwise every cell the launcher runs at once shares the
     # one device (the CPU, or the one GPU).
@@ -206,7 +279,16 @@ def _keep(
     record["shared_device"] = record["cells_per_device"] > 1
     if slot is not None:
         record["pinned_gpu"] = slot.gpu
-    folder = write_cell(cell.store, record, curve)
+    try:
+        folder = write_cell(cell.store, record, curve)
+    except OSError as error:  # a full disk, a store gone read-only: say so in one line
+        log.error(
+            "%s: cannot write %s into the store (%s); re-running the same command trains it again",
+            label,
+            record["cell_id"],
+            error.strerror or error,
+        )
+        return "error"
     if record["status"] == "ok":
         escape = record.get("escape_step")
         log.info(
@@ -222,9 +304,10 @@ def _keep(
         )
     else:
         log.error("%s: %s errored (traceback in %s/record.json)", label, record["cell_id"], folder)
+    return str(record["status"])
 
 
-def _stop_when_the_sweep_is_gone() -> None:
+def _stop_when_the_sweep_is_gone(plan: SweepPlan) -> None:
     """In a worker process of a local parallel launcher (joblib, submitit local): exit as soon as
     the sweep's main process is gone. Otherwise a killed sweep (``kill PID``) leaves its workers
     training their queued cells for minutes, unseen. Ctrl-C in a terminal reaches every process
@@ -232,9 +315,9 @@ def _stop_when_the_sweep_is_gone() -> None:
     running marker, never a half-written record (store writes are atomic). Cluster launchers'
     jobs are left alone: they belong to the cluster, not to the process that submitted them."""
     global _watching
-    main_pid = int(os.environ.get(MAIN_PID_ENV, "0"))
-    if _watching or main_pid in (0, os.getpid()):
-        return  # the main process itself, or not started by `python -m suite`
+    main_pid = plan.pid
+    if _watching or plan.in_main_process() or main_pid <= 0:
+        return
     if not _local_launcher(HydraConfig.get().launcher):
         return
     _watching = True
@@ -273,11 +356,10 @@ def _descends_from(pid: int) -> bool:
     return current == pid and pid > 1
 
 
-def parallel_cells(launcher: DictConfig) -> int:
+def parallel_cells(launcher: DictConfig, sweep_size: int) -> int:
     """How many cells this launcher runs at once on one machine: their throughput numbers were
     measured on a shared device and are flagged so (``shared_device``)."""
     target = str(launcher.get("_target_", ""))
-    sweep_size = int(os.environ.get(SWEEP_SIZE_ENV) or 0)  # 0: unknown (not started by main)
     if JOBLIB_LAUNCHER in target:
         jobs = int(launcher.get("n_jobs", 1))
         workers = (os.cpu_count() or 1) if jobs < 0 else jobs
@@ -287,23 +369,30 @@ def parallel_cells(launcher: DictConfig) -> int:
     return 1  # basic launcher, or a cluster launcher with one machine per cell
 
 
-def pack_learning_rates(args: list[str], cells: list[CellConfig]) -> tuple[list[str], int]:
+def pack_learning_rates(
+    args: list[str], cells: list[CellConfig]
+) -> tuple[list[str], dict[str, list[float]], list[list[str]]]:
     """The command line with the learning-rate axis folded into each job: every job trains all
-    of the sweep's learning rates as one packed run. The list travels as the job's environment
-    (Hydra's ``hydra.job.env_set``, which every launcher applies in the job's process), not as a
-    user setting. Returns the new arguments and the number of jobs."""
+    of the sweep's learning rates as one packed run. The job composes the pack's first member
+    (the first LR); the plan maps that member's id to the pack's LRs. Returns the new arguments,
+    the packs and the jobs (each pack's member ids)."""
     lrs = list(dict.fromkeys(cell.optim.lr for cell in cells))
     kept = [arg for arg in args if arg.split("=")[0].lstrip("+~") != "optim.lr"]
-    packed = [
-        f"optim.lr={lrs[0]!r}",
-        f"++hydra.job.env_set.{PACKED_LRS_ENV}='{' '.join(map(repr, lrs))}'",
-    ]
-    return kept + packed, len(cells) // len(lrs)
-
-
-def packed_learning_rates(env_set: DictConfig | dict[str, Any]) -> list[float]:
-    """The learning rates this job trains together (empty: an ordinary one-cell job)."""
-    return [float(lr) for lr in str(env_set.get(PACKED_LRS_ENV, "")).split()]
+    by_id = {cell.cell_id(): cell for cell in cells}
+    packs, jobs = {}, []
+    for cell in cells:
+        if cell.optim.lr != lrs[0]:
+            continue
+        members = [replace(cell, optim=replace(cell.optim, lr=lr)).cell_id() for lr in lrs]
+        missing = [member for member in members if member not in by_id]
+        if missing:  # a grid whose LRs differ between its points cannot be packed this way
+            raise ConfigError(
+                f"train.pack_lr: every point of the grid must have the same learning rates; "
+                f"{missing[0]} is not in the sweep"
+            )
+        packs[members[0]] = lrs
+        jobs.append(members)
+    return [f"optim.lr={lrs[0]!r}", *kept], packs, jobs
 
 
 def sweepable(args: list[str]) -> list[str]:
@@ -316,12 +405,21 @@ def sweepable(args: list[str]) -> list[str]:
     goes in as ``++`` (set, or add): each job still composes its variant first and the setting
     on top, as preflight checked. ``+variant.KEY`` (add) is taken the same way: every variant
     setting already has a default, so Hydra's add would fail where preflight accepted it.
+    The overrides go before the flags: Hydra's argument parser takes no override after a flag
+    (``--config-dir DIR a=b``), where preflight took them all.
     """
-    if not {"-m", "--multirun"} & set(args):
-        args = ["--multirun", *args]
-    return [
-        "++" + arg.lstrip("+") if arg.lstrip("+").startswith("variant.") else arg for arg in args
-    ]
+    overrides, flags = [], ["--multirun"]
+    rest = iter(args)
+    for arg in rest:
+        if not arg.startswith("-"):
+            overrides.append(
+                "++" + arg.lstrip("+") if arg.lstrip("+").startswith("variant.") else arg
+            )
+        elif arg not in ("-m", "--multirun"):
+            flags.append(arg)
+            if arg in ("--config-dir", "-cd"):
+                flags.append(next(rest, ""))
+    return [*overrides, *flags]
 
 
 def preflight_overrides(args: list[str]) -> list[str]:
@@ -347,13 +445,12 @@ def preflight_overrides(args: list[str]) -> list[str]:
     return [*overrides, f"hydra.searchpath=[{paths}]"]
 
 
-def _write_plans(cells: list[CellConfig], args: list[str], resume: bool) -> None:
-    """The sweep's plan in each store it writes to, for `python -m suite.collect --watch`."""
-    by_store: dict[str, list[str]] = {}
+def _write_plans(plan: SweepPlan, cells: list[CellConfig]) -> list[Path]:
+    """The sweep's plan in each store it writes to (only that store's cells in each)."""
+    by_store: dict[str, set[str]] = {}
     for cell in cells:
-        by_store.setdefault(cell.store, []).append(cell.cell_id())
-    paths = [write_plan(store, ids, args, resume) for store, ids in by_store.items()]
-    os.environ[PLANS_ENV] = os.pathsep.join(map(str, paths))
+        by_store.setdefault(cell.store, set()).add(cell.cell_id())
+    return [plan.write(store, ids) for store, ids in by_store.items()]
 
 
 def _on_ctrl_c(signum: int, frame: object) -> None:
@@ -385,7 +482,6 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
         signal.signal(signal.SIGINT, _on_ctrl_c)
     register_configs()  # also when preflight is skipped (--help, --cfg job)
-    os.environ[MAIN_PID_ENV] = str(os.getpid())  # inherited by the launcher's workers
     # Decided once, here: a worker must not start CUDA before it is pinned to its GPU.
     os.environ.setdefault(GPUS_ENV, ",".join(detect_gpus()))
     args = sys.argv[1:]
@@ -399,19 +495,34 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    if other := flags & set(_OTHER_CONFIG_FLAGS):
+        print(
+            f"config error: {sorted(other)[0]}: the suite runs its own config (conf/); put "
+            "presets of your own in a folder and give it as --config-dir DIR",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     if not flags & set(_INSPECT_FLAGS):
         try:
             overrides = preflight_overrides(args)
             cells = [cell for _, cell in preflight(overrides)]
+            plan = SweepPlan(
+                command=args,
+                resume=bool(root_setting(overrides, "resume")),
+                launcher=launcher_choice(overrides),
+                jobs=[[cell.cell_id()] for cell in cells],
+            )
+            if any(cell.train.pack_lr for cell in cells):
+                args, plan.packs, plan.jobs = pack_learning_rates(args, cells)
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
-        jobs = len(cells)
-        _write_plans(cells, args, resume=bool(root_setting(overrides, "resume")))
-        if any(cell.train.pack_lr for cell in cells):
-            args, jobs = pack_learning_rates(args, cells)
+        os.environ[PLANS_ENV] = os.pathsep.join(map(str, _write_plans(plan, cells)))
+        # The jobs learn the plan's name only; hydra.job.env_set.SUITE_* is refused from users.
+        # First: argparse takes no further overrides after a flag such as --config-dir DIR.
+        args = [f"++hydra.job.env_set.{PLAN_ENV}={plan.name}", *args]
         sys.argv[1:] = sweepable(args)
-        os.environ[SWEEP_SIZE_ENV] = str(jobs)
+        os.environ[SWEEP_SIZE_ENV] = str(plan.size)
     try:
         run_job()
     except KeyboardInterrupt:

@@ -4,9 +4,12 @@ Before training, a job claims its cell by creating ``claim.json`` in the cell's 
 ``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFS v3+, so it works where SLURM nodes
 share the store; no in-memory lock). The claim names its owner (user, host, pid) and carries a
 heartbeat the owner refreshes every ``HEARTBEAT_S`` seconds. A job that finds a live claim skips
-the cell and says so. A claim is stale when its process is gone (same host) or its heartbeat is
-older than ``STALE_AFTER_S`` (another host); a stale claim is moved aside by rename (one taker
-wins) and claimed anew.
+the cell and says so. On the owner's host a claim is alive exactly while its process is (pid and
+start time, suite/liveness.py: a suspended sweep keeps its cells, a reused pid does not); from
+another host it is stale once its heartbeat is older than ``STALE_AFTER_S``. A stale claim is
+moved aside by rename (one taker wins) and claimed anew. An owner whose claim was taken over
+(a host that hung past the heartbeat limit, then woke up) finds out before it writes anything
+of the cell, and stops without writing: the taker's result stands.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import getpass
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from suite.liveness import process_alive, process_stamp
 from suite.store import atomic_write, cell_dir
 
 log = logging.getLogger(__name__)
@@ -37,26 +40,17 @@ def _now() -> float:
     return time.time()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists, owned by someone else
-    return True
+class ClaimLost(RuntimeError):
+    """This process's claim on a cell was taken over by another: it must not write the cell."""
 
 
 def is_stale(holder: dict[str, Any], now: float | None = None) -> bool:
-    """Whether a claim's owner is gone: its process has exited (same host), or its heartbeat
-    stopped (any host)."""
+    """Whether a claim's owner is gone: on this host, its process has exited (a stopped one is
+    alive); from another host, its heartbeat stopped."""
+    alive = process_alive(holder)
+    if alive is not None:
+        return not alive
     now = _now() if now is None else now
-    if holder.get("hostname") == socket.gethostname():
-        try:
-            if not _alive(int(holder["pid"])):
-                return True
-        except (KeyError, TypeError, ValueError):
-            return True
     try:
         return now - float(holder["heartbeat"]) > STALE_AFTER_S
     except (KeyError, TypeError, ValueError):
@@ -76,15 +70,24 @@ class Claim:
         self._thread = threading.Thread(target=self._beat, name="claim-heartbeat", daemon=True)
         self._thread.start()
 
-    def _ours(self) -> bool:
+    def held(self) -> bool:
+        """Whether the claim is still this process's (not taken over meanwhile)."""
         try:
             return json.loads(self.path.read_text()).get("token") == self.owner["token"]
         except (OSError, ValueError, AttributeError):
             return False
 
+    def check(self) -> None:
+        """Raise ClaimLost unless the claim is still held: called before every write."""
+        if not self.held():
+            raise ClaimLost(
+                f"the claim on {self.path.parent.name} was taken over by another process "
+                f"({describe(_read(self.path) or {})}); this run stops without writing it"
+            )
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            if not self._ours():
+            if not self.held():
                 log.warning("claim on %s was taken over; stopped refreshing it", self.path.parent)
                 return
             self.owner["heartbeat"] = _now()
@@ -94,7 +97,7 @@ class Claim:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if self._ours():
+        if self.held():
             self.path.unlink(missing_ok=True)
 
 
@@ -108,8 +111,7 @@ def claim_cell(store: str | Path, cell_id: str) -> Claim | dict[str, Any]:
         owner = {
             "token": uuid.uuid4().hex,
             "user": getpass.getuser(),
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
+            **process_stamp(),
             "claimed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "heartbeat": _now(),
         }

@@ -12,10 +12,12 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -24,6 +26,7 @@ from suite.config import (
     ConfigError,
     VerdictConfig,
     identity_hash,
+    store_path,
     verdict_config,
     verdict_from_overrides,
 )
@@ -33,6 +36,7 @@ from suite.store import (
     RUNS,
     SUMMARY,
     UNREADABLE,
+    curve_length,
     read_losses,
     read_records,
     write_table,
@@ -57,6 +61,10 @@ def collect(
     records = latest_per_cell(read_records(store))
     for record in records:
         judge_record(record, store, verdict)
+        if "packed" not in record and isinstance(record.get("config"), dict):
+            # Written before packed cells were cells of their own (suite 0.3): from its config.
+            train = record["config"].get("train")
+            record["packed"] = isinstance(train, dict) and train.get("pack_lr") is True
         record["config"] = json.dumps(record.get("config"), sort_keys=True)
     runs = keep_last_good_rows(pd.DataFrame.from_records(records), Path(store) / RUNS)
     extra = [c for c in runs.columns if c not in RECORD_COLUMNS]
@@ -65,10 +73,35 @@ def collect(
     if not runs.empty:
         runs = runs.sort_values(["variant", "depth", "lr", "seed"], kind="stable")
         runs = runs.reset_index(drop=True)
+    runs = storable(runs)
     if write and not runs.empty:
-        write_table(runs, Path(store) / RUNS)
         summary = summarize(with_arm_labels(runs)).reset_index()
-        write_table(summary.assign(verdict_rule=rule_description(verdict)), Path(store) / SUMMARY)
+        try:
+            write_table(runs, Path(store) / RUNS)
+            write_table(
+                summary.assign(verdict_rule=rule_description(verdict)), Path(store) / SUMMARY
+            )
+        except OSError as error:  # a read-only store, a full disk: the table is still shown
+            log.warning(
+                "cannot write the collected table into %s (%s); nothing in the store changed",
+                store,
+                error.strerror or error,
+            )
+    return runs
+
+
+def storable(runs: pd.DataFrame) -> pd.DataFrame:
+    """The table with every column Parquet can hold: a column of mixed values (an undeclared
+    field a plugin or a damaged record wrote with several types) is kept as text, with a
+    warning naming it, instead of making the whole store uncollectable."""
+    for name in runs.columns:
+        if runs[name].dtype != object:
+            continue
+        try:
+            pa.array(runs[name], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            log.warning("column %s holds values of several types; it is kept as text", name)
+            runs[name] = runs[name].map(lambda v: None if v is None else str(v))
     return runs
 
 
@@ -104,7 +137,7 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
     diverged = record.get("diverged_step") is not None
     try:
         losses = read_losses(store, record["cell_id"], record)  # record already read
-        expected = int(record["steps_completed"]) + (1 if diverged else 0)
+        expected = curve_length(record)
         if len(losses) != expected:
             raise ValueError(f"{len(losses)} steps stored, the record has {expected}")
         judgement = judge_curve(
@@ -261,11 +294,22 @@ class CollectCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._progress is not None:
             self._progress.stop()
-        store = config.store
-        runs = collect(store, verdict=verdict_config(config.get("verdict")))
-        if runs.empty:
-            return
+        store = store_path(config.store)
+        try:
+            runs = collect(store, verdict=verdict_config(config.get("verdict")))
+        except Exception as error:  # Hydra would turn it into a warning and exit 0
+            print(
+                f"\ncollect failed: {type(error).__name__}: {error}; every finished cell's "
+                f"record is kept in {store}/cells",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
         sweep_dir = config.hydra.sweep.dir
+        if runs.empty:
+            if sweep_cell_ids(sweep_dir):
+                print(f"\nnothing of this sweep is in {store}: every cell failed to write")
+                raise SystemExit(1)
+            return
         this_sweep = runs[runs["cell_id"].isin(sweep_cell_ids(sweep_dir))]
         skipped, others = count_skipped(sweep_dir), left_to_others(sweep_dir)
         reused = f", {skipped} already in the store (resume=false re-runs them)" if skipped else ""
@@ -276,8 +320,16 @@ class CollectCallback(Callback):
             f"all runs: {Path(store) / RUNS}):"
         )
         print(report_text(this_sweep))
+        missing = sorted(sweep_cell_ids(sweep_dir) - set(runs["cell_id"]) - others)
+        if missing:
+            print(
+                f"\n{len(missing)} cell(s) of this sweep left nothing in the store (their "
+                "process was killed, or could not write; re-running the same command trains "
+                "them):"
+            )
+            print("\n".join(f"  {cell_id}" for cell_id in missing))
         unfinished = this_sweep[~this_sweep["cell_id"].isin(others)]
-        if (unfinished["status"] != "ok").any():
+        if missing or (unfinished["status"] != "ok").any():
             raise SystemExit(1)  # the records are kept; the exit code tells scripts to look
 
 

@@ -42,6 +42,20 @@ def config_dir() -> Path:
     return installed if installed.is_dir() else installed.parent.parent / "conf"
 
 
+def store_path(store: Any) -> str:
+    """The store as a folder path: ``~`` expanded, as a shell would (a preset's ``store: ~/x``
+    is the home folder's, never a literal ``./~/x``)."""
+    text = str(store)
+    return str(Path(text).expanduser()) if text.strip() else text  # "" stays, to be refused
+
+
+def register_path_resolver() -> None:
+    """``${suite_path:${store}}`` in conf/config.yaml: Hydra's sweep folder under the same
+    store as the cells, ``~`` expanded."""
+    if not OmegaConf.has_resolver("suite_path"):
+        OmegaConf.register_new_resolver("suite_path", store_path)
+
+
 # --- range checks, each stated beside the field it checks ------------------------------------
 
 
@@ -60,6 +74,12 @@ def at_least(bound: int) -> Check:
 
 
 POSITIVE = Check(lambda x: _finite(x) and x > 0, "must be a positive number")
+# The store keeps integers as 64-bit (Parquet int64); a seed seeds torch and NumPy.
+INT64_MAX = 2**63 - 1
+SEED = Check(
+    lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT64_MAX,
+    f"must be an integer in [0, {INT64_MAX}]",
+)
 NON_NEGATIVE = Check(lambda x: _finite(x) and x >= 0, "must be ≥ 0")
 
 
@@ -166,7 +186,10 @@ class DataConfig:
     vocab_size: int | None = setting(
         None,
         "tokens only; default: largest token id + 1",
-        check=Check(lambda x: x is None or x >= 2, "must be at least 2"),
+        # Token files hold uint16 ids: a larger vocabulary only adds embeddings no token uses.
+        check=Check(
+            lambda x: x is None or 2 <= x <= 2**16, "must be in [2, 65536] (token ids are uint16)"
+        ),
     )
 
     def check_together(self) -> None:
@@ -224,6 +247,12 @@ class OptimConfig:
     )
 
     def check_together(self) -> None:
+        _check(
+            self.warmup_steps <= INT64_MAX,
+            "optim.warmup_steps",
+            "must fit in 64 bits (the store keeps integers as int64)",
+            self.warmup_steps,
+        )
         _check(
             not (self.warmup_steps and self.warmup_fraction),
             "optim.warmup_fraction",
@@ -287,11 +316,14 @@ class TrainConfig:
         check=at_least(1),
         identity=False,
     )
-    # Packed members equal their unpacked cells (tested), so packing is not part of the identity.
+    # A packed member is not bit-for-bit its unpacked cell: batched kernels round differently,
+    # and over a full budget the runs drift apart (final loss by ~2% at 400 steps). So packing
+    # is part of the identity: a packed cell has its own id ("-packed"), never an unpacked one's.
     pack_lr: bool = setting(
         False,
-        "train a sweep's learning rates together as one packed run (torch.func; suite/packed.py)",
-        identity=False,
+        "train a sweep's learning rates together as one packed run (torch.func; suite/packed.py); "
+        "packed cells are cells of their own (id tag 'packed', arm '· packed')",
+        since="0.4",
     )
 
     def check_together(self) -> None:
@@ -397,8 +429,10 @@ SECTIONS: dict[str, type] = {
 class SuiteConfig:
     """The root of the composed config: what ``python -m suite --cfg job`` prints."""
 
-    seed: int = setting(0, "seeds the init and the batch order")
-    store: str = setting("results", "the results store: one folder per cell under <store>/cells")
+    seed: int = setting(0, "seeds the init and the batch order", check=SEED)
+    store: str = setting(
+        "results", "the results store: one folder per cell under <store>/cells (~ is expanded)"
+    )
     sweep_name: str = setting("custom", "set by each sweep preset; recorded with every run")
     resume: bool = setting(True, "skip cells whose finished record is already in the store")
     progress_every: float = setting(
@@ -423,6 +457,7 @@ class SuiteConfig:
 def register_schema() -> None:
     """Put the schema in Hydra's ConfigStore, where conf/config.yaml's defaults list starts."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=SuiteConfig)
+    register_path_resolver()
 
 
 # --- the cell --------------------------------------------------------------------------------
@@ -465,9 +500,14 @@ class CellConfig:
     def config_hash(self) -> str:
         return identity_hash(asdict(self))
 
+    def id_tags(self) -> list[str]:
+        """Words in the id for how the cell was trained, where that is not the default."""
+        return ["packed"] if self.train.pack_lr else []
+
     def cell_id(self) -> str:
+        tags = "".join(f"-{tag}" for tag in self.id_tags())
         return (
-            f"{self.variant}-L{self.model.depth}-lr{self.optim.lr:g}-s{self.seed}-"
+            f"{self.variant}-L{self.model.depth}-lr{self.optim.lr:g}-s{self.seed}{tags}-"
             f"{self.config_hash()[:10]}"
         )
 
@@ -534,6 +574,13 @@ def check_section(name: str, section: Any) -> None:
     for spec in dataclasses.fields(section):
         check: Check | None = spec.metadata.get("check")
         value = getattr(section, spec.name)
+        if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            _check(
+                False,
+                f"{name}.{spec.name}",
+                "must fit in 64 bits (the store keeps integers as int64)",
+                value,
+            )
         if check is not None:
             try:
                 holds = check.holds(value)
@@ -584,8 +631,13 @@ def validate(cell: CellConfig) -> None:
         "model.parametrization=sp with it",
         cell.model.parametrization,
     )
-    seed = cell.seed
-    _check(isinstance(seed, int) and not isinstance(seed, bool), "seed", "must be an integer", seed)
+    _check(SEED.holds(cell.seed), "seed", SEED.requirement, cell.seed)
+    _check(
+        cell.warmup_steps() <= cell.train.steps,
+        "optim.warmup_steps",
+        f"must be at most train.steps={cell.train.steps}: a longer warmup never reaches optim.lr",
+        cell.optim.warmup_steps,
+    )
 
 
 def config_error(error: Exception) -> ConfigError:
@@ -703,7 +755,7 @@ def cell_from_config(cfg: DictConfig) -> CellConfig:
         variant_params=variant_params,
         seed=cfg.get("seed", 0),
         sweep=str(cfg.get("sweep_name", "custom")),
-        store=str(cfg.get("store", "results")),
+        store=store_path(cfg.get("store", "results")),
         **sections,
     )
     validate(cell)

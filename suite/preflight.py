@@ -10,11 +10,13 @@ import importlib.util
 import itertools
 import json
 import os
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -34,6 +36,7 @@ from suite.config import (
 from suite.devices import GPU_LAUNCHER, register_resolver, sweep_gpus
 from suite.environment import resolve_device
 from suite.model import VariantError
+from suite.plan import RESERVED_ENV_PREFIX
 from suite.runner import build_model, corpus_for
 from suite.targets import ForbiddenTarget, check_config, check_target
 
@@ -56,6 +59,11 @@ def register_configs() -> None:
 def _check_variant_names(overrides: list) -> None:
     known = set(variants.names())
     for override in overrides:
+        if override.key_or_group.lstrip("+~") == "variant.name":
+            raise ConfigError(
+                "variant.name: the variant is chosen with +variant=NAME (a comma list sweeps "
+                "several), not set as a value"
+            )
         if override.key_or_group != "variant":
             continue
         values = (
@@ -64,6 +72,11 @@ def _check_variant_names(overrides: list) -> None:
             else [override.value()]
         )
         for name in values:
+            if not isinstance(name, str):
+                raise ConfigError(
+                    f"variant: expected a variant name, or a comma list to sweep several "
+                    f"(+variant=preln,postln); got {override.input_line}"
+                )
             if name not in known:
                 raise ConfigError(
                     f"variant: unknown variant {name!r}; registered variants: "
@@ -98,6 +111,16 @@ def root_setting(overrides: list[str], key: str) -> Any:
         return compose("config", overrides=fixed).get(key)
 
 
+def launcher_choice(overrides: list[str]) -> str:
+    """The ``hydra/launcher`` choice every job of the sweep runs under (``basic`` by default)."""
+    register_configs()
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        base = compose("config", overrides=fixed, return_hydra_config=True)
+    return str(base.hydra.runtime.choices.get("hydra/launcher") or "basic")
+
+
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The override list of every job the sweep will run, as Hydra's basic sweeper builds them:
     the preset's ``hydra.sweeper.params`` with command-line values taking precedence."""
@@ -110,6 +133,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
     base = compose("config", overrides=fixed, return_hydra_config=True)
     _check_targets_in("", lambda: check_config(base))  # Hydra's own config: callbacks, launcher
+    check_hydra_settings(base)
     given = {o.key_or_group for o in parsed}
     preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
     axes = []
@@ -125,6 +149,41 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     if base.hydra.runtime.choices.get("hydra/launcher") == GPU_LAUNCHER:
         _check_gpu_launcher(base, jobs)
     return jobs
+
+
+def check_hydra_settings(cfg: DictConfig) -> None:
+    """What a user may set in Hydra's own namespace that would move results out of the store's
+    reach, bypass preflight, or fail only after the sweep has started."""
+    hydra_cfg = cfg.hydra
+    for key in hydra_cfg.job.get("env_set") or {}:
+        if str(key).startswith(RESERVED_ENV_PREFIX):
+            raise ConfigError(
+                f"hydra.job.env_set.{key}: {RESERVED_ENV_PREFIX}* variables are the suite's own "
+                "channel to its jobs, not a setting"
+            )
+    if hydra_cfg.job.get("chdir"):
+        raise ConfigError(
+            "hydra.job.chdir: must stay false: the suite resolves store and data.path from the "
+            "folder it is started in, and a job that changes folder writes its results elsewhere"
+        )
+    sweep_dir = str(hydra_cfg.sweep.get("dir") or "").strip()
+    if not sweep_dir:
+        raise ConfigError(
+            "hydra.sweep.dir: must be a folder path (empty would write Hydra's job folders into "
+            "the working directory)"
+        )
+    _check_writable_folder("hydra.sweep.dir", sweep_dir)
+    launcher = str(hydra_cfg.runtime.choices.get("hydra/launcher") or "")
+    target = str(hydra_cfg.launcher.get("_target_", ""))
+    if "joblib" in target.lower() and hydra_cfg.launcher.get("n_jobs") == 0:
+        raise ConfigError(
+            "hydra.launcher.n_jobs: must not be 0 (a number of workers, or -1 for one per core)"
+        )
+    if "SlurmLauncher" in target and shutil.which("sbatch") is None:
+        raise ConfigError(
+            f"hydra/launcher={launcher}: no SLURM here (sbatch is not on the PATH); submit from "
+            "a SLURM login node, or use hydra/launcher=per_core on this machine"
+        )
 
 
 # Launcher configs that need a plugin the suite does not install by default: its pip extra.
@@ -183,11 +242,18 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
             jobs = expand_sweep(overrides)
         except HydraException as error:
             raise config_error(error) from None
+        except yaml.YAMLError as error:  # a broken preset, e.g. in a user's --config-dir
+            raise ConfigError(f"a config file is not valid YAML: {_one_line(error)}") from None
         for job in jobs:
             try:
                 parsed = parser.parse_overrides(job)
                 groups = tuple(o.input_line for o in parsed if _needs_compose(o))
                 if groups not in composed:
+                    if any(o.key_or_group != "variant" for o in parsed if _needs_compose(o)):
+                        # A job's own preset may set Hydra's job keys (env_set, chdir).
+                        check_hydra_settings(
+                            compose("config", overrides=list(groups), return_hydra_config=True)
+                        )
                     composed[groups] = compose("config", overrides=list(groups))
                 cfg = copy.deepcopy(composed[groups])
                 for override in parsed:
@@ -199,13 +265,35 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
                             force_add=override.is_add(),
                         )
                 _check_targets_in("", lambda cfg=cfg: check_config(cfg))
-                cells.append((job, cell_from_config(cfg)))
+                cell = cell_from_config(cfg)
+                _check_variant_choice(parsed, cell)
+                cells.append((job, cell))
             except (OmegaConfBaseException, HydraException) as error:
                 error = config_error(error)
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
             except ConfigError as error:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
+            except yaml.YAMLError as error:
+                raise ConfigError(
+                    f"a config file is not valid YAML: {_one_line(error)}\n  in the cell: "
+                    f"{' '.join(job)}"
+                ) from None
     return cells
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _check_variant_choice(parsed: list, cell: CellConfig) -> None:
+    """The variant a job trains is the one it chose (+variant=NAME): a preset that sets
+    ``variant.name`` would otherwise train another variant under the chosen one's command."""
+    chosen = [str(o.value()) for o in parsed if o.key_or_group == "variant"]
+    if chosen and cell.variant != chosen[-1]:
+        raise ConfigError(
+            f"variant.name: {cell.variant!r} does not match +variant={chosen[-1]}; a preset must "
+            "not set variant.name (choose the variant with +variant=NAME)"
+        )
 
 
 def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
@@ -215,26 +303,33 @@ def preflight(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     _refuse_duplicate_cells(cells)
     for store in {cell.store for _, cell in cells}:
         check_store_writable(store)
-    check_data(cells)
+    vocab_sizes = check_data(cells)
     # A packed run holds one model copy per learning rate of the sweep.
     members = len({cell.optim.lr for _, cell in cells})
     built: set[str] = set()
     for job, cell in cells:
         try:
-            _check_model_builds(cell, built, members if cell.train.pack_lr else 1)
+            vocab_size = vocab_sizes[_data_key(cell)]
+            copies = members if cell.train.pack_lr else 1
+            _check_model_builds(cell, built, copies, vocab_size)
         except ConfigError as error:
             raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
     return cells
 
 
-def check_data(cells: list[tuple[list[str], CellConfig]]) -> None:
+def _data_key(cell: CellConfig) -> str:
+    return json.dumps(asdict(cell.data), sort_keys=True)
+
+
+def check_data(cells: list[tuple[list[str], CellConfig]]) -> dict[str, int]:
     """Open each distinct data source of the sweep once, before any cell starts, and check what
     a cell would later trip on: a corpus that cannot be read or is too small, token ids beyond
-    the vocabulary, a sequence longer than a split."""
+    the vocabulary, a sequence longer than a split. Returns each source's vocabulary size."""
     by_source: dict[str, list[CellConfig]] = {}
     for _, cell in cells:
-        by_source.setdefault(json.dumps(asdict(cell.data), sort_keys=True), []).append(cell)
-    for group in by_source.values():
+        by_source.setdefault(_data_key(cell), []).append(cell)
+    vocab_sizes = {}
+    for key, group in by_source.items():
         data = group[0].data
         try:
             corpus = corpus_for(data)
@@ -244,6 +339,7 @@ def check_data(cells: list[tuple[list[str], CellConfig]]) -> None:
             raise ConfigError(
                 f"data.path: cannot read {data.path!r} as data.source={data.source} ({error})"
             ) from None
+        vocab_sizes[key] = corpus.vocab_size
         shortest = min(len(corpus.train), len(corpus.val))
         for cell in group:
             if cell.model.seq_len + 1 >= shortest:
@@ -251,21 +347,25 @@ def check_data(cells: list[tuple[list[str], CellConfig]]) -> None:
                     f"model.seq_len: {cell.model.seq_len} is too long for {corpus.name}, whose "
                     f"smaller split has {shortest} tokens (a window is seq_len + 1 tokens)"
                 )
+    return vocab_sizes
 
 
 def check_store_writable(store: str) -> None:
     """The store, or the folder it would be created in, must be a writable folder: checked
     without writing anything."""
-    path = Path(store).expanduser().absolute()
     if not str(store).strip():
         raise ConfigError("store: must be a folder path (got an empty one)")
-    existing = path
+    _check_writable_folder("store", store)
+
+
+def _check_writable_folder(key: str, folder: str) -> None:
+    existing = Path(folder).expanduser().absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"store: {str(existing)!r} is a file, not a folder (store={store!r})")
+        raise ConfigError(f"{key}: {str(existing)!r} is a file, not a folder ({key}={folder!r})")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"store: cannot write in {str(existing)!r} (store={store!r})")
+        raise ConfigError(f"{key}: cannot write in {str(existing)!r} ({key}={folder!r})")
 
 
 def _refuse_duplicate_cells(cells: list[tuple[list[str], CellConfig]]) -> None:
@@ -286,15 +386,16 @@ def _refuse_duplicate_cells(cells: list[tuple[list[str], CellConfig]]) -> None:
         )
 
 
-def _check_model_builds(cell: CellConfig, built: set[str], copies: int) -> None:
+def _check_model_builds(cell: CellConfig, built: set[str], copies: int, vocab_size: int) -> None:
     """Build each distinct (variant, shape) once on CPU: a broken variant fails here, not
-    mid-sweep (the vocabulary size does not matter to the check). A model too big for the
+    mid-sweep (the vocabulary size does not matter to the check). A cell too big for the
     machine is refused before anything is allocated."""
+    needed = check_fits_in_memory(cell, vocab_size, copies)
     key = json.dumps([cell.variant, cell.variant_params, asdict(cell.model)], sort_keys=True)
     if key in built:
         return
     built.add(key)
-    if check_fits_in_memory(cell, copies) > PREFLIGHT_BUILD_LIMIT:
+    if needed.parameters > PREFLIGHT_BUILD_LIMIT:
         return  # too slow to build twice; GPT checks its blocks again when the cell starts
     try:
         build_model(cell, vocab_size=256)
@@ -306,29 +407,56 @@ def _check_model_builds(cell: CellConfig, built: set[str], copies: int) -> None:
         ) from None
 
 
-def check_fits_in_memory(cell: CellConfig, copies: int = 1) -> float:
-    """Parameters, gradients and AdamW's two moments: 16 bytes per fp32 parameter, for each of
-    ``copies`` models (a packed run's members). Activations are not counted; a run that still
-    does not fit is recorded as an out-of-memory error. Returns the (approximate) parameter
-    count of one model."""
+@dataclass(frozen=True)
+class MemoryNeed:
+    parameters: float  # of one model
+    state_bytes: float  # parameters, gradients and AdamW's two moments, fp32
+    activation_bytes: float  # what one training step keeps for its backward pass
+
+    @property
+    def total(self) -> float:
+        return self.state_bytes + self.activation_bytes
+
+
+def memory_need(cell: CellConfig, vocab_size: int, copies: int = 1) -> MemoryNeed:
+    """An upper estimate of what a cell allocates, for ``copies`` models (a packed run's
+    members): 16 bytes per fp32 parameter (the weights, their gradients, AdamW's two moments),
+    the embeddings and head counted by the vocabulary, plus the activations one step keeps for
+    backward, by batch and sequence: per block the residual stream and sublayer inputs (~10·d),
+    the MLP's hidden units (3·r·d) and the attention scores and probabilities (2·heads·T), and
+    the output logits with their softmax and its gradient (3·V) per token, in fp32."""
+    m, batch = cell.model, cell.train.batch_size
+    per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
+    embeddings = vocab_size * m.width * (1 if m.tie_embeddings else 2) + m.seq_len * m.width
+    parameters = m.depth * per_layer + embeddings
+    per_token = m.depth * (m.width * (10 + 3 * m.mlp_ratio) + 2 * m.heads * m.seq_len)
+    per_token += 3 * vocab_size
+    activations = 4 * batch * m.seq_len * per_token
+    return MemoryNeed(parameters, 16 * parameters * copies, activations * copies)
+
+
+def check_fits_in_memory(cell: CellConfig, vocab_size: int, copies: int = 1) -> MemoryNeed:
+    """Refuse a cell whose estimated memory (:func:`memory_need`) exceeds the device's: the
+    machine's RAM on CPU (one cell at a time; parallel workers share it), the GPU's memory on
+    CUDA. Returns the estimate."""
     m = cell.model
     device = _available_device(cell.train.device)
-    per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
-    parameters = m.depth * per_layer + (256 + m.seq_len) * m.width
-    needed = 16 * parameters * copies
+    need = memory_need(cell, vocab_size, copies)
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     else:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > available:
+    if need.total > available:
         raise ConfigError(
-            f"model: the parameters, gradients and AdamW state need ~{needed / 2**30:,.0f} GiB "
-            f"(model.width={m.width}, model.depth={m.depth}, model.mlp_ratio={m.mlp_ratio:g}"
+            f"model: a cell needs ~{need.total / 2**30:,.1f} GiB "
+            f"(~{need.state_bytes / 2**30:,.1f} GiB of parameters, gradients and AdamW state, "
+            f"~{need.activation_bytes / 2**30:,.1f} GiB of activations: model.width={m.width}, "
+            f"model.depth={m.depth}, model.mlp_ratio={m.mlp_ratio:g}, model.seq_len={m.seq_len}, "
+            f"train.batch_size={cell.train.batch_size}, vocabulary {vocab_size}"
             + (f", {copies} packed learning rates" if copies > 1 else "")
-            + ") "
-            f"but this {device.type} has {available / 2**30:,.0f} GiB"
+            + f") but this {device.type} has {available / 2**30:,.0f} GiB"
         )
-    return parameters
+    return need
 
 
 def _available_device(requested: str) -> torch.device:

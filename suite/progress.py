@@ -23,10 +23,7 @@ process prints one line of it every ``progress_every`` seconds.
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import json
-import os
-import socket
 import sys
 import threading
 import time
@@ -38,10 +35,12 @@ from typing import Any, TextIO
 
 import pyarrow.parquet as pq
 
+import suite.plan as plan_module
 from suite.claims import CLAIM, describe, is_stale
-from suite.store import PARTIAL_CURVE, RECORD, RUNNING, atomic_write, cell_dir
+from suite.liveness import on_this_host, process_alive
+from suite.plan import PLANS
+from suite.store import PARTIAL_CURVE, RECORD, RUNNING, cell_dir
 
-PLANS = "sweeps"  # <store>/sweeps/: one plan per sweep started on the store
 PLANS_ENV = "SUITE_SWEEP_PLANS"  # the plans this sweep wrote, for its own progress printer
 # Launchers whose cells log into the sweep's own output as they go; under the others (SLURM,
 # Ray, submitit local) the sweep's process waits silently, so it prints progress lines.
@@ -50,46 +49,9 @@ QUIET_AFTER_S = 300.0  # a sweep on another host with nothing running or finishi
 STATES = ("done", "errored", "running", "interrupted", "queued")
 
 
-def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_plan(store: str | Path, cell_ids: list[str], command: list[str], resume: bool) -> Path:
-    """Record what a sweep is about to run; returns the plan's path."""
-    started = _utc_now()
-    host, pid = socket.gethostname(), os.getpid()
-    path = Path(store) / PLANS / f"{started.replace(':', '')}-{host}-{pid}.json"
-    plan = {
-        "started_at": started,
-        "hostname": host,
-        "pid": pid,
-        "user": getpass.getuser(),
-        "command": command,
-        "resume": resume,
-        "cells": cell_ids,
-    }
-    text = json.dumps(plan, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
 def read_plans(store: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every readable plan in the store, oldest first (an unreadable one is skipped)."""
-    plans = []
-    for path in sorted((Path(store) / PLANS).glob("*.json")):
-        try:
-            plan = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        try:
-            dt.datetime.fromisoformat(plan["started_at"])
-            cells = plan["cells"]
-            cells_listed = isinstance(cells, list) and all(isinstance(c, str) for c in cells)
-        except (TypeError, KeyError, ValueError):
-            continue
-        if cells_listed:
-            plans.append((path, plan))
-    return plans
+    """Every readable plan in the store (suite/plan.py), oldest first, as its fields."""
+    return [(path, plan.as_dict()) for path, plan in plan_module.read_plans(store)]
 
 
 @dataclass
@@ -177,15 +139,10 @@ def _duration(seconds: float) -> str:
 
 
 def _sweep_process(plan: dict[str, Any]) -> str:
-    if plan.get("hostname") != socket.gethostname():
+    alive = process_alive(plan)
+    if alive is None:
         return f"on {plan.get('hostname')}"
-    try:
-        os.kill(int(plan["pid"]), 0)
-    except ProcessLookupError:
-        return "its process has ended"
-    except (OSError, KeyError, TypeError, ValueError):
-        pass
-    return f"pid {plan.get('pid')}"
+    return f"pid {plan.get('pid')}" if alive else "its process has ended"
 
 
 def progress_line(
@@ -227,7 +184,7 @@ def sweep_over(store: str | Path, plan: dict[str, Any], cells: list[CellProgress
         return False
     if plan.get("ended_at") or _sweep_process(plan) == "its process has ended":
         return True
-    if plan.get("hostname") == socket.gethostname():
+    if on_this_host(plan):
         return False  # its process is alive
     newest = max((_mtime(cell_dir(store, cell.cell_id)) for cell in cells), default=0.0)
     return time.time() - max(newest, _time(plan["started_at"]).timestamp()) > QUIET_AFTER_S
@@ -289,15 +246,6 @@ def watch(
         if not running:
             return
         sleep(every_s)
-
-
-def mark_ended(plan_path: Path) -> None:
-    """The sweep's process is ending: say so in its plan (a watcher then stops at once)."""
-    plan = _read_json(plan_path)
-    if plan is None:
-        return
-    text = json.dumps({**plan, "ended_at": _utc_now()}, indent=1)
-    atomic_write(plan_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def quiet_launcher(target: str) -> bool:

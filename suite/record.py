@@ -10,6 +10,7 @@ suite/diagnostics.py), and, if wanted, draw it (suite/figures.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,9 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("batch_size", "int", "sequences per step"),
         ("dtype", "str", "`float32`, or `bfloat16` autocast"),
         ("compile", "bool", "whether `torch.compile` was on"),
+        ("packed", "bool", "trained in a packed learning-rate run (`train.pack_lr=true`): a "
+         "cell of its own, with `packed` in its id and `· packed` in its arm's label (packed "
+         "and unpacked runs of one setting drift apart over a budget; they never pool)"),
     ),
     "data": _group(
         ("corpus", "str", "the data source's name"),
@@ -176,6 +180,8 @@ GROUPS: dict[str, tuple[Column, ...]] = {
          None, False, True),
         ("pid", "int", "present when some cell is running or was interrupted: the process "
          "that trains (or trained) it", None, False, True),
+        ("pid_started", "int", "... and that process's start time (clock ticks since boot), "
+         "which tells it from a later process given the same pid", None, False, True),
     ),
 }
 
@@ -203,6 +209,45 @@ RECORD_COLUMNS: tuple[str, ...] = tuple(column.name for column in COLUMNS)
 OPTIONAL_COLUMNS: frozenset[str] = frozenset(column.name for column in COLUMNS if column.optional)
 REPORT_COLUMNS: tuple[str, ...] = tuple(column.name for column in COLUMNS if column.in_report)
 FORMATS: dict[str, str] = {column.name: column.fmt for column in COLUMNS if column.fmt}
+
+
+INT64 = (-(2**63), 2**63 - 1)  # what a Parquet integer column holds
+_KIND_OF = {column.name: column.kind for column in COLUMNS}
+
+
+def fits_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` (as read from a record.json) is of a column's kind and storable: an
+    integer within 64 bits, a list of numbers, a JSON object (or its text). Empty is allowed."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    if kind == "list":
+        return isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        )
+    if kind == "json":
+        return isinstance(value, dict | str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (INT64[0] <= value <= INT64[1])
+        )
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def record_problems(record: dict[str, Any]) -> list[str]:
+    """The declared columns whose value in ``record`` is not of their kind (empty: none)."""
+    return [
+        f"{name}: expected {_KIND_OF[name]}, got {value!r:.60}"
+        for name, value in record.items()
+        if name in _KIND_OF and not fits_kind(value, _KIND_OF[name])
+    ]
 
 
 def curve_row(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import errno
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ from suite import diagnostics_figures, figures
 from suite.collect import add_verdict_arguments, collect, parse_verdict
 from suite.environment import git_sha, suite_version
 from suite.record import FORMATS, REPORT_COLUMNS
-from suite.store import read_curve
+from suite.store import atomic_write, read_curve
 from suite.summary import (
     diagnostics_table,
     escape_label,
@@ -119,14 +120,30 @@ def matching_benchmarks(benchmarks: pd.DataFrame | None, runs: pd.DataFrame) -> 
     return benchmarks[benchmarks["width"].isin(runs["width"].unique())]
 
 
-def curves_at(runs: pd.DataFrame, store: Path, depth: int, lr: float) -> pd.DataFrame:
+CURVE_NEEDS = ("step", "loss")  # what the curve figures plot
+
+
+def curves_at(
+    runs: pd.DataFrame, store: Path, depth: int, lr: float, skipped: list[str] | None = None
+) -> pd.DataFrame:
+    """The stored curves of the finished runs at (depth, lr). A curve that is missing,
+    unreadable or lacks a column the figures plot is left out and its cell named (logged, and
+    appended to ``skipped``): the report shows the others."""
     frames = []
     finished = ok_runs(runs)
     for run in finished[(finished["depth"] == depth) & (finished["lr"] == lr)].itertuples():
         try:
             curve = read_curve(store, run.cell_id)
-        except (OSError, ValueError):
-            continue  # a record without its curve (deleted, partial copy): plot the others
+            missing = [column for column in CURVE_NEEDS if column not in curve]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} column")
+            curve["step"] = pd.to_numeric(curve["step"], errors="raise")
+            curve["loss"] = pd.to_numeric(curve["loss"], errors="raise")
+        except (OSError, ValueError, TypeError) as error:
+            log.warning("%s: its curve cannot be plotted (%s); left out", run.cell_id, error)
+            if skipped is not None:
+                skipped.append(run.cell_id)
+            continue
         frames.append(curve.assign(variant=run.variant, seed=run.seed, run=run.cell_id))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -274,7 +291,8 @@ def build_sections(
             "of every member of the pack."
         )
     depth, lr = curves_cell or figures.hardest_cell(finished)
-    curves = curves_at(finished, store, depth, lr)
+    unplottable: list[str] = []
+    curves = curves_at(finished, store, depth, lr, unplottable)
     curves_section = sections[-1]
     curves_section.title = f"Training curves at depth {depth}, LR {lr:g}"
     chosen = (
@@ -287,6 +305,11 @@ def build_sections(
         "entropy. "
         "Watch for flat lines at the entropy (stalled) and lines that end early (diverged)."
     )
+    if unplottable:
+        curves_section.caption += (
+            f" Left out: {len(unplottable)} run(s) whose stored curve is missing or damaged "
+            f"({', '.join(unplottable)})."
+        )
     if curves.empty:
         curves_section.note = f"No curves stored for depth {depth}, LR {lr:g}."
     else:
@@ -461,10 +484,11 @@ def render(
 
 
 def write_report(html: str, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    """Write the report atomically (a temporary file beside it, then a rename); a target that
+    is a folder is refused before anything is written."""
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give the HTML file's path", str(out))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
     return out
 
 
@@ -508,8 +532,13 @@ def main(argv: list[str] | None = None) -> None:
             "(python -m suite +variant=preln)"
         )
     curves_cell = (args.curves_depth, args.curves_lr) if args.curves_depth is not None else None
+    if args.out.is_dir():
+        parser.exit(2, f"config error: --out: {args.out} is a folder; give the HTML file's path\n")
     html = render(runs, args.store, load_benchmarks(args.benchmark), curves_cell)
-    out = write_report(html, args.out)
+    try:
+        out = write_report(html, args.out)
+    except OSError as error:
+        raise SystemExit(f"report: cannot write {args.out}: {error.strerror or error}") from None
     errors = int((runs["status"] != "ok").sum())
     print(f"report: {out} ({len(runs)} runs, {errors} errored)")
 

@@ -99,6 +99,7 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "dtype": t.dtype,
         "compile": t.compile,
+        "packed": t.pack_lr,
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(device),
         "config": asdict(cell),

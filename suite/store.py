@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,6 +29,9 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
+
+from suite.liveness import process_alive
+from suite.record import record_problems
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +116,53 @@ def write_table(runs: pd.DataFrame, path: Path) -> None:
 
 
 def finished_record(store: str | Path, cell_id: str) -> dict[str, Any] | None:
-    """The cell's record if it finished (status ok) and its curve is readable; None if absent,
-    errored, unreadable or missing its curve, so that resume trains the cell again."""
+    """The cell's record if it finished (status ok), is whole, and its curve is the one it
+    describes; None if absent, errored, unreadable, damaged, or its curve is missing, unreadable
+    or of another length, so that resume trains the cell again (what collect says it will do)."""
     try:
         record = json.loads((cell_dir(store, cell_id) / RECORD).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("status") != "ok":
         return None
+    problems = record_problems(record)
+    if problems:
+        log.warning("%s: its record is damaged (%s); it is trained again", cell_id, problems[0])
+        return None
     try:
-        pq.read_metadata(curve_path(store, cell_id))
+        rows = pq.read_metadata(curve_path(store, cell_id, record)).num_rows
     except (OSError, ValueError):
         log.warning("%s: its curve is missing or unreadable; it is trained again", cell_id)
+        return None
+    if rows != curve_length(record):
+        log.warning(
+            "%s: its curve has %d steps, its record %s; it is trained again",
+            cell_id,
+            rows,
+            curve_length(record),
+        )
         return None
     return record
 
 
-def _process_alive(marker: dict[str, Any]) -> bool:
-    if marker.get("hostname") != socket.gethostname():
-        return True  # another machine's run: assume it is still going
+def curve_length(record: dict[str, Any]) -> int | None:
+    """The rows a finished record's curve must have: its steps, and the diverging one."""
     try:
-        os.kill(int(marker["pid"]), 0)
-    except (OSError, KeyError, ValueError, TypeError):
-        return False
-    return True
+        return int(record["steps_completed"]) + (record.get("diverged_step") is not None)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
-_CELL_ID = re.compile(r"^(?P<variant>.+)-L(?P<depth>\d+)-lr(?P<lr>[^-]+)-s(?P<seed>\d+)-[0-9a-f]+$")
+def _process_alive(marker: dict[str, Any]) -> bool:
+    # Another machine's run: assume it is still going.
+    return process_alive(marker) is not False
+
+
+# <variant>-L<depth>-lr<lr>-s<seed>[-<tag>...]-<10 hex digits> (tags: CellConfig.id_tags)
+_CELL_ID = re.compile(
+    r"^(?P<variant>.+)-L(?P<depth>\d+)-lr(?P<lr>[^-]+)-s(?P<seed>\d+)(?:-[a-z][a-z0-9_]*)*"
+    r"-[0-9a-f]{10}$"
+)
 
 
 def cell_from_id(cell_id: str) -> dict[str, Any]:
@@ -175,6 +197,9 @@ def read_records(store: str | Path) -> list[dict[str, Any]]:
             record = json.loads(path.read_text())
             if not isinstance(record, dict) or record.get("cell_id") != folder.name:
                 raise ValueError("not a record of this cell")
+            problems = record_problems(record)
+            if problems:
+                raise ValueError(f"damaged: {'; '.join(problems)}")
         except (OSError, ValueError) as error:
             log.warning("unreadable record %s: %s", path, error)
             records.append(

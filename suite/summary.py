@@ -17,6 +17,8 @@ CELL = ["variant", "depth"]
 
 # What a run was trained with besides its variant, and the value that leaves its name alone.
 ARM_DEFAULTS = {"optimizer": "adamw", "parametrization": "sp"}
+# Flags that make an arm when true, and the word the label gets for them.
+ARM_FLAGS = {"packed": "packed"}
 BASE_DEPTH_DEFAULT = 4  # model.base_depth's default (suite/config.py)
 
 
@@ -39,6 +41,9 @@ def with_arm_labels(runs: pd.DataFrame) -> pd.DataFrame:
             base = " N₀=" + runs["base_depth"].astype("Int64").astype(str)
             suffix = suffix.where(~moved, suffix + base)
         labels = labels.where(~other, labels + suffix)
+    for column, word in ARM_FLAGS.items():
+        if column in runs:
+            labels = labels.where(runs[column] != True, labels + " · " + word)  # noqa: E712
     return runs.assign(variant=labels + _varying_settings(runs))
 
 

@@ -92,8 +92,8 @@ def test_any_bad_value_is_a_config_error_naming_a_key(overrides):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.width=1000000", "model: the parameters, gradients and AdamW state need"),
-        ("model.depth=10000000", "model: the parameters, gradients and AdamW state need"),
+        ("model.width=1000000", "model: a cell needs"),
+        ("model.depth=10000000", "model: a cell needs"),
         ("+hydra.callbacks.evil._target_=os.system", "_target_"),
         ("+model._target_=builtins.exec", "_target_"),
         ("train.device=cuda:7", "train.device: 'cuda:7' is not available here"),

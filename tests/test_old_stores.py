@@ -39,8 +39,10 @@ def test_a_v0_2_0_store_collects_into_the_same_table(tmp_path):
         "base_depth",
         "cells_per_device",
     }
-    assert set(runs.columns) - set(expected.columns) == added
+    # ... and one read from each record's config: none of them was packed.
+    assert set(runs.columns) - set(expected.columns) == added | {"packed"}
     assert runs[sorted(added)].isna().all().all()
+    assert not runs["packed"].any()
     pd.testing.assert_frame_equal(
         runs[same].reset_index(drop=True), expected[same].reset_index(drop=True)
     )

@@ -1,5 +1,7 @@
-"""Packed LR sweeps (train.pack_lr): members match their unpacked cells, a diverging member
-is finished at once and never touches the others, and the CLI stores the same cells."""
+"""Packed LR sweeps (train.pack_lr): members compute what their unpacked cells compute (to
+round-off, over a short run), a diverging member is finished at once and never touches the
+others, and packed cells are cells of their own: over a full budget round-off grows into
+different runs, so a packed cell never stands in for an unpacked one."""
 
 from __future__ import annotations
 
@@ -106,10 +108,14 @@ def test_a_pack_that_fails_after_training_keeps_each_members_curve(monkeypatch):
         assert len(curve) == record["steps_completed"] == record["steps"]
 
 
-def test_packing_does_not_change_a_cells_identity():
+def test_a_packed_cell_is_a_cell_of_its_own_and_says_so_in_its_id():
     plain = make_cell(lr=1e-3)
     packed = make_cell(lr=1e-3, pack_lr=True)
-    assert plain.cell_id() == packed.cell_id()
+    assert plain.cell_id() != packed.cell_id()
+    assert "-s0-packed-" in packed.cell_id() and "packed" not in plain.cell_id()
+    from suite.store import cell_from_id
+
+    assert cell_from_id(packed.cell_id()) == cell_from_id(plain.cell_id())  # variant, depth, ...
 
 
 def test_packing_a_compiled_model_is_refused_before_training():
@@ -118,19 +124,32 @@ def test_packing_a_compiled_model_is_refused_before_training():
     assert "train.pack_lr" in result.stderr and "train.compile" in result.stderr
 
 
-def test_packed_sweep_stores_the_same_cells_as_the_unpacked_one(tiny_sweep, tmp_path):
+def test_a_packed_sweep_stores_packed_cells_beside_the_unpacked_ones(tiny_sweep, tmp_path):
+    import shutil
+
     unpacked_store, _ = tiny_sweep
-    store = tmp_path / "packed"
+    store = tmp_path / "both"
+    shutil.copytree(unpacked_store, store)
     args = ["+variant=postln,preln", "sweep=tiny", f"store={store}", "train.pack_lr=true"]
     result = run_suite(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pack 4/4 done:" in result.stdout  # one job per (variant, depth): LRs run together
-    packed = pd.read_parquet(store / "runs.parquet").set_index("cell_id")
-    unpacked = pd.read_parquet(unpacked_store / "runs.parquet").set_index("cell_id")
-    assert sorted(packed.index) == sorted(unpacked.index)
+    assert "already in the store" not in result.stdout  # the unpacked cells are not these
+    runs = pd.read_parquet(store / "runs.parquet")
+    packed = runs[runs["packed"]].set_index("cell_id")
+    unpacked = runs[~runs["packed"]].set_index("cell_id")
+    assert len(packed) == len(unpacked) == 8
+    axes = ["variant", "depth", "lr", "seed"]
+    assert sorted(map(tuple, packed[axes].values)) == sorted(map(tuple, unpacked[axes].values))
+    assert all("-packed-" in cell_id for cell_id in packed.index)
+    assert not any("packed" in cell_id for cell_id in unpacked.index)
     assert (packed["packed_members"] == 2).all()
-    assert (packed["verdict"] == unpacked.loc[packed.index, "verdict"]).all()
     assert "Summary of this sweep (8 cells" in result.stdout
+    # Two arms in every summary: never pooled into one row.
+    from suite.summary import summarize, with_arm_labels
+
+    arms = set(summarize(with_arm_labels(runs)).index.get_level_values("variant"))
+    assert arms == {"postln", "preln", "postln · packed", "preln · packed"}
 
     from suite.report import build_sections
 
@@ -138,40 +157,51 @@ def test_packed_sweep_stores_the_same_cells_as_the_unpacked_one(tiny_sweep, tmp_
     throughput = next(s for s in sections if s.title == "Throughput vs depth")
     assert "8 runs were packed" in throughput.caption
 
+
+def test_a_packed_record_stored_under_an_unpacked_id_is_not_that_cell(tmp_path):
+    """Suite 0.3 stored packed runs under the unpacked cells' ids: resume must not take such a
+    record for the unpacked cell's result, and collect labels it packed from its config."""
+    import json
+
+    from suite.collect import collect
+
+    store = tmp_path / "store"
+    args = ["+variant=preln", "sweep=tiny", "model.depth=2", "train.steps=20", f"store={store}"]
+    first = run_suite(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for path in store.glob("cells/*/record.json"):  # as 0.3 wrote a packed run's record
+        record = json.loads(path.read_text())
+        record["config"]["train"]["pack_lr"] = True
+        del record["packed"]
+        path.write_text(json.dumps(record))
+    assert set(collect(store, write=False)["packed"]) == {True}
     again = run_suite(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "8 already in the store" in again.stdout and "done:" not in again.stdout
+    assert "trained differently; it is trained again" in again.stderr + again.stdout
+    assert again.stdout.count("done:") == 2
+    assert set(collect(store, write=False)["packed"]) == {False}
 
 
 def test_preflight_counts_every_packed_model_copy_against_memory():
     from suite.preflight import check_fits_in_memory
 
     cell = make_cell(width=512, depth=8)
-    one_copy_bytes = 16 * check_fits_in_memory(cell)  # fits: ~0.4 GB
+    one_copy_bytes = check_fits_in_memory(cell, vocab_size=256).total  # fits: ~0.4 GB
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     with pytest.raises(ConfigError, match="packed learning rates"):
-        check_fits_in_memory(cell, copies=math.ceil(memory / one_copy_bytes) + 1)
+        check_fits_in_memory(cell, 256, copies=math.ceil(memory / one_copy_bytes) + 1)
 
 
 def test_the_command_lines_lr_axis_becomes_one_job_per_pack():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from suite.app import PACKED_LRS_ENV, pack_learning_rates, packed_learning_rates
+    from suite.app import pack_learning_rates
     from suite.preflight import sweep_cells
 
     args = ["+variant=preln", "sweep=tiny", "optim.lr=1e-3,1e-2,1e-1", "train.pack_lr=true"]
     cells = [cell for _, cell in sweep_cells(args)]
-    packed_args, jobs = pack_learning_rates(args, cells)
-    packs = [cell for _, cell in sweep_cells(packed_args)]
-    assert jobs == len(packs) == 2  # depth 2 and 4
-    # The pack's learning rates reach the job through Hydra's env_set, not a user setting.
-    (env,) = [
-        o
-        for o in OverridesParser.create().parse_overrides(packed_args)
-        if o.key_or_group == f"hydra.job.env_set.{PACKED_LRS_ENV}"
-    ]
-    lrs = packed_learning_rates({PACKED_LRS_ENV: env.value()})
-    assert lrs == [1e-3, 1e-2, 1e-1]
-    members = {(c.model.depth, lr) for c in packs for lr in lrs}
-    assert members == {(c.model.depth, c.optim.lr) for c in cells}
-    assert packed_learning_rates({}) == []
+    packed_args, packs, jobs = pack_learning_rates(args, cells)
+    leads = [cell for _, cell in sweep_cells(packed_args)]
+    assert len(jobs) == len(leads) == 2  # depth 2 and 4
+    # Each job composes its pack's first member; the plan maps it to the pack's LRs.
+    assert sorted(packs) == sorted(lead.cell_id() for lead in leads)
+    assert all(lrs == [1e-3, 1e-2, 1e-1] for lrs in packs.values())
+    assert sorted(cell_id for job in jobs for cell_id in job) == sorted(c.cell_id() for c in cells)

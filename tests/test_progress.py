@@ -17,22 +17,27 @@ import pytest
 from helpers import REPO, run_suite
 
 from suite.claims import claim_cell
+from suite.plan import SweepPlan, mark_ended
 from suite.progress import (
     CellProgress,
     ProgressPrinter,
     cell_progress,
     is_over,
-    mark_ended,
     progress_line,
     read_plans,
     sweep_over,
     sweep_progress,
     watch,
-    write_plan,
 )
 from suite.store import PARTIAL_CURVE, cell_dir, write_started
 
 BEFORE = "2026-01-01T00:00:00+00:00"
+
+
+def write_plan(store, cells: list[str], command: list[str], resume: bool):
+    """A plan of one job per cell, as the sweep's main process writes it (this process's)."""
+    plan = SweepPlan(command=command, resume=resume, launcher="basic", jobs=[[c] for c in cells])
+    return plan.write(store)
 
 
 def _record(store, cell_id, status="ok", started_at=None, verdict="converged"):

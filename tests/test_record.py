@@ -67,7 +67,8 @@ def test_a_collected_table_holds_only_declared_columns_in_schema_order(tmp_path)
     runs = collect(store)
     # record_unreadable shows up (one record was bad), pid does not (no cell is running), nor
     # pinned_gpu (no cell was pinned to a GPU)
-    assert list(runs.columns) == [c for c in RECORD_COLUMNS if c not in ("pid", "pinned_gpu")]
+    absent = ("pid", "pid_started", "pinned_gpu")
+    assert list(runs.columns) == [c for c in RECORD_COLUMNS if c not in absent]
     kinds = {column.name: column.kind for column in COLUMNS}
     for name in runs.columns:
         values = [v.tolist() if hasattr(v, "tolist") else v for v in runs[name]]
