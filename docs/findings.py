@@ -27,7 +27,14 @@ from matplotlib.figure import Figure
 from suite import diagnostics_figures, figures
 from suite.collect import collect
 from suite.store import read_curve
-from suite.summary import best_val, capped_loss, lr_sensitivity, ok_runs, with_arm_labels
+from suite.summary import (
+    best_val,
+    capped_loss,
+    lr_sensitivity,
+    max_stable_lr,
+    ok_runs,
+    with_arm_labels,
+)
 from suite.transfer import optimal_lrs, transfer_exponents
 from suite.verdict import CONVERGED
 
@@ -212,6 +219,79 @@ def transfer(runs: pd.DataFrame, store: Path) -> tuple[str, Figure | None]:
     return text, figures.lr_transfer(labelled)
 
 
+def steps_to_reach(store: Path, runs: pd.DataFrame, target: float, window: int = 10) -> float:
+    """Median over ``runs`` of the first step whose ``window``-step mean training loss is at or
+    below ``target`` (NaN for a run that never gets there): how fast an arm reaches a loss."""
+    steps = []
+    for run in runs.itertuples():
+        try:
+            loss = read_curve(store, run.cell_id)["loss"].astype(float)
+        except (OSError, ValueError, KeyError):
+            continue
+        below = loss.rolling(window).mean() <= target
+        steps.append(float(below.idxmax()) if below.any() else float("nan"))
+    return float(pd.Series(steps, dtype=float).median()) if steps else float("nan")
+
+
+REFERENCE_ARM = "rmsnorm · llama"  # LLaMA's own block: pre-norm RMSNorm
+
+
+def claims(runs: pd.DataFrame, store: Path) -> tuple[str, Figure | None]:
+    """Per arm on the llama backbone and depth: converged runs, max stable LR, best val loss
+    and its gap to RMSNorm's (LLaMA's own norm) at the same depth, LR sensitivity, median escape
+    step, steps to reach RMSNorm's best final training loss (at each arm's best LR; the nGPT
+    claim), and the largest Amax gain of a converged run (the mHC claim)."""
+    llama = with_arm_labels(runs)
+    rows = []
+    for (arm, depth_), group in llama.groupby(["variant", "depth"]):
+        finished = ok_runs(group)
+        best = best_val(group)
+        rows.append(
+            {
+                "arm": arm,
+                "depth": depth_,
+                "converged": _converged(finished["verdict"]),
+                "max_stable_lr": max_stable_lr(group).iloc[0],
+                "best_val_loss": best["best_val_loss"].iloc[0],
+                "best_lr": best["best_lr"].iloc[0],
+                "lr_sensitivity": lr_sensitivity(group).iloc[0],
+                "median_escape": finished["escape_step"].median(),
+                "amax_gain": finished.loc[
+                    finished["verdict"] == CONVERGED, "amax_gain_forward"
+                ].max()
+                if "amax_gain_forward" in finished
+                else float("nan"),
+            }
+        )
+    table = pd.DataFrame(rows).set_index(["arm", "depth"])
+    for depth_ in table.index.get_level_values("depth").unique():
+        if (REFERENCE_ARM, depth_) not in table.index:
+            continue
+        reference = table.loc[(REFERENCE_ARM, depth_)]
+        at = table.index.get_level_values("depth") == depth_
+        table.loc[at, "gap_to_rmsnorm"] = table.loc[at, "best_val_loss"] - reference.best_val_loss
+        ref_runs = ok_runs(llama)
+        ref_runs = ref_runs[
+            (ref_runs["variant"] == "rmsnorm")
+            & (ref_runs["depth"] == depth_)
+            & (ref_runs["lr"] == reference.best_lr)
+        ]
+        target = float(ref_runs["final_loss"].mean())
+        for arm in table.index[at].get_level_values("arm"):
+            row = table.loc[(arm, depth_)]
+            chosen = ok_runs(llama)
+            chosen = chosen[
+                (chosen["variant"] == arm)
+                & (chosen["depth"] == depth_)
+                & (chosen["lr"] == row.best_lr)
+            ]
+            table.loc[(arm, depth_), "steps_to_rmsnorm_loss"] = steps_to_reach(
+                store, chosen, target
+            )
+    fig = figures.loss_vs_lr(llama)
+    return markdown(table.round(3)), fig
+
+
 PRESETS: dict[str, Callable[[pd.DataFrame, Path], tuple[str, Figure | None]]] = {
     "warmup": warmup,
     "depth": depth,
@@ -219,6 +299,7 @@ PRESETS: dict[str, Callable[[pd.DataFrame, Path], tuple[str, Figure | None]]] = 
     "init": init,
     "optimizer": optimizer,
     "transfer": transfer,
+    "claims": claims,
 }
 
 
@@ -230,7 +311,10 @@ def main() -> None:
     runs = ok_runs(collect(args.store))
     args.figures.mkdir(parents=True, exist_ok=True)
     for name, make in PRESETS.items():
-        subset = runs[runs["sweep"] == name]
+        if name == "claims":  # every llama run: the claims preset shares the quick one's cells
+            subset = runs[runs["backbone"] == "llama"] if "backbone" in runs else runs.iloc[:0]
+        else:
+            subset = runs[runs["sweep"] == name]
         if subset.empty:
             print(f"## {name}: no runs in {args.store}\n")
             continue

@@ -94,10 +94,20 @@ def run_job(cfg: DictConfig) -> str:
     if cell_id in plan.packs:
         members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in plan.packs[cell_id]]
         _refuse_unplanned(plan, members)
+        if _planned_earlier(plan, cell_id):
+            log.info(
+                "pack %s: an earlier job's pack too (its recipe adds nothing); skipped", number
+            )
+            return "skipped"
         return _run_packed_job(members, plan, job_dir, f"pack {number}", pin)
     _refuse_unplanned(plan, [cell])
     label = f"cell {number}"
     (job_dir / CELL_POINTER).write_text(cell_id)
+    if _planned_earlier(plan, cell_id):
+        log.info(
+            "%s: %s is an earlier job's cell too (its recipe adds nothing); skipped", label, cell_id
+        )
+        return "skipped"
     if plan.resume and finished(cell):
         (job_dir / SKIPPED_MARKER).touch()
         log.info("%s: %s is already in the store; skipped", label, cell_id)
@@ -143,6 +153,16 @@ def finished(cell: CellConfig) -> bool:
         )
         return False
     return True
+
+
+def _planned_earlier(plan: SweepPlan, cell_id: str) -> bool:
+    """Whether an earlier job of the sweep trains this cell (a recipe sweep over a variant whose
+    recipe adds nothing names its cell once per arm). Only when the plan's job of this number is
+    this cell's: otherwise the job trains as any other (claims keep it from training twice)."""
+    num = HydraConfig.get().job.num
+    if num >= len(plan.jobs) or cell_id not in plan.jobs[num]:
+        return False
+    return any(cell_id in job for job in plan.jobs[:num])
 
 
 def _refuse_unplanned(plan: SweepPlan, cells: list[CellConfig]) -> None:

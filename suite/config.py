@@ -128,6 +128,9 @@ def _default(schema: type, name: str) -> Any:
 # --- the sections ----------------------------------------------------------------------------
 
 
+BACKBONES = ("gpt2", "llama")
+
+
 @dataclass
 class ModelConfig:
     width: int = setting(64, "residual stream width d", check=at_least(1))
@@ -162,6 +165,15 @@ class ModelConfig:
         since="0.3",
     )
 
+    backbone: str = setting(
+        "gpt2",
+        "what every variant's F, G and embeddings are (suite/model.py): gpt2 (learned positions, "
+        "GELU MLP) | llama (RoPE θ=10 000, SwiGLU MLP of LLaMA's hidden width, no biases); the "
+        "norms stay the variant's",
+        check=one_of(*BACKBONES),
+        since="0.4",
+    )
+
     def check_together(self) -> None:
         _check(
             self.width % self.heads == 0,
@@ -169,6 +181,20 @@ class ModelConfig:
             f"must divide model.width={self.width}",
             self.heads,
         )
+        if self.backbone == "llama":
+            _check(
+                (self.width // self.heads) % 2 == 0,
+                "model.heads",
+                f"must leave an even head dimension for the llama backbone's RoPE (model.width="
+                f"{self.width} / model.heads is odd)",
+                self.heads,
+            )
+            _check(
+                not self.bias,
+                "model.bias",
+                "the llama backbone has no biases; set model.bias=false",
+                self.bias,
+            )
 
 
 @dataclass
@@ -203,6 +229,9 @@ class DataConfig:
             _check(Path(self.path).is_file(), "data.path", "no such file", self.path)
 
 
+DECAY_GROUPS = ("embeddings", "head", "gains", "biases")  # what optim.no_decay may exempt
+
+
 @dataclass
 class OptimConfig:
     name: str = setting(
@@ -219,7 +248,28 @@ class OptimConfig:
     beta2: float = setting(0.95, "AdamW β2", check=within(0, 1))
     eps: float = setting(1e-8, "AdamW ε", check=POSITIVE)
     weight_decay: float = setting(
-        0.1, "decoupled weight decay, on weight matrices only", check=NON_NEGATIVE
+        0.1,
+        "weight decay λ (AdamW's decoupled form; on the groups optim.no_decay leaves in)",
+        check=NON_NEGATIVE,
+    )
+    weight_decay_mode: str = setting(
+        "coupled",
+        "coupled: θ ← θ·(1 − η_t·λ), torch's AdamW (Loshchilov & Hutter 2019) | independent: "
+        "θ ← θ·(1 − (η_t/η)·λ), the decay follows the schedule but not the peak LR η (Wortsman "
+        "et al. 2023, §3.2.2)",
+        check=one_of("coupled", "independent"),
+        since="0.4",
+    )
+    no_decay: list[str] = setting(
+        doc="parameter groups exempt from weight decay, from: embeddings (token and position "
+        "tables; a tied head with them), head (an untied output head), gains (norm gains and "
+        "every other vector or scalar a variant adds), biases. OLMo 2 exempts embeddings too",
+        factory=lambda: ["gains", "biases"],
+        check=Check(
+            lambda x: isinstance(x, list) and set(x) <= set(DECAY_GROUPS) and len(set(x)) == len(x),
+            f"must be a list of distinct groups from {', '.join(DECAY_GROUPS)}",
+        ),
+        since="0.4",
     )
     warmup_steps: int = setting(0, "linear warmup, in steps ...", check=at_least(0))
     warmup_fraction: float = setting(
@@ -415,6 +465,8 @@ class DiagnosticsConfig:
         )
 
 
+RECIPES = ("controlled", "authors")
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -435,6 +487,13 @@ class SuiteConfig:
     )
     sweep_name: str = setting("custom", "set by each sweep preset; recorded with every run")
     resume: bool = setting(True, "skip cells whose finished record is already in the store")
+    recipe: str = setting(
+        "controlled",
+        "controlled: only the wiring differs between variants | authors: each variant also "
+        "gets the parts of its paper's training setup that are not wiring (variants/*.py "
+        "declare them with their source; `python -m variants --recipes` lists them)",
+        check=one_of(*RECIPES),
+    )
     progress_every: float = setting(
         60.0,
         "seconds between the progress lines a sweep prints while a quiet launcher (slurm, "
@@ -480,6 +539,11 @@ class CellConfig:
         identity=False,
     )
     seed: int = setting(0, "seeds the init and the batch order")
+    recipe: str = setting(
+        "controlled",
+        "controlled | authors (the variant's published recipe beyond its wiring)",
+        since="0.4",
+    )
     sweep: str = setting("custom", "the sweep preset's name", identity=False)
     store: str = setting("results", "the results store", identity=False)
     variant_revision: int = field(
@@ -501,8 +565,11 @@ class CellConfig:
         return identity_hash(asdict(self))
 
     def id_tags(self) -> list[str]:
-        """Words in the id for how the cell was trained, where that is not the default."""
-        return ["packed"] if self.train.pack_lr else []
+        """Words in the id for how the cell was trained, where that is not the default: the
+        backbone, the recipe, packing (``preln-L6-lr0.01-s0-llama-authors-…``)."""
+        tags = [] if self.model.backbone == "gpt2" else [self.model.backbone]
+        tags += [] if self.recipe == "controlled" else [self.recipe]
+        return tags + (["packed"] if self.train.pack_lr else [])
 
     def cell_id(self) -> str:
         tags = "".join(f"-{tag}" for tag in self.id_tags())
@@ -537,6 +604,8 @@ def result_defining(config: dict[str, Any]) -> dict[str, Any]:
                 for key, item in value.items()
                 if key in kept and not _added_later_at_default(kept[key], item)
             }
+        elif _added_later_at_default(_identity_fields(CellConfig)[name], value):
+            continue
         data[name] = value
     if data.get("variant_revision") == 1:
         del data["variant_revision"]  # a first revision adds nothing: ids from before stay valid
@@ -544,7 +613,10 @@ def result_defining(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _added_later_at_default(spec: dataclasses.Field, value: Any) -> bool:
-    return spec.metadata.get("since") is not None and value == spec.default
+    if spec.metadata.get("since") is None:
+        return False
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return value == default
 
 
 def identity_hash(config: dict[str, Any]) -> str:
@@ -750,9 +822,16 @@ def cell_from_config(cfg: DictConfig) -> CellConfig:
         )
         # As its paper trains it; the record's optim.weight_decay then says what was trained.
         sections["optim"].weight_decay = 0.0
+    _check_root_setting("recipe", cfg.get("recipe"))
+    recipe = str(cfg.get("recipe") or "controlled")
+    variant = variants.get(variant_name)(**variant_params)
+    if not variant.authors_recipe().changes_training:
+        # Its paper adds nothing beyond the wiring: one cell for both arms, never trained twice.
+        recipe = "controlled"
     cell = CellConfig(
         variant=variant_name,
         variant_params=variant_params,
+        recipe=recipe,
         seed=cfg.get("seed", 0),
         sweep=str(cfg.get("sweep_name", "custom")),
         store=store_path(cfg.get("store", "results")),

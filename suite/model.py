@@ -1,9 +1,19 @@
 """A decoder-only causal language model whose residual wiring comes from a variant.
 
-The backbone is a GPT (Radford et al. 2019): learned token and position embeddings, N blocks of
-causal self-attention (F) and a GELU MLP (G), an optional final norm, and an output head tied to
-the token embedding. How F and G are wrapped in residual connections and norms, what follows the
-last block, and any special init are the variant's; everything else is shared, so differences
+Two backbones define the sublayers F (causal self-attention) and G (the MLP) and the embeddings,
+the same for every variant (``model.backbone``):
+
+- ``gpt2`` (Radford et al. 2019; nanoGPT): learned token and position embeddings, attention on
+  the raw queries and keys, a GELU MLP of ``mlp_ratio·d`` hidden units;
+- ``llama`` (Touvron et al. 2023, LLaMA; Hugging Face's ``LlamaDecoderLayer`` is the reference
+  its blocks are checked against): token embeddings only, rotary position embeddings on queries
+  and keys (RoPE, Su et al. 2021, θ = 10 000), a SwiGLU MLP (Shazeer 2020) whose hidden width is
+  LLaMA's rule, and no biases.
+
+Then N blocks, an optional final norm, and an output head (tied to the token embedding or not:
+``model.tie_embeddings``). How F and G are wrapped in residual connections and norms, what
+follows the last block, and any special init are the variant's, and the norms are the variant's
+on either backbone (Pre-LN keeps LayerNorm on ``llama``), so within a backbone differences
 between variants are differences of wiring alone.
 """
 
@@ -25,6 +35,7 @@ from variants.base import (
     BlockView,
     InitView,
     MLPOptions,
+    Recipe,
     Variant,
     Wiring,
 )
@@ -52,6 +63,49 @@ class ModelShape:
     value_residual: str = "off"  # off | fixed | learned (ValueResidual)
     # On each sublayer's output before the wiring sees it (suite/parametrization.py; 1 = SP).
     branch_multiplier: float = 1.0
+    backbone: str = "gpt2"  # gpt2 | llama (see the module docstring)
+
+    @property
+    def llama(self) -> bool:
+        return self.backbone == "llama"
+
+
+ROPE_THETA = 10_000.0  # LLaMA's base of the rotary frequencies
+SWIGLU_MULTIPLE = 8  # LLaMA's multiple_of, at the suite's widths (LLaMA's own is 256)
+
+
+def swiglu_hidden(width: int, mlp_ratio: float) -> int:
+    """LLaMA's SwiGLU hidden width: ⌊⅔ · mlp_ratio · d⌋ rounded up to a multiple of 8, so that
+    its three matrices (3·h·d weights) hold about as many as GPT-2's two (2·mlp_ratio·d²):
+    +3% at d = 64 and d = 32, +0.8% at d = 128 with mlp_ratio 4 (LLaMA's model.py rounds to
+    multiples of 256 at widths of 4096 and up, which at d = 64 would add 50%)."""
+    third = int(2 * mlp_ratio * width / 3)
+    return SWIGLU_MULTIPLE * math.ceil(third / SWIGLU_MULTIPLE)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding"):
+    rotates each (i, i + d_head/2) pair of a query's or key's dimensions by position × θ^(−2i/d),
+    in the rotate-half layout of GPT-NeoX and Hugging Face's LLaMA. The cos and sin tables are
+    float64 buffers of the model's sequence length, cast to the input's type when used (a
+    float64 model keeps them exact; Hugging Face computes its table in float32)."""
+
+    def __init__(self, head_dim: int, seq_len: int, theta: float = ROPE_THETA) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dimension (got {head_dim})")
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, heads, seq, head_dim), rotated by its positions 0 … seq − 1."""
+        seq, half = x.shape[-2], x.shape[-1] // 2
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
 
 
 def causal_attention(
@@ -146,7 +200,10 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention: one fused QKV projection, fused scaled-dot-product kernel.
 
     ``qk_norm`` layer-normalizes queries and keys per head before the dot product (Dehghani et
-    al. 2023; Wortsman et al. 2023), which bounds the attention logits.
+    al. 2023; Wortsman et al. 2023), which bounds the attention logits. On the ``llama``
+    backbone RoPE rotates them after that norm and before a variant's own query/key map: qk-norm
+    then RoPE as OLMo 2 (Team OLMo 2024) does, and nGPT's s_qk ⊙ Norm(·) after RoPE as NVIDIA's
+    nGPT code does.
     """
 
     def __init__(
@@ -157,8 +214,10 @@ class CausalSelfAttention(nn.Module):
         qk_norm: bool = False,
         options: AttentionOptions | None = None,
         value_residual: ValueResidual | None = None,
+        rope: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
+        self.rope = rope
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=bias)
@@ -188,6 +247,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.view(batch, seq, 3, self.heads, width // self.heads).transpose(1, 3).unbind(2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
         if self.query_key_map is not None:
             q, k = self.query_key_map(q), self.query_key_map(k)
         if self.value_residual is not None:
@@ -233,6 +294,31 @@ class MLP(nn.Module):
         return self.proj(F.gelu(hidden))
 
 
+class SwiGLU(nn.Module):
+    """G(x) = W_down (SiLU(W_gate x) ⊙ W_up x) (Shazeer 2020, "GLU Variants Improve Transformer";
+    LLaMA's FeedForward). W_up and W_gate are one fused map ``fc`` whose output is [up, gate],
+    the order of NVIDIA's nGPT (u, v); a variant's hidden scale acts on that fused
+    pre-activation, as nGPT's s_uv does."""
+
+    def __init__(
+        self, width: int, hidden: int, bias: bool, options: MLPOptions | None = None
+    ) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, 2 * hidden, bias=bias)
+        self.proj = nn.Linear(hidden, width, bias=bias)
+        options = options if options is not None else MLPOptions()
+        self.hidden_scale = (
+            options.hidden_scale(2 * hidden, width) if options.hidden_scale else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(x)
+        if self.hidden_scale is not None:
+            hidden = self.hidden_scale(hidden)
+        up, gate = hidden.chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -243,10 +329,15 @@ class Block(nn.Module):
         mlp: MLPOptions | None = None,
     ) -> None:
         super().__init__()
+        rope = RotaryEmbedding(shape.width // shape.heads, shape.seq_len) if shape.llama else None
         self.attn = CausalSelfAttention(
-            shape.width, shape.heads, shape.bias, shape.qk_norm, attention, value_residual
+            shape.width, shape.heads, shape.bias, shape.qk_norm, attention, value_residual, rope
         )
-        self.mlp = MLP(shape.width, int(shape.mlp_ratio * shape.width), shape.bias, mlp)
+        self.mlp: MLP | SwiGLU = (
+            SwiGLU(shape.width, swiglu_hidden(shape.width, shape.mlp_ratio), shape.bias, mlp)
+            if shape.llama
+            else MLP(shape.width, int(shape.mlp_ratio * shape.width), shape.bias, mlp)
+        )
         self.wiring = wiring
         self.branch_multiplier = shape.branch_multiplier
 
@@ -269,13 +360,36 @@ class Block(nn.Module):
         )
 
 
+class EmbeddingScale(nn.Module):
+    """The embeddings × a scalar (a recipe's: Derf's and DyT's learnable √d, fairseq's fixed
+    √d)."""
+
+    def __init__(self, value: float, learnable: bool) -> None:
+        super().__init__()
+        tensor = torch.tensor(float(value))
+        if learnable:
+            self.scale = nn.Parameter(tensor)
+        else:
+            self.register_buffer("scale", tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
 class GPT(nn.Module):
-    def __init__(self, shape: ModelShape, variant: Variant) -> None:
+    def __init__(self, shape: ModelShape, variant: Variant, recipe: Recipe | None = None) -> None:
         super().__init__()
         self.shape = shape
         _check_hook_signatures(variant)
         self.token_embedding = nn.Embedding(shape.vocab_size, shape.width)
-        self.position_embedding = nn.Embedding(shape.seq_len, shape.width)
+        # RoPE encodes positions in the llama backbone's attention: no table.
+        self.position_embedding = None if shape.llama else nn.Embedding(shape.seq_len, shape.width)
+        scale = recipe.embedding_scale if recipe is not None else None
+        self.embedding_scale = (
+            EmbeddingScale(scale(shape.width), recipe.learnable_embedding_scale)
+            if recipe is not None and scale is not None
+            else nn.Identity()
+        )
         self.embedding_norm = variant.embedding_norm(shape.width)
         self.expand_stream = variant.expand_stream(shape.width, shape.depth)
         attention, mlp = variant.attention_options(), variant.mlp_options()
@@ -299,7 +413,13 @@ class GPT(nn.Module):
         self.output_scale = variant.output_scale(shape.vocab_size, shape.width)
         self.apply(_base_init)
         self._variant_view = self._init_view(blocks)
+        if recipe is not None and recipe.embedding_std is not None:
+            with torch.no_grad():
+                nn.init.normal_(self.token_embedding.weight, std=recipe.embedding_std(shape.width))
         variant.init_weights(self._variant_view)
+        if recipe is not None and recipe.init is not None:
+            with torch.no_grad():
+                recipe.init(self._variant_view)
         self._after_optimizer_step = (
             variant.after_optimizer_step if variant.acts_after_optimizer_steps() else None
         )
@@ -329,6 +449,7 @@ class GPT(nn.Module):
             token_embedding=self.token_embedding,
             position_embedding=self.position_embedding,
             head=self.head,
+            final_norm=self.final_norm,
             embed=self.embed,
             forward=self.forward,
         )
@@ -364,10 +485,10 @@ class GPT(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.embedding_norm(
-            self.token_embedding(tokens) + self.position_embedding(positions)
-        )
+        x = self.token_embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.embedding_norm(self.embedding_scale(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.expand_stream(self.embed(tokens))

@@ -1,9 +1,15 @@
 """The optimizer of a run (``optim.name``), with the depth parametrization's factors per group.
 
 ``adamw``: torch.optim.AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay
-Regularization"), fused, for every parameter. Decoupled weight decay on every parameter with two
-or more dimensions (the sublayers' weights, the embeddings, the head, a variant's matrices),
-none on biases, norm gains and scalars.
+Regularization"), fused, for every parameter. Weight decay λ = ``optim.weight_decay`` on every
+parameter except the groups ``optim.no_decay`` exempts (:func:`decays`): by default the norm
+gains, biases and every other vector or scalar (``gains``, ``biases``), so the sublayers' weights,
+the embeddings, the head and a variant's matrices decay; OLMo 2 (Team OLMo 2024) also exempts
+the embeddings. ``optim.weight_decay_mode``: ``coupled`` is torch's θ ← θ·(1 − η_t·λ), the decay
+scaled by the learning rate; ``independent`` is θ ← θ·(1 − (η_t/η)·λ), following the schedule
+but not the peak LR η (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
+training instabilities", §3.2.2), given to torch as the coefficient λ/η
+(:func:`decay_coefficient`).
 
 ``muon``: torch.optim.Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural
 networks"; Liu et al. 2025, "Muon is Scalable for LLM Training", arXiv 2502.16982) for the hidden
@@ -11,9 +17,10 @@ matrices, and AdamW exactly as above for everything else:
 
 - Muon: in every block, the weights of the sublayers' four linear maps — attention's fused
   query/key/value projection (3d × d), attention's output projection (d × d), the MLP's input
-  (4d × d) and output (d × 4d) maps — found through the block's :class:`BlockView`, not by
-  parameter names. The fused QKV projection is orthogonalized as one 3d × d matrix, not as
-  three d × d ones: query, key and value share one Newton–Schulz step.
+  (4d × d; on the llama backbone SwiGLU's fused up and gate maps, 2h × d) and output maps —
+  found through the block's :class:`BlockView`, not by parameter names. A fused map is
+  orthogonalized as one matrix, not as its parts: query, key and value (and up and gate)
+  share one Newton–Schulz step.
 - AdamW: the token and position embeddings, the output head (tied to the token embedding or
   not), every norm gain, every bias, qk-norm, and every parameter a variant adds, matrices
   included (Hyper-Connections' and mHC's stream-mixing weights, ReZero's α, LayerScale's γ, the
@@ -22,8 +29,8 @@ matrices, and AdamW exactly as above for everything else:
 Muon's orthogonalized step is rescaled by 0.2·√max(rows, cols) (``adjust_lr_fn=
 "match_rms_adamw"``, Liu et al. §2.2) so that its update has about AdamW's RMS: one ``optim.lr``
 drives both optimizers on the same scale, and a preset's LR grid serves both. Weight decay is
-the same decoupled θ ← θ·(1 − lr·λ) on the Muon matrices as on AdamW's (torch's Muon decays
-with the unscaled lr, as AdamW does), λ = ``optim.weight_decay``. Momentum ``optim.momentum``
+the same on the Muon matrices as on AdamW's, in either mode (torch's Muon decays with the
+unscaled lr, as AdamW does). Momentum ``optim.momentum``
 (0.95, Nesterov by default) and ``optim.ns_steps`` (5) Newton–Schulz iterations with torch's
 coefficients.
 
@@ -90,21 +97,60 @@ def _ids(params: list[nn.Parameter]) -> set[int]:
     return {id(p) for p in params}
 
 
+def decay_group(model: nn.Module, name: str, param: nn.Parameter) -> str:
+    """Which ``optim.no_decay`` group a parameter belongs to: ``embeddings`` (the token and
+    position tables, and a head tied to them), ``head`` (an untied output head), ``biases``,
+    ``gains`` (every other parameter of fewer than two dimensions: norm gains, scalars, a
+    variant's vectors), or ``matrices`` (everything else, never exempt)."""
+    tables = [getattr(model, t, None) for t in ("token_embedding", "position_embedding")]
+    if any(table is not None and param is table.weight for table in tables):
+        return "embeddings"
+    head = getattr(model, "head", None)
+    if head is not None and param is head.weight:
+        return "head"
+    if name.endswith("bias"):
+        return "biases"
+    return "gains" if param.dim() < 2 else "matrices"
+
+
+def decays(model: nn.Module, no_decay: list[str]) -> dict[int, bool]:
+    """Per parameter (by id): whether weight decay applies to it."""
+    return {
+        id(p): decay_group(model, name, p) not in no_decay for name, p in model.named_parameters()
+    }
+
+
+def decay_coefficient(optim: OptimConfig, lr_scale: float = 1.0) -> float:
+    """The weight-decay coefficient to give torch's optimizers for a group whose learning rate
+    is the schedule's × ``lr_scale``: λ (coupled), or λ/(η·lr_scale) so that the applied decay
+    η_t·lr_scale·coefficient is (η_t/η)·λ (independent)."""
+    if optim.weight_decay_mode == "independent":
+        return optim.weight_decay / (optim.lr * lr_scale)
+    return optim.weight_decay
+
+
 def _adamw_groups(
-    params: list[nn.Parameter], hidden: set[int], optim: OptimConfig, scaling: DepthScaling
+    params: list[nn.Parameter],
+    hidden: set[int],
+    decayed: dict[int, bool],
+    optim: OptimConfig,
+    scaling: DepthScaling,
 ) -> Iterator[dict[str, Any]]:
-    """Matrices (weight decay) and the rest (none), each split into outer and hidden parameters
-    (the depth parametrization's LR and ε factors); empty groups left out."""
+    """Decayed parameters and the rest, each split into outer and hidden parameters (the depth
+    parametrization's LR and ε factors); empty groups left out."""
     for is_hidden in (False, True):
-        for is_matrix in (True, False):
+        lr_scale = scaling.hidden_lr if is_hidden else 1.0
+        for decayed_group in (True, False):
             chosen = [
-                p for p in params if (id(p) in hidden) == is_hidden and (p.dim() >= 2) == is_matrix
+                p
+                for p in params
+                if (id(p) in hidden) == is_hidden and decayed.get(id(p), True) == decayed_group
             ]
             if chosen:
                 yield {
                     "params": chosen,
-                    "weight_decay": optim.weight_decay if is_matrix else 0.0,
-                    "lr_scale": scaling.hidden_lr if is_hidden else 1.0,
+                    "weight_decay": decay_coefficient(optim, lr_scale) if decayed_group else 0.0,
+                    "lr_scale": lr_scale,
                     "eps": optim.eps * (scaling.hidden_eps if is_hidden else 1.0),
                 }
 
@@ -126,7 +172,7 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, scaling: DepthScaling =
     # The fused kernel (CPU and CUDA) updates every tensor in one pass: measured 2.6× faster
     # than the foreach implementation on CPU.
     adamw = torch.optim.AdamW(
-        list(_adamw_groups(rest, hidden, optim, scaling)),
+        list(_adamw_groups(rest, hidden, decays(model, optim.no_decay), optim, scaling)),
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
@@ -137,7 +183,7 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, scaling: DepthScaling =
     muon = torch.optim.Muon(
         [{"params": muon_params, "lr_scale": scaling.hidden_lr}],
         lr=optim.lr,
-        weight_decay=optim.weight_decay,
+        weight_decay=decay_coefficient(optim, scaling.hidden_lr),
         momentum=optim.momentum,
         nesterov=optim.nesterov,
         ns_steps=optim.ns_steps,

@@ -25,7 +25,7 @@ from torch.func import functional_call, vmap
 
 from suite.config import CellConfig, OptimConfig
 from suite.data import Batches, Corpus, validation_batches
-from suite.optimizers import hidden_parameters
+from suite.optimizers import decay_group, hidden_parameters
 from suite.parametrization import DepthScaling, model_depth_scaling
 from suite.record import curve_row
 from suite.train import TrainOutcome, conclude, loss_and_objective, lr_schedule, synchronize
@@ -39,19 +39,27 @@ MemberProgress = Callable[[int, list[dict[str, float]]], None]
 
 class PackedAdamW:
     """AdamW (Loshchilov & Hutter 2019) over member-stacked parameters, one learning rate per
-    member; the same update as ``torch.optim.AdamW``, weight decay on matrices only. ``factors``
-    maps a parameter's name to its depth parametrization's (LR factor, ε factor), as
-    suite/optimizers.py gives its groups (none: 1 for every parameter)."""
+    member; the same update as ``torch.optim.AdamW``, weight decay on the parameters ``decayed``
+    names (by default every matrix), coupled or independent as suite/optimizers.py applies it.
+    ``factors`` maps a parameter's name to its depth parametrization's (LR factor, ε factor), as
+    suite/optimizers.py gives its groups (none: 1 for every parameter). ``peak_lrs`` are the
+    members' own ``optim.lr`` (the independent decay's η)."""
 
     def __init__(
         self,
         params: dict[str, torch.Tensor],
         optim: OptimConfig,
         factors: dict[str, tuple[float, float]] | None = None,
+        decayed: set[str] | None = None,
+        peak_lrs: torch.Tensor | None = None,
     ) -> None:
         self.optim = optim
         self.params = params
         self.factors = factors or {}
+        self.decayed = (
+            decayed if decayed is not None else {n for n, p in params.items() if p.dim() >= 3}
+        )
+        self.peak_lrs = peak_lrs
         self.exp_avg = {name: torch.zeros_like(p) for name, p in params.items()}
         self.exp_avg_sq = {name: torch.zeros_like(p) for name, p in params.items()}
         self.steps = 0
@@ -59,6 +67,8 @@ class PackedAdamW:
     def keep(self, members: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
         """Continue with only these members (indices into the current stack)."""
         self.params = params
+        if self.peak_lrs is not None:
+            self.peak_lrs = self.peak_lrs[members]
         self.exp_avg = {name: t[members] for name, t in self.exp_avg.items()}
         self.exp_avg_sq = {name: t[members] for name, t in self.exp_avg_sq.items()}
 
@@ -73,8 +83,12 @@ class PackedAdamW:
             lr_factor, eps_factor = self.factors.get(name, (1.0, 1.0))
             member_lrs = lrs * lr_factor if lr_factor != 1.0 else lrs
             per_member = (-1, *[1] * (p.dim() - 1))
-            if p.dim() >= 3:  # a matrix of each member
-                p.mul_((1 - member_lrs * o.weight_decay).view(per_member))
+            if name in self.decayed:
+                if o.weight_decay_mode == "independent" and self.peak_lrs is not None:
+                    decay = lrs / self.peak_lrs * o.weight_decay  # (η_t/η)·λ, no depth factor
+                else:
+                    decay = member_lrs * o.weight_decay
+                p.mul_((1 - decay).view(per_member))
             exp_avg.lerp_(grad, 1 - o.beta1)
             exp_avg_sq.mul_(o.beta2).addcmul_(grad, grad, value=1 - o.beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(o.eps * eps_factor)
@@ -150,7 +164,18 @@ def train_packed(
     lead = cells[0]
     cfg, optim = lead.train, lead.optim
     params = stack_members(model, len(cells))
-    optimizer = PackedAdamW(params, optim, depth_factors(model, model_depth_scaling(lead.model)))
+    decayed = {
+        name
+        for name, p in model.named_parameters()
+        if decay_group(model, name, p) not in optim.no_decay
+    }
+    optimizer = PackedAdamW(
+        params,
+        optim,
+        depth_factors(model, model_depth_scaling(lead.model)),
+        decayed,
+        torch.tensor([cell.optim.lr for cell in cells], device=device),
+    )
     schedules = [lr_schedule(c.optim, c.warmup_steps(), cfg.steps) for c in cells]
     batches = Batches(corpus.train, lead.model.seq_len, cfg.batch_size, seed=lead.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")

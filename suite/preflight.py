@@ -35,7 +35,7 @@ from suite.config import (
 )
 from suite.devices import GPU_LAUNCHER, register_resolver, sweep_gpus
 from suite.environment import resolve_device
-from suite.model import VariantError
+from suite.model import VariantError, swiglu_hidden
 from suite.plan import RESERVED_ENV_PREFIX
 from suite.runner import build_model, corpus_for
 from suite.targets import ForbiddenTarget, check_config, check_target
@@ -134,18 +134,20 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     base = compose("config", overrides=fixed, return_hydra_config=True)
     _check_targets_in("", lambda: check_config(base))  # Hydra's own config: callbacks, launcher
     check_hydra_settings(base)
-    given = {o.key_or_group for o in parsed}
-    preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
-    axes = []
+    preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
+    # As Hydra's basic sweeper: one axis per key, the preset's first; a command-line value of a
+    # preset's key replaces its values in place (its position in the grid's order stays), so
+    # the jobs come out in Hydra's order and the plan's job k is Hydra's job k.
+    axes: dict[str, list[str]] = {}
     for override in parser.parse_overrides(preset) + parsed:
         if override.is_hydra_override() and override.key_or_group != "hydra.searchpath":
             continue  # the search path stays: a job's preset may live in a user's config dir
         key = override.get_key_element()
         if override.is_sweep_override():
-            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
-            axes.append([override.input_line])
-    jobs = [list(job) for job in itertools.product(*axes)]
+            axes[key] = [override.input_line]
+    jobs = [list(job) for job in itertools.product(*axes.values())]
     if base.hydra.runtime.choices.get("hydra/launcher") == GPU_LAUNCHER:
         _check_gpu_launcher(base, jobs)
     return jobs
@@ -370,7 +372,9 @@ def _check_writable_folder(key: str, folder: str) -> None:
 
 def _refuse_duplicate_cells(cells: list[tuple[list[str], CellConfig]]) -> None:
     """Two jobs of one grid must not be the same cell: they would train it twice, at once. It
-    happens when a swept key does not change training (a verdict label knob, train.threads)."""
+    happens when a swept key does not change training (a verdict label knob, train.threads).
+    Sweeping ``recipe`` is the exception: a variant whose paper adds nothing beyond its wiring
+    has one cell for both arms, and the sweep trains it once (its later job skips it)."""
     seen: dict[str, list[str]] = {}
     for job, cell in cells:
         first = seen.setdefault(cell.cell_id(), job)
@@ -378,6 +382,8 @@ def _refuse_duplicate_cells(cells: list[tuple[list[str], CellConfig]]) -> None:
             continue
         differing = sorted(set(first) ^ set(job))
         keys = sorted({override.split("=")[0].lstrip("+~") for override in differing})
+        if keys == ["recipe"]:
+            continue  # a variant whose recipe adds nothing: one cell, its later job skips it
         raise ConfigError(
             f"{', '.join(keys) or 'sweep'}: the grid names cell {cell.cell_id()} twice "
             f"({' vs '.join(' '.join(o for o in j if o in differing) for j in (first, job))}); "
@@ -391,7 +397,9 @@ def _check_model_builds(cell: CellConfig, built: set[str], copies: int, vocab_si
     mid-sweep (the vocabulary size does not matter to the check). A cell too big for the
     machine is refused before anything is allocated."""
     needed = check_fits_in_memory(cell, vocab_size, copies)
-    key = json.dumps([cell.variant, cell.variant_params, asdict(cell.model)], sort_keys=True)
+    key = json.dumps(
+        [cell.variant, cell.variant_params, cell.recipe, asdict(cell.model)], sort_keys=True
+    )
     if key in built:
         return
     built.add(key)
@@ -426,8 +434,13 @@ def memory_need(cell: CellConfig, vocab_size: int, copies: int = 1) -> MemoryNee
     the MLP's hidden units (3·r·d) and the attention scores and probabilities (2·heads·T), and
     the output logits with their softmax and its gradient (3·V) per token, in fp32."""
     m, batch = cell.model, cell.train.batch_size
-    per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
-    embeddings = vocab_size * m.width * (1 if m.tie_embeddings else 2) + m.seq_len * m.width
+    if m.backbone == "llama":  # SwiGLU's three matrices; RoPE instead of a position table
+        per_layer = 4 * m.width**2 + 3 * swiglu_hidden(m.width, m.mlp_ratio) * m.width
+        positions = 0
+    else:
+        per_layer = (4 + 2 * m.mlp_ratio) * m.width**2
+        positions = m.seq_len * m.width
+    embeddings = vocab_size * m.width * (1 if m.tie_embeddings else 2) + positions
     parameters = m.depth * per_layer + embeddings
     per_token = m.depth * (m.width * (10 + 3 * m.mlp_ratio) + 2 * m.heads * m.seq_len)
     per_token += 3 * vocab_size

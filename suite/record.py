@@ -58,6 +58,10 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("n_params", "int", "parameter count (a tied head counted once)"),
         ("optimizer", "str", "`adamw`, or `muon` (Muon for the blocks' hidden matrices, AdamW "
          "for the rest; suite/optimizers.py)", None, True),
+        ("backbone", "str", "what F, G and the embeddings are: `gpt2` (learned positions, GELU "
+         "MLP) or `llama` (RoPE, SwiGLU, no biases)", None, True),
+        ("recipe", "str", "`controlled` (only the wiring differs), or `authors` (with the parts "
+         "of the variant's published recipe that are not wiring)", None, True),
         ("parametrization", "str", "depth parametrization: `sp`, `depth_mup` or `completep` "
          "(suite/parametrization.py)", None, True),
         ("base_depth", "int", "N₀, the depth at which `depth_mup` and `completep` equal `sp`"),
@@ -66,7 +70,10 @@ GROUPS: dict[str, tuple[Column, ...]] = {
          "optim.warmup_fraction)", None, True),
         ("schedule", "str", "`constant` or `cosine` after warmup"),
         ("grad_clip", "float", "max global gradient norm; 0 = off"),
-        ("weight_decay", "float", "AdamW decoupled weight decay, on matrices"),
+        ("weight_decay", "float", "weight decay λ"),
+        ("weight_decay_mode", "str", "`coupled` (θ·(1 − η_t λ), torch's AdamW) or "
+         "`independent` (θ·(1 − η_t/η · λ): not scaled by the peak LR)"),
+        ("no_decay", "str", "the parameter groups exempt from weight decay, as a JSON list"),
         ("qk_norm", "bool", "LayerNorm on queries and keys"),
         ("value_residual", "str", "`off`, or every block's attention values mixed with the "
          "first block's: `fixed` (λ = ½) or `learned` (λ per head)"),

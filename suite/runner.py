@@ -56,9 +56,11 @@ def build_model(cell: CellConfig, vocab_size: int) -> GPT:
         qk_norm=m.qk_norm,
         value_residual=m.value_residual,
         branch_multiplier=model_depth_scaling(m).branch_multiplier,
+        backbone=m.backbone,
     )
     variant = variants.get(cell.variant)(**cell.variant_params)
-    return GPT(shape, variant)
+    recipe = variant.authors_recipe() if cell.recipe == "authors" else None
+    return GPT(shape, variant, recipe)
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -84,6 +86,8 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "mlp_ratio": m.mlp_ratio,
         "seq_len": m.seq_len,
         "optimizer": o.name,
+        "backbone": m.backbone,
+        "recipe": cell.recipe,
         "parametrization": m.parametrization,
         "base_depth": m.base_depth,
         "lr": o.lr,
@@ -94,6 +98,8 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "value_residual": m.value_residual,
         "z_loss": o.z_loss,
         "weight_decay": o.weight_decay,
+        "weight_decay_mode": o.weight_decay_mode,
+        "no_decay": json.dumps(o.no_decay),
         "seed": cell.seed,
         "steps": t.steps,
         "batch_size": t.batch_size,

@@ -16,7 +16,12 @@ from suite.verdict import CONVERGED, DIVERGED, STALLED
 CELL = ["variant", "depth"]
 
 # What a run was trained with besides its variant, and the value that leaves its name alone.
-ARM_DEFAULTS = {"optimizer": "adamw", "parametrization": "sp"}
+ARM_DEFAULTS = {
+    "backbone": "gpt2",
+    "recipe": "controlled",
+    "optimizer": "adamw",
+    "parametrization": "sp",
+}
 # Flags that make an arm when true, and the word the label gets for them.
 ARM_FLAGS = {"packed": "packed"}
 BASE_DEPTH_DEFAULT = 4  # model.base_depth's default (suite/config.py)
@@ -24,9 +29,10 @@ BASE_DEPTH_DEFAULT = 4  # model.base_depth's default (suite/config.py)
 
 def with_arm_labels(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs with ``variant`` naming the arm too, where it is not the default: "preln" for
-    AdamW under sp (and every row of a table written before these columns existed), "preln ·
-    muon", "preln · completep", "preln · muon · completep" ("completep N₀=8" for another base
-    depth). Every summary groups by (variant, depth), so without the label a store holding a
+    the gpt2 backbone, the controlled recipe, AdamW under sp (and every row of a table written
+    before these columns existed), "preln · llama", "dyt · authors", "preln · muon", "preln ·
+    completep", "preln · muon · completep" ("completep N₀=8" for another base depth), "preln ·
+    packed". Every summary groups by (variant, depth), so without the label a store holding a
     variant under two optimizers or parametrizations would merge them into one row."""
     if runs.empty or "variant" not in runs:
         return runs

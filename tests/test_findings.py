@@ -76,3 +76,33 @@ def test_init_preset_and_findings_end_to_end(tmp_path):
     assert "| postln |" in findings.stdout and "| preln |" in findings.stdout
     assert "## warmup: no runs" in findings.stdout
     assert (tmp_path / "figures" / "init.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_claims_table_compares_each_arm_with_rmsnorm_on_the_llama_backbone(tmp_path):
+    store = tmp_path / "store"
+    result = run_suite(
+        "+variant=rmsnorm,dyt",
+        "sweep=claims",
+        "model.width=32",
+        "model.heads=2",
+        "train.steps=30",
+        "optim.lr=1e-2,3e-2",
+        "seed=0",
+        "data.max_bytes=200000",
+        "hydra/launcher=basic",
+        f"store={store}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    findings = subprocess.run(
+        [sys.executable, "docs/findings.py", "--store", str(store), "--figures", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert findings.returncode == 0, findings.stderr[-3000:]
+    claims = findings.stdout.split("## claims (4 runs)")[1]
+    assert "| rmsnorm · llama | 6 |" in claims and "| dyt · llama · authors | 6 |" in claims
+    assert "gap_to_rmsnorm" in claims and "steps_to_rmsnorm_loss" in claims
+    assert (tmp_path / "claims.png").stat().st_size > 10_000

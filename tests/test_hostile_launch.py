@@ -500,3 +500,24 @@ def test_watch_ends_when_a_dead_sweeps_pid_was_reused(tmp_path):
     plan.write(tmp_path)
     [(_, data)] = read_plans(tmp_path)
     assert sweep_over(tmp_path, data, sweep_progress(tmp_path, data))
+
+
+@pytest.mark.slow
+def test_the_plans_jobs_are_hydras_jobs_in_hydras_order(tmp_path):
+    """A command-line value of a preset's swept key keeps the key's place in Hydra's grid: the
+    plan's job k is the job Hydra numbers k (what a job reads of the plan relies on it)."""
+    store = tmp_path / "store"
+    result = run_suite(
+        "+variant=postln,preln",
+        "sweep=tiny",
+        "model.depth=4,2",
+        "train.steps=3",
+        "hydra/launcher=basic",
+        f"store={store}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [plan] = (store / "sweeps").glob("*.json")
+    jobs = json.loads(plan.read_text())["jobs"]
+    [sweep_dir] = {path.parent.parent for path in store.glob("hydra/*/*/0/cell_id")}
+    pointers = [(sweep_dir / str(k) / "cell_id").read_text().split() for k in range(len(jobs))]
+    assert pointers == jobs and len(jobs) == 8

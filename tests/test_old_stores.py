@@ -38,6 +38,10 @@ def test_a_v0_2_0_store_collects_into_the_same_table(tmp_path):
         "parametrization",
         "base_depth",
         "cells_per_device",
+        "backbone",
+        "recipe",
+        "weight_decay_mode",
+        "no_decay",
     }
     # ... and one read from each record's config: none of them was packed.
     assert set(runs.columns) - set(expected.columns) == added | {"packed"}

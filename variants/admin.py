@@ -15,6 +15,11 @@ LayerNorm's input at the embedding's own scale (suite 0.2 set ω_1 = sqrt(Var[x_
 pushed that input's variance below the LayerNorm's eps). The profiling batch is
 random tokens from a fixed generator, so the init is deterministic and leaves the training
 seed's RNG untouched.
+
+``recipe=authors`` adds what the recursion assumes of its input: Transformer-Clinic is built on
+fairseq, whose Transformer scales the embeddings by a fixed √d (``embed_scale``; Vaswani et al.
+2017 §3.4) and initialises them N(0, d^-½), so the stream enters the first block at unit
+variance rather than GPT-2's 0.02² (``controlled``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Sublayer, Variant, Wiring
+from variants.base import InitView, Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -92,3 +97,15 @@ class Admin(Variant):
         finally:
             for wiring in wirings:
                 wiring.profile = None
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source="Liu et al. 2020; Transformer-Clinic on fairseq: embed_scale = √d (fixed), "
+            "embeddings N(0, d^-1/2) (fairseq's Embedding init)",
+            embedding_scale=math.sqrt,
+            embedding_std=_fairseq_embedding_std,
+        )
+
+
+def _fairseq_embedding_std(width: int) -> float:
+    return width**-0.5

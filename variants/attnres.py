@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import Sublayer, Wiring
+from variants.base import Recipe, Sublayer, Wiring
 from variants.norms import LayerNorm, RMSNorm
 from variants.preln import PreLN
 from variants.registry import register
@@ -100,3 +100,12 @@ class AttentionResiduals(PreLN):
 
     def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
         return DepthAttention(width, self.eps)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Kimi Team 2026: the depth attention and its zero-initialised queries are the "
+                "variant, on LLaMA-style blocks (model.backbone=llama): nothing beyond the "
+                "wiring"
+            )
+        )

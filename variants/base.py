@@ -68,9 +68,12 @@ class InitView:
     depth: int
     blocks: tuple[BlockView, ...]
     token_embedding: nn.Embedding
-    position_embedding: nn.Embedding
+    position_embedding: nn.Embedding | None
+    """None on the llama backbone, whose positions are RoPE's."""
     head: nn.Linear
     """The output head; its weight is the token embedding's when the model ties them."""
+    final_norm: nn.Module
+    """What the variant's :meth:`Variant.final_norm` built (identity when it has none)."""
     embed: Callable[[Tensor], Tensor]
     """tokens (batch, seq) → the residual stream entering the first block."""
     forward: Callable[[Tensor], Tensor]
@@ -111,6 +114,37 @@ class MLPOptions:
     hidden_scale: Callable[[int, int], nn.Module] | None = None
     """Built from (hidden, width): applied to the MLP's hidden pre-activation, before the
     nonlinearity (nGPT's s_u); none by default."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The parts of a variant's published training setup that are not its wiring and that the
+    suite can express, applied by ``recipe=authors`` (the ``controlled`` arm leaves them out, so
+    that only the wiring differs). ``source`` says where each part comes from (paper section,
+    the authors' code); a recipe that sets nothing says that the paper trains the variant as the
+    controlled arm does, and its ``authors`` cells are the controlled ones (never trained
+    twice). Optimizer facts (weight-decay mode, exemptions) are settings of any run
+    (``optim.weight_decay_mode``, ``optim.no_decay``), not part of a recipe."""
+
+    source: str
+    embedding_scale: Callable[[int], float] | None = None
+    """width d → a scalar on the embeddings entering the first block (e.g. √d)."""
+    learnable_embedding_scale: bool = False
+    """... trained with the model (DyT's and Derf's), or fixed (fairseq's)."""
+    embedding_std: Callable[[int], float] | None = None
+    """width d → the std of the token embedding's N(0, σ) init, instead of GPT-2's 0.02."""
+    init: Callable[[InitView], None] | None = None
+    """Run without gradients after the variant's own init (e.g. per-sublayer α₀)."""
+
+    @property
+    def changes_training(self) -> bool:
+        return any(
+            part is not None for part in (self.embedding_scale, self.embedding_std, self.init)
+        )
+
+
+NO_RECIPE = Recipe(source="")
+"""A variant that declares no recipe: ``recipe=authors`` trains it as ``controlled``."""
 
 
 @dataclass
@@ -176,6 +210,12 @@ class Variant:
 
     def acts_after_optimizer_steps(self) -> bool:
         return type(self).after_optimizer_step is not Variant.after_optimizer_step
+
+    def authors_recipe(self) -> Recipe:
+        """What ``recipe=authors`` adds to the wiring: see :class:`Recipe`. A built-in declares
+        one, empty or not, with its source; a plugin that declares none is trained alike in
+        both arms."""
+        return NO_RECIPE
 
     def params(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Sublayer, Variant, Wiring
+from variants.base import InitView, Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -71,3 +71,11 @@ class DeepNorm(Variant):
                 nn.init.xavier_normal_(weight)
             for weight in (value, attn_out, mlp_in, mlp_out):
                 weight.mul_(beta)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Wang et al. 2022 and torchscale: α and the β init are the variant; torchscale "
+                "scales no embedding by default: nothing beyond the wiring"
+            )
+        )

@@ -6,19 +6,29 @@ the authors' code, github.com/zlab-princeton/Derf).
     h = x + F(Derf(x)); y = h + G(Derf(h)); final Derf
 
 DyT's recipe with erf in place of tanh and a learnable shift: Pre-LN with every LayerNorm
-replaced by a point-wise function, no statistics computed. Init as DyT and Pre-LN (GPT-2). As
-``dyt``, without the learnable √d embedding scalar and per-position α of the authors' GPT-2
-patch (without them it stalls on the quick preset: README).
+replaced by a point-wise function, no statistics computed. Init as DyT and Pre-LN (GPT-2).
+``controlled``: the formula alone (on the quick preset it stalls: README). ``recipe=authors``
+adds the authors' GPT-2 (nanoGPT) patch, "language model/model_derf.patch" of
+github.com/zlab-princeton/Derf: a learnable scalar ``shared_scale`` on the token + position
+embeddings, initialised to √d, and α₀ = 1 in every Derf (their attn/ffn/dec defaults).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Variant, Wiring, gpt2_residual_std, scale_residual_projections
+from variants.base import (
+    InitView,
+    Recipe,
+    Variant,
+    Wiring,
+    gpt2_residual_std,
+    scale_residual_projections,
+)
 from variants.preln import PreLNWiring
 from variants.registry import register
 
@@ -59,3 +69,23 @@ class DynamicErf(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source="github.com/zlab-princeton/Derf, language model/model_derf.patch: (tok_emb + "
+            "pos_emb) × shared_scale, a learnable scalar init √n_embd; attn, ffn and dec "
+            "alpha_init_value 1.0",
+            embedding_scale=math.sqrt,
+            learnable_embedding_scale=True,
+            init=_authors_alphas,
+        )
+
+
+AUTHORS_ALPHA = 1.0  # the patch's attn_alpha_init_value = ffn_... = dec_... = 1.0
+
+
+def _authors_alphas(model: InitView) -> None:
+    for wiring in model.wirings(DerfWiring):
+        wiring.norm_attn.alpha.fill_(AUTHORS_ALPHA)
+        wiring.norm_mlp.alpha.fill_(AUTHORS_ALPHA)
+    model.final_norm.alpha.fill_(AUTHORS_ALPHA)

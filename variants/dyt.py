@@ -3,14 +3,18 @@
     DyT(x) = γ ⊙ tanh(a·x) + β,   a a learnable scalar, init ``alpha_init`` (0.5)
     h = x + F(DyT(x)); y = h + G(DyT(h)); final DyT
 
-Pre-LN with every LayerNorm replaced by DyT: no statistics are computed at all. The paper's
-formula at the suite's GPT-2 init; the authors' LLaMA recipe also scales the embedding by a
-learnable scalar initialised to √d and uses α 0.8 / 0.2 (attention / FFN and final), which this
-variant does not (without them it stalls on the quick preset: README).
+Pre-LN with every LayerNorm replaced by DyT: no statistics are computed at all. ``controlled``:
+the paper's formula at the suite's GPT-2 init (on the quick preset it stalls: README).
+``recipe=authors`` adds the authors' LLaMA recipe (their code, other_tasks/LLaMA in
+github.com/jiachenzhu/DyT, and the paper's Table 10): a learnable scalar on the embeddings,
+initialised to √d, and α₀ by sublayer, 0.8 before attention and 0.2 before the MLP and in the
+final norm. The paper sets α₀ by width, smaller for wider models (LLaMA 2 7B 0.8 / 0.2 … 70B
+0.2 / 0.05); the suite's widths are far below its narrowest model, whose values are used.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,7 @@ from torch import Tensor, nn
 
 from variants.base import (
     InitView,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -63,3 +68,23 @@ class DynamicTanh(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source="Zhu et al. 2025 §7 and Table 10; github.com/jiachenzhu/DyT other_tasks/LLaMA "
+            "(fms_fsdp/models/llama.py): embedding × learnable scalar init √d, α₀ attention 0.8, "
+            "FFN and final 0.2 (LLaMA 2 7B)",
+            embedding_scale=math.sqrt,
+            learnable_embedding_scale=True,
+            init=_authors_alphas,
+        )
+
+
+AUTHORS_ATTN_ALPHA, AUTHORS_OTHER_ALPHA = 0.8, 0.2  # the LLaMA 2 7B setting (Table 10)
+
+
+def _authors_alphas(model: InitView) -> None:
+    for wiring in model.wirings(DyTWiring):
+        wiring.norm_attn.alpha.fill_(AUTHORS_ATTN_ALPHA)
+        wiring.norm_mlp.alpha.fill_(AUTHORS_OTHER_ALPHA)
+    model.final_norm.alpha.fill_(AUTHORS_OTHER_ALPHA)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from variants.base import (
     AttentionOptions,
     InitView,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -64,3 +65,13 @@ class HybridNorm(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Zhuo et al. 2025, the authors' OLMo2 configs: QKV-norm and the post-norm FFN are "
+                "the variant. Their Megatron init's std differs from GPT-2's (not expressed "
+                "here), and OLMo 2 exempts embeddings from weight decay (a setting of any run: "
+                "optim.no_decay=[embeddings,gains,biases]); otherwise nothing beyond the wiring"
+            )
+        )

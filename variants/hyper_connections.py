@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from variants.base import (
+    Recipe,
     Sublayer,
     Wiring,
 )
@@ -99,3 +100,11 @@ class HyperConnections(MultiStreamVariant):
         if self.streams < 1:
             raise ValueError(f"variant.streams: must be at least 1 (got {self.streams})")
         return HyperConnectionWiring(width, self.streams, layer, self.dynamic, self.eps)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Zhu et al. 2025: the static and dynamic connections and their init are the "
+                "variant: nothing beyond the wiring"
+            )
+        )

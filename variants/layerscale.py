@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from variants.base import (
     InitView,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -68,3 +69,11 @@ class LayerScale(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Touvron et al. 2021: γ's depth-dependent init is the variant; its other "
+                "settings are for vision: nothing beyond the wiring"
+            )
+        )

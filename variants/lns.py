@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from variants.base import InitView, Sublayer, Wiring
+from variants.base import InitView, Recipe, Sublayer, Wiring
 from variants.preln import PreLN, PreLNWiring
 from variants.registry import register
 
@@ -48,3 +48,12 @@ class LayerNormScaling(PreLN):
 
     def init_weights(self, model: InitView) -> None:
         """The common N(0, 0.02) init, as is: no depth-scaled residual projections."""
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Sun et al. 2025 and github.com/lmsdss/LayerNorm-Scaling: the 1/√ℓ scaling is "
+                "the variant, on LLaMA blocks (model.backbone=llama) with the common recipe: "
+                "nothing beyond the wiring"
+            )
+        )

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from variants.base import (
+    Recipe,
     Sublayer,
     Wiring,
 )
@@ -120,4 +121,13 @@ class ManifoldConstrainedHyperConnections(MultiStreamVariant):
             )
         return ManifoldHyperConnectionWiring(
             width, self.streams, self.eps, self.res_diagonal_logit, self.sinkhorn_iterations
+        )
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Xie et al. 2025: the Sinkhorn projection and its fp32 are the variant (the "
+                "paper's other changes are kernels and memory, not training): nothing beyond "
+                "the wiring"
+            )
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from variants.base import Variant, Wiring
+from variants.base import Recipe, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.postln import PostLNWiring
 from variants.preln import PreLNWiring
@@ -37,3 +37,11 @@ class MixLN(Variant):
 
     def final_norm(self, width: int) -> nn.Module:
         return LayerNorm(width, self.eps)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Li et al. 2024: the share of Post-LN blocks is the variant, on LLaMA blocks "
+                "(model.backbone=llama) with the common recipe: nothing beyond the wiring"
+            )
+        )

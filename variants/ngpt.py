@@ -21,11 +21,12 @@ attention and MLP output maps). The learned scales (α, s_qk, s_u, s_z) use the 
 with NVIDIA's constants: α 0.05 / (1/√d), s_qk 1 / (1/√d), s_u 1 / 1, s_z 1 / (1/√d). Trained
 with no weight decay (the paper's recipe): the suite builds its cells with weight_decay = 0.
 
-Where the suite's shared backbone differs from NVIDIA's model, the backbone is kept, as for
-every variant: the MLP is GELU (nGPT's is SwiGLU, whose gate s_v would scale alongside s_u), and
-positions are learned embeddings rather than RoPE — here both embedding tables are unit rows and
-the stream starts at Norm(e_token + e_position). A tied head is the same unit rows as the token
-embedding (nGPT does not tie; the suite's ``model.tie_embeddings`` decides).
+The backbone is the suite's, as for every variant. On ``model.backbone=llama`` it is NVIDIA's:
+a SwiGLU MLP whose fused [u, v] pre-activation s_u ⊙ √d scales as the code's s_uv does, and RoPE
+before s_qk ⊙ Norm(·). On ``gpt2`` the MLP is GELU (s_u on its pre-activation) and positions
+are learned embeddings: both tables are unit rows and the stream starts at
+Norm(e_token + e_position). A tied head is the same unit rows as the token embedding (nGPT does
+not tie; the suite's ``model.tie_embeddings`` decides).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from variants.base import (
     AttentionOptions,
     InitView,
     MLPOptions,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -161,10 +163,21 @@ class NGPT(Variant):
     @torch.no_grad()
     def after_optimizer_step(self, model: InitView) -> None:
         """Every matrix back to unit vectors along its d-dimensional side."""
-        rows_of_width = [model.token_embedding, model.position_embedding, model.head]
+        rows_of_width = [model.token_embedding, model.head]
+        if model.position_embedding is not None:  # none on the llama backbone (RoPE)
+            rows_of_width.append(model.position_embedding)
         for block in model.blocks:
             rows_of_width += [block.attn_qkv, block.mlp_in]
             for projection in block.residual_projections:  # (d, ·): unit columns
                 projection.weight.copy_(unit(projection.weight, dim=0))
         for module in rows_of_width:
             module.weight.copy_(unit(module.weight, dim=1))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Loshchilov et al. 2024 and NVIDIA's code: no weight decay is the variant's in "
+                "both arms, SwiGLU and RoPE are the llama backbone, the scales' init is the "
+                "variant: nothing beyond the wiring"
+            )
+        )

@@ -28,7 +28,8 @@ class RMSNorm(nn.Module):
     """RMSNorm(x) = x · rsqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019).
 
     Computed in fp32 and cast back, as LLaMA's reference implementation does, so that bf16
-    autocast does not change the statistics.
+    autocast does not change the statistics (a float64 input, as in the reference checks, keeps
+    its own precision).
     """
 
     def __init__(self, width: int, eps: float = 1e-5) -> None:
@@ -37,4 +38,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from variants.base import Recipe
 from variants.norms import LayerNorm
 from variants.registry import register
 from variants.sandwich import Sandwich
@@ -27,3 +28,11 @@ class PeriLN(Sandwich):
 
     def embedding_norm(self, width: int) -> nn.Module:
         return LayerNorm(width, self.eps)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Kim et al. 2025: the embedding norm is the variant, trained with the common "
+                "init and optimizer: nothing beyond the wiring"
+            )
+        )

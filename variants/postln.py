@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from variants.base import Sublayer, Variant, Wiring
+from variants.base import Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -37,3 +37,12 @@ class PostLN(Variant):
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return PostLNWiring(width, self.eps)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Vaswani et al. 2017, as its reference trains it: torchscale's decoder "
+                "(normalize_before=False) scales no embedding by default "
+                "(no_scale_embedding=True) and uses the common init: nothing beyond the wiring"
+            )
+        )

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from variants.base import (
     InitView,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -50,3 +51,11 @@ class PreLN(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "nanoGPT's model.py, its reference: the GPT-2 init the suite uses (residual "
+                "projections 0.02/√(2N)) is part of the variant: nothing beyond the wiring"
+            )
+        )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Sublayer, Variant, Wiring
+from variants.base import InitView, Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -54,3 +54,11 @@ class ResPost(Variant):
             for norm in (wiring.norm_attn, wiring.norm_mlp):
                 for parameter in norm.parameters():  # gain and bias
                     parameter.zero_()
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Liu et al. 2022: its other changes (scaled cosine attention, log-spaced "
+                "position bias) are for vision: nothing beyond the wiring"
+            )
+        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import Sublayer, Variant, Wiring
+from variants.base import Recipe, Sublayer, Variant, Wiring
 from variants.registry import register
 
 
@@ -36,3 +36,11 @@ class ReZero(Variant):
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return ReZeroWiring(self.alpha_init)
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Bachlechner et al. 2020, rztx.py: α = 0 at init is the variant: nothing beyond "
+                "the wiring"
+            )
+        )

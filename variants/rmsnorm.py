@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from variants.base import (
     InitView,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -50,3 +51,11 @@ class PreRMSNorm(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "LLaMA's model.py: RMSNorm's eps and fp32 statistics are the variant, RoPE and "
+                "SwiGLU the llama backbone: nothing beyond the wiring"
+            )
+        )

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from variants.base import (
     InitView,
+    Recipe,
     Sublayer,
     Variant,
     Wiring,
@@ -57,3 +58,11 @@ class Sandwich(Variant):
 
     def init_weights(self, model: InitView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
+
+    def authors_recipe(self) -> Recipe:
+        return Recipe(
+            source=(
+                "Ding et al. 2021: its other stabilizers (PB-relax, for fp16 image tokens) have "
+                "no counterpart here: nothing beyond the wiring"
+            )
+        )
