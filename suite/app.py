@@ -84,8 +84,16 @@ def run_job(cfg: DictConfig) -> str:
     # Only module functions here, no module objects: launchers pickle this function by value
     # (the name run_job holds Hydra's wrapper), and a lock or an event cannot be pickled.
     _refuse_after_ctrl_c()
-    cell = cell_from_config(cfg)
-    plan = job_plan(cell.store)
+    try:
+        cell = cell_from_config(cfg)
+        plan = job_plan(cell.store)
+    except (ConfigError, PlanError) as error:
+        # Not what preflight checked (a value that resolved otherwise in the job, a plan changed
+        # since): nothing is trained, the sweep goes on, and its summary counts the job as
+        # having left nothing (exit 1).
+        number = f"{HydraConfig.get().job.num + 1}"
+        log.error("job %s trains nothing: %s", number, str(error).splitlines()[0])
+        return "error"
     _stop_when_the_sweep_is_gone(plan)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     number = f"{HydraConfig.get().job.num + 1}/{plan.size}"
@@ -235,6 +243,17 @@ def _claim_and_train_pack(
     if held_elsewhere:
         holder = next(iter(held_elsewhere.values()))
         _left_to_another(job_dir, label, list(held_elsewhere), holder)
+    if plan.resume:  # another sweep may have finished some between the look and the claims
+        done = [m for m in members if m.cell_id() in claims and finished(m)]
+        for member in done:
+            claims.pop(member.cell_id()).release()
+            log.info(
+                "%s: %s was finished meanwhile by another sweep; skipped", label, member.cell_id()
+            )
+        if done:
+            marker = job_dir / SKIPPED_MARKER
+            before = int(marker.read_text() or 0) if marker.exists() else 0
+            marker.write_text(str(before + len(done)))
     members = [m for m in members if m.cell_id() in claims]
     if not members:
         return "claimed" if held_elsewhere else "skipped"
@@ -533,6 +552,11 @@ def main() -> None:
                 jobs=[[cell.cell_id()] for cell in cells],
             )
             if any(cell.train.pack_lr for cell in cells):
+                if not all(cell.train.pack_lr for cell in cells):
+                    raise ConfigError(
+                        "train.pack_lr: a sweep packs all its cells or none; run the packed and "
+                        "the unpacked cells as two sweeps"
+                    )
                 args, plan.packs, plan.jobs = pack_learning_rates(args, cells)
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
@@ -540,7 +564,7 @@ def main() -> None:
         os.environ[PLANS_ENV] = os.pathsep.join(map(str, _write_plans(plan, cells)))
         # The jobs learn the plan's name only; hydra.job.env_set.SUITE_* is refused from users.
         # First: argparse takes no further overrides after a flag such as --config-dir DIR.
-        args = [f"++hydra.job.env_set.{PLAN_ENV}={plan.name}", *args]
+        args = [f"++hydra.job.env_set.{PLAN_ENV}={plan.job_env}", *args]
         sys.argv[1:] = sweepable(args)
         os.environ[SWEEP_SIZE_ENV] = str(plan.size)
     try:

@@ -59,6 +59,7 @@ def collect(
     ``<store>/runs.parquet``."""
     verdict = verdict or VerdictConfig()
     records = latest_per_cell(read_records(store))
+    records = [_clean(record) for record in records]
     for record in records:
         judge_record(record, store, verdict)
         if "packed" not in record and isinstance(record.get("config"), dict):
@@ -91,18 +92,47 @@ def collect(
 
 
 def storable(runs: pd.DataFrame) -> pd.DataFrame:
-    """The table with every column Parquet can hold: a column of mixed values (an undeclared
-    field a plugin or a damaged record wrote with several types) is kept as text, with a
-    warning naming it, instead of making the whole store uncollectable."""
+    """The table with every column Parquet can hold, instead of one bad field making the whole
+    store uncollectable: text that is not valid Unicode (a lone surrogate) is repaired, and a
+    column of mixed values or of mappings (an undeclared field a plugin or a damaged record
+    wrote) is kept as text, with a warning naming it."""
+    runs = runs.rename(columns=lambda name: _valid_text(str(name)))
     for name in runs.columns:
         if runs[name].dtype != object:
             continue
+        column = runs[name].map(_valid_text)
+        holds_mappings = column.map(lambda v: isinstance(v, dict)).any()
         try:
-            pa.array(runs[name], from_pandas=True)
+            if holds_mappings:
+                raise pa.ArrowTypeError("a mapping")
+            pa.table({name: pa.array(column, from_pandas=True)})
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             log.warning("column %s holds values of several types; it is kept as text", name)
-            runs[name] = runs[name].map(lambda v: None if v is None else str(v))
+            column = column.map(lambda v: None if v is None else _as_text(v))
+        runs[name] = column
     return runs
+
+
+def _clean(value: Any) -> Any:
+    """A record's text made valid Unicode at every depth (a lone surrogate, which JSON allows
+    and nothing downstream can write, becomes '?')."""
+    if isinstance(value, dict):
+        return {_valid_text(k) if isinstance(k, str) else k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return _valid_text(value)
+
+
+def _valid_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str, ensure_ascii=True)
+    return _valid_text(str(value))
 
 
 def keep_last_good_rows(runs: pd.DataFrame, previous_table: Path) -> pd.DataFrame:

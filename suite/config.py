@@ -873,7 +873,12 @@ def describe_settings() -> str:
             if spec.name in SECTIONS and prefix == "":
                 walk(f"{key}.", SECTIONS[spec.name])
                 continue
-            default = "" if spec.default is dataclasses.MISSING else repr(spec.default)
+            if spec.default is not dataclasses.MISSING:
+                default = repr(spec.default)
+            elif spec.default_factory is not dataclasses.MISSING and spec.name not in SECTIONS:
+                default = repr(spec.default_factory())
+            else:
+                default = ""
             tag = "" if in_cell_identity(key) else " [not in the cell id]"
             lines.append(f"{key:32} {default:12} {spec.metadata.get('doc', '')}{tag}")
 

@@ -47,9 +47,9 @@ def process_alive(stamp: dict[str, Any]) -> bool | None:
         return None
     try:
         pid = int(stamp["pid"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return False
-    if pid <= 0:
+    if not 0 < pid < 2**31:  # no such process can exist (a damaged file)
         return False
     try:
         os.kill(pid, 0)

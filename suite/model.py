@@ -96,16 +96,20 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head dimension (got {head_dim})")
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = angles.cos(), angles.sin()
+        # rotate_half(x)·sin = roll(x, d/2)·[−sin, sin]: one roll instead of slices, a negation
+        # and a concatenation (the same products, so the same numbers).
+        self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-sin, sin], dim=-1), persistent=False)
+        self.register_buffer("cos32", self.cos.float(), persistent=False)
+        self.register_buffer("sin32", self.sin.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, heads, seq, head_dim), rotated by its positions 0 … seq − 1."""
         seq, half = x.shape[-2], x.shape[-1] // 2
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        cos, sin = (self.cos, self.sin) if x.dtype == torch.float64 else (self.cos32, self.sin32)
+        cos, sin = cos[:seq].to(x.dtype), sin[:seq].to(x.dtype)
+        return x * cos + x.roll(half, dims=-1) * sin
 
 
 def causal_attention(

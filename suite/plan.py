@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ class SweepPlan:
     pid: int = 0
     pid_started: int | None = None
     ended_at: str | None = None
+    store_cells: list[str] | None = None  # as read from one store: the cells trained there
 
     def __post_init__(self) -> None:
         if not self.hostname:
@@ -75,18 +77,30 @@ class SweepPlan:
         """Whether this process is the sweep's main one (the basic launcher trains there)."""
         return process_alive(self.as_dict()) is True and self.pid == os.getpid()
 
+    def digest(self) -> str:
+        """A fingerprint of what the jobs obey (their cells, packs and resume): a job checks
+        the plan it reads against the one its sweep started with."""
+        facts = json.dumps({"jobs": self.jobs, "packs": self.packs, "resume": self.resume})
+        return hashlib.sha256(facts.encode()).hexdigest()[:16]
+
+    @property
+    def job_env(self) -> str:
+        """What a job learns of its plan (``SUITE_SWEEP_PLAN``): its name and digest."""
+        return f"{self.name}:{self.digest()}"
+
     def as_dict(self) -> dict[str, Any]:
-        # "cells" is what progress watchers (also older ones) read.
-        return {**asdict(self), "name": self.name, "size": self.size, "cells": self.cells}
+        # "cells" is what progress watchers (also older ones) read: this store's cells.
+        fields = {k: v for k, v in asdict(self).items() if k != "store_cells"}
+        cells = self.cells if self.store_cells is None else self.store_cells
+        return {**fields, "name": self.name, "size": self.size, "cells": cells}
 
     def write(self, store: str | Path, cell_ids: set[str] | None = None) -> Path:
-        """Write the plan into ``store``, with only the jobs that train ``cell_ids`` there (all
-        when None); the job count stays the sweep's. Returns the plan's path."""
+        """Write the plan into ``store``: every job of the sweep (what jobs check), and as
+        ``cells`` only those trained there (``cell_ids``; all when None), which progress
+        watchers show. Returns the plan's path."""
         plan = self.as_dict()
         if cell_ids is not None:
-            plan["jobs"] = [job for job in self.jobs if set(job) & cell_ids]
-            plan["cells"] = [cell for job in plan["jobs"] for cell in job]
-            plan["packs"] = {k: v for k, v in self.packs.items() if k in cell_ids}
+            plan["cells"] = [cell for cell in self.cells if cell in cell_ids]
         path = plan_path(store, self.name)
         text = json.dumps(plan, indent=1)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -117,6 +131,7 @@ def load_plan(path: Path) -> SweepPlan | None:
             pid=int(data.get("pid") or 0),
             pid_started=data.get("pid_started"),
             ended_at=data.get("ended_at"),
+            store_cells=[str(cell) for cell in cells] if isinstance(cells, list) else None,
         )
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
@@ -138,9 +153,10 @@ def read_plans(store: str | Path) -> list[tuple[Path, SweepPlan]]:
 
 
 def job_plan(store: str | Path) -> SweepPlan:
-    """In a job: the plan its sweep's main process wrote into the job's store."""
-    name = os.environ.get(PLAN_ENV, "")
-    if not name or Path(name).name != name:
+    """In a job: the plan its sweep's main process wrote into the job's store, as it was
+    written (its digest is the one the job was given)."""
+    name, _, digest = os.environ.get(PLAN_ENV, "").partition(":")
+    if not name or Path(name).name != name or not digest:
         raise PlanError(
             "this job has no sweep plan: sweeps start with `python -m suite ...`, whose "
             "preflight checks every cell first"
@@ -148,16 +164,22 @@ def job_plan(store: str | Path) -> SweepPlan:
     plan = load_plan(plan_path(store, name))
     if plan is None:
         raise PlanError(f"the sweep plan {plan_path(store, name)} is missing or unreadable")
+    if plan.digest() != digest:
+        raise PlanError(
+            f"the sweep plan {plan_path(store, name)} was changed after the sweep started; "
+            "its jobs train nothing"
+        )
     return plan
 
 
 def mark_ended(path: Path) -> None:
-    """The sweep's process is ending: say so in its plan (a watcher then stops at once)."""
+    """The sweep's process is ending: say so in its plan (a watcher then stops at once). A plan
+    that cannot be read or written (a full disk) is left as it is: the watcher then judges the
+    sweep by its process."""
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            text = json.dumps({**data, "ended_at": utc_now()}, indent=1)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     except (OSError, ValueError):
         return
-    if not isinstance(data, dict):
-        return
-    text = json.dumps({**data, "ended_at": utc_now()}, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

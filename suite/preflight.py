@@ -5,12 +5,14 @@ before any training, with a message naming the key.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,8 +142,12 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     # the jobs come out in Hydra's order and the plan's job k is Hydra's job k.
     axes: dict[str, list[str]] = {}
     for override in parser.parse_overrides(preset) + parsed:
-        if override.is_hydra_override() and override.key_or_group != "hydra.searchpath":
-            continue  # the search path stays: a job's preset may live in a user's config dir
+        if override.is_hydra_override() and override.is_sweep_override():
+            raise ConfigError(
+                f"{override.key_or_group}: Hydra's own settings cannot be swept (one value each)"
+            )
+        # Hydra's own settings stay in every job's overrides (one value each), as in Hydra's
+        # jobs: a job's env_set, search path or launcher compose with its cell.
         key = override.get_key_element()
         if override.is_sweep_override():
             axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
@@ -175,6 +181,25 @@ def check_hydra_settings(cfg: DictConfig) -> None:
             "the working directory)"
         )
     _check_writable_folder("hydra.sweep.dir", sweep_dir)
+    if Path(sweep_dir).is_dir() and any(Path(sweep_dir).iterdir()):
+        raise ConfigError(
+            f"hydra.sweep.dir: {sweep_dir!r} holds an earlier sweep's job folders; give each "
+            "sweep a new folder (the default makes one per start), or its summary would mix them"
+        )
+    subdir = OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir")
+    if str(subdir) != JOB_SUBDIR:
+        raise ConfigError(
+            f"hydra.sweep.subdir: must stay {JOB_SUBDIR} (one folder per job, which the sweep's "
+            f"summary reads); got {subdir!r}"
+        )
+    collect = (hydra_cfg.get("callbacks") or {}).get("collect")
+    if collect is None or collect.get("_target_") != COLLECT_CALLBACK:
+        raise ConfigError(
+            f"hydra.callbacks.collect: must stay {COLLECT_CALLBACK}: it summarizes the sweep and "
+            "sets its exit code (add callbacks of your own under another name)"
+        )
+    for section in ("job_logging", "hydra_logging"):
+        check_logging_config(f"hydra.{section}", hydra_cfg.get(section))
     launcher = str(hydra_cfg.runtime.choices.get("hydra/launcher") or "")
     target = str(hydra_cfg.launcher.get("_target_", ""))
     if "joblib" in target.lower() and hydra_cfg.launcher.get("n_jobs") == 0:
@@ -186,6 +211,65 @@ def check_hydra_settings(cfg: DictConfig) -> None:
             f"hydra/launcher={launcher}: no SLURM here (sbatch is not on the PATH); submit from "
             "a SLURM login node, or use hydra/launcher=per_core on this machine"
         )
+
+
+JOB_SUBDIR = "${hydra.job.num}"
+COLLECT_CALLBACK = "suite.collect.CollectCallback"
+# What a logging config may build: Python's own handlers, never a factory ('()') of any module.
+LOGGING_HANDLERS = ("logging.StreamHandler", "logging.FileHandler", "logging.NullHandler")
+LOGGING_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
+LOGGING_LEVELS = ("CRITICAL", "ERROR", "WARNING", "WARN", "INFO", "DEBUG", "NOTSET")
+
+
+def check_logging_config(where: str, node: Any) -> None:
+    """A logging config (Python's dictConfig schema) from Hydra's namespace builds only Python's
+    own handlers and formatters: a ``()`` factory or another class would run any callable (a
+    suite function that rewrites a record, say) when the job configures its logging."""
+    if node is None:
+        return
+    config = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: must be a logging config (a mapping)")
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "()":
+                    raise ConfigError(
+                        f"{path}.(): a logging factory runs any callable; the suite's logging "
+                        f"configs take handlers from {', '.join(LOGGING_HANDLERS)}"
+                    )
+                walk(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]")
+
+    walk(config, where)
+    if config.get("filters"):
+        raise ConfigError(f"{where}.filters: logging filters are not supported")
+    for name, formatter in (config.get("formatters") or {}).items():
+        if isinstance(formatter, dict) and formatter.get("class", "logging.Formatter") != (
+            "logging.Formatter"
+        ):
+            raise ConfigError(f"{where}.formatters.{name}.class: must be logging.Formatter")
+    levels = [(f"{where}.root.level", (config.get("root") or {}).get("level"))]
+    for name, handler in (config.get("handlers") or {}).items():
+        key = f"{where}.handlers.{name}"
+        if not isinstance(handler, dict) or handler.get("class") not in LOGGING_HANDLERS:
+            got = handler.get("class") if isinstance(handler, dict) else handler
+            raise ConfigError(
+                f"{key}.class: must be one of {', '.join(LOGGING_HANDLERS)} (got {got!r})"
+            )
+        if handler.get("mode", "a") != "a":
+            raise ConfigError(f"{key}.mode: log files are appended to (mode a), never replaced")
+        if "stream" in handler and handler["stream"] not in LOGGING_STREAMS:
+            raise ConfigError(f"{key}.stream: must be one of {', '.join(LOGGING_STREAMS)}")
+        levels.append((f"{key}.level", handler.get("level")))
+    for name, logger in (config.get("loggers") or {}).items():
+        levels.append((f"{where}.loggers.{name}.level", (logger or {}).get("level")))
+    for key, level in levels:
+        if level is not None and str(level).upper() not in LOGGING_LEVELS:
+            raise ConfigError(f"{key}: must be one of {', '.join(LOGGING_LEVELS)} (got {level!r})")
 
 
 # Launcher configs that need a plugin the suite does not install by default: its pip extra.
@@ -242,21 +326,19 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         try:
             jobs = expand_sweep(overrides)
-        except HydraException as error:
+        except (HydraException, OmegaConfBaseException) as error:
             raise config_error(error) from None
-        except yaml.YAMLError as error:  # a broken preset, e.g. in a user's --config-dir
-            raise ConfigError(f"a config file is not valid YAML: {_one_line(error)}") from None
+        except UNREADABLE_CONFIG as error:  # a broken preset, e.g. in a user's --config-dir
+            raise ConfigError(unreadable_config(error)) from None
         for job in jobs:
             try:
                 parsed = parser.parse_overrides(job)
                 groups = tuple(o.input_line for o in parsed if _needs_compose(o))
                 if groups not in composed:
-                    if any(o.key_or_group != "variant" for o in parsed if _needs_compose(o)):
-                        # A job's own preset may set Hydra's job keys (env_set, chdir).
-                        check_hydra_settings(
-                            compose("config", overrides=list(groups), return_hydra_config=True)
-                        )
-                    composed[groups] = compose("config", overrides=list(groups))
+                    # With Hydra's part: a job's own preset may set its keys (env_set, chdir).
+                    full = compose("config", overrides=list(groups), return_hydra_config=True)
+                    check_hydra_settings(full)
+                    composed[groups] = full
                 cfg = copy.deepcopy(composed[groups])
                 for override in parsed:
                     if not _needs_compose(override):
@@ -267,7 +349,10 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
                             force_add=override.is_add(),
                         )
                 _check_targets_in("", lambda cfg=cfg: check_config(cfg))
-                cell = cell_from_config(cfg)
+                _refuse_values_that_change_by_when(cfg)
+                # As the job will: its Hydra env_set applied while its values are resolved.
+                with _job_environment(cfg.hydra.job.get("env_set")):
+                    cell = cell_from_config(cfg)
                 _check_variant_choice(parsed, cell)
                 cells.append((job, cell))
             except (OmegaConfBaseException, HydraException) as error:
@@ -275,12 +360,58 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
             except ConfigError as error:
                 raise ConfigError(f"{error}\n  in the cell: {' '.join(job)}") from None
-            except yaml.YAMLError as error:
+            except UNREADABLE_CONFIG as error:
                 raise ConfigError(
-                    f"a config file is not valid YAML: {_one_line(error)}\n  in the cell: "
-                    f"{' '.join(job)}"
+                    f"{unreadable_config(error)}\n  in the cell: {' '.join(job)}"
                 ) from None
     return cells
+
+
+# A preset that cannot be read as YAML (broken, not UTF-8) or whose defaults include itself.
+UNREADABLE_CONFIG = (yaml.YAMLError, UnicodeDecodeError, RecursionError)
+
+
+def unreadable_config(error: BaseException) -> str:
+    if isinstance(error, RecursionError):
+        return "a config's defaults list includes itself (endless recursion)"
+    return f"a config file is not valid YAML: {_one_line(error)}"
+
+
+@contextlib.contextmanager
+def _job_environment(env_set: Any) -> Iterator[None]:
+    """Hydra's ``hydra.job.env_set`` in this process's environment, as the job will have it."""
+    values = {str(k): str(v) for k, v in (env_set or {}).items()}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _refuse_values_that_change_by_when(cfg: DictConfig) -> None:
+    """A setting that interpolates the time (``${now:...}``) resolves to one value in preflight
+    and another in the job: the job would train a cell preflight never saw."""
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}[{index}]")
+        elif isinstance(node, str) and "${now:" in node:
+            raise ConfigError(
+                f"{path}: {node!r} is the time, which differs between preflight and the job; "
+                "give a value"
+            )
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    walk({k: v for k, v in container.items() if k != "hydra"}, "")
 
 
 def _one_line(error: Exception) -> str:
@@ -432,7 +563,8 @@ def memory_need(cell: CellConfig, vocab_size: int, copies: int = 1) -> MemoryNee
     the embeddings and head counted by the vocabulary, plus the activations one step keeps for
     backward, by batch and sequence: per block the residual stream and sublayer inputs (~10·d),
     the MLP's hidden units (3·r·d) and the attention scores and probabilities (2·heads·T), and
-    the output logits with their softmax and its gradient (3·V) per token, in fp32."""
+    the output logits with their softmax and its gradient (3·V) per token, in fp32; or those of
+    the diagnostics' probe batch, when it is the larger."""
     m, batch = cell.model, cell.train.batch_size
     if m.backbone == "llama":  # SwiGLU's three matrices; RoPE instead of a position table
         per_layer = 4 * m.width**2 + 3 * swiglu_hidden(m.width, m.mlp_ratio) * m.width
@@ -445,6 +577,9 @@ def memory_need(cell: CellConfig, vocab_size: int, copies: int = 1) -> MemoryNee
     per_token = m.depth * (m.width * (10 + 3 * m.mlp_ratio) + 2 * m.heads * m.seq_len)
     per_token += 3 * vocab_size
     activations = 4 * batch * m.seq_len * per_token
+    if cell.diagnostics.enabled:  # the probe batch's forward pass beside training
+        probe = cell.diagnostics.probe_batch
+        activations = max(activations, 4 * probe * m.seq_len * per_token)
     return MemoryNeed(parameters, 16 * parameters * copies, activations * copies)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from suite.liveness import process_alive
@@ -130,9 +131,14 @@ def finished_record(store: str | Path, cell_id: str) -> dict[str, Any] | None:
         log.warning("%s: its record is damaged (%s); it is trained again", cell_id, problems[0])
         return None
     try:
-        rows = pq.read_metadata(curve_path(store, cell_id, record)).num_rows
-    except (OSError, ValueError):
+        path = curve_path(store, cell_id, record)
+        rows = pq.read_metadata(path).num_rows
+        losses = pq.read_schema(path).field("loss").type if rows else None
+    except (OSError, ValueError, KeyError):
         log.warning("%s: its curve is missing or unreadable; it is trained again", cell_id)
+        return None
+    if losses is not None and not (pa.types.is_floating(losses) or pa.types.is_integer(losses)):
+        log.warning("%s: its curve's losses are not numbers; it is trained again", cell_id)
         return None
     if rows != curve_length(record):
         log.warning(

@@ -319,3 +319,34 @@ def test_packed_members_decay_as_their_unpacked_cells_in_both_modes():
         for cell, curve in zip(cells, packed, strict=True):
             _, alone = run_cell(cell)
             assert [r["loss"] for r in curve] == pytest.approx([r["loss"] for r in alone], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["muon", "completep", "qk_norm", "z_loss", "value_residual", "packed", "independent_decay"],
+)
+def test_every_model_and_optimizer_option_trains_on_the_llama_backbone(option):
+    from suite.runner import run_pack
+
+    cells = [make_cell("preln", depth=2, steps=3, width=32, heads=2, lr=lr) for lr in (1e-3, 3e-3)]
+    for cell in cells:
+        cell.model.backbone = "llama"
+        cell.diagnostics.enabled = False
+        if option == "muon":
+            cell.optim.name = "muon"
+        elif option == "completep":
+            cell.model.parametrization = "completep"
+        elif option == "qk_norm":
+            cell.model.qk_norm = True
+        elif option == "z_loss":
+            cell.optim.z_loss = 1e-4
+        elif option == "value_residual":
+            cell.model.value_residual = "learned"
+        elif option == "independent_decay":
+            cell.optim.weight_decay_mode = "independent"
+        elif option == "packed":
+            cell.train.pack_lr = True
+    results = run_pack(cells) if option == "packed" else [run_cell(cells[0])]
+    for record, curve in results:
+        assert record["status"] == "ok", record["error"]
+        assert len(curve) == 3 and record["backbone"] == "llama"

@@ -74,16 +74,23 @@ def test_a_job_trains_only_cells_its_sweeps_plan_lists(tmp_path, monkeypatch):
 
     planned, other = make_cell(lr=1e-3), make_cell(lr=-1.0)
     plan = SweepPlan(command=[], resume=True, launcher="basic", jobs=[[planned.cell_id()]])
-    plan.write(tmp_path)
-    monkeypatch.setenv(PLAN_ENV, plan.name)
+    path = plan.write(tmp_path)
+    monkeypatch.setenv(PLAN_ENV, plan.job_env)
     assert job_plan(tmp_path).cells == [planned.cell_id()]
     _refuse_unplanned(plan, [planned])
     with pytest.raises(PlanError, match="preflight did not check it"):
         _refuse_unplanned(plan, [other])
-    for forged in ("", "../../etc/passwd", "no-such-plan"):
+    for forged in ("", plan.name, "../../etc/passwd:0", "no-such-plan:0"):
         monkeypatch.setenv(PLAN_ENV, forged)
         with pytest.raises(PlanError):
             job_plan(tmp_path)
+    # A plan edited after the sweep started (another cell appended) is refused by its digest.
+    monkeypatch.setenv(PLAN_ENV, plan.job_env)
+    edited = json.loads(path.read_text())
+    edited["jobs"].append([other.cell_id()])
+    path.write_text(json.dumps(edited))
+    with pytest.raises(PlanError, match="changed after the sweep started"):
+        job_plan(tmp_path)
 
 
 @pytest.mark.slow
@@ -521,3 +528,154 @@ def test_the_plans_jobs_are_hydras_jobs_in_hydras_order(tmp_path):
     [sweep_dir] = {path.parent.parent for path in store.glob("hydra/*/*/0/cell_id")}
     pointers = [(sweep_dir / str(k) / "cell_id").read_text().split() for k in range(len(jobs))]
     assert pointers == jobs and len(jobs) == 8
+
+
+# --- the second hostile pass over the fixes above ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("~hydra.callbacks.collect", "hydra.callbacks.collect"),
+        (
+            "hydra.callbacks.collect._target_=hydra._internal.core_plugins.basic_sweeper."
+            "BasicSweeper",
+            "hydra.callbacks.collect",
+        ),
+        ("hydra.sweep.subdir=same", "hydra.sweep.subdir"),
+        ("hydra.sweep.subdir=${hydra.job.num}/../..", "hydra.sweep.subdir"),
+        ("hydra.job_logging.root.level=VERBOSE", "hydra.job_logging.root.level"),
+        ("+hydra.sweeper.params.seed=-1,0", "hydra.sweeper.params.seed"),
+        ("seed=${now:%S}", "seed"),
+    ],
+)
+def test_hydra_settings_the_summary_and_exit_code_rely_on_are_kept(override, key):
+    refused(override, match=f"^{key}: ")
+
+
+@pytest.mark.parametrize(
+    "handler, key",
+    [
+        ("{'()': suite.store.write_cell, store: /tmp/x}", r"\(\)"),
+        ("{class: suite.store.write_started}", "class"),
+        ("{class: logging.FileHandler, filename: /tmp/x, mode: w}", "mode"),
+        ("{class: logging.StreamHandler, stream: 'ext://os.devnull'}", "stream"),
+    ],
+)
+def test_a_logging_preset_builds_only_pythons_own_handlers(tmp_path, handler, key):
+    presets = tmp_path / "hydra" / "job_logging"
+    presets.mkdir(parents=True)
+    (presets / "evil.yaml").write_text(
+        f"version: 1\nhandlers:\n  pwn: {handler}\nroot: {{level: INFO, handlers: [pwn]}}\n"
+    )
+    with pytest.raises(ConfigError, match=rf"^hydra\.job_logging\.handlers\.pwn\.{key}"):
+        preflight([*TINY, "hydra/job_logging=evil", f"hydra.searchpath=['file://{tmp_path}']"])
+
+
+def test_a_sweep_dir_holding_an_earlier_sweep_is_refused(tmp_path):
+    (tmp_path / "fixed" / "0").mkdir(parents=True)
+    refused(f"hydra.sweep.dir={tmp_path / 'fixed'}", match=r"^hydra\.sweep\.dir: .* earlier sweep")
+
+
+def test_preflight_resolves_values_with_the_jobs_environment():
+    cells = preflight([*TINY, "+hydra.job.env_set.W=48", "model.width=${oc.env:W,32}"])
+    assert {cell.model.width for _, cell in cells} == {48}  # what the job will train
+
+
+def test_a_mixed_packed_and_unpacked_grid_is_refused(tmp_path):
+    result = run_suite(*TINY, "train.pack_lr=true,false", f"store={tmp_path}")
+    assert result.returncode == 2 and "train.pack_lr: a sweep packs all its cells" in result.stderr
+    assert not (tmp_path / "cells").exists()
+
+
+def test_a_pack_member_finished_meanwhile_is_not_trained_again(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    import suite.app
+    from suite.store import write_cell
+
+    cells = [make_cell(lr=lr, steps=5) for lr in (1e-3, 3e-3)]
+    for cell in cells:
+        cell.store, cell.train.pack_lr = str(tmp_path), True
+    done = {"cell_id": cells[0].cell_id(), "status": "ok", "steps_completed": 0,
+            "config": __import__("dataclasses").asdict(cells[0])}  # fmt: skip
+    write_cell(tmp_path, done, [])  # another sweep finished member 0 after the first look
+    job_config = OmegaConf.create({"launcher": {}})
+    monkeypatch.setattr(suite.app.HydraConfig, "get", staticmethod(lambda: job_config))
+    plan = SweepPlan(command=[], resume=True, launcher="basic", jobs=[[c.cell_id() for c in cells]])
+    status = suite.app._claim_and_train_pack(cells, tmp_path, "pack 1/1", None, plan)
+    assert status == "ok"
+    record = json.loads((cell_dir(tmp_path, cells[0].cell_id()) / "record.json").read_text())
+    assert record == {**done, "curve_file": record["curve_file"]}  # untouched
+    assert (cell_dir(tmp_path, cells[1].cell_id()) / "record.json").exists()
+
+
+def test_values_parquet_cannot_hold_are_kept_as_text(tmp_path):
+    store = _small_store(tmp_path)
+    paths = sorted(store.glob("cells/*/record.json"))
+    first, second = (json.loads(path.read_text()) for path in paths[:2])
+    first["zzz"] = {}  # an empty mapping: no Parquet struct type
+    second["hostname"] = "\ud800"  # a lone surrogate: not encodable
+    second["\ud800key"] = 1
+    paths[0].write_text(json.dumps(first))
+    paths[1].write_text(json.dumps(second))
+    runs = collect(store)
+    assert (store / "runs.parquet").exists() and len(runs) == len(paths)
+
+
+def test_a_damaged_pid_is_a_dead_owner_not_a_traceback(tmp_path):
+    huge = {"hostname": process_stamp()["hostname"], "pid": 10**23}
+    assert process_alive(huge) is False
+    folder = cell_dir(tmp_path, "c")
+    folder.mkdir(parents=True)
+    (folder / CLAIM).write_text(json.dumps({"token": "t", **huge, "heartbeat": time.time()}))
+    claim = claim_cell(tmp_path, "c")
+    assert isinstance(claim, Claim)
+    claim.release()
+
+
+def test_a_curve_whose_losses_are_not_numbers_is_trained_again(tmp_path):
+    store = _small_store(tmp_path)
+    record_path = next(store.glob("cells/*/record.json"))
+    record = json.loads(record_path.read_text())
+    assert finished_record(store, record["cell_id"]) is not None
+    curve = record_path.parent / (record.get("curve_file") or "curve.parquet")
+    frame = pd.read_parquet(curve)
+    frame.assign(loss=frame["loss"].astype(str)).to_parquet(curve, index=False)
+    assert finished_record(store, record["cell_id"]) is None
+
+
+def test_ending_a_plan_on_a_full_disk_is_quiet(tmp_path, monkeypatch):
+    import suite.plan
+
+    path = SweepPlan(command=[], resume=True, launcher="basic", jobs=[["a"]]).write(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(suite.plan, "atomic_write", full)
+    suite.plan.mark_ended(path)  # no exception
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe\x00bad", "not valid YAML"),
+        (b"# @package _global_\ndefaults:\n  - loop\n", "includes itself"),
+    ],
+)
+def test_an_unreadable_preset_is_a_one_line_error(tmp_path, content, message):
+    presets = tmp_path / "sweep"
+    presets.mkdir()
+    (presets / "loop.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        preflight(["+variant=preln", "sweep=loop", f"hydra.searchpath=['file://{tmp_path}']"])
+
+
+def test_a_sweeper_parameter_that_does_not_resolve_is_a_config_error():
+    with pytest.raises(ConfigError):
+        preflight([*TINY, "+hydra.sweeper.params={seed:${oc.env:NO_SUCH_VARIABLE_HERE}}"])
+
+
+def test_a_probe_batch_too_large_for_memory_is_refused():
+    refused("diagnostics.probe_batch=100000000", match=r"^model: a cell needs")
