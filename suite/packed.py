@@ -14,9 +14,9 @@ Diagnostics (suite/diagnostics.py) hook one model's modules and are not measured
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,12 +24,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from suite.config import CellConfig, OptimConfig
-from suite.data import Batches, Corpus, validation_batches
+from suite.data import Corpus, validation_batches
 from suite.optimizers import decay_group, hidden_parameters
 from suite.parametrization import DepthScaling, model_depth_scaling
-from suite.record import curve_row
-from suite.train import TrainOutcome, conclude, loss_and_objective, lr_schedule, synchronize
-from suite.verdict import divergence_reason
+from suite.train import Member, TrainOutcome, loss_and_objective, member_observers, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +145,77 @@ def check_packable(cells: Sequence[CellConfig]) -> None:
             raise ValueError(f"cells {cells[0].cell_id()} and {cell.cell_id()} differ beyond lr")
 
 
+class PackedStep:
+    """The pack's step (:class:`suite.train.Stepper`): the members' parameters stacked, one
+    ``vmap`` of the model over them, each member's own AdamW state, clipping and learning rate;
+    a member that ends is dropped from the stack and costs nothing after."""
+
+    packed = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        corpus: Corpus,
+        cells: Sequence[CellConfig],
+        device: torch.device,
+    ) -> None:
+        check_packable(cells)
+        lead = cells[0]
+        optim = lead.optim
+        self.optim, self.corpus, self.lead, self.device = optim, corpus, lead, device
+        self.params = stack_members(model, len(cells))
+        decayed = {
+            name
+            for name, p in model.named_parameters()
+            if decay_group(model, name, p) not in optim.no_decay
+        }
+        self.optimizer = PackedAdamW(
+            self.params,
+            optim,
+            depth_factors(model, model_depth_scaling(lead.model)),
+            decayed,
+            torch.tensor([cell.optim.lr for cell in cells], device=device),
+        )
+        autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=lead.train.dtype == "bfloat16"
+        )
+
+        def losses(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, z: float):
+            def member_model(tokens: torch.Tensor) -> torch.Tensor:
+                return functional_call(model, params, (tokens,))
+
+            return loss_and_objective(member_model, x, y, autocast, z)
+
+        self.batched_losses = vmap(losses, in_dims=(0, None, None, None))
+
+    def forward_backward(
+        self, lrs: list[float], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[float], list[float]]:
+        for p in self.params.values():
+            p.grad = None
+        member_losses, objectives = self.batched_losses(self.params, x, y, self.optim.z_loss)
+        objectives.sum().backward()  # member k's parameters only see member k's objective
+        grad_norms = member_grad_norms(self.params)
+        if self.optim.grad_clip > 0:
+            # As torch.nn.utils.clip_grad_norm_, member by member.
+            scale = (self.optim.grad_clip / (grad_norms + 1e-6)).clamp(max=1.0)
+            for p in self.params.values():
+                p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
+        return member_losses.tolist(), grad_norms.tolist()
+
+    def update(self, keep: list[int], lrs: list[float]) -> None:
+        if len(keep) < len(next(iter(self.params.values()))):
+            members = torch.tensor(keep, device=self.device)
+            self.params = keep_members(self.params, self.optimizer, members)
+        if keep:
+            self.optimizer.step(torch.tensor(lrs, device=self.device))
+
+    def evaluate(self) -> list[float]:
+        return evaluate_packed(
+            self.batched_losses, self.params, self.corpus, self.lead, self.device
+        )
+
+
 def train_packed(
     model: nn.Module,
     corpus: Corpus,
@@ -159,110 +228,16 @@ def train_packed(
     """Train every cell (member) from ``model``'s initial weights; ``on_done(member, outcome)``
     is called for each as soon as it is finished: when it diverges, or all together at the end.
     ``outcomes`` (one per member, filled in place) lets a caller keep the curves trained so far
-    when training raises."""
-    check_packable(cells)
-    lead = cells[0]
-    cfg, optim = lead.train, lead.optim
-    params = stack_members(model, len(cells))
-    decayed = {
-        name
-        for name, p in model.named_parameters()
-        if decay_group(model, name, p) not in optim.no_decay
-    }
-    optimizer = PackedAdamW(
-        params,
-        optim,
-        depth_factors(model, model_depth_scaling(lead.model)),
-        decayed,
-        torch.tensor([cell.optim.lr for cell in cells], device=device),
-    )
-    schedules = [lr_schedule(c.optim, c.warmup_steps(), cfg.steps) for c in cells]
-    batches = Batches(corpus.train, lead.model.seq_len, cfg.batch_size, seed=lead.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    tokens_per_step = cfg.batch_size * lead.model.seq_len
+    when training raises. The loop is suite/train.py's, with :class:`PackedStep`."""
     outcomes = outcomes if outcomes is not None else [TrainOutcome() for _ in cells]
-    active = list(range(len(cells)))  # members still training, in stack order
-    started = time.perf_counter()
-
-    def losses(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, z_loss: float):
-        def member_model(tokens: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, params, (tokens,))
-
-        return loss_and_objective(member_model, x, y, autocast, z_loss)
-
-    batched_losses = vmap(losses, in_dims=(0, None, None, None))
-
-    def finish(member: int) -> None:
-        out = outcomes[member]
-        out.wall_time_s = time.perf_counter() - started
-        conclude(out, cells[member], corpus.unigram_entropy)
-        on_done(member, out)
-
-    for step in range(cfg.steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        lrs = [schedules[member](step) for member in active]
-        x, y = batches.next(device)
-        for p in params.values():
-            p.grad = None
-        member_losses, objectives = batched_losses(params, x, y, optim.z_loss)
-        objectives.sum().backward()  # member k's parameters only see member k's objective
-        grad_norms = member_grad_norms(params)
-        if optim.grad_clip > 0:
-            # As torch.nn.utils.clip_grad_norm_, member by member.
-            scale = (optim.grad_clip / (grad_norms + 1e-6)).clamp(max=1.0)
-            for p in params.values():
-                p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
-        loss_values, grad_values = member_losses.tolist(), grad_norms.tolist()
-        reasons = []
-        for index, member in enumerate(active):
-            if step == 0:
-                outcomes[member].initial_loss = loss_values[index]
-            reasons.append(
-                divergence_reason(
-                    loss_values[index],
-                    grad_values[index],
-                    outcomes[member].initial_loss,
-                    cells[member].verdict,
-                )
-            )
-        keep = [index for index, reason in enumerate(reasons) if reason is None]
-        if len(keep) < len(active):
-            params = keep_members(params, optimizer, torch.tensor(keep, device=device))
-        if keep:
-            optimizer.step(torch.tensor([lrs[index] for index in keep], device=device))
-        synchronize(device)
-        tokens_per_s = len(active) * tokens_per_step / (time.perf_counter() - t0)
-        for index, member in enumerate(active):
-            outcomes[member].curve.append(
-                curve_row(step, lrs[index], loss_values[index], grad_values[index], tokens_per_s)
-            )
-            if reasons[index] is not None:
-                outcomes[member].diverged_step = step
-                outcomes[member].divergence_reason = reasons[index]
-                log.info("lr %g: step %d: diverged (%s)", lrs[index], step, reasons[index])
-                finish(member)
-        active = [active[index] for index in keep]
-        if not active:
-            break
-        if on_progress is not None and (step + 1) % cfg.flush_every == 0:
-            for member in active:
-                on_progress(member, outcomes[member].curve)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.info(
-                "step %4d/%d  %d member(s)  loss %s  %.0f tok/s",
-                step,
-                cfg.steps,
-                len(active),
-                " ".join(f"{loss_values[index]:.4f}" for index in keep),
-                tokens_per_s,
-            )
-
-    if active:
-        val_losses = evaluate_packed(batched_losses, params, corpus, lead, device)
-        for member, val_loss in zip(active, val_losses, strict=True):
-            outcomes[member].val_loss = val_loss
-            finish(member)
+    stepper = PackedStep(model, corpus, cells, device)
+    members = []
+    for index, cell in enumerate(cells):
+        progress = None
+        if on_progress is not None:
+            progress = functools.partial(on_progress, index)
+        members.append(Member(cell, outcomes[index], member_observers(cell, progress)))
+    run_steps(stepper, members, corpus, device, on_done)
 
 
 @torch.no_grad()

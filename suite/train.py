@@ -1,5 +1,7 @@
-"""The training loop: AdamW or Muon (suite/optimizers.py), warmup then constant or cosine LR,
-per-step metrics, divergence stop.
+"""The training loop: one loop (:func:`run_steps`) for an ordinary cell and for a packed run's
+members (suite/packed.py), AdamW or Muon (suite/optimizers.py), warmup then constant or cosine
+LR. What it records beside the step is its observers' (suite/observers.py: the curve row, the
+divergence stop, the diagnostics, the partial-curve flush, the log line).
 
 It knows nothing of which variant it trains. Timing is synchronized on CUDA, so each step's
 duration is the device's, not the launch queue's.
@@ -11,8 +13,9 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +24,18 @@ from torch import nn
 from suite.config import CellConfig, OptimConfig
 from suite.data import Batches, Corpus, validation_batches
 from suite.diagnostics import Diagnostics
+from suite.observers import (
+    DiagnosticsColumns,
+    DivergenceStop,
+    Flush,
+    LogLine,
+    Observer,
+    StepColumns,
+    StepEvent,
+)
 from suite.optimizers import make_optimizer, set_learning_rate
 from suite.parametrization import model_depth_scaling
-from suite.record import curve_row
-from suite.verdict import divergence_reason, judge_curve
+from suite.verdict import judge_curve
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +99,179 @@ def loss_and_objective(
     return cross_entropy, cross_entropy + z_loss * log_z.pow(2).mean()
 
 
+class Stepper(Protocol):
+    """How one step trains the run's members (one cell, or a pack's; suite/packed.py): the
+    loop (:func:`run_steps`) knows nothing else of the model or the optimizer."""
+
+    packed: bool
+
+    def forward_backward(
+        self, lrs: list[float], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[float], list[float]]:
+        """Each training member's loss and gradient norm (before clipping) on the batch, its
+        gradients in place (clipped when the cell asks)."""
+        ...
+
+    def update(self, keep: list[int], lrs: list[float]) -> None:
+        """Apply the optimizer step to the members at ``keep`` (indices into this step's
+        members, with their ``lrs``); the others ended and are dropped."""
+        ...
+
+    def evaluate(self) -> list[float]:
+        """Each training member's mean validation loss."""
+        ...
+
+
+class StandardStep:
+    """One model, its optimizer (AdamW or Muon), and the variant's own step after it."""
+
+    packed = False
+
+    def __init__(
+        self, model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.device
+    ) -> None:
+        cfg, optim = cell.train, cell.optim
+        self.corpus, self.cell, self.device = corpus, cell, device
+        self.step_model = torch.compile(model) if cfg.compile else model
+        self.optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # The variant's own step after the optimizer's (nGPT re-normalizes its weights), if any.
+        self.after_optimizer_step = getattr(model, "after_optimizer_step", lambda: None)
+        self.autocast = _autocast(cell, device)
+
+    def forward_backward(
+        self, lrs: list[float], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[float], list[float]]:
+        optim = self.cell.optim
+        set_learning_rate(self.optimizer, lrs[0])
+        loss, objective = loss_and_objective(self.step_model, x, y, self.autocast, optim.z_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, optim.grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params], foreach=True)
+        return [loss.item()], [norm.item()]
+
+    def update(self, keep: list[int], lrs: list[float]) -> None:
+        if keep:
+            self.optimizer.step()
+            self.after_optimizer_step()
+
+    def evaluate(self) -> list[float]:
+        return [evaluate(self.step_model, self.corpus, self.cell, self.device, self.autocast)]
+
+
+@dataclass
+class Member:
+    """One cell of the run: its schedule, its outcome so far and its observers."""
+
+    cell: CellConfig
+    outcome: TrainOutcome
+    observers: list[Observer]
+    lr_at: Callable[[int], float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lr_at = lr_schedule(self.cell.optim, self.cell.warmup_steps(), self.cell.train.steps)
+
+
+def member_observers(
+    cell: CellConfig,
+    on_progress: Callable[[list[dict[str, float]]], None] | None,
+    diagnostics: Diagnostics | None = None,
+) -> list[Observer]:
+    """The observers of every member: its curve row, the divergence stop, the diagnostics when
+    they are measured, and the partial-curve flush."""
+    observers: list[Observer] = [StepColumns(), DivergenceStop(cell.verdict)]
+    if diagnostics is not None:
+        observers.append(DiagnosticsColumns(diagnostics))
+    return [*observers, Flush(cell.train.flush_every, on_progress)]
+
+
+def run_steps(
+    stepper: Stepper,
+    members: list[Member],
+    corpus: Corpus,
+    device: torch.device,
+    on_done: Callable[[int, TrainOutcome], None],
+) -> None:
+    """The step loop, for one member or a pack's: each step reads the same batch for every
+    member, asks each member's observers whether it ends here, applies the update to the others
+    and records the step; a member that ends is concluded at once and handed to ``on_done``
+    (its index in ``members``), the others at the end with their validation loss."""
+    lead = members[0].cell
+    cfg = lead.train
+    batches = Batches(corpus.train, lead.model.seq_len, cfg.batch_size, seed=lead.seed)
+    tokens_per_step = cfg.batch_size * lead.model.seq_len
+    log_line = LogLine(cfg.log_every, cfg.steps, stepper.packed)
+    active = list(range(len(members)))  # members still training, in the stepper's order
+    started = time.perf_counter()
+
+    def finish(index: int, evaluated: float | None = None) -> None:
+        member = members[index]
+        out = member.outcome
+        if evaluated is not None:
+            out.val_loss = evaluated
+        conclude(out, member.cell, corpus.unigram_entropy)
+        for observer in member.observers:
+            out.diagnostics.update(observer.at_end(out.curve))
+        on_done(index, out)
+
+    for step in range(cfg.steps):
+        for index in active:
+            for observer in members[index].observers:
+                observer.before_step(step)
+        synchronize(device)
+        t0 = time.perf_counter()
+        lrs = [members[index].lr_at(step) for index in active]
+        x, y = batches.next(device)
+        losses, grads = stepper.forward_backward(lrs, x, y)
+        reasons = []
+        for position, index in enumerate(active):
+            member = members[index]
+            if step == 0:
+                member.outcome.initial_loss = losses[position]
+            event = StepEvent(step, lrs[position], losses[position], grads[position], 0.0)
+            reason = None
+            for observer in member.observers:
+                reason = reason or observer.stop_reason(event)
+            reasons.append(reason)
+        keep = [position for position, reason in enumerate(reasons) if reason is None]
+        stepper.update(keep, [lrs[position] for position in keep])
+        synchronize(device)
+        tokens_per_s = len(active) * tokens_per_step / (time.perf_counter() - t0)
+        events = []
+        for position, index in enumerate(active):
+            member = members[index]
+            event = StepEvent(
+                step, lrs[position], losses[position], grads[position], tokens_per_s,
+                reasons[position],
+            )  # fmt: skip
+            events.append(event)
+            row: dict = {}
+            member.outcome.curve.append(row)
+            for observer in member.observers:
+                row.update(observer.after_step(event, member.outcome.curve))
+            if reasons[position] is not None:
+                member.outcome.diverged_step = step
+                member.outcome.divergence_reason = reasons[position]
+                member.outcome.wall_time_s = time.perf_counter() - started
+                label = f"lr {lrs[position]:g}: " if stepper.packed else ""
+                log.info("%sstep %d: diverged (%s)", label, step, reasons[position])
+                finish(index)
+        active = [active[position] for position in keep]
+        log_line.after_step(step, events, len(active))
+        if not active:
+            break
+
+    wall_time_s = time.perf_counter() - started
+    if active:
+        val_losses = stepper.evaluate()
+        for index, val_loss in zip(active, val_losses, strict=True):
+            members[index].outcome.wall_time_s = wall_time_s
+            finish(index, val_loss)
+
+
 def train(
     model: nn.Module,
     corpus: Corpus,
@@ -95,75 +279,17 @@ def train(
     device: torch.device,
     on_progress: Callable[[list[dict[str, float]]], None] | None = None,
     out: TrainOutcome | None = None,
+    observers: Sequence[Observer] = (),
 ) -> TrainOutcome:
     """Train ``model`` on ``cell``; fills and returns ``out`` (a new outcome if none is given:
-    a caller that passes its own keeps the curve trained so far when training raises)."""
-    cfg, optim = cell.train, cell.optim
-    step_model = torch.compile(model) if cfg.compile else model
-    optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
-    lr_at = lr_schedule(optim, cell.warmup_steps(), cfg.steps)
-    batches = Batches(corpus.train, cell.model.seq_len, cfg.batch_size, seed=cell.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The variant's own step after the optimizer's (nGPT re-normalizes its weights), if any.
-    after_optimizer_step = getattr(model, "after_optimizer_step", lambda: None)
-    tokens_per_step = cfg.batch_size * cell.model.seq_len
+    a caller that passes its own keeps the curve trained so far when training raises).
+    ``observers`` are added to the member's own (suite/observers.py)."""
     out = out if out is not None else TrainOutcome()
-    started = time.perf_counter()
+    stepper = StandardStep(model, corpus, cell, device)
     diagnostics = _diagnostics_for(model, corpus, cell, device)
-
-    for step in range(cfg.steps):
-        sampled = diagnostics is not None and diagnostics.samples(step)
-        before = diagnostics.snapshot() if sampled else None
-        synchronize(device)
-        t0 = time.perf_counter()
-        lr = lr_at(step)
-        set_learning_rate(optimizer, lr)
-        x, y = batches.next(device)
-        loss, objective = loss_and_objective(step_model, x, y, autocast, optim.z_loss)
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        loss_value, grad_value = loss.item(), grad_norm.item()
-        if step == 0:
-            out.initial_loss = loss_value
-        reason = divergence_reason(loss_value, grad_value, out.initial_loss, cell.verdict)
-        if reason is None:
-            optimizer.step()
-            after_optimizer_step()
-        synchronize(device)
-        seconds = time.perf_counter() - t0
-        out.curve.append(curve_row(step, lr, loss_value, grad_value, tokens_per_step / seconds))
-        if diagnostics is not None:
-            out.curve[-1].update(
-                diagnostics.after_step(loss_value, grad_value, before, reason is not None)
-            )
-        if reason is not None:
-            out.diverged_step, out.divergence_reason = step, reason
-            log.info("step %d: diverged (%s)", step, reason)
-            break
-        if on_progress is not None and (step + 1) % cfg.flush_every == 0:
-            on_progress(out.curve)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.info(
-                "step %4d/%d  loss %.4f  grad %.3g  lr %.3g  %.0f tok/s",
-                step,
-                cfg.steps,
-                loss_value,
-                grad_value,
-                lr,
-                tokens_per_step / seconds,
-            )
-
-    out.wall_time_s = time.perf_counter() - started
-    if out.diverged_step is None:
-        out.val_loss = evaluate(step_model, corpus, cell, device, autocast)
-    conclude(out, cell, corpus.unigram_entropy)
-    if diagnostics is not None:
-        out.diagnostics = diagnostics.at_end(out.curve)
+    own = member_observers(cell, on_progress, diagnostics)
+    member = Member(cell, out, [*own[:-1], *observers, own[-1]])  # the flush last
+    run_steps(stepper, [member], corpus, device, on_done=lambda index, outcome: None)
     return out
 
 
@@ -184,6 +310,10 @@ def conclude(out: TrainOutcome, cell: CellConfig, unigram_entropy: float) -> Non
     )
     for name, value in judgement.fields().items():
         setattr(out, name, value)
+
+
+def _autocast(cell: CellConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cell.train.dtype == "bfloat16")
 
 
 def _diagnostics_for(

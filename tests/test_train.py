@@ -165,3 +165,45 @@ def test_every_registered_variant_trains_a_few_steps(name):
 def test_a_cell_does_not_leave_denormals_flushed_for_the_caller():
     run_cell(make_cell(steps=2))
     assert torch.tensor(1e-40).item() != 0.0  # subnormal floats work again after the cell
+
+
+def test_a_new_per_step_metric_is_one_observer():
+    """The public observer API: a toy metric (the loss's running minimum) adds a curve column
+    and a record column without touching the loop."""
+    from suite.observers import Observer, StepEvent
+    from suite.runner import corpus_for
+    from suite.train import train
+
+    class RunningMin(Observer):
+        curve_columns = ("loss_min",)
+        record_columns = ("loss_min_final",)
+
+        def __init__(self) -> None:
+            self.best = math.inf
+
+        def after_step(self, event: StepEvent, curve: list) -> dict:
+            self.best = min(self.best, event.loss)
+            return {"loss_min": self.best}
+
+        def at_end(self, curve: list) -> dict:
+            return {"loss_min_final": self.best}
+
+    cell = make_cell(steps=12)
+    corpus = corpus_for(cell.data)
+    torch.manual_seed(cell.seed)
+    model = build_model(cell, corpus.vocab_size)
+    out = train(model, corpus, cell, torch.device("cpu"), observers=[RunningMin()])
+    losses = [row["loss"] for row in out.curve]
+    assert [row["loss_min"] for row in out.curve] == [min(losses[: i + 1]) for i in range(12)]
+    assert out.diagnostics["loss_min_final"] == min(losses)
+
+
+def test_every_observers_columns_are_declared_in_the_record_schema():
+    import suite.observers as observers
+    from suite.record import COLUMNS, CURVE
+
+    curve, record = {c.name for c in CURVE}, {c.name for c in COLUMNS}
+    for cls in vars(observers).values():
+        if isinstance(cls, type) and issubclass(cls, observers.Observer):
+            assert set(cls.curve_columns) <= curve, cls
+            assert set(cls.record_columns) <= record, cls
