@@ -41,6 +41,7 @@ from suite.devices import (
     pins_gpus,
     register_resolver,
 )
+from suite.launchers import Launcher, launcher
 from suite.liveness import process_stamp
 from suite.plan import PLAN_ENV, PlanError, SweepPlan, job_plan, mark_ended
 from suite.preflight import (
@@ -60,8 +61,6 @@ register_resolver()
 register_path_resolver()
 
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"  # the main process's own, for the gpus launcher's resolver
-# How the local parallel launchers' _target_ classes are recognized.
-JOBLIB_LAUNCHER, SUBMITIT_LOCAL_LAUNCHER = "joblib", "LocalLauncher"
 _watching = False  # whether this worker process already watches the sweep's main process
 _interrupted = threading.Event()  # Ctrl-C reached the sweep's main process
 # Hydra flags that print or inspect instead of running: no preflight for those.
@@ -98,7 +97,7 @@ def run_job(cfg: DictConfig) -> str:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     number = f"{HydraConfig.get().job.num + 1}/{plan.size}"
     cell_id = cell.cell_id()
-    pin = pins_gpus(_local_launcher(HydraConfig.get().launcher), cell.train.device)
+    pin = pins_gpus(_launcher(plan).local_workers, cell.train.device)
     if cell_id in plan.packs:
         members = [replace(cell, optim=replace(cell.optim, lr=lr)) for lr in plan.packs[cell_id]]
         _refuse_unplanned(plan, members)
@@ -306,7 +305,7 @@ def _keep(
             record["cell_id"],
         )
         return "claimed"
-    record["parallel_cells"] = parallel_cells(HydraConfig.get().launcher, plan.size)
+    record["parallel_cells"] = _launcher(plan).parallel_cells(HydraConfig.get().launcher, plan.size)
     # At most: a pinned worker shares its GPU with up to cells_per_gpu - 1 others (and no more
     # than the launcher runs at once); otherwise every cell the launcher runs at once shares the
     # one device (the CPU, or the one GPU).
@@ -357,7 +356,7 @@ def _stop_when_the_sweep_is_gone(plan: SweepPlan) -> None:
     main_pid = plan.pid
     if _watching or plan.in_main_process() or main_pid <= 0:
         return
-    if not _local_launcher(HydraConfig.get().launcher):
+    if not _launcher(plan).local_workers:
         return
     _watching = True
 
@@ -376,10 +375,9 @@ def _stop_when_the_sweep_is_gone(plan: SweepPlan) -> None:
     threading.Thread(target=watch, name="sweep-watchdog", daemon=True).start()
 
 
-def _local_launcher(launcher: DictConfig) -> bool:
-    """Whether the launcher runs cells in worker processes on this machine."""
-    target = str(launcher.get("_target_", ""))
-    return JOBLIB_LAUNCHER in target or SUBMITIT_LOCAL_LAUNCHER in target
+def _launcher(plan: SweepPlan) -> Launcher:
+    """The launcher this job runs under (suite/launchers.py), as its sweep's plan names it."""
+    return launcher(plan.launcher, str(HydraConfig.get().launcher.get("_target_", "")))
 
 
 def _descends_from(pid: int) -> bool:
@@ -393,19 +391,6 @@ def _descends_from(pid: int) -> bool:
             return False
         current = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
     return current == pid and pid > 1
-
-
-def parallel_cells(launcher: DictConfig, sweep_size: int) -> int:
-    """How many cells this launcher runs at once on one machine: their throughput numbers were
-    measured on a shared device and are flagged so (``shared_device``)."""
-    target = str(launcher.get("_target_", ""))
-    if JOBLIB_LAUNCHER in target:
-        jobs = int(launcher.get("n_jobs", 1))
-        workers = (os.cpu_count() or 1) if jobs < 0 else jobs
-        return min(workers, sweep_size) if sweep_size else workers
-    if SUBMITIT_LOCAL_LAUNCHER in target:  # submitit_local starts every cell of the sweep at once
-        return sweep_size or 1
-    return 1  # basic launcher, or a cluster launcher with one machine per cell
 
 
 def pack_learning_rates(

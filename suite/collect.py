@@ -30,7 +30,8 @@ from suite.config import (
     verdict_config,
     verdict_from_overrides,
 )
-from suite.progress import PLANS_ENV, ProgressPrinter, quiet_launcher, watch
+from suite.launchers import LauncherError, launcher
+from suite.progress import PLANS_ENV, ProgressPrinter, watch
 from suite.record import OPTIONAL_COLUMNS, RECORD_COLUMNS
 from suite.store import (
     RUNS,
@@ -317,7 +318,14 @@ class CollectCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         plans = [Path(p) for p in os.environ.get(PLANS_ENV, "").split(os.pathsep) if p]
-        if plans and quiet_launcher(str(config.hydra.launcher.get("_target_", ""))):
+        choice = str(config.hydra.runtime.choices.get("hydra/launcher") or "basic")
+        try:
+            quiet = not launcher(
+                choice, str(config.hydra.launcher.get("_target_", ""))
+            ).shows_cell_logs
+        except LauncherError:
+            quiet = True
+        if plans and quiet:
             self._progress = ProgressPrinter(plans, float(config.progress_every))
             self._progress.start()
 

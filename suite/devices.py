@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 GPUS_ENV = "SUITE_GPUS"  # the sweep's GPU list, decided once in the main process
 FAKE_GPUS_ENV = "SUITE_FAKE_GPUS"
 SLOT_DIR_ENV = "SUITE_SLOT_DIR"
-GPU_LAUNCHER = "gpus"  # the launcher config (conf/hydra/launcher/gpus.yaml) that pins workers
 
 
 def parse_visible_devices(value: str | None, count: int) -> list[str]:

@@ -11,7 +11,6 @@ import importlib.util
 import itertools
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +34,9 @@ from suite.config import (
     config_error,
     register_schema,
 )
-from suite.devices import GPU_LAUNCHER, register_resolver, sweep_gpus
+from suite.devices import register_resolver, sweep_gpus
 from suite.environment import resolve_device
+from suite.launchers import LAUNCHERS, LauncherError, launcher
 from suite.model import VariantError, swiglu_hidden
 from suite.plan import RESERVED_ENV_PREFIX
 from suite.runner import build_model, corpus_for
@@ -154,8 +154,9 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         else:
             axes[key] = [override.input_line]
     jobs = [list(job) for job in itertools.product(*axes.values())]
-    if base.hydra.runtime.choices.get("hydra/launcher") == GPU_LAUNCHER:
-        _check_gpu_launcher(base, jobs)
+    choice = str(base.hydra.runtime.choices.get("hydra/launcher") or "basic")
+    if choice in LAUNCHERS and LAUNCHERS[choice].needs_gpus:
+        _check_gpu_launcher(choice, base, jobs)
     return jobs
 
 
@@ -200,17 +201,13 @@ def check_hydra_settings(cfg: DictConfig) -> None:
         )
     for section in ("job_logging", "hydra_logging"):
         check_logging_config(f"hydra.{section}", hydra_cfg.get(section))
-    launcher = str(hydra_cfg.runtime.choices.get("hydra/launcher") or "")
-    target = str(hydra_cfg.launcher.get("_target_", ""))
-    if "joblib" in target.lower() and hydra_cfg.launcher.get("n_jobs") == 0:
-        raise ConfigError(
-            "hydra.launcher.n_jobs: must not be 0 (a number of workers, or -1 for one per core)"
-        )
-    if "SlurmLauncher" in target and shutil.which("sbatch") is None:
-        raise ConfigError(
-            f"hydra/launcher={launcher}: no SLURM here (sbatch is not on the PATH); submit from "
-            "a SLURM login node, or use hydra/launcher=per_core on this machine"
-        )
+    choice = str(hydra_cfg.runtime.choices.get("hydra/launcher") or "basic")
+    try:
+        row = launcher(choice, str(hydra_cfg.launcher.get("_target_", "")))
+        if row.check is not None:
+            row.check(choice, hydra_cfg.launcher)
+    except LauncherError as error:
+        raise ConfigError(str(error)) from None
 
 
 JOB_SUBDIR = "${hydra.job.num}"
@@ -272,30 +269,24 @@ def check_logging_config(where: str, node: Any) -> None:
             raise ConfigError(f"{key}: must be one of {', '.join(LOGGING_LEVELS)} (got {level!r})")
 
 
-# Launcher configs that need a plugin the suite does not install by default: its pip extra.
-_LAUNCHER_EXTRAS = {
-    "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
-    "ray_cluster": ("hydra_plugins.hydra_ray_launcher", "ray"),
-}
-
-
 def _check_launcher_installed(overrides: list) -> None:
+    """A launcher whose Hydra plugin is not installed (the ray extra): the pip command."""
     for override in overrides:
         if override.key_or_group != "hydra/launcher" or override.is_sweep_override():
             continue
-        plugin, extra = _LAUNCHER_EXTRAS.get(str(override.value()), (None, None))
-        if plugin is not None and importlib.util.find_spec(plugin) is None:
+        row = LAUNCHERS.get(str(override.value()))
+        if row is not None and row.plugin and importlib.util.find_spec(row.plugin) is None:
             raise ConfigError(
                 f"hydra/launcher={override.value()}: its Hydra plugin is not installed; "
-                f"pip install -e '.[{extra}]' (or pip install 'stability-suite[{extra}]')"
+                f"pip install -e '.[{row.extra}]' (or pip install 'stability-suite[{row.extra}]')"
             )
 
 
-def _check_gpu_launcher(base: DictConfig, jobs: list[list[str]]) -> None:
+def _check_gpu_launcher(choice: str, base: DictConfig, jobs: list[list[str]]) -> None:
     """The GPU launcher needs a GPU, and a cell device its pinning can choose."""
     if not sweep_gpus():
         raise ConfigError(
-            f"hydra/launcher={GPU_LAUNCHER}: no GPU is visible here (torch.cuda.is_available() "
+            f"hydra/launcher={choice}: no GPU is visible here (torch.cuda.is_available() "
             "is false, or CUDA_VISIBLE_DEVICES hides every GPU); use hydra/launcher=per_core "
             "(CPU cores) or basic"
         )
@@ -307,7 +298,7 @@ def _check_gpu_launcher(base: DictConfig, jobs: list[list[str]]) -> None:
     }
     for device in sorted(devices - {"auto", "cuda"}):
         raise ConfigError(
-            f"train.device: {device!r} cannot be used with hydra/launcher={GPU_LAUNCHER}, which "
+            f"train.device: {device!r} cannot be used with hydra/launcher={choice}, which "
             "pins each worker to one GPU; use train.device=auto or cuda"
         )
 

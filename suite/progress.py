@@ -42,9 +42,6 @@ from suite.plan import PLANS
 from suite.store import PARTIAL_CURVE, RECORD, RUNNING, cell_dir
 
 PLANS_ENV = "SUITE_SWEEP_PLANS"  # the plans this sweep wrote, for its own progress printer
-# Launchers whose cells log into the sweep's own output as they go; under the others (SLURM,
-# Ray, submitit local) the sweep's process waits silently, so it prints progress lines.
-LOGGING_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
 QUIET_AFTER_S = 300.0  # a sweep on another host with nothing running or finishing: over
 STATES = ("done", "errored", "running", "interrupted", "queued")
 
@@ -246,11 +243,6 @@ def watch(
         if not running:
             return
         sleep(every_s)
-
-
-def quiet_launcher(target: str) -> bool:
-    """Whether the sweep's process sees nothing of its cells while this launcher runs them."""
-    return not any(name in target for name in LOGGING_LAUNCHERS)
 
 
 class ProgressPrinter:

@@ -15,22 +15,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# The classes the suite's configs instantiate, and nothing else.
-ALLOWED_TARGETS = frozenset(
-    {
-        # Launchers: hydra/launcher=basic | per_core | gpus | joblib | submitit_local | slurm |
-        # submitit_slurm | ray_cluster (ray)
-        "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
-        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
-        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
-        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
-        "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
-        # The sweeper every sweep runs under.
-        "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-        # The suite's own config targets: the end-of-sweep callback (conf/config.yaml).
-        "suite.collect.CollectCallback",
-    }
-)
+from suite.launchers import TARGETS
+
+# The classes the suite's configs instantiate, and nothing else: the supported launchers (one
+# per row of suite/launchers.py), the sweeper every sweep runs under, the end-of-sweep callback.
+ALLOWED_TARGETS = TARGETS | {
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    "suite.collect.CollectCallback",  # conf/config.yaml
+}
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 

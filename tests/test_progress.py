@@ -269,10 +269,17 @@ def test_the_collect_callback_still_pickles_while_it_prints_progress(tmp_path, m
     from omegaconf import OmegaConf
 
     from suite.collect import CollectCallback
+    from suite.launchers import LAUNCHERS
 
     monkeypatch.setenv("SUITE_SWEEP_PLANS", str(write_plan(tmp_path, ["a"], [], resume=True)))
     config = OmegaConf.create(
-        {"progress_every": 60, "hydra": {"launcher": {"_target_": "x.SlurmLauncher"}}}
+        {
+            "progress_every": 60,
+            "hydra": {
+                "launcher": {"_target_": LAUNCHERS["slurm"].target},
+                "runtime": {"choices": {"hydra/launcher": "slurm"}},
+            },
+        }
     )
     callback = CollectCallback()
     callback.on_multirun_start(config)
