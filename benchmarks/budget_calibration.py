@@ -21,7 +21,7 @@ import json
 
 import pandas as pd
 
-from suite.collect import add_verdict_arguments, collect, parse_verdict
+from suite.analyze.collect import add_verdict_arguments, collect, parse_verdict
 from suite.config import VerdictConfig
 from suite.store import read_losses
 from suite.verdict import judge_curve

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from suite.environment import device_name, resolve_device
+from suite.run.environment import device_name, resolve_device
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

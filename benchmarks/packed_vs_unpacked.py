@@ -7,7 +7,7 @@
 Two measurements, on an idle machine:
 
 1. One process, one thread (what each worker of the default CPU sweep runs): the K learning
-   rates of one cell of the sweep trained as one packed run (suite.packed) against the same K
+   rates of one cell of the sweep trained as one packed run (suite.run.packed) against the same K
    cells trained one after another, alternating rounds, diagnostics off in both. This is the
    packing itself, without the launcher.
 2. The whole sweep as a user runs it, ``python -m suite <overrides>`` with and without
@@ -30,10 +30,10 @@ import pandas as pd
 import torch
 
 from suite.config import CellConfig
-from suite.packed import train_packed
-from suite.preflight import sweep_cells
-from suite.runner import build_model, corpus_for
-from suite.train import train
+from suite.launch.preflight import sweep_cells
+from suite.run.packed import train_packed
+from suite.run.runner import build_model, corpus_for
+from suite.run.train import train
 
 
 def one_process(cells: list[CellConfig], rounds: int) -> dict[str, float]:
@@ -54,7 +54,7 @@ def one_process(cells: list[CellConfig], rounds: int) -> dict[str, float]:
         for cell in cells:
             train(fresh_model(), corpus, cell, device)
 
-    torch.set_flush_denormal(True)  # as every cell of a sweep runs (suite.runner)
+    torch.set_flush_denormal(True)  # as every cell of a sweep runs (suite.run.runner)
     seconds: dict[str, list[float]] = {"packed": [], "one by one": []}
     for _ in range(rounds):
         for name, run in (("packed", packed), ("one by one", one_by_one)):

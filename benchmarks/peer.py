@@ -27,8 +27,8 @@ from torch import nn
 
 import variants
 from suite.config import OptimConfig
-from suite.model import GPT, ModelShape
-from suite.optimizers import make_optimizer
+from suite.run.model import GPT, ModelShape
+from suite.run.optimizers import make_optimizer
 
 VOCAB = 256
 SHAPES = [  # (width, heads, depth, seq_len, batch): the two shapes issue #7 names

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from suite.preflight import sweep_cells
-from suite.runner import run_cell
+from suite.launch.preflight import sweep_cells
+from suite.run.runner import run_cell
 from suite.store import finished_record, write_cell
 
 

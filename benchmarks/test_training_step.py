@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import variants
 from suite.config import OptimConfig
-from suite.environment import resolve_device
-from suite.model import GPT, ModelShape
-from suite.optimizers import make_optimizer
+from suite.run.environment import resolve_device
+from suite.run.model import GPT, ModelShape
+from suite.run.optimizers import make_optimizer
 
 BATCH, SEQ, VOCAB = 16, 64, 256
 

@@ -24,10 +24,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from suite import diagnostics_figures, figures
-from suite.collect import collect
-from suite.store import read_curve
-from suite.summary import (
+from suite.analyze import diagnostics_figures, figures
+from suite.analyze.collect import collect
+from suite.analyze.summary import (
     best_val,
     capped_loss,
     lr_sensitivity,
@@ -35,7 +34,8 @@ from suite.summary import (
     ok_runs,
     with_arm_labels,
 )
-from suite.transfer import optimal_lrs, transfer_exponents
+from suite.analyze.transfer import optimal_lrs, transfer_exponents
+from suite.store import read_curve
 from suite.verdict import CONVERGED
 
 

@@ -1,3 +1,3 @@
-from suite.app import main
+from suite.launch.cli import main
 
 main()

@@ -1,11 +1,11 @@
 """The typed schema of the suite's configuration, and of one sweep cell.
 
 Every setting is declared once, here: its type, default, meaning, range check and whether it is
-part of the cell's identity (:func:`setting`). The dataclasses are registered in Hydra's
-ConfigStore (:func:`register_schema`), so Hydra type-checks every composed config and the YAML
-files under ``conf/`` hold only choices and presets. :func:`cell_from_config` turns a composed
-config into a :class:`CellConfig` (typed, range-checked, variant resolved through the registry)
-or raises :class:`ConfigError` whose message starts with the offending key.
+part of the cell's identity (:func:`setting`). The sections and the cell are plain dataclasses:
+this module needs neither torch nor Hydra nor the variant registry, so analysis code imports it
+freely. suite/launch/cell.py registers them in Hydra's ConfigStore (so Hydra type-checks every
+composed config, and the YAML files under ``conf/`` hold only choices and presets) and builds a
+:class:`CellConfig` from a composed config. ``python -m suite.config`` lists every setting.
 """
 
 from __future__ import annotations
@@ -21,25 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-import variants
-
-SCHEMA_NAME = "suite_schema"  # the ConfigStore entry conf/config.yaml starts its defaults from
-
 
 class ConfigError(ValueError):
     """An impossible or malformed configuration, detected before training."""
-
-
-def config_dir() -> Path:
-    """The Hydra configs: ``conf/`` of a source checkout, else the copy a wheel carries as
-    ``suite/conf`` (pyproject maps one onto the other)."""
-    installed = Path(__file__).resolve().parent / "conf"
-    return installed if installed.is_dir() else installed.parent.parent / "conf"
 
 
 def store_path(store: Any) -> str:
@@ -47,13 +31,6 @@ def store_path(store: Any) -> str:
     is the home folder's, never a literal ``./~/x``)."""
     text = str(store)
     return str(Path(text).expanduser()) if text.strip() else text  # "" stays, to be refused
-
-
-def register_path_resolver() -> None:
-    """``${suite_path:${store}}`` in conf/config.yaml: Hydra's sweep folder under the same
-    store as the cells, ``~`` expanded."""
-    if not OmegaConf.has_resolver("suite_path"):
-        OmegaConf.register_new_resolver("suite_path", store_path)
 
 
 # --- range checks, each stated beside the field it checks ------------------------------------
@@ -150,8 +127,9 @@ class ModelConfig:
     )
     parametrization: str = setting(
         "sp",
-        "how branches, learning rates and AdamW ε scale with depth N (suite/parametrization.py): "
-        "sp (none) | depth_mup (branches × (N/N₀)^-½) | completep (branches × (N/N₀)^-1)",
+        "how branches, learning rates and AdamW ε scale with depth N "
+        "(suite/run/parametrization.py): sp (none) | depth_mup (branches × (N/N₀)^-½) | "
+        "completep (branches × (N/N₀)^-1)",
         check=one_of("sp", "depth_mup", "completep"),
         since="0.3",
     )
@@ -167,9 +145,9 @@ class ModelConfig:
 
     backbone: str = setting(
         "gpt2",
-        "what every variant's F, G and embeddings are (suite/model.py): gpt2 (learned positions, "
-        "GELU MLP) | llama (RoPE θ=10 000, SwiGLU MLP of LLaMA's hidden width, no biases); the "
-        "norms stay the variant's",
+        "what every variant's F, G and embeddings are (suite/run/model.py): gpt2 (learned "
+        "positions, GELU MLP) | llama (RoPE θ=10 000, SwiGLU MLP of LLaMA's hidden width, no "
+        "biases); the norms stay the variant's",
         check=one_of(*BACKBONES),
         since="0.4",
     )
@@ -237,7 +215,7 @@ class OptimConfig:
     name: str = setting(
         "adamw",
         "adamw | muon: Muon for the blocks' hidden matrices, AdamW for the rest "
-        "(suite/optimizers.py); chosen as optim=adamw|muon",
+        "(suite/run/optimizers.py); chosen as optim=adamw|muon",
         check=one_of("adamw", "muon"),
         since="0.3",
     )
@@ -362,7 +340,7 @@ class TrainConfig:
     cells_per_gpu: int = setting(
         1,
         "cells trained at once on each GPU by a local launcher's pinned workers "
-        "(hydra/launcher=gpus, joblib, submitit_local; suite/devices.py)",
+        "(hydra/launcher=gpus, joblib, submitit_local; suite/launch/devices.py)",
         check=at_least(1),
         identity=False,
     )
@@ -371,8 +349,9 @@ class TrainConfig:
     # is part of the identity: a packed cell has its own id ("-packed"), never an unpacked one's.
     pack_lr: bool = setting(
         False,
-        "train a sweep's learning rates together as one packed run (torch.func; suite/packed.py); "
-        "packed cells are cells of their own (id tag 'packed', arm '· packed')",
+        "train a sweep's learning rates together as one packed run (torch.func; "
+        "suite/run/packed.py); packed cells are cells of their own (id tag 'packed', arm "
+        "'· packed')",
         since="0.4",
     )
 
@@ -433,7 +412,7 @@ LABEL_KNOBS = tuple(
 
 @dataclass
 class DiagnosticsConfig:
-    """What suite/diagnostics.py measures, on a fixed probe batch beside training; none of it
+    """What suite/run/diagnostics.py measures, on a fixed probe batch beside training; none of it
     changes the training result (tested), so none of it is part of the cell's identity."""
 
     enabled: bool = setting(True, "measure the diagnostics")
@@ -513,12 +492,6 @@ class SuiteConfig:
     diagnostics: DiagnosticsConfig = setting(factory=DiagnosticsConfig)
 
 
-def register_schema() -> None:
-    """Put the schema in Hydra's ConfigStore, where conf/config.yaml's defaults list starts."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=SuiteConfig)
-    register_path_resolver()
-
-
 # --- the cell --------------------------------------------------------------------------------
 
 
@@ -551,7 +524,10 @@ class CellConfig:
     )
 
     def __post_init__(self) -> None:
-        # Always the code's own: a cell is trained by the variant as it is now.
+        # Always the code's own: a cell is trained by the variant as it is now. (Imported here:
+        # the schema itself needs neither the registry nor torch, which analysis code avoids.)
+        import variants
+
         self.variant_revision = variants.get(self.variant).revision
 
     def sections(self) -> dict[str, Any]:
@@ -663,68 +639,6 @@ def check_section(name: str, section: Any) -> None:
         section.check_together()
 
 
-def validate(cell: CellConfig) -> None:
-    """Range checks no type can express; raises ConfigError naming the key."""
-    for name, section in cell.sections().items():
-        check_section(name, section)
-    variant = variants.get(cell.variant)(**cell.variant_params)
-    _check(
-        not (cell.train.pack_lr and variant.acts_after_optimizer_steps()),
-        "train.pack_lr",
-        f"variant {cell.variant!r} acts on its weights after every optimizer step, which a "
-        "packed run cannot do for each member; set train.pack_lr=false",
-        cell.train.pack_lr,
-    )
-    _check(
-        not (cell.train.pack_lr and cell.optim.name == "muon"),
-        "train.pack_lr",
-        "packed runs train with their own AdamW (suite/packed.py), not Muon; set "
-        "train.pack_lr=false or optim=adamw",
-        cell.train.pack_lr,
-    )
-    _check(
-        cell.optim.name != "muon" or hasattr(torch.optim, "Muon"),
-        "optim.name",
-        f"muon needs torch.optim.Muon (torch ≥ 2.9); this torch is {torch.__version__}",
-        cell.optim.name,
-    )
-    _check(
-        not (cell.train.pack_lr and variant.attention_options().softmax_scale),
-        "train.pack_lr",
-        f"variant {cell.variant!r} sets its own attention softmax scale, which the packed "
-        "runs' batched attention does not take; set train.pack_lr=false",
-        cell.train.pack_lr,
-    )
-    conflict = variant.depth_parametrization_conflict
-    _check(
-        cell.model.parametrization == "sp" or not conflict,
-        "model.parametrization",
-        f"variant {cell.variant!r} cannot take a depth parametrization: {conflict}. Use "
-        "model.parametrization=sp with it",
-        cell.model.parametrization,
-    )
-    _check(SEED.holds(cell.seed), "seed", SEED.requirement, cell.seed)
-    _check(
-        cell.warmup_steps() <= cell.train.steps,
-        "optim.warmup_steps",
-        f"must be at most train.steps={cell.train.steps}: a longer warmup never reaches optim.lr",
-        cell.optim.warmup_steps,
-    )
-
-
-def config_error(error: Exception) -> ConfigError:
-    """A ConfigError starting with the key, from an OmegaConf/Hydra error (a wrong type at
-    compose time, an unknown key) found anywhere in ``error``'s chain."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
-        return ConfigError(str(error).strip())
-    key = getattr(cause, "full_key", None) or getattr(cause, "key", None) or "config"
-    message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-    return ConfigError(f"{key}: {message}")
-
-
 def _refuse_unknown_keys(where: str, schema: type, node: Any, also: tuple[str, ...] = ()) -> None:
     """A key the schema does not have: Hydra refuses it unless it is force-added (``+key=``),
     and a typed section would then carry it silently. Named here, with the closest setting."""
@@ -741,31 +655,44 @@ def _refuse_unknown_keys(where: str, schema: type, node: Any, also: tuple[str, .
             )
 
 
-def _typed_section(name: str, schema: type, node: Any) -> Any:
-    _refuse_unknown_keys(f"{name}.", schema, node)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
-        message = (getattr(error, "msg", None) or str(error)).strip().splitlines()[0]
-        raise ConfigError(f"{name}.{key}: {message}") from None
+def section_from_mapping(name: str, schema: type, values: Any) -> Any:
+    """A section from plain values (a dict, or a Hydra node's items): unknown keys refused with
+    the closest setting, each value converted to its field's type, then range-checked."""
+    values = dict(values.items()) if values is not None else {}
+    _refuse_unknown_keys(f"{name}.", schema, values)
+    types = {spec.name: spec.type for spec in dataclasses.fields(schema)}
+    typed = {}
+    for key, value in values.items():
+        kind = str(types[key])
+        try:
+            typed[key] = _converted(value, kind)
+        except (TypeError, ValueError):
+            words = _KIND_WORDS[kind]
+            raise ConfigError(f"{name}.{key}: must be {words} (got {value!r})") from None
+    section = schema(**typed)
+    check_section(name, section)
+    return section
 
 
-def _resolve_variant(node: Any) -> tuple[str, dict[str, Any]]:
-    if node is None or "name" not in node:
-        raise ConfigError(
-            "variant: none selected; add +variant=<name> "
-            f"(registered: {', '.join(variants.names())})"
-        )
-    name = str(node["name"])
-    try:
-        variant_cls = variants.get(name)
-    except variants.UnknownVariantError as error:
-        raise ConfigError(f"variant: {error}") from None
-    params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
-    typed = _typed_section("variant", variant_cls, params)
-    return name, typed.params()
+_KIND_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "text"}
+
+
+def _converted(value: Any, kind: str) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise ValueError(value)
+    if kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    return str(value)
 
 
 def verdict_from_overrides(overrides: list[str]) -> VerdictConfig:
@@ -784,61 +711,12 @@ def verdict_from_overrides(overrides: list[str]) -> VerdictConfig:
                 "stored curves; re-run the sweep with it instead"
             )
         pairs[name] = value
-    try:
-        node = OmegaConf.from_dotlist([f"{key}={value}" for key, value in pairs.items()])
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"verdict: {error}") from None
-    return verdict_config(node)
+    return verdict_config(pairs)
 
 
-def verdict_config(node: Any) -> VerdictConfig:
-    """Typed, checked verdict knobs from a config node (e.g. a composed sweep's ``verdict``)."""
-    verdict = _typed_section("verdict", VerdictConfig, node)
-    check_section("verdict", verdict)
-    return verdict
-
-
-def cell_from_config(cfg: DictConfig) -> CellConfig:
-    """Typed, validated cell from a composed Hydra config; raises ConfigError naming the key."""
-    _refuse_unknown_keys("", SuiteConfig, cfg, also=("hydra",))
-    _check_root_setting("progress_every", cfg.get("progress_every"))
-    variant_name, variant_params = _resolve_variant(cfg.get("variant"))
-    sections = {
-        name: _typed_section(name, schema, cfg.get(name)) for name, schema in SECTIONS.items()
-    }
-    if sections["model"].parametrization == "sp":
-        # N₀ plays no part under sp: one id for one model, so that sp can be swept beside a
-        # parametrization at another base depth (model.parametrization=sp,completep
-        # model.base_depth=8).
-        sections["model"].base_depth = _default(ModelConfig, "base_depth")
-    if variants.get(variant_name).trains_without_weight_decay:
-        decay = sections["optim"].weight_decay
-        _check(
-            decay in (0.0, _default(OptimConfig, "weight_decay")),
-            "optim.weight_decay",
-            f"variant {variant_name!r} trains without weight decay, as its paper does; leave "
-            "optim.weight_decay at its default (the cell is built with 0) or set it to 0",
-            decay,
-        )
-        # As its paper trains it; the record's optim.weight_decay then says what was trained.
-        sections["optim"].weight_decay = 0.0
-    _check_root_setting("recipe", cfg.get("recipe"))
-    recipe = str(cfg.get("recipe") or "controlled")
-    variant = variants.get(variant_name)(**variant_params)
-    if not variant.authors_recipe().changes_training:
-        # Its paper adds nothing beyond the wiring: one cell for both arms, never trained twice.
-        recipe = "controlled"
-    cell = CellConfig(
-        variant=variant_name,
-        variant_params=variant_params,
-        recipe=recipe,
-        seed=cfg.get("seed", 0),
-        sweep=str(cfg.get("sweep_name", "custom")),
-        store=store_path(cfg.get("store", "results")),
-        **sections,
-    )
-    validate(cell)
-    return cell
+def verdict_config(values: Any) -> VerdictConfig:
+    """Typed, checked verdict knobs from a mapping (e.g. a composed sweep's ``verdict``)."""
+    return section_from_mapping("verdict", VerdictConfig, values)
 
 
 # The composed root's keys that the cell keeps under another name (the rest keep their own).

@@ -7,7 +7,7 @@ the launcher, and who runs the sweep (host, pid and its start time). It is writt
 *name* (through Hydra's ``hydra.job.env_set``, a key preflight refuses from users), read the plan
 from their cell's store, and train only cells the plan lists: nothing reaches a job except
 through the config preflight checked. ``python -m suite.collect --watch`` reads the same plans to
-show a sweep's progress (suite/progress.py).
+show a sweep's progress (suite/analyze/progress.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from suite.store import atomic_write
 PLANS = "sweeps"  # <store>/sweeps/: one plan per sweep started on the store
 PLAN_ENV = "SUITE_SWEEP_PLAN"  # the plan's name, set per job through hydra.job.env_set
 RESERVED_ENV_PREFIX = "SUITE_"  # hydra.job.env_set keys the suite keeps for itself
+PLANS_ENV = "SUITE_SWEEP_PLANS"  # in the main process: the plans it wrote, for its progress lines
+# What each Hydra job leaves in its own folder, for its sweep's summary (suite/analyze/collect.py):
+CELL_POINTER = "cell_id"  # the cell(s) it trains, one per line
+SKIPPED_MARKER = "skipped"  # ... how many of them were already in the store
+CLAIMED_MARKER = "claimed"  # ... the cells another live sweep was training, one per line
 
 
 class PlanError(RuntimeError):

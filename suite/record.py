@@ -4,8 +4,8 @@
 The collected table's column order, the report's run table and its number formats, and the
 column reference (``python -m suite.record``) all derive from here; a test checks that every key
 a real run records is declared here, documented and of its declared type. To add a metric: declare
-it here, measure it (a ``TrainOutcome`` field set in suite/train.py, or a diagnostic returned by
-suite/diagnostics.py), and, if wanted, draw it (suite/figures.py).
+it here, measure it (a ``TrainOutcome`` field set in suite/run/train.py, or a diagnostic returned by
+suite/run/diagnostics.py), and, if wanted, draw it (suite/analyze/figures.py).
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("seq_len", "int", "tokens per sequence"),
         ("n_params", "int", "parameter count (a tied head counted once)"),
         ("optimizer", "str", "`adamw`, or `muon` (Muon for the blocks' hidden matrices, AdamW "
-         "for the rest; suite/optimizers.py)", None, True),
+         "for the rest; suite/run/optimizers.py)", None, True),
         ("backbone", "str", "what F, G and the embeddings are: `gpt2` (learned positions, GELU "
          "MLP) or `llama` (RoPE, SwiGLU, no biases)", None, True),
         ("recipe", "str", "`controlled` (only the wiring differs), or `authors` (with the parts "
          "of the variant's published recipe that are not wiring)", None, True),
         ("parametrization", "str", "depth parametrization: `sp`, `depth_mup` or `completep` "
-         "(suite/parametrization.py)", None, True),
+         "(suite/run/parametrization.py)", None, True),
         ("base_depth", "int", "N₀, the depth at which `depth_mup` and `completep` equal `sp`"),
         ("lr", "float", "peak learning rate (AdamW's; Muon's at AdamW's update RMS)", "g", True),
         ("warmup_steps", "int", "linear warmup steps (from optim.warmup_steps or "
@@ -131,8 +131,9 @@ GROUPS: dict[str, tuple[Column, ...]] = {
          "cluster launcher (SLURM, Ray), whose tasks are separate allocations: tasks that shared "
          "a node are not counted"),
         ("cells_per_device", "int", "at most this many cells trained at once on this cell's "
-         "device: on a pinned GPU (suite/devices.py) the smaller of `train.cells_per_gpu` and "
-         "`parallel_cells`, otherwise `parallel_cells` (a packed run counts as one cell)"),
+         "device: on a pinned GPU (suite/launch/devices.py) the smaller of "
+         "`train.cells_per_gpu` and `parallel_cells`, otherwise `parallel_cells` (a packed run "
+         "counts as one cell)"),
         ("shared_device", "bool", "`true` when the throughput was measured on a device shared "
          "with other cells (`cells_per_device` > 1)"),
         ("pinned_gpu", "str", "present when a local launcher pinned the cell's worker to a GPU "
@@ -141,7 +142,7 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("packed_members", "int", "learning rates trained together in one packed run "
          "(`train.pack_lr=true`), 1 otherwise"),
     ),
-    "diagnostics": _group(  # suite/diagnostics.py; absent when diagnostics.enabled=false
+    "diagnostics": _group(  # suite/run/diagnostics.py; absent when diagnostics.enabled=false
         ("init_grad_norm_by_layer", "list", "per layer, the gradient norm of the feed-forward "
          "weights at init on the probe batch (Xiong et al. 2020, Fig. 3)"),
         ("init_grad_norm_ratio", "float", "`init_grad_norm_by_layer`: last / first layer",
@@ -260,7 +261,7 @@ def record_problems(record: dict[str, Any]) -> list[str]:
 def curve_row(
     step: int, lr: float, loss: float, grad_norm: float, tokens_per_s: float
 ) -> dict[str, Any]:
-    """One step of a curve, as both training loops (suite.train, suite.packed) record it."""
+    """One step of a curve, as both training loops (suite.run.train, suite.run.packed) record it."""
     return {
         "step": step,
         "lr": lr,

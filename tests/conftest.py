@@ -10,8 +10,8 @@ from helpers import run_suite
 @pytest.fixture(autouse=True, scope="session")
 def no_gpu_pinning(tmp_path_factory):
     """The tests' sweeps assert the records of unpinned runs: on a machine with GPUs, the local
-    launchers would pin their workers (suite/devices.py) and share the machine's slot folder with
-    any real sweep there. Tests of pinning set SUITE_FAKE_GPUS themselves."""
+    launchers would pin their workers (suite/launch/devices.py) and share the machine's slot folder
+    with any real sweep there. Tests of pinning set SUITE_FAKE_GPUS themselves."""
     saved = {key: os.environ.get(key) for key in ("SUITE_FAKE_GPUS", "SUITE_SLOT_DIR")}
     os.environ["SUITE_FAKE_GPUS"] = ""
     os.environ["SUITE_SLOT_DIR"] = str(tmp_path_factory.mktemp("gpu-slots"))

@@ -95,7 +95,7 @@ def resubmit_with_a_third_lr(
     leaves the first submission's records untouched and collects all 6."""
     import shutil
 
-    from suite.collect import collect
+    from suite.analyze.collect import collect
 
     shutil.copytree(first, store)
     before = {p.parent.name: p.stat().st_mtime_ns for p in store.glob("cells/*/record.json")}
@@ -109,3 +109,15 @@ def resubmit_with_a_third_lr(
     runs = collect(store)
     assert len(runs) == 6 and (runs["status"] == "ok").all()
     return result
+
+
+def compose_cell(*overrides: str):
+    """A cell composed by Hydra from the suite's configs and ``overrides``, as a job gets it."""
+    from hydra import compose, initialize_config_dir
+
+    from suite.launch.cell import cell_from_config, config_dir
+    from suite.launch.preflight import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return cell_from_config(compose("config", overrides=list(overrides)))

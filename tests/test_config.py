@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import run_suite
-from hydra import compose, initialize_config_dir
+from helpers import compose_cell, run_suite
 
 import variants
-from suite.config import ConfigError, cell_from_config, config_dir
-from suite.preflight import preflight, register_configs
-
-
-def compose_cell(*overrides: str):
-    register_configs()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return cell_from_config(compose("config", overrides=list(overrides)))
+from suite.config import ConfigError
+from suite.launch.preflight import preflight
 
 
 @pytest.mark.parametrize("name", variants.names())

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from suite.collect import collect
-from suite.preflight import sweep_cells
+from suite.analyze.collect import collect
+from suite.launch.preflight import sweep_cells
 from suite.store import finished_record
 
 STORE_V0_2_0 = Path(__file__).parent / "data" / "store_v0_2_0"
@@ -69,7 +69,7 @@ def test_a_fixed_variant_re_trains_only_its_own_cells_and_supersedes_the_old_res
     import json
 
     import variants
-    from suite.collect import latest_per_cell, report_text
+    from suite.analyze.collect import latest_per_cell, report_text
 
     store = shutil.copytree(STORE_V0_2_0, tmp_path / "store")
     monkeypatch.setattr(variants.get("preln"), "revision", 2)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import make_cell
 
-from suite.collect import collect
+from suite.analyze.collect import collect
 from suite.record import COLUMNS, CURVE, KINDS, RECORD_COLUMNS, describe
-from suite.runner import run_cell
+from suite.run.runner import run_cell
 
 STORE_V0_2_0 = Path(__file__).parent / "data" / "store_v0_2_0"
 

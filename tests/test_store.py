@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from suite.collect import collect
+from suite.analyze.collect import collect
 from suite.store import (
     CURVE,
     PARTIAL_CURVE,
@@ -103,7 +103,7 @@ def test_a_record_cannot_point_its_curve_outside_its_folder(tmp_path, name):
 
 @pytest.mark.parametrize("damage", [b"{truncated", b"[]", b'{"cell_id": "another-cell"}'])
 def test_a_damaged_record_keeps_its_last_collected_row(tmp_path, damage):
-    from suite.collect import report_text
+    from suite.analyze.collect import report_text
 
     for seed in range(3):
         write_cell(tmp_path, record(f"preln-L2-lr0.001-s{seed}-0123456789"), curve_of(40))
@@ -119,7 +119,7 @@ def test_a_damaged_record_keeps_its_last_collected_row(tmp_path, damage):
 
 
 def test_a_damaged_record_without_an_earlier_table_is_listed_not_dropped(tmp_path):
-    from suite.collect import report_text
+    from suite.analyze.collect import report_text
     from suite.store import finished_record
 
     write_cell(tmp_path, record(), curve_of(40))
@@ -143,7 +143,7 @@ def test_a_lost_record_still_says_which_cell_it_was():
 
 
 def test_resume_re_trains_a_cell_whose_curve_is_gone_or_damaged_and_collect_says_so(tmp_path):
-    from suite.collect import report_text
+    from suite.analyze.collect import report_text
     from suite.store import finished_record
 
     write_cell(tmp_path, record(), curve_of(40))

@@ -17,6 +17,7 @@ from variants.base import (
     BlockView,
     InitView,
     MLPOptions,
+    ModelView,
     Recipe,
     Sublayer,
     Variant,
@@ -28,7 +29,7 @@ from variants.derf import Derf
 from variants.dyt import DyT
 from variants.norms import LayerNorm, RMSNorm
 from variants.postln import PostLNWiring
-from variants.preln import PreLNWiring
+from variants.preln import PreLNWiring, PreNormWiring
 from variants.registry import ENTRY_POINT_GROUP, UnknownVariantError, get, names, register
 from variants.streams import CopyIntoStreams, MixesStreams, SumStreams
 
@@ -46,11 +47,13 @@ __all__ = [
     "Derf",
     "DyT",
     "InitView",
+    "ModelView",
     "LayerNorm",
     "MLPOptions",
     "MixesStreams",
     "PostLNWiring",
     "PreLNWiring",
+    "PreNormWiring",
     "RMSNorm",
     "Recipe",
     "Sublayer",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Recipe, Sublayer, Variant, Wiring
+from variants.base import ModelView, Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -83,7 +83,7 @@ class Admin(Variant):
         return AdminWiring(width, self.eps)
 
     @torch.no_grad()
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(
             0, model.vocab_size, (self.profile_batch, model.seq_len), generator=generator

@@ -3,7 +3,7 @@
 A variant is a dataclass whose fields are its own hyper-parameters (overridable from the command
 line as ``variant.<field>=...``). It never sees Hydra, the results store or the report, and it
 never sees the model itself: it builds its wirings and norms, and initializes through
-:class:`InitView`, the few parts of the built model that a variant's paper may set.
+:class:`ModelView`, the few parts of the built model that a variant's paper may set.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ class BlockView:
 
 
 @dataclass(frozen=True)
-class InitView:
-    """The model as :meth:`Variant.init_weights` sees it, after the common base init: its
-    shape, its blocks in order, and two ways to run it (for inits that profile the model)."""
+class ModelView:
+    """The model as a variant may see it, never the model itself: at init
+    (:meth:`Variant.init_weights`, after the common base init) and after each optimizer step
+    (:meth:`Variant.after_optimizer_step`): its shape, its blocks in order, and two ways to run
+    it (for inits that profile the model)."""
 
     vocab_size: int
     seq_len: int
@@ -90,6 +92,11 @@ class InitView:
                 )
             wirings.append(block.wiring)
         return wirings
+
+
+InitView = ModelView
+"""The name of :class:`ModelView` before suite 0.4 (it serves the post-step hook too): plugins
+written for 0.3 keep working."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ class Recipe:
     """... trained with the model (DyT's and Derf's), or fixed (fairseq's)."""
     embedding_std: Callable[[int], float] | None = None
     """width d → the std of the token embedding's N(0, σ) init, instead of GPT-2's 0.02."""
-    init: Callable[[InitView], None] | None = None
+    init: Callable[[ModelView], None] | None = None
     """Run without gradients after the variant's own init (e.g. per-sublayer α₀)."""
 
     @property
@@ -162,7 +169,7 @@ class Variant:
     depth_parametrization_conflict: ClassVar[str] = ""
     """Why the variant cannot take model.parametrization=depth_mup|completep, in a few words:
     it already scales its residual branches with the depth N (DeepNorm's α and β), or a
-    multiplier on its branches would be undone; empty when it can (suite/parametrization.py)."""
+    multiplier on its branches would be undone; empty when it can (suite/run/parametrization.py)."""
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         """The wiring of block ``layer`` (0-based) of ``n_layers``: see :class:`Wiring`."""
@@ -176,7 +183,7 @@ class Variant:
         """The module applied to the embeddings before the first block (identity by default)."""
         return nn.Identity()
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         """Variant-specific initialization, applied after the model's common base init."""
 
     def attention_options(self) -> AttentionOptions:
@@ -204,7 +211,7 @@ class Variant:
         seq, width), before :meth:`final_norm`. Identity by default."""
         return nn.Identity()
 
-    def after_optimizer_step(self, model: InitView) -> None:
+    def after_optimizer_step(self, model: ModelView) -> None:
         """Called after every optimizer step, without gradients (e.g. nGPT puts its weights back
         on the unit sphere). A variant that overrides it cannot be trained packed."""
 
@@ -228,7 +235,7 @@ def gpt2_residual_std(n_layers: int) -> float:
     return GPT2_INIT_STD / math.sqrt(2 * n_layers)
 
 
-def scale_residual_projections(model: InitView, std: float) -> None:
+def scale_residual_projections(model: ModelView, std: float) -> None:
     """Re-initialize the weight of every sublayer's output projection with N(0, std)."""
     for block in model.blocks:
         for projection in block.residual_projections:

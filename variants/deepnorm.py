@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Recipe, Sublayer, Variant, Wiring
+from variants.base import ModelView, Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -58,7 +58,7 @@ class DeepNorm(Variant):
         return deepnorm_beta(n_layers)
 
     @torch.no_grad()
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         beta = self.beta(model.depth)
         for block in model.blocks:
             query, key, value = block.attn_qkv.weight.chunk(3)

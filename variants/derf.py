@@ -22,14 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from variants.base import (
-    InitView,
+    ModelView,
     Recipe,
     Variant,
     Wiring,
     gpt2_residual_std,
     scale_residual_projections,
 )
-from variants.preln import PreLNWiring
+from variants.preln import PreNormWiring
 from variants.registry import register
 
 
@@ -45,15 +45,6 @@ class Derf(nn.Module):
         return self.weight * torch.erf(self.alpha * x + self.shift) + self.bias
 
 
-class DerfWiring(PreLNWiring):
-    """Pre-LN's block, its forward as is, with Derf in place of both LayerNorms."""
-
-    def __init__(self, width: int, alpha_init: float, shift_init: float) -> None:
-        super().__init__(width, eps=1e-5)
-        self.norm_attn = Derf(width, alpha_init, shift_init)
-        self.norm_mlp = Derf(width, alpha_init, shift_init)
-
-
 @register("derf")
 @dataclass
 class DynamicErf(Variant):
@@ -62,12 +53,12 @@ class DynamicErf(Variant):
     shift_init: float = 0.0
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
-        return DerfWiring(width, self.alpha_init, self.shift_init)
+        return PreNormWiring(lambda: Derf(width, self.alpha_init, self.shift_init))
 
     def final_norm(self, width: int) -> nn.Module:
         return Derf(width, self.alpha_init, self.shift_init)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
 
     def authors_recipe(self) -> Recipe:
@@ -84,8 +75,8 @@ class DynamicErf(Variant):
 AUTHORS_ALPHA = 1.0  # the patch's attn_alpha_init_value = ffn_... = dec_... = 1.0
 
 
-def _authors_alphas(model: InitView) -> None:
-    for wiring in model.wirings(DerfWiring):
+def _authors_alphas(model: ModelView) -> None:
+    for wiring in model.wirings(PreNormWiring):
         wiring.norm_attn.alpha.fill_(AUTHORS_ALPHA)
         wiring.norm_mlp.alpha.fill_(AUTHORS_ALPHA)
     model.final_norm.alpha.fill_(AUTHORS_ALPHA)

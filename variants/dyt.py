@@ -18,17 +18,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from variants.base import (
-    InitView,
+    ModelView,
     Recipe,
-    Sublayer,
     Variant,
     Wiring,
     gpt2_residual_std,
     scale_residual_projections,
 )
+from variants.preln import PreNormWiring
 from variants.registry import register
 
 
@@ -43,17 +43,6 @@ class DyT(nn.Module):
         return self.weight * torch.tanh(self.alpha * x) + self.bias
 
 
-class DyTWiring(nn.Module):
-    def __init__(self, width: int, alpha_init: float) -> None:
-        super().__init__()
-        self.norm_attn = DyT(width, alpha_init)
-        self.norm_mlp = DyT(width, alpha_init)
-
-    def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
-        h = x + attn(self.norm_attn(x))
-        return h + mlp(self.norm_mlp(h))
-
-
 @register("dyt")
 @dataclass
 class DynamicTanh(Variant):
@@ -61,12 +50,12 @@ class DynamicTanh(Variant):
     alpha_init: float = 0.5
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
-        return DyTWiring(width, self.alpha_init)
+        return PreNormWiring(lambda: DyT(width, self.alpha_init))
 
     def final_norm(self, width: int) -> nn.Module:
         return DyT(width, self.alpha_init)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
 
     def authors_recipe(self) -> Recipe:
@@ -83,8 +72,8 @@ class DynamicTanh(Variant):
 AUTHORS_ATTN_ALPHA, AUTHORS_OTHER_ALPHA = 0.8, 0.2  # the LLaMA 2 7B setting (Table 10)
 
 
-def _authors_alphas(model: InitView) -> None:
-    for wiring in model.wirings(DyTWiring):
+def _authors_alphas(model: ModelView) -> None:
+    for wiring in model.wirings(PreNormWiring):
         wiring.norm_attn.alpha.fill_(AUTHORS_ATTN_ALPHA)
         wiring.norm_mlp.alpha.fill_(AUTHORS_OTHER_ALPHA)
     model.final_norm.alpha.fill_(AUTHORS_OTHER_ALPHA)

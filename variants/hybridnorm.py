@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from variants.base import (
     AttentionOptions,
-    InitView,
+    ModelView,
     Recipe,
     Sublayer,
     Variant,
@@ -63,7 +63,7 @@ class HybridNorm(Variant):
     def final_norm(self, width: int) -> nn.Module:
         return RMSNorm(width, self.eps)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
 
     def authors_recipe(self) -> Recipe:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from variants.base import InitView, Recipe, Sublayer, Wiring
+from variants.base import ModelView, Recipe, Sublayer, Wiring
 from variants.preln import PreLN, PreLNWiring
 from variants.registry import register
 
@@ -46,7 +46,7 @@ class LayerNormScaling(PreLN):
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return LNSWiring(width, self.eps, layer + 1)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         """The common N(0, 0.02) init, as is: no depth-scaled residual projections."""
 
     def authors_recipe(self) -> Recipe:

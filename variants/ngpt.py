@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from variants.base import (
     AttentionOptions,
-    InitView,
     MLPOptions,
+    ModelView,
     Recipe,
     Sublayer,
     Variant,
@@ -155,13 +155,13 @@ class NGPT(Variant):
     def output_scale(self, vocab_size: int, width: int) -> nn.Module:
         return LogitScale(vocab_size, width)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         """Directions from the common Gaussian init, put on the sphere (the code does the same:
         its Gaussian init is normalized before the first step)."""
         self.after_optimizer_step(model)
 
     @torch.no_grad()
-    def after_optimizer_step(self, model: InitView) -> None:
+    def after_optimizer_step(self, model: ModelView) -> None:
         """Every matrix back to unit vectors along its d-dimensional side."""
         rows_of_width = [model.token_embedding, model.head]
         if model.position_embedding is not None:  # none on the llama backbone (RoPE)

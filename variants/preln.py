@@ -9,12 +9,13 @@ Init as nanoGPT's model.py: N(0, 0.02) everywhere, residual output projections 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from variants.base import (
-    InitView,
+    ModelView,
     Recipe,
     Sublayer,
     Variant,
@@ -26,15 +27,25 @@ from variants.norms import LayerNorm
 from variants.registry import register
 
 
-class PreLNWiring(nn.Module):
-    def __init__(self, width: int, eps: float) -> None:
+class PreNormWiring(nn.Module):
+    """The pre-norm block with any norm: h = x + F(norm(x)); y = h + G(norm(h)), one norm per
+    sublayer built by ``norm()``. Pre-LN (LayerNorm), RMSNorm, DyT and Derf differ only in it."""
+
+    def __init__(self, norm: Callable[[], nn.Module]) -> None:
         super().__init__()
-        self.norm_attn = LayerNorm(width, eps)
-        self.norm_mlp = LayerNorm(width, eps)
+        self.norm_attn = norm()
+        self.norm_mlp = norm()
 
     def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
         h = x + attn(self.norm_attn(x))
         return h + mlp(self.norm_mlp(h))
+
+
+class PreLNWiring(PreNormWiring):
+    """Pre-LN's block: the pre-norm block with LayerNorm (a building block for plugins too)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__(lambda: LayerNorm(width, eps))
 
 
 @register("preln")
@@ -49,7 +60,7 @@ class PreLN(Variant):
     def final_norm(self, width: int) -> nn.Module:
         return LayerNorm(width, self.eps)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
 
     def authors_recipe(self) -> Recipe:

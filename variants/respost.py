@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from variants.base import InitView, Recipe, Sublayer, Variant, Wiring
+from variants.base import ModelView, Recipe, Sublayer, Variant, Wiring
 from variants.norms import LayerNorm
 from variants.registry import register
 
@@ -49,7 +49,7 @@ class ResPost(Variant):
         return LayerNorm(width, self.eps)
 
     @torch.no_grad()
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         for wiring in model.wirings(ResPostWiring):
             for norm in (wiring.norm_attn, wiring.norm_mlp):
                 for parameter in norm.parameters():  # gain and bias

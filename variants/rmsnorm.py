@@ -11,30 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from variants.base import (
-    InitView,
+    ModelView,
     Recipe,
-    Sublayer,
     Variant,
     Wiring,
     gpt2_residual_std,
     scale_residual_projections,
 )
 from variants.norms import RMSNorm
+from variants.preln import PreNormWiring
 from variants.registry import register
-
-
-class RMSNormWiring(nn.Module):
-    def __init__(self, width: int, eps: float) -> None:
-        super().__init__()
-        self.norm_attn = RMSNorm(width, eps)
-        self.norm_mlp = RMSNorm(width, eps)
-
-    def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
-        h = x + attn(self.norm_attn(x))
-        return h + mlp(self.norm_mlp(h))
 
 
 @register("rmsnorm")
@@ -44,12 +33,12 @@ class PreRMSNorm(Variant):
     eps: float = 1e-5
 
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
-        return RMSNormWiring(width, self.eps)
+        return PreNormWiring(lambda: RMSNorm(width, self.eps))
 
     def final_norm(self, width: int) -> nn.Module:
         return RMSNorm(width, self.eps)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
 
     def authors_recipe(self) -> Recipe:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from variants.base import (
-    InitView,
+    ModelView,
     Recipe,
     Sublayer,
     Variant,
@@ -56,7 +56,7 @@ class Sandwich(Variant):
     def final_norm(self, width: int) -> nn.Module:
         return LayerNorm(width, self.eps)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))
 
     def authors_recipe(self) -> Recipe:

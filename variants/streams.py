@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from variants.base import InitView, Variant, gpt2_residual_std, scale_residual_projections
+from variants.base import ModelView, Variant, gpt2_residual_std, scale_residual_projections
 from variants.norms import LayerNorm
 
 
@@ -21,7 +21,7 @@ from variants.norms import LayerNorm
 class MixesStreams(Protocol):
     """A module of a multi-stream wiring whose update is x' = M·x + (sublayer terms), x the n
     streams: it reports M (..., n, n) for given streams. Diagnostics multiply the M of every
-    sublayer over depth: the mHC paper's Amax gain (suite/diagnostics.py)."""
+    sublayer over depth: the mHC paper's Amax gain (suite/run/diagnostics.py)."""
 
     def stream_mixing(self, streams: Tensor) -> Tensor: ...
 
@@ -58,5 +58,5 @@ class MultiStreamVariant(Variant):
     def final_norm(self, width: int) -> nn.Module:
         return LayerNorm(width, self.eps)
 
-    def init_weights(self, model: InitView) -> None:
+    def init_weights(self, model: ModelView) -> None:
         scale_residual_projections(model, gpt2_residual_std(model.depth))

@@ -1,0 +1,61 @@
+"""What the suite itself is and where it runs, without torch: its version, its commit, the CPU.
+Every record carries these (suite/run/environment.py adds the device's), and the report names
+the suite that wrote it."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=1)
+def suite_version() -> str:
+    try:
+        return version("stability-suite")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    """Commit of the suite's checkout, with ``-dirty`` when it has uncommitted changes;
+    ``unknown`` for an installed wheel (whose site-packages may sit inside someone else's
+    repository: its commit is not the suite's)."""
+    if not (_REPO / ".git").exists():
+        return "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

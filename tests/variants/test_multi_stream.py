@@ -1,0 +1,375 @@
+"""Variants that own the residual stream: Hyper-Connections (hc) and mHC (mhc), and the contract
+hooks they rest on (expand/collapse the stream, a step after each optimizer step).
+
+The formulas are checked against the papers by hand, and against the `hyper-connections`
+package (lucidrains, pinned in pyproject's dev extras) by copying weights across, where the
+package and the papers agree: HC's width/depth connections with its RMSNorm replaced by the
+paper's LayerNorm on zero-mean streams (where the two norms coincide), and mHC's static mappings
+(φ = 0: the package normalizes each stream separately where the paper flattens the n streams).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_cell
+from torch import nn
+
+import variants
+from suite.config import ConfigError
+from suite.run.model import GPT, ModelShape, VariantError
+from suite.run.runner import run_cell
+from variants.hyper_connections import HyperConnection
+from variants.mhc import ManifoldHyperConnection, sinkhorn_knopp
+
+WIDTH, HEADS, DEPTH = 16, 2, 3
+SHAPE = ModelShape(vocab_size=50, width=WIDTH, heads=HEADS, depth=DEPTH, mlp_ratio=4.0, seq_len=8)
+
+
+def build(name: str, **params) -> GPT:
+    torch.manual_seed(0)
+    return GPT(SHAPE, variants.get(name)(**params))
+
+
+def copy_shared_weights(source: GPT, target: GPT) -> None:
+    """Every parameter the two models have under the same name (embeddings, sublayers, norms)."""
+    target_params = dict(target.named_parameters())
+    with torch.no_grad():
+        for name, value in source.named_parameters():
+            if name in target_params and target_params[name].shape == value.shape:
+                target_params[name].copy_(value)
+
+
+TOKENS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def test_one_stream_hyper_connections_are_pre_ln():
+    hc, preln = build("hc", streams=1), build("preln")
+    copy_shared_weights(hc, preln)
+    torch.testing.assert_close(hc(TOKENS), preln(TOKENS), rtol=1e-6, atol=1e-6)
+
+
+def test_one_stream_mhc_is_pre_ln():
+    """H_res = Sinkhorn of a 1×1 matrix = 1 and H_post = 2σ(0) = 1; H_pre = σ(b_pre) only scales
+    the sublayer's input, which its LayerNorm removes (exactly as σ → 1)."""
+    mhc, preln = build("mhc", streams=1), build("preln")
+    with torch.no_grad():
+        for module in mhc.modules():
+            if isinstance(module, ManifoldHyperConnection):
+                module.b_pre.fill_(30.0)
+    copy_shared_weights(mhc, preln)
+    torch.testing.assert_close(mhc(TOKENS), preln(TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def zero_mean_streams(batch: int = 2, seq: int = 3, streams: int = 4) -> torch.Tensor:
+    x = torch.randn(batch, seq, streams, WIDTH, generator=torch.Generator().manual_seed(2))
+    return x - x.mean(dim=-1, keepdim=True)
+
+
+def test_hyper_connection_matches_the_reference_package_with_weights_copied():
+    reference_module = pytest.importorskip("hyper_connections.hyper_connections")
+    streams, index = 4, 5
+    ours = HyperConnection(WIDTH, streams, index, dynamic=True, eps=1e-12)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in ours.parameters():  # far from the init, so every term counts
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        ours.norm.weight.fill_(1.0)
+        ours.norm.bias.zero_()  # the package's RMSNorm has no bias; at gain 1 they agree
+    reference = reference_module.HyperConnections(streams, dim=WIDTH, layer_index=index)
+    with torch.no_grad():
+        reference.static_alpha.copy_(torch.cat([ours.read[:, None], ours.mix], dim=1))
+        reference.dynamic_alpha_fn.copy_(
+            torch.cat([ours.read_weight[:, None], ours.mix_weight], dim=1)
+        )
+        reference.dynamic_alpha_scale.copy_(ours.alpha)
+        reference.static_beta.copy_(ours.write)
+        reference.dynamic_beta_fn.copy_(ours.write_weight)
+        reference.dynamic_beta_scale.copy_(ours.beta)
+    branch = nn.Linear(WIDTH, WIDTH)
+    x = zero_mean_streams(streams=streams)
+    expected_input, add_residual = reference(x.transpose(1, 2).flatten(0, 1))  # (b s) t d
+    expected = add_residual(branch(expected_input)).unflatten(0, (2, streams)).transpose(1, 2)
+    seen = []
+    got = ours(x, lambda h: seen.append(h) or branch(h))
+    torch.testing.assert_close(seen[0], expected_input, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mhc_static_mappings_match_the_reference_package_with_weights_copied():
+    reference_module = pytest.importorskip(
+        "hyper_connections.manifold_constrained_hyper_connections"
+    )
+    streams = 4
+    ours = ManifoldHyperConnection(WIDTH, streams, 1e-5, 4.0, iterations=20)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        ours.b_pre.copy_(torch.randn(streams, generator=generator))
+        ours.b_post.copy_(torch.randn(streams, generator=generator))
+        ours.b_res.copy_(torch.randn(streams, streams, generator=generator))
+    reference = reference_module.ManifoldConstrainedHyperConnections(streams, dim=WIDTH)
+    with torch.no_grad():
+        # The package reads stream s into output t with weight M[s, t] (HC's A_rᵀ H), the paper
+        # with H_res[t, s]: the same matrix, transposed.
+        reference.static_alpha.copy_(torch.cat([ours.b_pre[:, None], ours.b_res.T], dim=1))
+        reference.static_beta.copy_(ours.b_post)
+    branch = nn.Linear(WIDTH, WIDTH)
+    x = torch.randn(2, 3, streams, WIDTH, generator=generator)
+    expected_input, add_residual = reference(x.transpose(1, 2).flatten(0, 1))
+    expected = add_residual(branch(expected_input)).unflatten(0, (2, streams)).transpose(1, 2)
+    torch.testing.assert_close(ours(x, branch), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sinkhorn_knopp_gives_a_doubly_stochastic_matrix_in_fp32():
+    logits = torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    matrix = sinkhorn_knopp(logits, iterations=20)
+    assert matrix.dtype == torch.float32 and (matrix > 0).all()
+    torch.testing.assert_close(matrix.sum(-1), torch.ones(5, 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(matrix.sum(-2), torch.ones(5, 4), rtol=0, atol=1e-3)
+
+
+def test_mhc_init_is_pre_ln_spread_over_streams_with_h_res_near_identity():
+    mhc = build("mhc")
+    connection = mhc.blocks[0].wiring.attn_connection
+    pre, post, res = connection.mappings(torch.randn(2, 3, 4, WIDTH))
+    torch.testing.assert_close(pre, torch.full_like(pre, 0.5))
+    torch.testing.assert_close(post, torch.ones_like(post))
+    diagonal = torch.e**4 / (torch.e**4 + 3)
+    torch.testing.assert_close(
+        res[0, 0], torch.eye(4) * (diagonal - (1 - diagonal) / 3) + (1 - diagonal) / 3
+    )
+    assert connection.alpha_pre.item() == connection.alpha_res.item() == pytest.approx(0.01)
+
+
+def test_hc_init_reads_stream_k_mod_n_and_keeps_every_stream():
+    hc = build("hc", streams=4)
+    for layer, block in enumerate(hc.blocks):
+        for offset, connection in enumerate(
+            (block.wiring.attn_connection, block.wiring.mlp_connection)
+        ):
+            assert connection.read.tolist() == torch.eye(4)[(2 * layer + offset) % 4].tolist()
+            assert torch.equal(connection.mix, torch.eye(4))
+            assert torch.equal(connection.write, torch.ones(4))
+            assert connection.alpha.item() == connection.beta.item() == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("connection", "mixing"),
+    [
+        (lambda: HyperConnection(WIDTH, 4, 0, dynamic=True, eps=1e-5), "mix"),
+        (lambda: ManifoldHyperConnection(WIDTH, 4, 1e-5, 4.0, iterations=20), "b_res"),
+    ],
+)
+def test_the_residual_mixing_is_applied(connection, mixing):
+    """The pitfall of public ports: the stream-mixing matrix computed but never used. (At init
+    every stream holds the same vector, on which any doubly stochastic mix is a no-op, so this
+    is checked on streams that differ.)"""
+    module = connection()
+    x = torch.randn(2, 3, 4, WIDTH, generator=torch.Generator().manual_seed(6))
+    branch = nn.Linear(WIDTH, WIDTH)
+    before = module(x, branch)
+    with torch.no_grad():
+        getattr(module, mixing).copy_(getattr(module, mixing).flip(0))
+    assert not torch.allclose(module(x, branch), before)
+
+
+@pytest.mark.parametrize("name", ["hc", "mhc"])
+def test_multi_stream_variants_train(name):
+    record, curve = run_cell(make_cell(name, steps=5))
+    assert record["status"] == "ok", record["error"]
+    assert len(curve) == 5
+
+
+class CountsItsSteps(variants.get("preln")):
+    """A plugin with a step after each optimizer step (as nGPT re-normalizes its weights)."""
+
+    steps_seen = 0
+
+    def after_optimizer_step(self, model: variants.ModelView) -> None:
+        type(self).steps_seen += 1
+        for block in model.blocks:
+            block.mlp_in.weight.div_(block.mlp_in.weight.norm(dim=1, keepdim=True))
+
+
+def test_the_step_after_each_optimizer_step_runs_every_step_and_packed_runs_refuse_it(
+    monkeypatch,
+):
+    from suite.launch import cell as config
+
+    monkeypatch.setitem(variants.registry._variants, "counts-steps", CountsItsSteps)
+    CountsItsSteps.steps_seen = 0
+    record, _ = run_cell(make_cell("counts-steps", steps=4))
+    assert record["status"] == "ok" and CountsItsSteps.steps_seen == 4
+    with pytest.raises(ConfigError, match="^train.pack_lr: variant 'counts-steps' acts"):
+        config.validate(make_cell("counts-steps", pack_lr=True))
+
+
+class CollapsesToTheWrongShape(variants.get("preln")):
+    def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
+        return nn.Linear(width, width + 1)
+
+
+def test_a_stream_that_does_not_collapse_to_the_model_width_is_refused_at_build():
+    with pytest.raises(VariantError, match="collapse_stream gives"):
+        GPT(SHAPE, CollapsesToTheWrongShape())
+
+
+def test_amax_gain_is_one_for_mhc_and_grows_for_an_amplifying_hc():
+    from suite.run.diagnostics import Probe, amax_gains
+
+    mhc, hc = build("mhc"), build("hc")
+    record = {}
+    for name, model in (("mhc", mhc), ("hc", hc)):
+        with torch.no_grad():
+            if name == "hc":  # what HC may learn and mHC cannot: a mixing that amplifies
+                for module in model.modules():
+                    if isinstance(module, HyperConnection):
+                        module.mix.mul_(1.5)
+        probe = Probe(model, TOKENS, TOKENS)
+        probe.logits()
+        assert len(probe.stream_mixings) == 2 * DEPTH
+        record[name] = amax_gains(probe.stream_mixings)
+    assert record["mhc"] == pytest.approx((1.0, 1.0), abs=1e-3)
+    assert min(record["hc"]) > 1.5 ** (2 * DEPTH) * 0.9
+
+
+def test_a_multi_stream_run_records_its_amax_gain_and_a_single_stream_run_does_not():
+    mhc, _ = run_cell(make_cell("mhc", steps=3))
+    preln, _ = run_cell(make_cell("preln", steps=3))
+    assert mhc["amax_gain_forward"] == pytest.approx(1.0, abs=1e-3)
+    assert mhc["amax_gain_backward"] == pytest.approx(1.0, abs=1e-2)
+    assert "amax_gain_forward" not in preln
+
+
+def test_hybridnorm_star_makes_only_block_zero_pre_norm_and_every_attention_qkv_normed():
+    """HybridNorm* (the authors' {0: {attn_norm: True, ffn_residual: False}}): block 0 is
+    h = x + F(Norm x), y = h + G(Norm h); later blocks as HybridNorm."""
+    from references import WIDTH, make_model, randomize, ref_attention, ref_mlp, ref_rms_norm
+
+    model = make_model("hybridnorm", star=True)  # with biases, as the reference math has them
+    randomize(model)
+    x = torch.randn(2, 8, WIDTH, generator=torch.Generator().manual_seed(7))
+    first, second = model.blocks[0], model.blocks[1]
+    assert all(block.attn.qkv_norms is not None for block in model.blocks)
+    w = first.wiring
+    h = x + ref_attention(first.attn, ref_rms_norm(x, w.norm_attn))
+    expected = h + ref_mlp(first.mlp, ref_rms_norm(h, w.norm_mlp))
+    torch.testing.assert_close(first(x), expected, rtol=1e-4, atol=1e-5)
+    assert second.wiring.norm_attn is None
+    h = x + ref_attention(second.attn, x)
+    u = ref_rms_norm(h, second.wiring.norm_mlp)
+    torch.testing.assert_close(second(x), u + ref_mlp(second.mlp, u), rtol=1e-4, atol=1e-5)
+
+
+class WrittenForSuite02(variants.get("preln")):
+    def init_weights(self, model, n_layers):  # noqa: ANN001, ANN201  (the 0.2 signature)
+        pass
+
+
+def test_a_plugin_with_the_0_2_init_signature_is_told_how_to_migrate():
+    with pytest.raises(VariantError, match="since suite 0.3 it takes one, model: ModelView"):
+        GPT(SHAPE, WrittenForSuite02())
+
+
+def test_value_residual_mixes_every_later_blocks_values_with_the_first_blocks():
+    """ResFormer: v ← ½v + ½v₁ in blocks 1…N−1; block 0 keeps its own."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    shape = dataclasses.replace(SHAPE, value_residual="fixed")
+    torch.manual_seed(0)
+    model = GPT(shape, variants.get("preln")())
+    inputs, outputs = {}, {}
+    for index, block in enumerate(model.blocks):
+        block.attn.register_forward_pre_hook(lambda m, a, i=index: inputs.__setitem__(i, a[0]))
+        block.attn.register_forward_hook(lambda m, a, out, i=index: outputs.__setitem__(i, out))
+    model(TOKENS)
+    with torch.no_grad():
+        first = model.blocks[0].attn
+        mixing, first.value_residual = first.value_residual, None
+        _, _, v1 = first.queries_keys_values(inputs[0])
+        first.value_residual = mixing
+        for index in (0, 1, 2):
+            attn = model.blocks[index].attn
+            mixing, attn.value_residual = attn.value_residual, None
+            q, k, v = attn.queries_keys_values(inputs[index])
+            attn.value_residual = mixing
+            v = v if index == 0 else 0.5 * v + 0.5 * v1
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            expected = attn.proj(y.transpose(1, 2).reshape(inputs[index].shape))
+            torch.testing.assert_close(outputs[index], expected, rtol=1e-5, atol=1e-6)
+    assert model.first_values.values is None  # nothing held past the forward pass
+
+
+def test_learned_value_residual_has_one_trained_mix_per_head_and_off_changes_nothing():
+    import dataclasses
+
+    learned = dataclasses.replace(SHAPE, value_residual="learned")
+    torch.manual_seed(0)
+    model = GPT(learned, variants.get("preln")())
+    mixes = [block.attn.value_residual.mix for block in model.blocks]
+    assert mixes[0] is None and all(mix.shape == (HEADS, 1, 1) for mix in mixes[1:])
+    model(TOKENS).logsumexp(-1).mean().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in mixes[1:])
+    plain, off = (
+        build("preln"),
+        GPT(dataclasses.replace(SHAPE, value_residual="off"), variants.get("preln")()),
+    )
+    torch.manual_seed(0)
+    off = GPT(dataclasses.replace(SHAPE, value_residual="off"), variants.get("preln")())
+    assert torch.equal(plain(TOKENS), off(TOKENS))
+
+
+def test_packed_runs_keep_the_value_residual_of_each_member():
+    """The first block's values are held across blocks in Python: under vmap too (packed)."""
+    import dataclasses
+
+    from suite.run.runner import run_pack
+
+    cells = [make_cell("preln", lr=lr, steps=10) for lr in (1e-3, 1e-2)]
+    cells = [
+        dataclasses.replace(c, model=dataclasses.replace(c.model, value_residual="learned"))
+        for c in cells
+    ]
+    for (record, curve), cell in zip(run_pack(cells), cells, strict=True):
+        alone, alone_curve = run_cell(cell)
+        assert record["status"] == alone["status"] == "ok"
+        for packed_row, row in zip(curve, alone_curve, strict=True):
+            assert packed_row["loss"] == pytest.approx(row["loss"], rel=1e-4)
+
+
+def test_attention_residuals_with_unit_weights_over_depth_is_pre_ln(monkeypatch):
+    """Replace AttnRes's softmax weights by ones and every sublayer reads the plain sum of what
+    came before, which is Pre-LN's stream: with Pre-LN's weights copied across, the logits agree."""
+    from variants.attnres import DepthAttention
+
+    preln, attnres = build("preln"), build("attnres")
+    missing, unexpected = attnres.load_state_dict(preln.state_dict(), strict=False)
+    assert not unexpected and all(".query" in k or ".key_norm." in k for k in missing)
+    tokens = torch.randint(0, 50, (2, 8))
+    monkeypatch.setattr(DepthAttention, "weights", lambda self, v: torch.ones(v.shape[:-1]))
+    torch.testing.assert_close(attnres(tokens), preln(tokens))
+
+
+def test_attention_residuals_start_from_the_uniform_mean_and_fill_one_slot_per_sublayer():
+    model = build("attnres")
+    x = model.expand_stream(torch.randn(2, 8, WIDTH))
+    assert x.shape == (2, 8, 7, WIDTH) and torch.all(x[..., 1:, :] == 0)
+    wiring = model.blocks[0].wiring
+    values = torch.randn(2, 8, 3, WIDTH)
+    torch.testing.assert_close(wiring.depth_attn(values), values.mean(-2))  # w = 0 at init
+    y = model.blocks[0](x)
+    assert torch.equal(y[..., 0, :], x[..., 0, :]) and torch.all(y[..., 3:, :] == 0)
+    assert y[..., 1, :].abs().sum() > 0 and y[..., 2, :].abs().sum() > 0
+
+
+class OneArgumentStreams(variants.get("preln")):
+    def expand_stream(self, width: int) -> nn.Module:  # early 0.3's signature
+        return nn.Identity()
+
+
+def test_a_plugin_with_the_early_one_argument_stream_hook_is_told_what_changed():
+    hint = r"expand_stream takes 1 arguments; .*\(width, n_layers\)"
+    with pytest.raises(VariantError, match=hint):
+        GPT(SHAPE, OneArgumentStreams())
