@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor, nn
@@ -124,6 +124,19 @@ class MLPOptions:
 
 
 @dataclass(frozen=True)
+class SublayerOptions:
+    """What a variant may ask of the backbone's sublayers and head without subclassing the model:
+    every attention sublayer's options (HybridNorm's QKV-norm; nGPT's query/key map and softmax
+    scale), every MLP's (nGPT's hidden scale), and a module on the logits (nGPT's s_z). The
+    family-specific hooks live here, in one optional object, rather than on every variant."""
+
+    attention: AttentionOptions = field(default_factory=AttentionOptions)
+    mlp: MLPOptions = field(default_factory=MLPOptions)
+    output_scale: Callable[[int, int], nn.Module] | None = None
+    """(vocabulary, width) → the module applied to the logits after the output head."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """The parts of a variant's published training setup that are not its wiring and that the
     suite can express, applied by ``recipe=authors`` (the ``controlled`` arm leaves them out, so
@@ -186,18 +199,10 @@ class Variant:
     def init_weights(self, model: ModelView) -> None:
         """Variant-specific initialization, applied after the model's common base init."""
 
-    def attention_options(self) -> AttentionOptions:
-        """What every attention sublayer of this variant needs: see :class:`AttentionOptions`."""
-        return AttentionOptions()
-
-    def mlp_options(self) -> MLPOptions:
-        """What every MLP sublayer of this variant needs: see :class:`MLPOptions`."""
-        return MLPOptions()
-
-    def output_scale(self, vocab_size: int, width: int) -> nn.Module:
-        """The module applied to the logits after the output head (identity by default; nGPT
-        scales each vocabulary entry's logit by a learned s_z)."""
-        return nn.Identity()
+    def sublayer_options(self) -> SublayerOptions:
+        """What the variant asks of the backbone's sublayers and head beyond its wiring (most ask
+        nothing): see :class:`SublayerOptions`."""
+        return SublayerOptions()
 
     def expand_stream(self, width: int, n_layers: int) -> nn.Module:
         """The module that turns the embeddings (batch, seq, width) into the variant's residual

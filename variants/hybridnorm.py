@@ -25,6 +25,7 @@ from variants.base import (
     ModelView,
     Recipe,
     Sublayer,
+    SublayerOptions,
     Variant,
     Wiring,
     gpt2_residual_std,
@@ -57,8 +58,8 @@ class HybridNorm(Variant):
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
         return HybridNormWiring(width, self.eps, pre_norm=self.star and layer == 0)
 
-    def attention_options(self) -> AttentionOptions:
-        return AttentionOptions(qkv_norm=partial(RMSNorm, eps=self.eps))
+    def sublayer_options(self) -> SublayerOptions:
+        return SublayerOptions(attention=AttentionOptions(qkv_norm=partial(RMSNorm, eps=self.eps)))
 
     def final_norm(self, width: int) -> nn.Module:
         return RMSNorm(width, self.eps)

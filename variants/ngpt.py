@@ -44,6 +44,7 @@ from variants.base import (
     ModelView,
     Recipe,
     Sublayer,
+    SublayerOptions,
     Variant,
     Wiring,
 )
@@ -146,14 +147,12 @@ class NGPT(Variant):
     def embedding_norm(self, width: int) -> nn.Module:
         return Unit()
 
-    def attention_options(self) -> AttentionOptions:
-        return AttentionOptions(query_key_map=QueryKeyScale, softmax_scale=math.sqrt)
-
-    def mlp_options(self) -> MLPOptions:
-        return MLPOptions(hidden_scale=HiddenScale)
-
-    def output_scale(self, vocab_size: int, width: int) -> nn.Module:
-        return LogitScale(vocab_size, width)
+    def sublayer_options(self) -> SublayerOptions:
+        return SublayerOptions(
+            attention=AttentionOptions(query_key_map=QueryKeyScale, softmax_scale=math.sqrt),
+            mlp=MLPOptions(hidden_scale=HiddenScale),
+            output_scale=LogitScale,
+        )
 
     def init_weights(self, model: ModelView) -> None:
         """Directions from the common Gaussian init, put on the sphere (the code does the same:

@@ -80,7 +80,7 @@ def validate(cell: CellConfig) -> None:
         cell.optim.name,
     )
     _check(
-        not (cell.train.pack_lr and variant.attention_options().softmax_scale),
+        not (cell.train.pack_lr and variant.sublayer_options().attention.softmax_scale),
         "train.pack_lr",
         f"variant {cell.variant!r} sets its own attention softmax scale, which the packed "
         "runs' batched attention does not take; set train.pack_lr=false",

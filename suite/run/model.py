@@ -396,7 +396,8 @@ class GPT(nn.Module):
         )
         self.embedding_norm = variant.embedding_norm(shape.width)
         self.expand_stream = variant.expand_stream(shape.width, shape.depth)
-        attention, mlp = variant.attention_options(), variant.mlp_options()
+        options = variant.sublayer_options()
+        attention, mlp = options.attention, options.mlp
         self.first_values = FirstBlockValues() if shape.value_residual != "off" else None
         blocks = [
             Block(
@@ -414,7 +415,11 @@ class GPT(nn.Module):
         self.head = nn.Linear(shape.width, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
             self.head.weight = self.token_embedding.weight
-        self.output_scale = variant.output_scale(shape.vocab_size, shape.width)
+        self.output_scale = (
+            options.output_scale(shape.vocab_size, shape.width)
+            if options.output_scale is not None
+            else nn.Identity()
+        )
         self.apply(_base_init)
         self._variant_view = self._init_view(blocks)
         if recipe is not None and recipe.embedding_std is not None:
@@ -511,6 +516,13 @@ def _check_hook_signatures(variant: Variant) -> None:
     TypeError: suite 0.2's ``init_weights(model, n_layers)`` (since 0.3 it gets one ModelView;
     N is ``model.depth``), and the one-argument ``expand_stream``/``collapse_stream`` of early
     0.3 (they now get ``(width, n_layers)``)."""
+    for hook in ("attention_options", "mlp_options", "output_scale"):
+        if hasattr(variant, hook):
+            raise VariantError(
+                f"variant {variant.name!r}: {hook}() is, since suite 0.4, a field of "
+                "sublayer_options(), which returns SublayerOptions(attention=..., mlp=..., "
+                "output_scale=...)"
+            )
     expected = {
         "init_weights": (1, "one, model: ModelView (the depth N is model.depth)"),
         "expand_stream": (2, "two, (width, n_layers)"),

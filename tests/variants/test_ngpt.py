@@ -112,12 +112,12 @@ def test_packed_runs_refuse_a_variant_with_its_own_softmax_scale():
     from dataclasses import dataclass
 
     import variants
-    from variants import AttentionOptions
+    from variants import AttentionOptions, SublayerOptions
 
     @dataclass
     class ScaledSoftmax(variants.get("preln")):
-        def attention_options(self) -> AttentionOptions:
-            return AttentionOptions(softmax_scale=math.sqrt)
+        def sublayer_options(self) -> SublayerOptions:
+            return SublayerOptions(attention=AttentionOptions(softmax_scale=math.sqrt))
 
     variants.registry._variants["scaled-softmax"] = ScaledSoftmax
     try:
