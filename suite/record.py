@@ -228,9 +228,9 @@ def fits_kind(value: Any, kind: str) -> bool:
     integer within 64 bits, a list of numbers, a JSON object (or its text). Empty is allowed."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
-    if kind == "list":
+    if kind == "list":  # a non-finite entry is stored as null (JSON has no NaN)
         return isinstance(value, list) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in value
         )
     if kind == "json":
         return isinstance(value, dict | str)

@@ -251,3 +251,20 @@ def test_random_kills_and_corruption_never_lose_or_hide_a_result(tmp_path_factor
                     assert len(read_curve(root, cell)) == steps  # its own, whole curve
                 collected_ok.add(cell)
             assert set(runs.index) >= set(committed)
+
+
+def test_a_diverged_runs_record_with_non_finite_per_layer_values_is_whole(tmp_path):
+    """A diverged run's per-layer series hold inf and NaN, which JSON stores as null: its record
+    is whole (collected, and resume keeps it), not damaged."""
+    from helpers import make_cell
+
+    from suite.run.runner import run_cell
+    from suite.store import finished_record, read_records, write_cell
+
+    record, curve = run_cell(make_cell(lr=30.0, steps=20))
+    assert record["verdict"] == "diverged"
+    record["final_act_rms_by_layer"] = [1.0, float("inf"), float("nan")]
+    write_cell(tmp_path, record, curve)
+    assert finished_record(tmp_path, record["cell_id"]) is not None
+    [stored] = read_records(tmp_path)
+    assert stored["status"] == "ok" and stored["final_act_rms_by_layer"][1] is None
