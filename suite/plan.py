@@ -76,7 +76,8 @@ class SweepPlan:
 
     @property
     def cells(self) -> list[str]:
-        return [cell_id for job in self.jobs for cell_id in job]
+        """Every cell of the sweep, once (a recipe sweep can name a cell in two jobs)."""
+        return list(dict.fromkeys(cell_id for job in self.jobs for cell_id in job))
 
     def in_main_process(self) -> bool:
         """Whether this process is the sweep's main one (the basic launcher trains there)."""

@@ -166,8 +166,8 @@ def _process_alive(marker: dict[str, Any]) -> bool:
 
 # <variant>-L<depth>-lr<lr>-s<seed>[-<tag>...]-<10 hex digits> (tags: CellConfig.id_tags)
 _CELL_ID = re.compile(
-    r"^(?P<variant>.+)-L(?P<depth>\d+)-lr(?P<lr>[^-]+)-s(?P<seed>\d+)(?:-[a-z][a-z0-9_]*)*"
-    r"-[0-9a-f]{10}$"
+    r"^(?P<variant>.+)-L(?P<depth>\d+)-lr(?P<lr>[0-9.]+(?:e[+-]\d+)?|inf)-s(?P<seed>\d+)"
+    r"(?:-[a-z][a-z0-9_]*)*-[0-9a-f]{10}$"
 )
 
 

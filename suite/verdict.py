@@ -1,4 +1,5 @@
-"""The verdict of a run, judged from its stored loss curve (definitions in the README, Verdicts).
+"""The verdict of a run, judged from its stored loss curve (definitions: docs/results.md,
+Verdicts).
 
 Only the divergence stop acts during training (:func:`divergence_reason`): it changes what is
 trained, so its knob (``blowup_factor``) is part of a cell's identity. Everything else here is a

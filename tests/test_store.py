@@ -268,3 +268,12 @@ def test_a_diverged_runs_record_with_non_finite_per_layer_values_is_whole(tmp_pa
     assert finished_record(tmp_path, record["cell_id"]) is not None
     [stored] = read_records(tmp_path)
     assert stored["status"] == "ok" and stored["final_act_rms_by_layer"][1] is None
+
+
+def test_a_cell_id_with_an_exponent_learning_rate_parses():
+    from suite.store import cell_from_id
+
+    assert cell_from_id("preln-L6-lr1e-05-s0-abcdef0123")["lr"] == 1e-5
+    assert cell_from_id("x-L2-lr3e-05-s1-llama-packed-0123456789") == {
+        "variant": "x", "depth": 2, "lr": 3e-5, "seed": 1,
+    }  # fmt: skip

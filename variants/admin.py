@@ -17,9 +17,9 @@ random tokens from a fixed generator, so the init is deterministic and leaves th
 seed's RNG untouched.
 
 ``recipe=authors`` adds what the recursion assumes of its input: Transformer-Clinic is built on
-fairseq, whose Transformer scales the embeddings by a fixed √d (``embed_scale``; Vaswani et al.
-2017 §3.4) and initialises them N(0, d^-½), so the stream enters the first block at unit
-variance rather than GPT-2's 0.02² (``controlled``).
+fairseq, whose Transformer scales the token embeddings by a fixed √d (``embed_scale``; Vaswani
+et al. 2017 §3.4), initialises them N(0, d^-½) and adds the positions after the scale, so the
+stream enters the first block at about unit variance rather than GPT-2's 0.02² (``controlled``).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class Admin(Variant):
             "embeddings N(0, d^-1/2) (fairseq's Embedding init)",
             embedding_scale=math.sqrt,
             embedding_std=_fairseq_embedding_std,
+            scale_positions=False,  # fairseq adds the positions after embed_scale
         )
 
 

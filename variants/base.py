@@ -50,6 +50,9 @@ class BlockView:
     mlp_in: nn.Linear
     mlp_out: nn.Linear
     wiring: Wiring
+    mlp_in_maps: int = 1
+    """How many maps ``mlp_in`` fuses: 1 (GELU's), or 2 (SwiGLU's up and gate, in that order,
+    on the llama backbone); an init defined per matrix (Xavier's) treats each on its own."""
 
     @property
     def residual_projections(self) -> tuple[nn.Linear, nn.Linear]:
@@ -151,6 +154,9 @@ class Recipe:
     """width d → a scalar on the embeddings entering the first block (e.g. √d)."""
     learnable_embedding_scale: bool = False
     """... trained with the model (DyT's and Derf's), or fixed (fairseq's)."""
+    scale_positions: bool = True
+    """Whether the scale multiplies the learned position embeddings too (Derf's patch scales
+    tok + pos) or the token embeddings only (fairseq adds positions after its scale)."""
     embedding_std: Callable[[int], float] | None = None
     """width d → the std of the token embedding's N(0, σ) init, instead of GPT-2's 0.02."""
     init: Callable[[ModelView], None] | None = None

@@ -62,14 +62,11 @@ class DeepNorm(Variant):
         beta = self.beta(model.depth)
         for block in model.blocks:
             query, key, value = block.attn_qkv.weight.chunk(3)
-            attn_out, mlp_in, mlp_out = (
-                block.attn_out.weight,
-                block.mlp_in.weight,
-                block.mlp_out.weight,
-            )
-            for weight in (query, key, value, attn_out, mlp_in, mlp_out):
+            mlp_in = block.mlp_in.weight.chunk(block.mlp_in_maps)  # SwiGLU: up, gate
+            attn_out, mlp_out = block.attn_out.weight, block.mlp_out.weight
+            for weight in (query, key, value, attn_out, *mlp_in, mlp_out):
                 nn.init.xavier_normal_(weight)
-            for weight in (value, attn_out, mlp_in, mlp_out):
+            for weight in (value, attn_out, *mlp_in, mlp_out):
                 weight.mul_(beta)
 
     def authors_recipe(self) -> Recipe:

@@ -7,8 +7,8 @@ the authors' code, github.com/zlab-princeton/Derf).
 
 DyT's recipe with erf in place of tanh and a learnable shift: Pre-LN with every LayerNorm
 replaced by a point-wise function, no statistics computed. Init as DyT and Pre-LN (GPT-2).
-``controlled``: the formula alone (on the quick preset it stalls: README). ``recipe=authors``
-adds the authors' GPT-2 (nanoGPT) patch, "language model/model_derf.patch" of
+``controlled``: the formula alone (on the quick preset it stalls: docs/results.md).
+``recipe=authors`` adds the authors' GPT-2 (nanoGPT) patch, "language model/model_derf.patch" of
 github.com/zlab-princeton/Derf: a learnable scalar ``shared_scale`` on the token + position
 embeddings, initialised to √d, and α₀ = 1 in every Derf (their attn/ffn/dec defaults).
 """

@@ -4,7 +4,7 @@
     h = x + F(DyT(x)); y = h + G(DyT(h)); final DyT
 
 Pre-LN with every LayerNorm replaced by DyT: no statistics are computed at all. ``controlled``:
-the paper's formula at the suite's GPT-2 init (on the quick preset it stalls: README).
+the paper's formula at the suite's GPT-2 init (on the quick preset it stalls: docs/results.md).
 ``recipe=authors`` adds the authors' LLaMA recipe (their code, other_tasks/LLaMA in
 github.com/jiachenzhu/DyT, and the paper's Table 10): a learnable scalar on the embeddings,
 initialised to √d, and α₀ by sublayer, 0.8 before attention and 0.2 before the MLP and in the

@@ -1,4 +1,5 @@
-"""Summaries of collected runs (definitions in the README: Verdicts, Summary columns, Uncertainty).
+"""Summaries of collected runs (definitions in docs/results.md: Verdicts, Summary columns,
+Uncertainty).
 
 All functions take the DataFrame that :func:`suite.analyze.collect.collect` returns and are pure.
 """
@@ -21,6 +22,8 @@ ARM_DEFAULTS = {
     "recipe": "controlled",
     "optimizer": "adamw",
     "parametrization": "sp",
+    "weight_decay_mode": "coupled",
+    "no_decay": '["biases", "gains"]',  # as the record writes it: sorted, JSON
 }
 # Flags that make an arm when true, and the word the label gets for them.
 ARM_FLAGS = {"packed": "packed"}

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import variants
 from suite.config import (
+    DECAY_GROUPS,
     SECTIONS,
     SEED,
     CellConfig,
@@ -167,6 +168,16 @@ def cell_from_config(cfg: DictConfig) -> CellConfig:
         )
         # As its paper trains it; the record's optim.weight_decay then says what was trained.
         sections["optim"].weight_decay = 0.0
+    optim = sections["optim"]
+    if isinstance(optim.no_decay, list):  # a set of groups: one id for one set, in any order
+        optim.no_decay = (
+            sorted(set(optim.no_decay), key=DECAY_GROUPS.index)
+            if all(group in DECAY_GROUPS for group in optim.no_decay)
+            else optim.no_decay
+        )
+    if optim.weight_decay == 0:  # no decay at all: how it would be applied changes nothing
+        optim.weight_decay_mode = _default(OptimConfig, "weight_decay_mode")
+        optim.no_decay = OptimConfig().no_decay
     _check_root_setting("recipe", cfg.get("recipe"))
     recipe = str(cfg.get("recipe") or "controlled")
     variant = variants.get(variant_name)(**variant_params)

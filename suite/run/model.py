@@ -361,6 +361,7 @@ class Block(nn.Module):
             mlp_in=self.mlp.fc,
             mlp_out=self.mlp.proj,
             wiring=self.wiring,
+            mlp_in_maps=2 if isinstance(self.mlp, SwiGLU) else 1,
         )
 
 
@@ -394,6 +395,7 @@ class GPT(nn.Module):
             if recipe is not None and scale is not None
             else nn.Identity()
         )
+        self.scale_positions = recipe is None or recipe.scale_positions
         self.embedding_norm = variant.embedding_norm(shape.width)
         self.expand_stream = variant.expand_stream(shape.width, shape.depth)
         options = variant.sublayer_options()
@@ -495,9 +497,12 @@ class GPT(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block."""
         x = self.token_embedding(tokens)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(torch.arange(tokens.shape[1], device=tokens.device))
-        return self.embedding_norm(self.embedding_scale(x))
+        if self.position_embedding is None:
+            return self.embedding_norm(self.embedding_scale(x))
+        positions = self.position_embedding(torch.arange(tokens.shape[1], device=tokens.device))
+        if self.scale_positions:
+            return self.embedding_norm(self.embedding_scale(x + positions))
+        return self.embedding_norm(self.embedding_scale(x) + positions)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.expand_stream(self.embed(tokens))
@@ -517,7 +522,7 @@ def _check_hook_signatures(variant: Variant) -> None:
     N is ``model.depth``), and the one-argument ``expand_stream``/``collapse_stream`` of early
     0.3 (they now get ``(width, n_layers)``)."""
     for hook in ("attention_options", "mlp_options", "output_scale"):
-        if hasattr(variant, hook):
+        if callable(getattr(type(variant), hook, None)):  # a method; a field may be so named
             raise VariantError(
                 f"variant {variant.name!r}: {hook}() is, since suite 0.4, a field of "
                 "sublayer_options(), which returns SublayerOptions(attention=..., mlp=..., "
@@ -538,7 +543,7 @@ def _check_hook_signatures(variant: Variant) -> None:
         if len(required) != count:
             raise VariantError(
                 f"variant {variant.name!r}: {hook} takes {len(required)} arguments; since "
-                f"suite 0.3 it takes {meaning} (see README, 'Add your own variant')"
+                f"suite 0.3 it takes {meaning} (see docs/variants.md, 'Add your own variant')"
             )
 
 

@@ -205,11 +205,12 @@ class PackedStep:
         return member_losses.tolist(), grad_norms.tolist()
 
     def update(self, keep: list[int], lrs: list[float]) -> None:
+        if not keep:
+            return  # every member still training ended at this step: nothing left to update
         if len(keep) < len(next(iter(self.params.values()))):
-            members = torch.tensor(keep, device=self.device)
+            members = torch.tensor(keep, dtype=torch.long, device=self.device)
             self.params = keep_members(self.params, self.optimizer, members)
-        if keep:
-            self.optimizer.step(torch.tensor(lrs, device=self.device))
+        self.optimizer.step(torch.tensor(lrs, device=self.device))
 
     def evaluate(self) -> list[float]:
         return evaluate_packed(

@@ -99,7 +99,7 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "z_loss": o.z_loss,
         "weight_decay": o.weight_decay,
         "weight_decay_mode": o.weight_decay_mode,
-        "no_decay": json.dumps(o.no_decay),
+        "no_decay": json.dumps(sorted(o.no_decay)),
         "seed": cell.seed,
         "steps": t.steps,
         "batch_size": t.batch_size,

@@ -194,6 +194,7 @@ def run_steps(
     corpus: Corpus,
     device: torch.device,
     on_done: Callable[[int, TrainOutcome], None],
+    started: float | None = None,
 ) -> None:
     """The step loop, for one member or a pack's: each step reads the same batch for every
     member, asks each member's observers whether it ends here, applies the update to the others
@@ -205,7 +206,7 @@ def run_steps(
     tokens_per_step = cfg.batch_size * lead.model.seq_len
     log_line = LogLine(cfg.log_every, cfg.steps, stepper.packed)
     active = list(range(len(members)))  # members still training, in the stepper's order
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
 
     def finish(index: int, evaluated: float | None = None) -> None:
         member = members[index]
@@ -285,11 +286,12 @@ def train(
     a caller that passes its own keeps the curve trained so far when training raises).
     ``observers`` are added to the member's own (suite/run/observers.py)."""
     out = out if out is not None else TrainOutcome()
+    started = time.perf_counter()  # the wall time counts the diagnostics at init, as before
     stepper = StandardStep(model, corpus, cell, device)
     diagnostics = _diagnostics_for(model, corpus, cell, device)
     own = member_observers(cell, on_progress, diagnostics)
     member = Member(cell, out, [*own[:-1], *observers, own[-1]])  # the flush last
-    run_steps(stepper, [member], corpus, device, on_done=lambda index, outcome: None)
+    run_steps(stepper, [member], corpus, device, lambda index, outcome: None, started)
     return out
 
 

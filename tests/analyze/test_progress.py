@@ -305,3 +305,11 @@ def test_the_plan_says_resume_as_the_jobs_compose_it(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         [(_, plan)] = read_plans(tmp_path / store)
         assert plan["resume"] is resumes
+
+
+def test_a_cell_two_jobs_name_counts_once(tmp_path):
+    """A recipe sweep over a variant whose recipe adds nothing names its cell in two jobs."""
+    plan = SweepPlan(command=[], resume=True, launcher="basic", jobs=[["a"], ["b"], ["a"]])
+    assert plan.cells == ["a", "b"]
+    [(_, data)] = read_plans(tmp_path) if plan.write(tmp_path) else []
+    assert len(sweep_progress(tmp_path, data)) == 2

@@ -350,3 +350,63 @@ def test_every_model_and_optimizer_option_trains_on_the_llama_backbone(option):
     for record, curve in results:
         assert record["status"] == "ok", record["error"]
         assert len(curve) == 3 and record["backbone"] == "llama"
+
+
+def test_deepnorm_initialises_swiglus_up_and_gate_as_two_matrices():
+    """Xavier's std is per matrix: √(2/(d + h)) for each of up and gate, not of the fused map."""
+    from variants.deepnorm import deepnorm_beta
+
+    torch.manual_seed(0)
+    shape = ModelShape(
+        vocab_size=100, width=64, heads=4, depth=6, mlp_ratio=4.0, seq_len=32, backbone="llama"
+    )
+    model = GPT(shape, variants.get("deepnorm")())
+    hidden = swiglu_hidden(64, 4.0)
+    up, gate = model.blocks[0].mlp.fc.weight.detach().split(hidden)
+    expected = math.sqrt(2 / (64 + hidden)) * deepnorm_beta(6)
+    for part in (up, gate):
+        assert part.std().item() == pytest.approx(expected, rel=0.05)
+
+
+def test_admins_authors_recipe_adds_the_positions_after_the_scale():
+    cell = make_cell("admin", width=64, heads=4)
+    cell.recipe = "authors"
+    model = build_model(cell, vocab_size=256)
+    tokens = torch.randint(0, 256, (2, 16))
+    expected = 8.0 * model.token_embedding(tokens) + model.position_embedding(torch.arange(16))
+    torch.testing.assert_close(model.embed(tokens), expected)
+
+
+def test_decay_settings_that_train_alike_are_one_cell():
+    from helpers import compose_cell
+
+    base = ["+variant=preln", "sweep=tiny"]
+    assert (
+        compose_cell(*base, "optim.no_decay=[biases,gains]").cell_id()
+        == compose_cell(*base).cell_id()
+    )
+    without = [*base, "optim.weight_decay=0"]
+    assert (
+        compose_cell(*without, "optim.weight_decay_mode=independent").cell_id()
+        == compose_cell(*without).cell_id()
+    )
+    assert (
+        compose_cell(*base, "optim.weight_decay_mode=independent").cell_id()
+        != compose_cell(*base).cell_id()
+    )
+
+
+def test_weight_decay_settings_are_arms_of_their_own():
+    import pandas as pd
+
+    from suite.analyze.summary import with_arm_labels
+
+    runs = pd.DataFrame(
+        {
+            "variant": ["preln"] * 3,
+            "weight_decay_mode": ["coupled", "independent", "coupled"],
+            "no_decay": ['["biases", "gains"]', '["biases", "gains"]', '["embeddings"]'],
+        }
+    )
+    labels = list(with_arm_labels(runs)["variant"])
+    assert labels[0] == "preln" and len(set(labels)) == 3

@@ -205,3 +205,11 @@ def test_the_command_lines_lr_axis_becomes_one_job_per_pack():
     assert sorted(packs) == sorted(lead.cell_id() for lead in leads)
     assert all(lrs == [1e-3, 1e-2, 1e-1] for lrs in packs.values())
     assert sorted(cell_id for job in jobs for cell_id in job) == sorted(c.cell_id() for c in cells)
+
+
+def test_a_pack_whose_last_members_diverge_together_records_them_diverged():
+    """Every member still training ends at one step: nothing left to re-stack (it crashed)."""
+    cells = pack_cells("preln", [30.0, 100.0])
+    results = run_pack(cells)
+    assert [record["status"] for record, _ in results] == ["ok", "ok"]
+    assert [record["verdict"] for record, _ in results] == ["diverged", "diverged"]

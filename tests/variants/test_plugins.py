@@ -331,3 +331,20 @@ def test_a_wiring_that_is_not_a_module_is_refused_at_build_time():
     Plain.name = "plain"
     with pytest.raises(VariantError, match="the wiring of block 0 is a PlainFunction, not"):
         GPT(ModelShape(256, 16, 2, 2, 4.0, 8), Plain())
+
+
+def test_a_plugin_field_named_like_an_old_hook_is_not_refused():
+    from dataclasses import dataclass
+
+    from suite.run.model import GPT, ModelShape
+    from variants import PreLNWiring, Variant
+
+    @dataclass
+    class WithScale(Variant):
+        name = "with-scale"
+        output_scale: float = 1.0
+
+        def wiring(self, width: int, n_layers: int, layer: int) -> PreLNWiring:
+            return PreLNWiring(width, 1e-5)
+
+    GPT(ModelShape(vocab_size=10, width=8, heads=2, depth=1, mlp_ratio=2, seq_len=4), WithScale())
