@@ -43,20 +43,14 @@ def corpus_for(cfg: DataConfig) -> Corpus:
 
 
 def build_model(cell: CellConfig, vocab_size: int) -> GPT:
+    """The cell's model: its shape is the schema's model section (every field the two share)
+    with the corpus's vocabulary and the depth parametrization's branch multiplier."""
     m = cell.model
+    shared = {spec.name for spec in dataclasses.fields(ModelShape)} & set(asdict(m))
     shape = ModelShape(
         vocab_size=vocab_size,
-        width=m.width,
-        heads=m.heads,
-        depth=m.depth,
-        mlp_ratio=m.mlp_ratio,
-        seq_len=m.seq_len,
-        bias=m.bias,
-        tie_embeddings=m.tie_embeddings,
-        qk_norm=m.qk_norm,
-        value_residual=m.value_residual,
         branch_multiplier=model_depth_scaling(m).branch_multiplier,
-        backbone=m.backbone,
+        **{name: getattr(m, name) for name in shared},
     )
     variant = variants.get(cell.variant)(**cell.variant_params)
     recipe = variant.authors_recipe() if cell.recipe == "authors" else None
