@@ -272,7 +272,7 @@ def claims(runs: pd.DataFrame, store: Path) -> tuple[str, Figure | None]:
         table.loc[at, "gap_to_rmsnorm"] = table.loc[at, "best_val_loss"] - reference.best_val_loss
         ref_runs = ok_runs(llama)
         ref_runs = ref_runs[
-            (ref_runs["variant"] == "rmsnorm")
+            (ref_runs["variant"] == REFERENCE_ARM)
             & (ref_runs["depth"] == depth_)
             & (ref_runs["lr"] == reference.best_lr)
         ]

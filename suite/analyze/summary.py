@@ -23,7 +23,7 @@ ARM_DEFAULTS = {
     "optimizer": "adamw",
     "parametrization": "sp",
     "weight_decay_mode": "coupled",
-    "no_decay": '["biases", "gains"]',  # as the record writes it: sorted, JSON
+    "no_decay": "no_decay=biases,gains",  # the default exemptions, as _no_decay_label words them
 }
 # Flags that make an arm when true, and the word the label gets for them.
 ARM_FLAGS = {"packed": "packed"}
@@ -43,8 +43,9 @@ def with_arm_labels(runs: pd.DataFrame) -> pd.DataFrame:
     for column, default in ARM_DEFAULTS.items():
         if column not in runs:
             continue
-        other = runs[column].notna() & (runs[column] != default)
-        suffix = " · " + runs[column].astype(str)
+        values = runs[column].map(_no_decay_label) if column == "no_decay" else runs[column]
+        other = values.notna() & (values != default)
+        suffix = " · " + values.astype(str)
         if column == "parametrization" and "base_depth" in runs:
             moved = runs["base_depth"].notna() & (runs["base_depth"] != BASE_DEPTH_DEFAULT)
             base = " N₀=" + runs["base_depth"].astype("Int64").astype(str)
@@ -54,6 +55,17 @@ def with_arm_labels(runs: pd.DataFrame) -> pd.DataFrame:
         if column in runs:
             labels = labels.where(runs[column] != True, labels + " · " + word)  # noqa: E712
     return runs.assign(variant=labels + _varying_settings(runs))
+
+
+def _no_decay_label(value: object) -> str | None:
+    """The decay exemptions as a label, whatever order the record lists them in."""
+    try:
+        groups = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        return str(value)
+    if not isinstance(groups, list):
+        return None
+    return "no_decay=" + ",".join(sorted(str(group) for group in groups))
 
 
 # Settings beside the variant's own parameters that make an arm (Muon's knobs).
