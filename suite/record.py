@@ -143,6 +143,7 @@ GROUPS: dict[str, tuple[Column, ...]] = {
          "(`train.pack_lr=true`), 1 otherwise"),
     ),
     "diagnostics": _group(  # suite/run/diagnostics.py; absent when diagnostics.enabled=false
+        # and for packed runs (their members share one batched model: not measured)
         ("init_grad_norm_by_layer", "list", "per layer, the gradient norm of the feed-forward "
          "weights at init on the probe batch (Xiong et al. 2020, Fig. 3)"),
         ("init_grad_norm_ratio", "float", "`init_grad_norm_by_layer`: last / first layer",
@@ -209,8 +210,33 @@ CURVE: tuple[Column, ...] = _group(
     ("attn_logit_max_by_layer", "list", "sampled: the same per layer"),
     ("log_z", "float", "sampled: mean logsumexp of the output logits"),
     ("update_ratio", "float", "sampled: ‖θ_{t+1} − θ_t‖/‖θ_t‖"),
+    ("grad_norm_by_layer", "list", "sampled, per block: the gradient norm of its parameters "
+     "(this step's training gradient, before clipping)"),
+    ("grad_norm_attn_by_layer", "list", "... of its attention's parameters"),
+    ("grad_norm_mlp_by_layer", "list", "... of its MLP's parameters"),
+    ("update_ratio_by_layer", "list", "sampled, per block: ‖θ_{t+1} − θ_t‖/‖θ_t‖ of its "
+     "parameters"),
+    ("update_ratio_attn_by_layer", "list", "... of its attention's parameters"),
+    ("update_ratio_mlp_by_layer", "list", "... of its MLP's parameters"),
+    ("act_rms_by_layer", "list", "sampled, per block: RMS of the residual stream after it"),
+    ("saturation_by_layer", "list", "sampled, DyT and Derf: per block, the share of its "
+     "squashing maps' inputs past the knee (slope below 0.1 of the slope at 0: |α·x| > 1.82 "
+     "for tanh, |α·x + s| > 1.52 for erf)"),
+    ("stream_amax_gain", "float", "sampled, multi-stream variants (hc, mhc): the Amax gain "
+     "(forward) of the product of the mixing matrices over depth"),
 )
 # fmt: on
+
+# The per-block series sampled with the diagnostics (heatmaps of layer × step in the report).
+PER_LAYER_SERIES: tuple[str, ...] = (
+    "grad_norm_by_layer",
+    "grad_norm_attn_by_layer",
+    "grad_norm_mlp_by_layer",
+    "update_ratio_by_layer",
+    "update_ratio_attn_by_layer",
+    "update_ratio_mlp_by_layer",
+    "act_rms_by_layer",
+)
 
 COLUMNS: tuple[Column, ...] = tuple(column for group in GROUPS.values() for column in group)
 RECORD_COLUMNS: tuple[str, ...] = tuple(column.name for column in COLUMNS)

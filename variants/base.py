@@ -34,6 +34,21 @@ class Wiring(Protocol):
     def __call__(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor: ...
 
 
+SATURATION_SLOPE = 0.1
+"""A squashing map's input is past its knee where the map's slope is below this fraction of its
+slope at 0: for tanh |z| > atanh(√0.9) ≈ 1.82, for erf |z| > √ln 10 ≈ 1.52."""
+
+
+@runtime_checkable
+class Saturates(Protocol):
+    """A point-wise squashing map (DyT's tanh, Derf's erf) that says which of its inputs are
+    past its knee (:data:`SATURATION_SLOPE`), where little gradient passes back: the diagnostics
+    count their share per block over training (suite/run/diagnostics.py), the signature of the
+    saturation failure of normalization-free Transformers (Zhu et al. 2025 §6; Chen et al. 2025)."""
+
+    def saturated(self, x: Tensor) -> Tensor: ...
+
+
 WiringT = TypeVar("WiringT")
 
 

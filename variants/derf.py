@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from variants.base import (
+    SATURATION_SLOPE,
     ModelView,
     Recipe,
     Variant,
@@ -31,6 +32,8 @@ from variants.base import (
 )
 from variants.preln import PreNormWiring
 from variants.registry import register
+
+ERF_KNEE = math.sqrt(-math.log(SATURATION_SLOPE))  # erf'(z) ∝ exp(−z²)
 
 
 class Derf(nn.Module):
@@ -43,6 +46,9 @@ class Derf(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weight * torch.erf(self.alpha * x + self.shift) + self.bias
+
+    def saturated(self, x: Tensor) -> Tensor:
+        return (self.alpha * x + self.shift).abs() > ERF_KNEE
 
 
 @register("derf")

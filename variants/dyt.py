@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from variants.base import (
+    SATURATION_SLOPE,
     ModelView,
     Recipe,
     Variant,
@@ -30,6 +31,8 @@ from variants.base import (
 )
 from variants.preln import PreNormWiring
 from variants.registry import register
+
+TANH_KNEE = math.atanh(math.sqrt(1 - SATURATION_SLOPE))  # tanh'(z) = 1 − tanh²(z)
 
 
 class DyT(nn.Module):
@@ -41,6 +44,9 @@ class DyT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+    def saturated(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.alpha * x).abs() > TANH_KNEE
 
 
 @register("dyt")

@@ -28,6 +28,17 @@ curve:
   divergence);
 - the update-to-weight ratio ‖θ_{t+1} − θ_t‖ / ‖θ_t‖ of the optimizer step.
 
+Per block, at the same sampled steps (the curves a heatmap of layer × step is drawn from):
+
+- the gradient norm of the block's parameters, and of its attention's and its MLP's, from the
+  step's own training gradients (before clipping: a clipped step's are scaled back by the clip
+  factor, which is common to every parameter);
+- the update-to-weight ratio of the block's parameters, and of its attention's and its MLP's;
+- the residual stream's RMS after the block;
+- for a variant with a squashing map in place of a norm (DyT, Derf: ``variants.base.Saturates``),
+  the share of the block's map inputs past the map's knee;
+- for a multi-stream variant, the Amax gain of its mixing matrices (one number per sample).
+
 Every step, into the curve: global gradient RMS (‖g‖ / √n_params) and the spike flags.
 """
 
@@ -45,6 +56,7 @@ import torch.nn.functional as F
 
 from suite.config import DiagnosticsConfig
 from suite.run.model import GPT
+from variants.base import Saturates
 from variants.streams import MixesStreams
 
 
@@ -102,6 +114,34 @@ def amax_gains(mixings: list[torch.Tensor]) -> tuple[float, float]:
     return magnitude.sum(-1).amax().item(), magnitude.sum(-2).amax().item()
 
 
+def vector_norm(values: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(values)
+
+
+def layer_groups(model: GPT, params: list[torch.Tensor]) -> dict[str, list[list[int]]]:
+    """Per block, the indices into ``params`` of its parameters (``block``), of its attention's
+    (``attn``) and of its MLP's (``mlp``)."""
+    index = {id(p): i for i, p in enumerate(params)}
+
+    def indices(module: torch.nn.Module) -> list[int]:
+        return [index[id(p)] for p in module.parameters() if id(p) in index]
+
+    blocks = list(model.blocks)
+    return {
+        "block": [indices(block) for block in blocks],
+        "attn": [indices(block.attn) for block in blocks],
+        "mlp": [indices(block.mlp) for block in blocks],
+    }
+
+
+def group_norms(per_parameter: torch.Tensor, groups: list[list[int]]) -> list[float]:
+    """The L2 norm of each group of per-parameter norms (0 for an empty group)."""
+    zero = per_parameter.new_zeros(())
+    return torch.stack(
+        [vector_norm(per_parameter[group]) if group else zero for group in groups]
+    ).tolist()
+
+
 def stream_rms(stream: torch.Tensor) -> float:
     """RMS of a residual stream: (batch, seq, width), or (batch, seq, slots, width) for a variant
     that carries several. A slot that is exactly zero everywhere is left out: AttnRes fills its
@@ -122,11 +162,13 @@ class Probe:
         self.act_rms: list[float] = []
         self.attn_logit_max: list[float] = []
         self.stream_mixings: list[torch.Tensor] = []
+        self.saturation: list[list[torch.Tensor]] = []  # per block: [saturated, inputs] counts
         self.hidden = torch.empty(0)
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
         self.act_rms, self.attn_logit_max, self.stream_mixings = [], [], []
+        self.saturation = []
 
         def before_stream_mixing(module: MixesStreams, inputs: tuple[torch.Tensor, ...]) -> None:
             self.stream_mixings.append(module.stream_mixing(inputs[0].detach()).detach().float())
@@ -140,10 +182,26 @@ class Probe:
         def before_attention(module, inputs: tuple[torch.Tensor, ...]) -> None:
             self.attn_logit_max.append(module.max_logit(inputs[0].detach()))
 
+        def before_squashing(counts: list[torch.Tensor]):
+            def hook(module: Saturates, inputs: tuple[torch.Tensor, ...]) -> None:
+                saturated = module.saturated(inputs[0].detach())
+                counts[0] += saturated.sum()
+                counts[1] += saturated.numel()
+
+            return hook
+
         handles = [self.model.final_norm.register_forward_hook(after_final_norm)]
         for block in self.model.blocks:
             handles.append(block.register_forward_hook(after_block))
             handles.append(block.attn.register_forward_pre_hook(before_attention))
+            squashing = [m for m in block.modules() if isinstance(m, Saturates)]
+            if squashing:
+                counts = [torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)]
+                counts = [c.to(self.tokens.device) for c in counts]
+                self.saturation.append(counts)
+                handles += [
+                    m.register_forward_pre_hook(before_squashing(counts)) for m in squashing
+                ]
         for module in self.model.modules():
             if isinstance(module, MixesStreams):
                 handles.append(module.register_forward_pre_hook(before_stream_mixing))
@@ -156,6 +214,14 @@ class Probe:
     def logits(self) -> torch.Tensor:
         with self._hooks(), torch.no_grad():
             return self.model(self.tokens).float()
+
+    def saturation_by_layer(self) -> list[float]:
+        """Per block, the share of its squashing maps' inputs past their knee in the last pass
+        (empty for a variant without such maps)."""
+        if not self.saturation:
+            return []
+        counts = torch.stack([torch.stack(pair) for pair in self.saturation]).double()
+        return (counts[:, 0] / counts[:, 1].clamp(min=1)).tolist()
 
     def loss_with_gradients(self) -> float:
         """Cross-entropy on the probe batch with gradients in ``.grad`` (the caller clears them)."""
@@ -170,11 +236,16 @@ class Diagnostics:
     """Called by the training loop at init, around each step and at the end."""
 
     def __init__(
-        self, model: GPT, probe_batch: tuple[torch.Tensor, torch.Tensor], cfg: DiagnosticsConfig
+        self,
+        model: GPT,
+        probe_batch: tuple[torch.Tensor, torch.Tensor],
+        cfg: DiagnosticsConfig,
+        grad_clip: float = 0.0,
     ) -> None:
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.grad_clip = model, cfg, grad_clip
         self.probe = Probe(model, *probe_batch)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.layer_groups = layer_groups(model, self.params)
         self.sqrt_n_params = math.sqrt(sum(p.numel() for p in self.params))
         self.loss_spikes = SpikeCounter(cfg.spike_window, cfg.spike_sigmas, cfg.spike_min_history)
         self.grad_spikes = SpikeCounter(cfg.spike_window, cfg.spike_sigmas, cfg.spike_min_history)
@@ -239,20 +310,41 @@ class Diagnostics:
                 return row
             logits = self.probe.logits()
             per_layer = list(self.probe.attn_logit_max)
-            weight = torch.linalg.vector_norm(torch.stack([p.norm() for p in before]))
-            change = torch.linalg.vector_norm(
-                torch.stack(
-                    [(p.detach() - b).norm() for p, b in zip(self.params, before, strict=True)]
-                )
+            weights = torch.stack([b.norm() for b in before])
+            changes = torch.stack(
+                [(p.detach() - b).norm() for p, b in zip(self.params, before, strict=True)]
             )
+            grads = self._unclipped_grad_norms(grad_norm)
             row.update(
                 model_update=model_update(self.probe.hidden, self.initial_hidden),
                 log_z=torch.logsumexp(logits, dim=-1).mean().item(),
                 attn_logit_max=self._track_attention(per_layer),
                 attn_logit_max_by_layer=per_layer,
-                update_ratio=(change / weight).item(),
+                update_ratio=(vector_norm(changes) / vector_norm(weights)).item(),
+                act_rms_by_layer=list(self.probe.act_rms),
             )
+            for part, groups in self.layer_groups.items():
+                suffix = f"_{part}" if part != "block" else ""
+                row[f"grad_norm{suffix}_by_layer"] = group_norms(grads, groups)
+                changed, weighed = group_norms(changes, groups), group_norms(weights, groups)
+                row[f"update_ratio{suffix}_by_layer"] = [
+                    c / w if w > 0 else math.nan for c, w in zip(changed, weighed, strict=True)
+                ]
+            saturation = self.probe.saturation_by_layer()
+            if saturation:
+                row["saturation_by_layer"] = saturation
+            if self.probe.stream_mixings:
+                row["stream_amax_gain"] = amax_gains(self.probe.stream_mixings)[0]
             return row
+
+    def _unclipped_grad_norms(self, grad_norm: float) -> torch.Tensor:
+        """Each parameter's gradient norm as the backward pass left it: clipping scaled every
+        gradient by max_norm / (‖g‖ + 1e-6) (torch's clip_grad_norm_), undone here."""
+        zero = self.params[0].new_zeros(())
+        norms = torch.stack([p.grad.norm() if p.grad is not None else zero for p in self.params])
+        if self.grad_clip > 0 and math.isfinite(grad_norm):
+            norms = norms / min(1.0, self.grad_clip / (grad_norm + 1e-6))
+        return norms
 
     def at_end(self, curve: list[dict[str, Any]]) -> dict[str, Any]:
         """The one-shot fields for the record."""

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from suite.config import VerdictConfig
-from suite.record import curve_row
+from suite.record import PER_LAYER_SERIES, curve_row
 from suite.run.diagnostics import Diagnostics
 from suite.verdict import divergence_reason
 
@@ -120,6 +120,9 @@ class DiagnosticsColumns(Observer):
         "attn_logit_max_by_layer",
         "log_z",
         "update_ratio",
+        *PER_LAYER_SERIES,
+        "saturation_by_layer",
+        "stream_amax_gain",
     )
     record_columns = (
         "init_grad_norm_by_layer",

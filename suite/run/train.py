@@ -327,7 +327,7 @@ def _diagnostics_for(
     (probe_batch,) = validation_batches(
         corpus, cell.model.seq_len, cell.diagnostics.probe_batch, 1, device
     )
-    diagnostics = Diagnostics(model, probe_batch, cell.diagnostics)
+    diagnostics = Diagnostics(model, probe_batch, cell.diagnostics, cell.optim.grad_clip)
     diagnostics.at_init()
     return diagnostics
 

@@ -11,6 +11,7 @@ from helpers import make_cell
 
 from suite.config import ConfigError, DiagnosticsConfig
 from suite.launch.cell import validate
+from suite.record import PER_LAYER_SERIES
 from suite.run.data import validation_batches
 from suite.run.diagnostics import (
     Diagnostics,
@@ -21,6 +22,7 @@ from suite.run.diagnostics import (
     stream_rms,
 )
 from suite.run.runner import build_model, corpus_for, run_cell
+from variants.base import Saturates
 
 CPU = torch.device("cpu")
 
@@ -233,3 +235,99 @@ def test_attnres_activation_rms_of_a_block_does_not_depend_on_the_blocks_after_i
         diagnostics.at_init()
         first_block.append(diagnostics.record["init_act_rms_by_layer"][0])
     assert first_block[1] == pytest.approx(first_block[0], rel=0.1)
+
+
+# --- per-layer series over training ---------------------------------------------------------
+
+
+def test_per_layer_series_are_sampled_with_one_entry_per_block():
+    record, curve = run_cell(make_cell("preln", depth=3, steps=21))
+    sampled = [r for r in curve if "model_update" in r]
+    for name in PER_LAYER_SERIES:
+        assert all(len(r[name]) == 3 for r in sampled), name
+        assert name not in curve[10], name  # only at the sampled steps
+    assert all("saturation_by_layer" not in r and "stream_amax_gain" not in r for r in curve)
+    # A block's gradient is its attention's and its MLP's and its norms' together.
+    for row in sampled:
+        for block, attn, mlp in zip(
+            row["grad_norm_by_layer"],
+            row["grad_norm_attn_by_layer"],
+            row["grad_norm_mlp_by_layer"],
+            strict=True,
+        ):
+            assert math.hypot(attn, mlp) <= block * (1 + 1e-6)
+            assert block > 0
+    # Sampled after the last step (20), the residual-stream RMS is the one the record keeps.
+    assert curve[20]["act_rms_by_layer"] == pytest.approx(record["final_act_rms_by_layer"])
+
+
+def test_per_layer_gradient_norms_are_the_backward_pass_s_even_when_clipped():
+    """The clip factor is undone: with a clip far below the gradient norm, the per-block norms
+    still add up to the step's unclipped global norm (over the blocks' share of parameters)."""
+    clipped = make_cell("preln", depth=2, steps=3, lr=1e-3)
+    clipped.optim.grad_clip = 1e-3
+    _, curve = run_cell(clipped)
+    row = curve[0]
+    assert row["grad_norm"] > 100 * clipped.optim.grad_clip
+    blocks = math.sqrt(sum(g * g for g in row["grad_norm_by_layer"]))
+    assert 0.05 * row["grad_norm"] < blocks <= row["grad_norm"] * (1 + 1e-5)
+    unclipped = make_cell("preln", depth=2, steps=3, lr=1e-3)
+    unclipped.optim.grad_clip = 0.0
+    _, reference = run_cell(unclipped)
+    # The first step's gradient is the same with or without clipping (clipping acts after it).
+    assert row["grad_norm_by_layer"] == pytest.approx(reference[0]["grad_norm_by_layer"], rel=1e-4)
+
+
+def test_update_ratio_by_layer_by_hand():
+    """One block's update ratio, recomputed from the weights before and after the step."""
+    cell = make_cell("preln", depth=2, steps=1, lr=1e-2)
+    corpus = corpus_for(cell.data)
+    torch.manual_seed(0)
+    model = build_model(cell, corpus.vocab_size)
+    (probe,) = validation_batches(corpus, cell.model.seq_len, 4, 1, CPU)
+    diagnostics = Diagnostics(model, probe, cell.diagnostics)
+    diagnostics.at_init()
+    before = diagnostics.snapshot()
+    block_before = [p.detach().clone() for p in model.blocks[1].parameters()]
+    x, y = probe
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    row = diagnostics.after_step(loss.item(), 1.0, before, diverged=False)
+    change = math.sqrt(
+        sum(
+            (p.detach() - b).pow(2).sum().item()
+            for p, b in zip(model.blocks[1].parameters(), block_before, strict=True)
+        )
+    )
+    weight = math.sqrt(sum(b.pow(2).sum().item() for b in block_before))
+    assert row["update_ratio_by_layer"][1] == pytest.approx(change / weight, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["dyt", "derf"])
+def test_saturation_share_counts_inputs_past_the_knee(variant):
+    """The share per block is the fraction of its two maps' inputs past the knee: all of them
+    once α is huge, none once α is tiny."""
+    model, batch = model_and_probe(variant, depth=2)
+    probe = Probe(model, *batch)
+    shares = {}
+    for alpha in (1e-6, 1e6):
+        for module in model.modules():
+            if isinstance(module, Saturates):
+                module.alpha.data.fill_(alpha)
+                if hasattr(module, "shift"):
+                    module.shift.data.fill_(0.0)
+        probe.logits()
+        shares[alpha] = probe.saturation_by_layer()
+    assert shares[1e-6] == [0.0, 0.0]
+    assert all(share > 0.99 for share in shares[1e6])  # only exact zeros stay below the knee
+
+
+def test_saturation_is_recorded_for_dyt_and_stream_gain_for_hc():
+    _, dyt = run_cell(make_cell("dyt", depth=2, steps=12))
+    assert all(0 <= s <= 1 for s in dyt[0]["saturation_by_layer"])
+    _, hc = run_cell(make_cell("hc", depth=2, steps=12))
+    assert hc[0]["stream_amax_gain"] >= 1.0 - 1e-6 and "saturation_by_layer" not in hc[0]
