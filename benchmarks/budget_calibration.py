@@ -23,13 +23,13 @@ import pandas as pd
 
 from suite.analyze.collect import add_verdict_arguments, collect, parse_verdict
 from suite.config import VerdictConfig
-from suite.store import read_losses
+from suite.store import read_curve_columns
 from suite.verdict import judge_curve
 
 
 def cut(store: str, run: pd.Series, budget: int, verdict: VerdictConfig) -> dict[str, object]:
     """The judgement of ``run`` had it been given ``budget`` steps."""
-    losses = read_losses(store, run["cell_id"])
+    losses = read_curve_columns(store, run["cell_id"]).get("loss", [])
     diverged = pd.notna(run["diverged_step"]) and run["diverged_step"] < budget
     judged = judge_curve(
         losses[:budget], diverged, budget, float(run["unigram_entropy"]), verdict

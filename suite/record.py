@@ -111,6 +111,17 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("judged_from", "str", "`curve` (the stored curve), or `record` when the curve is "
          "missing, unreadable or does not match the record (the training-time verdict is kept "
          "and the escape step is unknown)"),
+        ("failure_mechanism", "str", "why a run that did not simply converge (stalled, "
+         "diverged, relapsed or borderline) failed: the first signature in its curve "
+         "(suite/mechanism.py: attention_logit_growth, output_logit_divergence, update_spike, "
+         "vanishing_gradient_early/late, stream_collapse, saturation), else `still_descending`, "
+         "`plateau` or `abrupt`; empty for a clean convergence; judged at collect time",
+         None, True),
+        ("mechanism_step", "int", "the step its signature started", ".0f", True),
+        ("signatures", "str", "every signature found in the run's curve, comma-separated"),
+        ("still_descending", "bool", "stalled, but the loss over the last quarter of the budget "
+         "still falls significantly (slow, not stuck)", None, True),
+        ("mechanism_rule", "str", "the version of the mechanism rules that labelled this row"),
         ("diverged_step", "int", "the step a diverged run stopped at", ".0f", True),
         ("divergence_reason", "str", "why it counts as diverged"),
         ("steps_completed", "int", "optimizer steps applied"),

@@ -245,15 +245,19 @@ def read_curve(
     return pd.read_parquet(curve_path(store, cell_id, record))
 
 
-def read_losses(
+def read_curve_columns(
     store: str | Path, cell_id: str, record: dict[str, Any] | None = None
-) -> list[float]:
-    """The per-step training losses of a cell's stored curve (empty for a zero-step run).
-    Raises OSError or ValueError when the curve is missing or unreadable."""
+) -> dict[str, list[Any]]:
+    """A cell's stored curve, column by column (list columns as Python lists; empty for a
+    zero-step run). Raises OSError or ValueError when the curve is missing or unreadable, or
+    has no loss column."""
     path = curve_path(store, cell_id, record)
-    curve = pd.read_parquet(path)
-    if curve.empty:
-        return []
-    if "loss" not in curve:
+    table = pd.read_parquet(path)
+    if not table.empty and "loss" not in table:
         raise ValueError(f"{path} has no loss column")
-    return curve["loss"].astype(float).tolist()
+    return {column: [_plain(value) for value in table[column].tolist()] for column in table.columns}
+
+
+def _plain(value: Any) -> Any:
+    """A stored list cell (a numpy array) as a list; anything else as it is."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, float) else value

@@ -32,6 +32,7 @@ from suite.config import (
     verdict_from_overrides,
 )
 from suite.launch.launchers import LauncherError, launcher
+from suite.mechanism import RULES_VERSION, diagnose
 from suite.plan import CELL_POINTER, CLAIMED_MARKER, PLANS_ENV, SKIPPED_MARKER
 from suite.record import OPTIONAL_COLUMNS, RECORD_COLUMNS
 from suite.store import (
@@ -39,7 +40,7 @@ from suite.store import (
     SUMMARY,
     UNREADABLE,
     curve_length,
-    read_losses,
+    read_curve_columns,
     read_records,
     write_table,
 )
@@ -163,12 +164,23 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
     record["verdict_rule"] = rule_description(verdict)
     diverged = record.get("diverged_step") is not None
     try:
-        losses = read_losses(store, record["cell_id"], record)  # record already read
+        curve = read_curve_columns(store, record["cell_id"], record)  # record already read
+        losses = [float(loss) for loss in curve.get("loss", [])]
         expected = curve_length(record)
         if len(losses) != expected:
             raise ValueError(f"{len(losses)} steps stored, the record has {expected}")
         judgement = judge_curve(
             losses, diverged, int(record["steps"]), float(record["unigram_entropy"]), verdict
+        )
+        diagnosis = diagnose(
+            curve,
+            judgement.verdict,
+            int(record["steps"]),
+            diverged_step=record.get("diverged_step"),
+            escape_step=judgement.escape_step,
+            relapsed=judgement.relapsed,
+            borderline=judgement.borderline,
+            init_log_z=_number(record.get("init_log_z")),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning(
@@ -180,6 +192,11 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
         record["verdict_rule"] = "as recorded in training"
         return
     record.update(judgement.fields(), judged_from="curve")
+    record.update(diagnosis.fields(), mechanism_rule=f"m{RULES_VERSION}")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def latest_per_cell(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

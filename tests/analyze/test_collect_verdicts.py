@@ -13,6 +13,7 @@ from helpers import make_cell, run_suite
 
 from suite.analyze.collect import collect
 from suite.config import VerdictConfig
+from suite.mechanism import MECHANISMS
 from suite.run.runner import run_cell
 from suite.store import cell_dir, curve_path, write_cell
 
@@ -192,3 +193,16 @@ def test_a_failed_re_run_is_shown_beside_the_older_result_not_hidden(trained, tm
     assert runs.loc[new_id, "status"] == "error"
     assert runs.loc[cell_id, "status"] == "ok"  # the older result is not lost either
     assert len(runs) == 4
+
+
+def test_collect_names_a_failure_mechanism_for_every_run_that_did_not_converge(trained):
+    """Judged from the stored curve with the verdict: a clean convergence has none, the stalled
+    and the diverged run have one the rules know, no later than the divergence."""
+    store, _ = trained
+    runs = collect(store, write=False).set_index("verdict")
+    assert runs.loc["converged", "failure_mechanism"] == ""
+    for verdict in ("stalled", "diverged"):
+        assert runs.loc[verdict, "failure_mechanism"] in MECHANISMS, verdict
+    diverged = runs.loc["diverged"]
+    assert diverged["mechanism_step"] <= diverged["diverged_step"]
+    assert set(runs["mechanism_rule"]) == {"m1"}
