@@ -4,6 +4,7 @@ suite/analyze/figures.py. Each returns a Figure, or None when the runs hold noth
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -113,4 +114,58 @@ def attention_logits(curves: pd.DataFrame) -> Figure | None:
     legend_outside(ax)
     ax.set_yscale("log")
     ax.set_ylabel("max |q·k| / √d_head over layers")
+    return fig
+
+
+# The per-layer series drawn as layer × step heatmaps, and how each is scaled.
+HEATMAP_SERIES = {
+    "grad_norm_by_layer": ("log₁₀ gradient norm", True),
+    "update_ratio_by_layer": ("log₁₀ update / weight", True),
+    "act_rms_by_layer": ("log₁₀ stream RMS", True),
+    "saturation_by_layer": ("share past the knee", False),
+}
+MAX_HEATMAP_ROWS = 8
+
+
+def layer_heatmaps(curves: pd.DataFrame) -> Figure | None:
+    """Per variant at the chosen cell (its lowest seed), each per-layer series as a heatmap of
+    block × sampled step: where in depth and when gradients vanish, updates jump, the stream
+    grows or DyT/Derf saturate."""
+    series = [name for name in HEATMAP_SERIES if name in curves and curves[name].notna().any()]
+    if not series:
+        return None
+    names = variant_order(curves["variant"])[:MAX_HEATMAP_ROWS]
+    fig, axes = plt.subplots(
+        len(names),
+        len(series),
+        figsize=(3.4 * len(series) + 0.6, 2.4 * len(names) + 0.4),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for row, variant in zip(axes, names, strict=True):
+        runs = curves[curves["variant"] == variant]
+        run = runs[runs["seed"] == runs["seed"].min()]
+        for ax, name in zip(row, series, strict=True):
+            label, log_scale = HEATMAP_SERIES[name]
+            sampled = run.dropna(subset=[name]) if name in run else run.iloc[0:0]
+            ax.set_title(f"{variant}: {label}", fontsize=9)
+            if sampled.empty:
+                ax.set_axis_off()
+                continue
+            matrix = pd.DataFrame(
+                [list(values) for values in sampled[name]], index=sampled["step"].astype(int)
+            ).T.astype(float)
+            matrix.index = range(1, len(matrix) + 1)
+            if log_scale:
+                matrix = np.log10(matrix.where(matrix > 0))
+            sns.heatmap(
+                matrix,
+                ax=ax,
+                cmap="viridis",
+                cbar=True,
+                xticklabels=max(1, len(matrix.columns) // 6),
+            )
+            ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+            ax.set_xlabel("step")
+            ax.set_ylabel("block")
     return fig

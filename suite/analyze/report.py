@@ -38,6 +38,7 @@ from suite.analyze.summary import (
     with_arm_labels,
 )
 from suite.analyze.transfer import transfer_exponents
+from suite.analyze.why import mechanism_counts, remedy_table
 from suite.provenance import git_sha, suite_version
 from suite.record import FORMATS, REPORT_COLUMNS
 from suite.store import atomic_write, read_curve
@@ -348,6 +349,14 @@ def diagnostics_sections(
             "Wortsman et al. (2023): max |q·k|/√d_head over heads and layers on the probe batch; "
             "logit growth (past ~1e4 at scale) precedes divergence, and qk-norm bounds it.",
         ),
+        Section(
+            f"Diagnostics: per-layer series over training at depth {depth}, LR {lr:g}",
+            "Per variant (its lowest seed at this cell), block × sampled step: the gradient "
+            "norm of each block (before clipping), its update-to-weight ratio, the residual "
+            "stream's RMS after it, and for DyT/Derf the share of inputs past the squashing "
+            "map's knee. A dark band at the first blocks is a vanishing gradient (Post-LN's "
+            "failure, Xiong et al. 2020); a bright saturation map is DyT's.",
+        ),
     ]
     curves = (
         curves if not curves.empty else pd.DataFrame(columns=["variant", "seed", "run", "step"])
@@ -356,6 +365,7 @@ def diagnostics_sections(
         diagnostics_figures.init_grad_norms(finished),
         diagnostics_figures.model_update(curves, finished, lr),
         diagnostics_figures.attention_logits(curves),
+        diagnostics_figures.layer_heatmaps(curves),
     ]
     for section, figure in zip(sections, made, strict=True):
         if figure is None:
@@ -464,6 +474,8 @@ def render(
             diagnostics_table(runs).reset_index(), "diagnostics", DIAGNOSTICS_FORMATS
         ),
         per_lr_table=_table_html(per_lr_for_html(runs), "per-lr", {"lr": "g", **PER_LR_FORMATS}),
+        mechanism_table=_mechanism_counts_html(runs),
+        remedy_table=_table_html(remedy_table(runs), "remedies", {"in_converged_%": ".0f"}),
         sections=build_sections(runs, store, benchmarks, curves_cell),
         benchmark_table=(
             _table_html(
@@ -481,6 +493,11 @@ def render(
         runs_table=_table_html(runs[RUN_COLUMNS], "runs", FORMATS),
         console_summary=format_summary(summary),
     )
+
+
+def _mechanism_counts_html(runs: pd.DataFrame) -> str:
+    counts = mechanism_counts(runs)
+    return _table_html(counts.reset_index(), "mechanisms", {}) if not counts.empty else ""
 
 
 def write_report(html: str, out: Path) -> Path:

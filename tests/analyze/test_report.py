@@ -150,8 +150,8 @@ def test_report_from_a_real_sweep_is_self_contained(report):
     images = re.findall(r'<img src="([^"]+)"', html)
     # heatmaps, plateau survival, loss-vs-LR, max stable LR, LR transfer (the tiny sweep has two
     # depths), sensitivity, throughput, curves, and the diagnostics: init gradient norms, model
-    # update, attention logits
-    assert len(images) == 11
+    # update, attention logits, the per-layer heatmaps
+    assert len(images) == 12
     assert "Exponent s of the optimal LR" in html
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="https?://', html)  # nothing fetched from the network
@@ -173,6 +173,10 @@ def test_report_from_a_real_sweep_is_self_contained(report):
         "Diagnostics: model update",
         "Diagnostics: max attention logit",
         "init_grad_norm_ratio",
+        "Diagnostics: per-layer series over training",
+        "Why it failed",
+        "Per mechanism: the published remedy",  # Post-LN stalls in the tiny sweep
+        "failure_mechanism",
     ):
         assert text in html
     assert html.count("<tr>") >= 8 + 4  # every run in the appendix, every cell in the summary
@@ -187,7 +191,7 @@ def test_report_filters_and_partial_data(tiny_sweep, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 runs, 0 errored)" in result.stdout
-    assert len(re.findall(r"<img ", out.read_text())) == 10
+    assert len(re.findall(r"<img ", out.read_text())) == 11
 
 
 @pytestmark_slow
@@ -254,7 +258,7 @@ def test_report_in_headless_chromium(report):
         widths = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);"
         )
-        assert len(widths) == 11 and all(w > 0 for w in widths), widths
+        assert len(widths) == 12 and all(w > 0 for w in widths), widths
         # The appendix sorts when a header is clicked.
         driver.execute_script("document.querySelector('#runs thead th').click();")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

@@ -1,0 +1,83 @@
+"""Why runs failed: the failure mechanisms collect named (suite/mechanism.py), counted per arm,
+and the remedy for each (definitions in docs/results.md, Why it failed).
+
+Pure functions of the collected table, as suite/analyze/summary.py's.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from suite.analyze.summary import CELL, ok_runs
+from suite.mechanism import MECHANISMS
+from suite.verdict import CONVERGED
+
+REMEDY_COLUMNS = ["mechanism", "runs", "arms", "in_converged_%", "remedy", "setting", "source"]
+
+
+def labelled(runs: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs with a failure mechanism (none in a table collected before them)."""
+    if "failure_mechanism" not in runs:
+        return runs.iloc[0:0]
+    finished = ok_runs(runs)
+    return finished[finished["failure_mechanism"].fillna("").astype(str) != ""]
+
+
+def mechanism_counts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, depth), how many runs each mechanism was named for (the mechanisms that
+    occur, in suite/mechanism.py's order)."""
+    failed = labelled(runs)
+    if failed.empty:
+        return pd.DataFrame()
+    table = failed.groupby([*CELL, "failure_mechanism"]).size().unstack(fill_value=0)
+    table = table[[name for name in MECHANISMS if name in table.columns]]
+    table.columns.name = None
+    return table.sort_index()
+
+
+def remedy_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per mechanism that occurs: the runs and arms it was named for, how often its signature
+    also shows in runs that converged (a signature common in healthy runs is weak evidence of
+    cause; empty for the fallback labels, which have no signature), the published remedy and the
+    suite setting that applies it."""
+    failed = labelled(runs)
+    if failed.empty:
+        return pd.DataFrame(columns=REMEDY_COLUMNS)
+    finished = ok_runs(runs)
+    converged = finished[finished["verdict"] == CONVERGED]
+    shown_by = converged.get("signatures", pd.Series(dtype=str)).fillna("").astype(str)
+    rows = []
+    for name, mechanism in MECHANISMS.items():
+        named = failed[failed["failure_mechanism"] == name]
+        if named.empty:
+            continue
+        has_signature = name not in ("still_descending", "plateau", "abrupt")
+        also = shown_by.str.split(",").map(lambda names, n=name: n in names)
+        rows.append(
+            {
+                "mechanism": name,
+                "runs": len(named),
+                "arms": ", ".join(
+                    f"{variant} L{depth}"
+                    for variant, depth in named[CELL].drop_duplicates().itertuples(index=False)
+                ),
+                "in_converged_%": 100 * also.mean() if has_signature and len(also) else None,
+                "remedy": mechanism.remedy,
+                "setting": mechanism.setting,
+                "source": mechanism.source,
+            }
+        )
+    return pd.DataFrame(rows, columns=REMEDY_COLUMNS)
+
+
+def format_why(runs: pd.DataFrame) -> str:
+    """The console rendering: counts per arm, then each mechanism's setting ('' when no run
+    needs one)."""
+    counts = mechanism_counts(runs)
+    if counts.empty:
+        return ""
+    remedies = remedy_table(runs)
+    lines = ["Why runs failed (failure_mechanism; docs/results.md, Why it failed):"]
+    lines.append(counts.to_string())
+    lines += [f"  {row.mechanism}: try {row.setting}" for row in remedies.itertuples()]
+    return "\n".join(lines)
