@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from suite.analyze.progress import ProgressPrinter, watch
 from suite.analyze.summary import format_summary, summarize, with_arm_labels
-from suite.analyze.why import format_why
+from suite.analyze.why import budget_check, format_why
 from suite.config import (
     ConfigError,
     VerdictConfig,
@@ -273,9 +273,8 @@ _UNFINISHED = (
 
 def report_text(runs: pd.DataFrame) -> str:
     lines = [format_summary(summarize(with_arm_labels(runs)))]
-    why = format_why(with_arm_labels(runs))
-    if why:
-        lines.append("\n" + why)
+    labelled = with_arm_labels(runs)
+    lines += ["\n" + text for text in (format_why(labelled), budget_check(labelled)) if text]
     if "record_unreadable" in runs:
         restored = runs[(runs["record_unreadable"] == True) & (runs["status"] != UNREADABLE)]  # noqa: E712
         if len(restored):

@@ -6,9 +6,11 @@ Pure functions of the collected table, as suite/analyze/summary.py's.
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
-from suite.analyze.summary import CELL, ok_runs
+from suite.analyze.summary import CELL, kaplan_meier, ok_runs, with_escape_known
 from suite.mechanism import MECHANISMS
 from suite.verdict import CONVERGED
 
@@ -81,3 +83,47 @@ def format_why(runs: pd.DataFrame) -> str:
     lines.append(counts.to_string())
     lines += [f"  {row.mechanism}: try {row.setting}" for row in remedies.itertuples()]
     return "\n".join(lines)
+
+
+# Variants that train at every LR ≤ CHECKED_LR of the presets (docs/calibration.md): when they
+# leave the plateau late, the budget is short for the corpus, not the variants weak.
+REFERENCE_VARIANTS = ("preln", "rmsnorm")
+CHECKED_LR = 1e-2
+
+
+def budget_check(runs: pd.DataFrame) -> str:
+    """docs/calibration.md's criterion on this store: every reference run (Pre-LN, RMSNorm, any
+    arm, at LR ≤ 1e-2) leaves the plateau within the first half of its budget. When one does
+    not, the warning proposes a budget: twice the step by which every reference run of the
+    deepest failing arm had escaped (its plateau-survival curve reaching 0), rounded up to 50;
+    or, when some never escaped, at least twice the budget. Empty when the criterion holds."""
+    if "escape_step" not in runs or runs.empty:
+        return ""
+    known = with_escape_known(runs)
+    base = known["variant"].astype(str).str.split(" ").str[0]
+    reference = known[base.isin(REFERENCE_VARIANTS) & (known["lr"] <= CHECKED_LR * (1 + 1e-9))]
+    lines = []
+    for (variant, depth, steps), group in reference.groupby(["variant", "depth", "steps"]):
+        late = group[~(group["escape_step"] < steps / 2)]  # never escaped counts as late
+        if late.empty:
+            continue
+        survival = kaplan_meier(group["escape_step"], group["steps"])
+        cleared = survival[survival["on_plateau"] <= 0]
+        if cleared.empty:
+            proposal = f"{2 * int(steps)} or more"
+        else:
+            proposal = str(int(math.ceil(2 * cleared["step"].iloc[0] / 50) * 50))
+        latest = late["escape_step"].max()
+        where = "never" if pd.isna(latest) else f"as late as step {int(latest)}"
+        lines.append(
+            f"  {variant} at depth {depth}: {len(late)} of {len(group)} runs at LR ≤ "
+            f"{CHECKED_LR:g} left the plateau after half the budget of {int(steps)} "
+            f"({where}); propose train.steps={proposal}"
+        )
+    if not lines:
+        return ""
+    header = (
+        "Budget check (docs/calibration.md): reference variants leave the plateau late on this "
+        "corpus, so late escapes and stalls here may be the budget's, not the variants':"
+    )
+    return "\n".join([header, *lines])

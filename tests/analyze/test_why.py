@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from suite.analyze.why import format_why, mechanism_counts, remedy_table
+from suite.analyze.why import budget_check, format_why, mechanism_counts, remedy_table
 
 
 def runs_frame() -> pd.DataFrame:
@@ -59,3 +59,41 @@ def test_the_console_lists_counts_and_what_to_try():
     text = format_why(runs_frame())
     assert "vanishing_gradient_early: try optim.warmup_steps=100" in text
     assert "postln" in text and "rezero" in text
+
+
+def reference_runs(escapes: list[float | None], variant: str = "preln") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "variant": variant,
+            "depth": 24,
+            "steps": 400,
+            "lr": 1e-3,
+            "escape_step": escapes,
+            "status": "ok",
+            "judged_from": "curve",
+            "verdict": ["converged" if e is not None else "stalled" for e in escapes],
+        }
+    )
+
+
+def test_budget_check_is_quiet_when_every_reference_run_escapes_in_the_first_half():
+    assert budget_check(reference_runs([50.0, 120.0, 199.0])) == ""
+
+
+def test_budget_check_proposes_twice_the_step_by_which_every_reference_run_escaped():
+    """The case a new user met on their own corpus: Pre-LN at depth 24 leaving the plateau at
+    step 273 of 400."""
+    text = budget_check(reference_runs([60.0, 120.0, 273.0]))
+    assert "1 of 3 runs" in text and "as late as step 273" in text
+    assert "train.steps=550" in text  # 2 × 273, rounded up to 50
+
+
+def test_budget_check_with_a_reference_run_that_never_escaped_asks_for_at_least_double():
+    text = budget_check(reference_runs([60.0, None], variant="rmsnorm · llama"))
+    assert "rmsnorm · llama at depth 24" in text and "train.steps=800 or more" in text
+
+
+def test_budget_check_ignores_other_variants_and_higher_learning_rates():
+    other = reference_runs([390.0], variant="postln")
+    high = reference_runs([390.0]).assign(lr=3e-2)
+    assert budget_check(pd.concat([other, high])) == ""
