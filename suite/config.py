@@ -444,6 +444,30 @@ class DiagnosticsConfig:
         )
 
 
+# Experiment trackers (suite/run/trackers.py): the package each needs, and the pip extra that
+# installs it.
+TRACKERS = {"none": ("", ""), "tensorboard": ("tensorboard", "tensorboard"),
+            "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}  # fmt: skip
+
+
+@dataclass
+class TrackerConfig:
+    """Opt-in logging of each cell's curve and record to an experiment tracker, one tracker run
+    per cell (suite/run/trackers.py); it never changes a result, so it is not part of a cell's
+    identity."""
+
+    kind: str = setting(
+        "none",
+        "none | tensorboard | mlflow (SQLite backend) | wandb (offline): every curve column "
+        "(per-layer lists as one series per block) and the record; chosen with tracker=KIND",
+        check=one_of(*TRACKERS),
+    )
+    dir: str = setting(
+        "",
+        "where the tracker writes (~ is expanded); empty: <store>/trackers/<kind>",
+    )
+
+
 RECIPES = ("controlled", "authors")
 
 SECTIONS: dict[str, type] = {
@@ -453,6 +477,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "verdict": VerdictConfig,
     "diagnostics": DiagnosticsConfig,
+    "tracker": TrackerConfig,
 }
 
 
@@ -490,6 +515,7 @@ class SuiteConfig:
     train: TrainConfig = setting(factory=TrainConfig)
     verdict: VerdictConfig = setting(factory=VerdictConfig)
     diagnostics: DiagnosticsConfig = setting(factory=DiagnosticsConfig)
+    tracker: TrackerConfig = setting(factory=TrackerConfig)
 
 
 # --- the cell --------------------------------------------------------------------------------
@@ -510,6 +536,12 @@ class CellConfig:
         doc="diagnostics (measured beside training, never changing it)",
         factory=DiagnosticsConfig,
         identity=False,
+    )
+    tracker: TrackerConfig = setting(
+        doc="experiment tracker (logging beside training, never changing it)",
+        factory=TrackerConfig,
+        identity=False,
+        since="0.5",
     )
     seed: int = setting(0, "seeds the init and the batch order")
     recipe: str = setting(

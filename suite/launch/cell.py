@@ -31,6 +31,7 @@ from suite.config import (
     check_section,
     store_path,
 )
+from suite.run.trackers import check_installed
 
 SCHEMA_NAME = "suite_schema"  # the ConfigStore entry conf/config.yaml starts its defaults from
 
@@ -59,6 +60,7 @@ def validate(cell: CellConfig) -> None:
     """Range checks no type can express; raises ConfigError naming the key."""
     for name, section in cell.sections().items():
         check_section(name, section)
+    check_installed(cell.tracker.kind)
     variant = variants.get(cell.variant)(**cell.variant_params)
     _check(
         not (cell.train.pack_lr and variant.acts_after_optimizer_steps()),

@@ -26,6 +26,7 @@ from torch.func import functional_call, vmap
 
 from suite.config import CellConfig, OptimConfig
 from suite.run.data import Corpus, validation_batches
+from suite.run.observers import Observer
 from suite.run.optimizers import decay_group, hidden_parameters
 from suite.run.parametrization import DepthScaling, model_depth_scaling
 from suite.run.train import Member, TrainOutcome, loss_and_objective, member_observers, run_steps
@@ -226,11 +227,13 @@ def train_packed(
     on_done: MemberDone,
     on_progress: MemberProgress | None = None,
     outcomes: list[TrainOutcome] | None = None,
+    observers: Sequence[Sequence[Observer]] = (),
 ) -> None:
     """Train every cell (member) from ``model``'s initial weights; ``on_done(member, outcome)``
     is called for each as soon as it is finished: when it diverges, or all together at the end.
     ``outcomes`` (one per member, filled in place) lets a caller keep the curves trained so far
-    when training raises. The loop is suite/run/train.py's, with :class:`PackedStep`."""
+    when training raises; ``observers`` (one sequence per member) are added to each member's
+    own. The loop is suite/run/train.py's, with :class:`PackedStep`."""
     outcomes = outcomes if outcomes is not None else [TrainOutcome() for _ in cells]
     stepper = PackedStep(model, corpus, cells, device)
     members = []
@@ -238,7 +241,9 @@ def train_packed(
         progress = None
         if on_progress is not None:
             progress = functools.partial(on_progress, index)
-        members.append(Member(cell, outcomes[index], member_observers(cell, progress)))
+        own = member_observers(cell, progress)
+        extra = list(observers[index]) if observers else []
+        members.append(Member(cell, outcomes[index], [*own[:-1], *extra, own[-1]]))
     run_steps(stepper, members, corpus, device, on_done)
 
 

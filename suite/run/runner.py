@@ -26,6 +26,7 @@ from suite.run.environment import environment, resolve_device
 from suite.run.model import GPT, ModelShape
 from suite.run.packed import train_packed
 from suite.run.parametrization import model_depth_scaling
+from suite.run.trackers import Tracker, TrackerRows, open_tracker
 from suite.run.train import TrainOutcome, train
 from variants.registry import source as variant_source
 
@@ -174,17 +175,32 @@ def run_cell(
     if on_start is not None:
         on_start(record)
     outcome = TrainOutcome()
+    tracker = open_tracker(cell)
+    rows = [TrackerRows(tracker)] if tracker is not None else []
     with _denormals_flushed():
         try:
             model = _build(cell, corpus, device)
             record["n_params"] = model.num_parameters()
-            train(model, corpus, cell, device, on_progress, outcome)
+            train(model, corpus, cell, device, on_progress, outcome, observers=rows)
             record.update(outcome_fields(outcome))
         except Exception as error:  # recorded, so the sweep goes on and the summary lists it
             _errored(record, cell.cell_id(), error)
             record["steps_completed"] = len(outcome.curve)  # kept beside the traceback
     record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
+    _close_tracker(tracker, record)
     return record, outcome.curve
+
+
+def _close_tracker(tracker: Tracker | None, record: dict[str, Any]) -> None:
+    """Logs the record and ends the tracker run; a tracker that fails costs its own log line,
+    never the cell's result (the record is written to the store all the same)."""
+    if tracker is None:
+        return
+    try:
+        tracker.log_record(record)
+        tracker.close()
+    except Exception as error:  # a tracker's own failure (disk, locked database, ...)
+        log.warning("%s: the tracker could not log the record (%s)", record.get("cell_id"), error)
 
 
 def run_pack(
@@ -207,8 +223,11 @@ def run_pack(
         if on_start is not None:
             on_start(member, record)
 
+    trackers = [open_tracker(cell) for cell in cells]
+
     def done(member: int, record: dict[str, Any], curve: list[dict[str, float]]) -> None:
         record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
+        _close_tracker(trackers[member], record)
         results[member] = (record, curve)
         if on_done is not None:
             on_done(member, record, curve)
@@ -223,7 +242,8 @@ def run_pack(
             model = _build(cells[0], corpus, device)
             for record in records:
                 record["n_params"] = model.num_parameters()
-            train_packed(model, corpus, cells, device, trained, on_progress, outcomes)
+            rows = [[TrackerRows(t)] if t is not None else [] for t in trackers]
+            train_packed(model, corpus, cells, device, trained, on_progress, outcomes, rows)
         except Exception as error:  # every member not finished yet is recorded as errored
             for member, cell in enumerate(cells):
                 if results[member] is None:
