@@ -155,6 +155,10 @@ GROUPS: dict[str, tuple[Column, ...]] = {
     ),
     "diagnostics": _group(  # suite/run/diagnostics.py; absent when diagnostics.enabled=false
         # and for packed runs (their members share one batched model: not measured)
+        ("diagnostics", "str", "`measured`; `off` (diagnostics.enabled=false); or `not "
+         "measured: packed` (a packed run's members share one batched model, which the "
+         "diagnostics' hooks cannot read member by member): the columns below and the curve's "
+         "sampled series are then absent"),
         ("init_grad_norm_by_layer", "list", "per layer, the gradient norm of the feed-forward "
          "weights at init on the probe batch (Xiong et al. 2020, Fig. 3)"),
         ("init_grad_norm_ratio", "float", "`init_grad_norm_by_layer`: last / first layer",

@@ -57,8 +57,10 @@ def test_a_real_runs_record_and_curve_hold_only_declared_columns_of_their_kind(t
     curve_kinds = {column.name: column.kind for column in CURVE}
     assert {key for row in curve for key in row} <= set(curve_kinds)
     assert all(_of_kind(v, curve_kinds[k]) for row in curve for k, v in row.items())
-    # diagnostics on: every sampled curve column shows up within 30 steps
-    assert {key for row in curve for key in row} == set(curve_kinds)
+    # diagnostics on: every sampled curve column shows up within 30 steps, but the two of
+    # particular variants (DyT/Derf's saturation, the multi-stream gain)
+    particular = {"saturation_by_layer", "stream_amax_gain"}
+    assert {key for row in curve for key in row} == set(curve_kinds) - particular
 
 
 def test_a_collected_table_holds_only_declared_columns_in_schema_order(tmp_path):

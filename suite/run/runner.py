@@ -101,6 +101,11 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "dtype": t.dtype,
         "compile": t.compile,
         "packed": t.pack_lr,
+        "diagnostics": (
+            "off"
+            if not cell.diagnostics.enabled
+            else ("not measured: packed" if t.pack_lr else "measured")
+        ),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(device),
         "config": asdict(cell),

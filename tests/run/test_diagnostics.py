@@ -331,3 +331,20 @@ def test_saturation_is_recorded_for_dyt_and_stream_gain_for_hc():
     assert all(0 <= s <= 1 for s in dyt[0]["saturation_by_layer"])
     _, hc = run_cell(make_cell("hc", depth=2, steps=12))
     assert hc[0]["stream_amax_gain"] >= 1.0 - 1e-6 and "saturation_by_layer" not in hc[0]
+
+
+def test_the_record_says_whether_diagnostics_were_measured():
+    """Packed runs do not measure them and say so, rather than leaving the columns silently
+    empty."""
+    from suite.run.runner import run_pack
+
+    cells = [make_cell("preln", depth=2, steps=3, lr=lr) for lr in (1e-3, 1e-2)]
+    for cell in cells:
+        cell.train.pack_lr = True
+    packed = [record for record, _ in run_pack(cells)]
+    assert {r["diagnostics"] for r in packed} == {"not measured: packed"}
+    assert all("init_grad_norm_by_layer" not in r for r in packed)
+    off = make_cell("preln", depth=2, steps=3)
+    off.diagnostics.enabled = False
+    assert run_cell(off)[0]["diagnostics"] == "off"
+    assert run_cell(make_cell("preln", depth=2, steps=3))[0]["diagnostics"] == "measured"
