@@ -151,6 +151,12 @@ class ModelConfig:
         check=one_of(*BACKBONES),
         since="0.4",
     )
+    logit_softcap: float = setting(
+        0.0,
+        "cap c on the output logits, c·tanh(logits/c) (Gemma 2: 30); 0 = off",
+        check=NON_NEGATIVE,
+        since="0.5",
+    )
 
     def check_together(self) -> None:
         _check(
@@ -262,6 +268,12 @@ class OptimConfig:
     grad_clip: float = setting(0.0, "max global gradient norm; 0 = no clipping", check=NON_NEGATIVE)
     z_loss: float = setting(
         0.0, "coefficient of the auxiliary log²Z loss (PaLM: 1e-4); 0 = off", check=NON_NEGATIVE
+    )
+    skip_spikes: bool = setting(
+        False,
+        "skip the update of a step whose loss or gradient norm is a spike (mean + 6σ of the "
+        "previous 128 steps, from 32 on: the diagnostics' rule; OLMo-core's SkipStepAdamW)",
+        since="0.5",
     )
     momentum: float = setting(
         0.95, "Muon momentum μ (optim=muon only)", check=within(0, 1), since="0.3"

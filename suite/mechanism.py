@@ -62,7 +62,8 @@ MECHANISMS: dict[str, Mechanism] = {
             "output_logit_divergence",
             f"sampled log Z of the output logits {LOG_Z_DRIFT:g} nats or more from its init",
             "Wortsman et al. 2023 §3.2 (output logit divergence); PaLM's z-loss",
-            "z-loss 1e-4 (or centering the output embedding, arXiv 2601.02031)",
+            "z-loss 1e-4 (or a logit soft-cap, model.logit_softcap=30; or centering the output "
+            "embedding, arXiv 2601.02031, which the suite does not have)",
             "optim.z_loss=1e-4",
         ),
         Mechanism(
@@ -71,8 +72,8 @@ MECHANISMS: dict[str, Mechanism] = {
             f"{SPIKE_LEAD} steps before the divergence, or after the escape of a run that "
             "relapsed",
             "OLMo 2 (Team OLMo 2024) §3; OLMo-core's spike rule (SkipStepAdamW)",
-            "warmup, gradient clipping; skipping the spiking step (OLMo-core)",
-            "optim.warmup_steps=100 optim.grad_clip=1.0",
+            "skipping the update of a spiking step (OLMo-core's SkipStepAdamW); warmup",
+            "optim.skip_spikes=true",
         ),
         Mechanism(
             "vanishing_gradient_early",

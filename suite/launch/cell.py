@@ -70,6 +70,13 @@ def validate(cell: CellConfig) -> None:
         cell.train.pack_lr,
     )
     _check(
+        not (cell.train.pack_lr and cell.optim.skip_spikes),
+        "optim.skip_spikes",
+        "a packed run applies one update to all its members at once and cannot skip one "
+        "member's; set train.pack_lr=false",
+        cell.optim.skip_spikes,
+    )
+    _check(
         not (cell.train.pack_lr and cell.optim.name == "muon"),
         "train.pack_lr",
         "packed runs train with their own AdamW (suite/run/packed.py), not Muon; set "

@@ -64,6 +64,7 @@ class ModelShape:
     # On each sublayer's output before the wiring sees it (suite/run/parametrization.py; 1 = SP).
     branch_multiplier: float = 1.0
     backbone: str = "gpt2"  # gpt2 | llama (see the module docstring)
+    logit_softcap: float = 0.0  # c·tanh(logits/c) on the output logits (Gemma 2); 0 = off
 
     @property
     def llama(self) -> bool:
@@ -510,7 +511,9 @@ class GPT(nn.Module):
             x = block(x)
         if self.first_values is not None:
             self.first_values.values = None  # held for this pass only
-        return self.output_scale(self.head(self.final_norm(self.collapse_stream(x))))
+        logits = self.output_scale(self.head(self.final_norm(self.collapse_stream(x))))
+        cap = self.shape.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

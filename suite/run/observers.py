@@ -6,6 +6,7 @@ calls each member's observers around every step:
     before_step(step)                   before the forward pass (a snapshot of the weights)
     stop_reason(event) -> str | None    after the backward pass, before the update: a reason
                                         ends the member (the update is not applied)
+    skip_update(event) -> bool          ... True skips this step's update, the member goes on
     after_step(event, curve) -> dict    after the update: columns for this step's curve row
     at_end(curve) -> dict               once, when the member ends: columns for its record
 
@@ -18,15 +19,16 @@ where :func:`member_observers` lists the observers (or passed to ``train(observe
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from suite.config import VerdictConfig
+from suite.config import DiagnosticsConfig, VerdictConfig
 from suite.record import PER_LAYER_SERIES, curve_row
-from suite.run.diagnostics import Diagnostics
+from suite.run.diagnostics import Diagnostics, is_spike
 from suite.verdict import divergence_reason
 
 log = logging.getLogger("suite.run.train")
@@ -58,6 +60,10 @@ class Observer:
     def stop_reason(self, event: StepEvent) -> str | None:
         """After the backward pass: why the member must end here (None: it goes on)."""
         return None
+
+    def skip_update(self, event: StepEvent) -> bool:
+        """After the backward pass of a member that goes on: whether its update is skipped."""
+        return False
 
     def after_step(self, event: StepEvent, curve: Curve) -> dict[str, Any]:
         """After the update: columns for this step's row (``curve`` is the curve so far)."""
@@ -91,6 +97,40 @@ class DivergenceStop(Observer):
         if self.initial_loss is None:
             self.initial_loss = event.loss
         return divergence_reason(event.loss, event.grad_norm, self.initial_loss, self.verdict)
+
+
+class SkipSpikes(Observer):
+    """``optim.skip_spikes``: a step whose loss or gradient norm is a spike by the diagnostics'
+    rule (mean + 6σ of the previous 128 steps, from 32 on) is not applied, as OLMo-core's
+    SkipStepAdamW does (OLMo 2, Team OLMo 2024). Every step's values join the history, the
+    skipped ones too, so a lasting change of level stops counting as a spike."""
+
+    curve_columns = ("skipped",)
+    record_columns = ("skipped_steps",)
+
+    def __init__(self, diagnostics: DiagnosticsConfig) -> None:
+        window, self.sigmas = diagnostics.spike_window, diagnostics.spike_sigmas
+        self.min_history = diagnostics.spike_min_history
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grads: deque[float] = deque(maxlen=window)
+        self.skipped = False
+        self.count = 0
+
+    def skip_update(self, event: StepEvent) -> bool:
+        self.skipped = is_spike(self.losses, event.loss, self.sigmas, self.min_history) or (
+            is_spike(self.grads, event.grad_norm, self.sigmas, self.min_history)
+        )
+        self.losses.append(event.loss)
+        self.grads.append(event.grad_norm)
+        self.count += self.skipped
+        return self.skipped
+
+    def after_step(self, event: StepEvent, curve: Curve) -> dict[str, Any]:
+        skipped, self.skipped = self.skipped and event.stopped is None, False
+        return {"skipped": skipped}
+
+    def at_end(self, curve: Curve) -> dict[str, Any]:
+        return {"skipped_steps": self.count}
 
 
 class Flush(Observer):

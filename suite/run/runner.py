@@ -92,6 +92,8 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "qk_norm": m.qk_norm,
         "value_residual": m.value_residual,
         "z_loss": o.z_loss,
+        "skip_spikes": o.skip_spikes,
+        "logit_softcap": m.logit_softcap,
         "weight_decay": o.weight_decay,
         "weight_decay_mode": o.weight_decay_mode,
         "no_decay": json.dumps(sorted(o.no_decay)),

@@ -30,6 +30,7 @@ from suite.run.observers import (
     Flush,
     LogLine,
     Observer,
+    SkipSpikes,
     StepColumns,
     StepEvent,
 )
@@ -183,6 +184,8 @@ def member_observers(
     """The observers of every member: its curve row, the divergence stop, the diagnostics when
     they are measured, and the partial-curve flush."""
     observers: list[Observer] = [StepColumns(), DivergenceStop(cell.verdict)]
+    if cell.optim.skip_spikes:
+        observers.append(SkipSpikes(cell.diagnostics))
     if diagnostics is not None:
         observers.append(DiagnosticsColumns(diagnostics))
     return [*observers, Flush(cell.train.flush_every, on_progress)]
@@ -227,7 +230,7 @@ def run_steps(
         lrs = [members[index].lr_at(step) for index in active]
         x, y = batches.next(device)
         losses, grads = stepper.forward_backward(lrs, x, y)
-        reasons = []
+        reasons, events_before = [], []
         for position, index in enumerate(active):
             member = members[index]
             if step == 0:
@@ -237,8 +240,10 @@ def run_steps(
             for observer in member.observers:
                 reason = reason or observer.stop_reason(event)
             reasons.append(reason)
+            events_before.append(event)
         keep = [position for position, reason in enumerate(reasons) if reason is None]
-        stepper.update(keep, [lrs[position] for position in keep])
+        applied = [p for p in keep if not _skips(members[active[p]], events_before[p])]
+        stepper.update(applied, [lrs[position] for position in applied])
         synchronize(device)
         tokens_per_s = len(active) * tokens_per_step / (time.perf_counter() - t0)
         events = []
@@ -271,6 +276,11 @@ def run_steps(
         for index, val_loss in zip(active, val_losses, strict=True):
             members[index].outcome.wall_time_s = wall_time_s
             finish(index, val_loss)
+
+
+def _skips(member: Member, event: StepEvent) -> bool:
+    """Whether any observer of the member skips this step's update (every one is asked)."""
+    return any([observer.skip_update(event) for observer in member.observers])
 
 
 def train(

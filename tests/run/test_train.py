@@ -207,3 +207,80 @@ def test_every_observers_columns_are_declared_in_the_record_schema():
         if isinstance(cls, type) and issubclass(cls, observers.Observer):
             assert set(cls.curve_columns) <= curve, cls
             assert set(cls.record_columns) <= record, cls
+
+
+# --- remedies as settings -------------------------------------------------------------------
+
+
+def test_logit_softcap_bounds_the_logits_as_c_tanh_of_the_uncapped_ones():
+    capped_cell = make_cell("preln", depth=2)
+    capped_cell.model.logit_softcap = 0.5
+    free, capped = build_model(make_cell("preln", depth=2), 64), build_model(capped_cell, 64)
+    capped.load_state_dict(free.state_dict())
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        raw, bounded = free(tokens), capped(tokens)
+    assert bounded.abs().max() < 0.5
+    torch.testing.assert_close(bounded, 0.5 * torch.tanh(raw / 0.5))
+    # off by default, and a store's cells keep their ids
+    assert make_cell("preln").model.logit_softcap == 0
+    assert "logit_softcap" not in make_cell("preln").result_defining()["model"]
+
+
+def test_skip_spikes_trains_as_before_when_nothing_spikes():
+    plain = make_cell("preln", depth=2, steps=40)
+    guarded = make_cell("preln", depth=2, steps=40)
+    guarded.optim.skip_spikes = True
+    record, curve = run_cell(guarded)
+    _, reference = run_cell(plain)
+    assert [r["loss"] for r in curve] == [r["loss"] for r in reference]
+    assert record["skipped_steps"] == 0 and not any(r["skipped"] for r in curve)
+    assert record["cell_id"] != run_cell(plain)[0]["cell_id"]  # a setting that changes training
+
+
+class ScriptedStep:
+    """A stepper whose losses are given; it notes which steps applied an update."""
+
+    packed = False
+
+    def __init__(self, losses: list[float]) -> None:
+        self.losses, self.step, self.applied = losses, 0, []
+
+    def forward_backward(self, lrs, x, y):
+        loss = self.losses[self.step]
+        return [loss], [1.0]
+
+    def update(self, keep, lrs):
+        self.applied.append(bool(keep))
+        self.step += 1
+
+    def evaluate(self):
+        return [1.0]
+
+
+def test_a_spiking_step_s_update_is_skipped_and_training_goes_on():
+    from suite.run.runner import corpus_for
+    from suite.run.train import Member, TrainOutcome, member_observers, run_steps
+
+    cell = make_cell("preln", depth=2, steps=60)
+    cell.optim.skip_spikes = True
+    losses = [3.0 + 0.01 * (i % 3) for i in range(60)]
+    losses[45] = 4.0  # far above mean + 6σ of the 45 before it, below the divergence stop
+    stepper = ScriptedStep(losses)
+    outcome = TrainOutcome()
+    member = Member(cell, outcome, member_observers(cell, None))
+    corpus = corpus_for(cell.data)
+    run_steps(stepper, [member], corpus, torch.device("cpu"), lambda i, o: None)
+    assert stepper.applied[45] is False and sum(not a for a in stepper.applied) == 1
+    assert outcome.curve[45]["skipped"] and outcome.diagnostics["skipped_steps"] == 1
+    assert len(outcome.curve) == 60  # it went on
+
+
+def test_skip_spikes_is_refused_for_packed_runs():
+    from suite.config import ConfigError
+    from suite.launch.cell import validate
+
+    cell = make_cell("preln")
+    cell.optim.skip_spikes, cell.train.pack_lr = True, True
+    with pytest.raises(ConfigError, match="optim.skip_spikes"):
+        validate(cell)
