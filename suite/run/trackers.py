@@ -18,8 +18,10 @@ Where each writes (``tracker.dir``, default ``<store>/trackers/<kind>``):
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -30,6 +32,7 @@ from suite.config import TRACKERS, CellConfig, ConfigError
 from suite.run.observers import Curve, Observer, StepEvent
 
 PROJECT = "stability-suite"
+log = logging.getLogger(__name__)
 
 
 def check_installed(kind: str) -> None:
@@ -127,12 +130,16 @@ class MLflowTracker(Tracker):
 
         where.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{where / 'mlflow.db'}"
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment = self.client.get_experiment_by_name(PROJECT)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
-        )
-        run = self.client.create_run(experiment_id, run_name=cell.cell_id(), tags=tags(cell))
+        # Cells training at once would each create the database's tables and the experiment:
+        # one at a time (a lock file beside the database; the machine's cells share it).
+        with open(where / "mlflow.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            experiment = self.client.get_experiment_by_name(PROJECT)
+            experiment_id = (
+                experiment.experiment_id if experiment else self.client.create_experiment(PROJECT)
+            )
+            run = self.client.create_run(experiment_id, run_name=cell.cell_id(), tags=tags(cell))
         self.run_id = run.info.run_id
         self.last_step = 0
 
@@ -194,19 +201,30 @@ KINDS = {"tensorboard": TensorBoardTracker, "mlflow": MLflowTracker, "wandb": Wa
 
 
 def open_tracker(cell: CellConfig) -> Tracker | None:
-    """The cell's tracker run, or None when ``tracker.kind=none``."""
+    """The cell's tracker run, or None when ``tracker.kind=none`` or when the tracker cannot
+    start (logged: a tracker never costs a cell its training or its record)."""
     if cell.tracker.kind == "none":
         return None
     check_installed(cell.tracker.kind)
-    return KINDS[cell.tracker.kind](cell, tracker_dir(cell))
+    try:
+        return KINDS[cell.tracker.kind](cell, tracker_dir(cell))
+    except Exception as error:  # the tracker's own failure: a full disk, a locked database, ...
+        log.warning("%s: %s tracker not started (%s)", cell.cell_id(), cell.tracker.kind, error)
+        return None
 
 
 class TrackerRows(Observer):
-    """Hands each curve row to the cell's tracker as the step loop records it."""
+    """Hands each curve row to the cell's tracker as the step loop records it; a tracker that
+    fails is logged once and then left alone, and training goes on."""
 
     def __init__(self, tracker: Tracker) -> None:
-        self.tracker = tracker
+        self.tracker, self.failed = tracker, False
 
     def after_step(self, event: StepEvent, curve: Curve) -> dict[str, Any]:
-        self.tracker.log_row(event.step, curve[-1])
+        if not self.failed:
+            try:
+                self.tracker.log_row(event.step, curve[-1])
+            except Exception as error:
+                self.failed = True
+                log.warning("the tracker failed at step %d (%s); no more rows", event.step, error)
         return {}

@@ -46,6 +46,10 @@ def test_every_cell_has_record_and_curve(tiny_sweep):
             *("grad_rms", "loss_spike", "grad_spike"),  # diagnostics, every step
             *("model_update", "log_z", "attn_logit_max", "attn_logit_max_by_layer"),  # sampled
             "update_ratio",
+            "act_rms_by_layer",  # per block, sampled
+            *("grad_norm_by_layer", "update_ratio_by_layer"),
+            *("grad_norm_attn_by_layer", "update_ratio_attn_by_layer"),
+            *("grad_norm_mlp_by_layer", "update_ratio_mlp_by_layer"),
         ]
         assert record["config"]["model"]["width"] == 32  # enough to re-run the cell
 

@@ -132,3 +132,54 @@ def test_no_tracker_by_default_writes_nothing(tmp_path):
     assert cell.tracker.kind == "none"
     run_cell(cell)
     assert not (tmp_path / "trackers").exists()
+
+
+def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch, caplog):
+    from suite.run import trackers
+
+    class Broken(trackers.Tracker):
+        def __init__(self, cell, where) -> None:
+            pass
+
+        def log_row(self, step, row) -> None:
+            raise OSError("disk full")
+
+        def log_record(self, record) -> None:
+            raise OSError("disk full")
+
+        def close(self) -> None:
+            pass
+
+    def unstartable(cell, where):
+        raise RuntimeError("database is locked")
+
+    for kind in (Broken, unstartable):
+        monkeypatch.setitem(trackers.KINDS, "tensorboard", kind)
+        record, curve = run_cell(tracked_cell("tensorboard", tmp_path))
+        assert record["status"] == "ok" and len(curve) == STEPS
+    assert "no more rows" in caplog.text and "tracker not started" in caplog.text
+
+
+def test_cells_training_at_once_share_one_mlflow_database(tmp_path):
+    """Two processes start their runs against one new SQLite store at the same moment."""
+    pytest.importorskip("mlflow")
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        pool.starmap(_mlflow_run, [(str(tmp_path), 1e-3), (str(tmp_path), 1e-2)])
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("stability-suite").experiment_id])
+    assert sorted(r.data.tags["lr"] for r in runs) == ["0.001", "0.01"]
+
+
+def _mlflow_run(where: str, lr: float) -> None:
+    from suite.run.trackers import open_tracker
+
+    tracker = open_tracker(tracked_cell("mlflow", Path(where), lr=lr))
+    assert tracker is not None
+    tracker.log_row(0, {"loss": 1.0})
+    tracker.close()
