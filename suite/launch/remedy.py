@@ -105,9 +105,13 @@ def remedy_overrides(command: list[str], mechanism: str) -> list[str]:
 
 
 def plan(runs: pd.DataFrame, only: set[str] | None = None) -> list[dict[str, Any]]:
-    """One entry per failed run that can be re-run with its remedy: original cell, mechanism,
-    and the remedied command line (without the store)."""
-    failed = runs[(runs["status"] == "ok") & runs["failure_mechanism"].fillna("").ne("")]
+    """One entry per failed run (stalled, diverged or relapsed) that can be re-run with its
+    remedy: original cell, mechanism, and the remedied command line (without the store)."""
+    failed = runs[
+        (runs["status"] == "ok")
+        & runs["failure_mechanism"].fillna("").ne("")
+        & (runs["verdict"].isin(["stalled", "diverged"]) | runs["relapsed"].eq(True))
+    ]  # a borderline convergence has a mechanism too, but nothing to fix
     entries = []
     for _, run in failed.iterrows():
         mechanism = run["failure_mechanism"]
