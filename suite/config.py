@@ -477,6 +477,7 @@ class TrackerConfig:
     dir: str = setting(
         "",
         "where the tracker writes (~ is expanded); empty: <store>/trackers/<kind>",
+        check=Check(lambda x: isinstance(x, str) and "\0" not in x, "must be a folder path"),
     )
 
 

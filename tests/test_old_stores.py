@@ -42,11 +42,21 @@ def test_a_v0_2_0_store_collects_into_the_same_table(tmp_path):
         "recipe",
         "weight_decay_mode",
         "no_decay",
+        "diagnostics",
+        "skip_spikes",
+        "logit_softcap",
+        "skipped_steps",
     }
+    # ... the failure mechanism, judged from each stored curve like the verdict ...
+    judged = {"failure_mechanism", "mechanism_step", "signatures", "still_descending"}
+    judged |= {"mechanism_rule"}
     # ... and one read from each record's config: none of them was packed.
-    assert set(runs.columns) - set(expected.columns) == added | {"packed"}
+    assert set(runs.columns) - set(expected.columns) == added | judged | {"packed"}
     assert runs[sorted(added)].isna().all().all()
     assert not runs["packed"].any()
+    stalled = runs["verdict"] == "stalled"
+    assert runs.loc[stalled, "failure_mechanism"].isin(["plateau", "still_descending"]).all()
+    assert set(runs["mechanism_rule"]) == {"m1"}
     pd.testing.assert_frame_equal(
         runs[same].reset_index(drop=True), expected[same].reset_index(drop=True)
     )

@@ -109,7 +109,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         train, val = interleaved_split(tokens, cfg.val_fraction)
     if len(train) < 2 or len(val) < 2:
         key = "data.max_bytes" if cfg.source == "stdlib" else "data.path"
-        raise ConfigError(f"{key}: corpus too small ({len(tokens)} tokens)")
+        if len(tokens) >= 40:  # enough tokens: the split left one side (nearly) empty
+            key = "data.val_fraction"
+        raise ConfigError(
+            f"{key}: the corpus ({len(tokens)} tokens) split at data.val_fraction="
+            f"{cfg.val_fraction:g} leaves {len(train)} training and {len(val)} validation tokens"
+        )
     return Corpus(
         train,
         val,
