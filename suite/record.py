@@ -243,6 +243,8 @@ CURVE: tuple[Column, ...] = _group(
      "for tanh, |α·x + s| > 1.52 for erf)"),
     ("stream_amax_gain", "float", "sampled, multi-stream variants (hc, mhc): the Amax gain "
      "(forward) of the product of the mixing matrices over depth"),
+    ("stream_share", "list", "sampled, multi-stream variants: each stream's RMS over the sum "
+     "of the streams' RMS, entering the collapse to one stream (1/n each when used alike)"),
 )
 # fmt: on
 

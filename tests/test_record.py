@@ -59,7 +59,7 @@ def test_a_real_runs_record_and_curve_hold_only_declared_columns_of_their_kind(t
     assert all(_of_kind(v, curve_kinds[k]) for row in curve for k, v in row.items())
     # diagnostics on: every sampled curve column shows up within 30 steps, but the two of
     # particular variants (DyT/Derf's saturation, the multi-stream gain)
-    particular = {"saturation_by_layer", "stream_amax_gain", "skipped"}  # and skip_spikes
+    particular = {"saturation_by_layer", "stream_amax_gain", "stream_share", "skipped"}
     assert {key for row in curve for key in row} == set(curve_kinds) - particular
 
 

@@ -37,7 +37,8 @@ Per block, at the same sampled steps (the curves a heatmap of layer × step is d
 - the residual stream's RMS after the block;
 - for a variant with a squashing map in place of a norm (DyT, Derf: ``variants.base.Saturates``),
   the share of the block's map inputs past the map's knee;
-- for a multi-stream variant, the Amax gain of its mixing matrices (one number per sample).
+- for a multi-stream variant, the Amax gain of its mixing matrices (one number per sample) and
+  each stream's share of what enters the collapse to one stream.
 
 Every step, into the curve: global gradient RMS (‖g‖ / √n_params) and the spike flags.
 """
@@ -142,6 +143,14 @@ def group_norms(per_parameter: torch.Tensor, groups: list[list[int]]) -> list[fl
     ).tolist()
 
 
+def stream_shares(streams: torch.Tensor) -> list[float]:
+    """Each stream's share of the streams entering the collapse (batch, seq, n, width): its RMS
+    over the sum of the n RMS values. 1/n each when the streams carry alike; a stream near 0 is
+    one the model stopped using (stream collapse, arXiv 2606.03483)."""
+    rms = streams.float().pow(2).mean(dim=(0, 1, 3)).sqrt()
+    return (rms / rms.sum().clamp_min(torch.finfo(rms.dtype).tiny)).tolist()
+
+
 def stream_rms(stream: torch.Tensor) -> float:
     """RMS of a residual stream: (batch, seq, width), or (batch, seq, slots, width) for a variant
     that carries several. A slot that is exactly zero everywhere is left out: AttnRes fills its
@@ -163,15 +172,19 @@ class Probe:
         self.attn_logit_max: list[float] = []
         self.stream_mixings: list[torch.Tensor] = []
         self.saturation: list[list[torch.Tensor]] = []  # per block: [saturated, inputs] counts
+        self.stream_shares: list[float] = []
         self.hidden = torch.empty(0)
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
         self.act_rms, self.attn_logit_max, self.stream_mixings = [], [], []
-        self.saturation = []
+        self.saturation, self.stream_shares = [], []
 
         def before_stream_mixing(module: MixesStreams, inputs: tuple[torch.Tensor, ...]) -> None:
             self.stream_mixings.append(module.stream_mixing(inputs[0].detach()).detach().float())
+
+        def before_collapse(_module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self.stream_shares = stream_shares(inputs[0].detach())
 
         def after_final_norm(_module, _inputs, output: torch.Tensor) -> None:
             self.hidden = output.detach().float()
@@ -202,9 +215,10 @@ class Probe:
                 handles += [
                     m.register_forward_pre_hook(before_squashing(counts)) for m in squashing
                 ]
-        for module in self.model.modules():
-            if isinstance(module, MixesStreams):
-                handles.append(module.register_forward_pre_hook(before_stream_mixing))
+        mixers = [m for m in self.model.modules() if isinstance(m, MixesStreams)]
+        handles += [module.register_forward_pre_hook(before_stream_mixing) for module in mixers]
+        if mixers:
+            handles.append(self.model.collapse_stream.register_forward_pre_hook(before_collapse))
         try:
             yield
         finally:
@@ -335,6 +349,7 @@ class Diagnostics:
                 row["saturation_by_layer"] = saturation
             if self.probe.stream_mixings:
                 row["stream_amax_gain"] = amax_gains(self.probe.stream_mixings)[0]
+                row["stream_share"] = list(self.probe.stream_shares)
             return row
 
     def _unclipped_grad_norms(self, grad_norm: float) -> torch.Tensor:

@@ -163,6 +163,7 @@ class DiagnosticsColumns(Observer):
         *PER_LAYER_SERIES,
         "saturation_by_layer",
         "stream_amax_gain",
+        "stream_share",
     )
     record_columns = (
         "init_grad_norm_by_layer",

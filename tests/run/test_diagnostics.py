@@ -331,6 +331,18 @@ def test_saturation_is_recorded_for_dyt_and_stream_gain_for_hc():
     assert all(0 <= s <= 1 for s in dyt[0]["saturation_by_layer"])
     _, hc = run_cell(make_cell("hc", depth=2, steps=12))
     assert hc[0]["stream_amax_gain"] >= 1.0 - 1e-6 and "saturation_by_layer" not in hc[0]
+    shares = hc[0]["stream_share"]
+    assert len(shares) == 4 and sum(shares) == pytest.approx(1.0)  # hc's default: 4 streams
+    assert all(0 < share < 1 for share in shares)
+
+
+def test_stream_shares_by_hand():
+    from suite.run.diagnostics import stream_shares
+
+    streams = torch.zeros(2, 3, 2, 4)
+    streams[:, :, 0] = 3.0
+    streams[:, :, 1] = 1.0
+    assert stream_shares(streams) == pytest.approx([0.75, 0.25])
 
 
 def test_the_record_says_whether_diagnostics_were_measured():
