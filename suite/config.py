@@ -269,6 +269,13 @@ class OptimConfig:
     z_loss: float = setting(
         0.0, "coefficient of the auxiliary log²Z loss (PaLM: 1e-4); 0 = off", check=NON_NEGATIVE
     )
+    center_output_embedding: bool = setting(
+        False,
+        "μ-centering (Stollenwerk et al. 2026, arXiv 2601.02031): after every optimizer step "
+        "the output embeddings' mean is subtracted from each (the token embedding too, when "
+        "tied), which bounds the mean output logit",
+        since="0.5",
+    )
     skip_spikes: bool = setting(
         False,
         "skip the update of a step whose loss or gradient norm is a spike (mean + 6σ of the "

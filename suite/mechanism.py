@@ -62,8 +62,8 @@ MECHANISMS: dict[str, Mechanism] = {
             "output_logit_divergence",
             f"sampled log Z of the output logits {LOG_Z_DRIFT:g} nats or more from its init",
             "Wortsman et al. 2023 §3.2 (output logit divergence); PaLM's z-loss",
-            "z-loss 1e-4 (or a logit soft-cap, model.logit_softcap=30; or centering the output "
-            "embedding, arXiv 2601.02031, which the suite does not have)",
+            "z-loss 1e-4 (or a logit soft-cap, model.logit_softcap=30, or μ-centering of the "
+            "output embedding, optim.center_output_embedding=true, arXiv 2601.02031)",
             "optim.z_loss=1e-4",
         ),
         Mechanism(

@@ -70,6 +70,13 @@ def validate(cell: CellConfig) -> None:
         cell.train.pack_lr,
     )
     _check(
+        not (cell.train.pack_lr and cell.optim.center_output_embedding),
+        "optim.center_output_embedding",
+        "a packed run has no step after its members' optimizer steps to center each member's "
+        "output embedding; set train.pack_lr=false",
+        cell.optim.center_output_embedding,
+    )
+    _check(
         not (cell.train.pack_lr and cell.optim.skip_spikes),
         "optim.skip_spikes",
         "a packed run applies one update to all its members at once and cannot skip one "

@@ -515,6 +515,14 @@ class GPT(nn.Module):
         cap = self.shape.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
+    @torch.no_grad()
+    def center_output_embedding(self) -> None:
+        """μ-centering (Stollenwerk et al. 2026, "Output Embedding Centering for Stable LLM
+        Pretraining"): e_i ← e_i − μ, μ the mean of the output embeddings e_i over the
+        vocabulary. The mean logit is μ·h, so it stays 0: the output logits cannot all drift
+        together, the output-logit divergence of Wortsman et al. 2023."""
+        self.head.weight.sub_(self.head.weight.mean(dim=0, keepdim=True))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

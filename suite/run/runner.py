@@ -93,6 +93,7 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "value_residual": m.value_residual,
         "z_loss": o.z_loss,
         "skip_spikes": o.skip_spikes,
+        "center_output_embedding": o.center_output_embedding,
         "logit_softcap": m.logit_softcap,
         "weight_decay": o.weight_decay,
         "weight_decay_mode": o.weight_decay_mode,

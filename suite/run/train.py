@@ -136,8 +136,12 @@ class StandardStep:
         self.step_model = torch.compile(model) if cfg.compile else model
         self.optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # The variant's own step after the optimizer's (nGPT re-normalizes its weights), if any.
-        self.after_optimizer_step = getattr(model, "after_optimizer_step", lambda: None)
+        # The variant's own step after the optimizer's (nGPT re-normalizes its weights), if any,
+        # then μ-centering of the output embedding when the cell asks for it.
+        steps = [getattr(model, "after_optimizer_step", lambda: None)]
+        if optim.center_output_embedding:
+            steps.append(model.center_output_embedding)
+        self.after_optimizer_step = lambda: [step() for step in steps]
         self.autocast = _autocast(cell, device)
 
     def forward_backward(

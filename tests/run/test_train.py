@@ -284,3 +284,23 @@ def test_skip_spikes_is_refused_for_packed_runs():
     cell.optim.skip_spikes, cell.train.pack_lr = True, True
     with pytest.raises(ConfigError, match="optim.skip_spikes"):
         validate(cell)
+
+
+def test_mu_centering_keeps_the_output_embeddings_mean_at_zero_and_the_mean_logit_at_zero():
+    cell = make_cell("preln", depth=2, steps=5, lr=3e-2)
+    cell.optim.center_output_embedding = True
+    from suite.run.runner import corpus_for
+    from suite.run.train import train
+
+    corpus = corpus_for(cell.data)
+    torch.manual_seed(0)
+    model = build_model(cell, corpus.vocab_size)
+    train(model, corpus, cell, torch.device("cpu"))
+    mean = model.head.weight.mean(dim=0)
+    assert mean.abs().max() < 1e-6  # centered after the last step
+    with torch.no_grad():
+        logits = model(torch.randint(0, corpus.vocab_size, (2, 8)))
+    assert logits.mean(dim=-1).abs().max() < 1e-4  # the mean logit is μ·h = 0
+    plain = make_cell("preln", depth=2, steps=5, lr=3e-2)
+    assert run_cell(plain)[0]["cell_id"] != run_cell(cell)[0]["cell_id"]
+    assert "center_output_embedding" not in plain.result_defining()["optim"]
