@@ -279,7 +279,8 @@ class OptimConfig:
     skip_spikes: bool = setting(
         False,
         "skip the update of a step whose loss or gradient norm is a spike (mean + 6σ of the "
-        "previous 128 steps, from 32 on: the diagnostics' rule; OLMo-core's SkipStepAdamW)",
+        "previous 128 steps, from 32 on, fixed: the diagnostics' default rule, whatever "
+        "diagnostics.spike_* say; OLMo-core's SkipStepAdamW)",
         since="0.5",
     )
     momentum: float = setting(
@@ -484,7 +485,10 @@ class TrackerConfig:
     dir: str = setting(
         "",
         "where the tracker writes (~ is expanded); empty: <store>/trackers/<kind>",
-        check=Check(lambda x: isinstance(x, str) and "\0" not in x, "must be a folder path"),
+        check=Check(
+            lambda x: isinstance(x, str) and not set(x) & set("\0?#"),
+            "must be a folder path without ? or # (MLflow's database URI would cut it there)",
+        ),
     )
 
 

@@ -158,8 +158,9 @@ def _sampled(curve: Curve, column: str, end: int | None) -> list[tuple[int, Any]
     return [
         (int(step), value)
         for step, value in zip(steps, values, strict=False)
-        if _present(value) and (end is None or step <= end)
-    ]
+        if _present(value) and _present(step) and math.isfinite(step)
+        and (end is None or step <= end)
+    ]  # fmt: skip
 
 
 def _present(value: Any) -> bool:
@@ -269,10 +270,12 @@ def diagnose(
     """The failure mechanism of one run (none for a run that converged and is not borderline)."""
     losses = list(curve.get("loss", ()))
     descending = verdict == "stalled" and still_descending(losses, budget)
-    if verdict not in FAILED and not relapsed and not borderline:
-        return Diagnosis("", None, still_descending=descending)
     since = escape_step if relapsed and escape_step is not None else 0
     found = signatures(curve, diverged_step, init_log_z, since)
+    if verdict not in FAILED and not relapsed and not borderline:
+        # Nothing to explain; its signatures still count, as evidence against a rule that
+        # fires on healthy runs too (the report's share of converged runs showing each).
+        return Diagnosis("", None, found, still_descending=descending)
     if not relapsed and verdict != "diverged":
         found.pop("update_spike", None)  # a spike explains a divergence or a relapse only
     if found:

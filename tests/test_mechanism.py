@@ -165,3 +165,17 @@ def test_a_borderline_convergence_gets_a_mechanism_a_clean_one_does_not():
 def test_every_mechanism_names_its_source_remedy_and_setting():
     for mechanism in MECHANISMS.values():
         assert mechanism.signature and mechanism.source and mechanism.remedy and mechanism.setting
+
+
+def test_an_unreadable_step_is_skipped_not_a_crash():
+    odd = healthy(attn_logit_max=lambda s: 1e6)
+    odd["step"] = [math.inf if s == 100 else (math.nan if s == 120 else s) for s in odd["step"]]
+    assert signatures(odd)["attention_logit_growth"] == 0
+
+
+def test_a_clean_convergence_keeps_its_signatures_as_evidence():
+    """The report's share of converged runs showing a signature needs them."""
+    healthy_but_loud = healthy(attn_logit_max=lambda s: 3 * ATTENTION_LOGIT_LIMIT)
+    diagnosis = diagnose(healthy_but_loud, "converged", 400)
+    assert diagnosis.mechanism == ""
+    assert diagnosis.fields()["signatures"] == "attention_logit_growth"

@@ -173,6 +173,17 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
         judgement = judge_curve(
             losses, diverged, int(record["steps"]), float(record["unigram_entropy"]), verdict
         )
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:
+        log.warning(
+            "%s: cannot judge from its curve (%s); keeping the verdict recorded in training",
+            record.get("cell_id"),
+            error,
+        )
+        record["judged_from"] = "record"
+        record["verdict_rule"] = "as recorded in training"
+        return
+    record.update(judgement.fields(), judged_from="curve")
+    try:
         diagnosis = diagnose(
             curve,
             judgement.verdict,
@@ -183,16 +194,11 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
             borderline=judgement.borderline,
             init_log_z=_number(record.get("init_log_z")),
         )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        log.warning(
-            "%s: cannot judge from its curve (%s); keeping the verdict recorded in training",
-            record.get("cell_id"),
-            error,
-        )
-        record["judged_from"] = "record"
-        record["verdict_rule"] = "as recorded in training"
+    except (ValueError, KeyError, TypeError, OverflowError) as error:
+        # A damaged diagnostics column costs the mechanism only, never the verdict.
+        log.warning("%s: no failure mechanism (%s)", record.get("cell_id"), error)
+        record.update(failure_mechanism="unknown", mechanism_rule=f"m{RULES_VERSION}")
         return
-    record.update(judgement.fields(), judged_from="curve")
     record.update(diagnosis.fields(), mechanism_rule=f"m{RULES_VERSION}")
 
 

@@ -152,12 +152,19 @@ def layer_heatmaps(curves: pd.DataFrame) -> Figure | None:
             if sampled.empty:
                 ax.set_axis_off()
                 continue
-            matrix = pd.DataFrame(
-                [list(values) for values in sampled[name]], index=sampled["step"].astype(int)
-            ).T.astype(float)
+            try:
+                matrix = pd.DataFrame(
+                    [list(values) for values in sampled[name]], index=sampled["step"].astype(int)
+                ).T.astype(float)
+            except (TypeError, ValueError):  # a damaged column (not lists of numbers)
+                ax.set_axis_off()
+                continue
             matrix.index = range(1, len(matrix) + 1)
             if log_scale:
                 matrix = np.log10(matrix.where(matrix > 0))
+            if matrix.empty or matrix.isna().all().all():
+                ax.set_axis_off()
+                continue
             sns.heatmap(
                 matrix,
                 ax=ax,

@@ -32,7 +32,8 @@ def mechanism_counts(runs: pd.DataFrame) -> pd.DataFrame:
     if failed.empty:
         return pd.DataFrame()
     table = failed.groupby([*CELL, "failure_mechanism"]).size().unstack(fill_value=0)
-    table = table[[name for name in MECHANISMS if name in table.columns]]
+    known = [name for name in MECHANISMS if name in table.columns]
+    table = table[known + [name for name in table.columns if name not in known]]  # "unknown"
     table.columns.name = None
     return table.sort_index()
 
@@ -104,7 +105,8 @@ def budget_check(runs: pd.DataFrame) -> str:
     reference = known[base.isin(REFERENCE_VARIANTS) & (known["lr"] <= CHECKED_LR * (1 + 1e-9))]
     lines = []
     for (variant, depth, steps), group in reference.groupby(["variant", "depth", "steps"]):
-        late = group[~(group["escape_step"] < steps / 2)]  # never escaped counts as late
+        # Never escaped counts as late, unless it diverged: that is the LR's, not the budget's.
+        late = group[~(group["escape_step"] < steps / 2) & (group["verdict"] != "diverged")]
         if late.empty:
             continue
         survival = kaplan_meier(group["escape_step"], group["steps"])

@@ -112,17 +112,36 @@ def plan(runs: pd.DataFrame, only: set[str] | None = None) -> list[dict[str, Any
         & runs["failure_mechanism"].fillna("").ne("")
         & (runs["verdict"].isin(["stalled", "diverged"]) | runs["relapsed"].eq(True))
     ]  # a borderline convergence has a mechanism too, but nothing to fix
+    from suite.launch.preflight import sweep_cells
+
     entries = []
     for _, run in failed.iterrows():
         mechanism = run["failure_mechanism"]
-        if mechanism in NOT_A_FIX or (only and mechanism not in only):
+        if mechanism not in MECHANISMS or mechanism in NOT_A_FIX:
+            continue  # no remedy that changes training ("abrupt"; "unknown": a damaged curve)
+        if only and mechanism not in only:
             continue
         try:
             command = remedy_overrides(base_command(run), mechanism)
+            (_, remedied), *_ = sweep_cells(command)
         except ConfigError as error:
-            log.warning("%s", error)
+            log.warning("%s: not re-run (%s)", run["cell_id"], error)
             continue
-        entries.append({"cell_id": run["cell_id"], "mechanism": mechanism, "command": command})
+        if remedied.config_hash() == run["config_hash"]:
+            log.warning(
+                "%s: already trained with its remedy (%s); not re-run",
+                run["cell_id"],
+                MECHANISMS[mechanism].setting,
+            )
+            continue
+        entries.append(
+            {
+                "cell_id": run["cell_id"],
+                "mechanism": mechanism,
+                "command": command,
+                "remedied_cell_id": remedied.cell_id(),
+            }
+        )
     return entries
 
 
@@ -153,6 +172,18 @@ def outcomes(runs: pd.DataFrame, remedied: pd.DataFrame, manifest: list[dict]) -
     counts.insert(0, "remedy", [MECHANISMS[name].setting for name in counts.index])
     counts.insert(1, "runs", table.groupby("mechanism").size())
     return counts.reset_index()
+
+
+def merged_manifest(path: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's entries added to those an earlier run wrote (by original cell: this run's
+    win), so that every remedied cell in the folder keeps its original."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = []
+    mine = {entry["cell_id"] for entry in entries}
+    kept = [e for e in earlier if isinstance(e, dict) and e.get("cell_id") not in mine]
+    return [*kept, *entries]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,17 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     if not entries:
         print("No failed run with a remedy to try.")
         return
-    from suite.launch.preflight import sweep_cells
-
-    for entry in entries:
-        (_, cell), *_ = sweep_cells(entry["command"])
-        entry["remedied_cell_id"] = cell.cell_id()
     commands = [[sys.executable, "-m", "suite", *c, f"store={out}"] for c in sweeps(entries)]
     for command in commands:
         print(" ".join(command[1:]))
     if args.dry_run:
         return
     out.mkdir(parents=True, exist_ok=True)
+    entries = merged_manifest(out / MANIFEST, entries)
     (out / MANIFEST).write_text(json.dumps(entries, indent=1))
     failed_sweeps = sum(subprocess.run(command).returncode != 0 for command in commands)
     remedied = pd.read_parquet(out / RUNS) if (out / RUNS).exists() else pd.DataFrame()

@@ -108,9 +108,12 @@ class SkipSpikes(Observer):
     curve_columns = ("skipped",)
     record_columns = ("skipped_steps",)
 
-    def __init__(self, diagnostics: DiagnosticsConfig) -> None:
-        window, self.sigmas = diagnostics.spike_window, diagnostics.spike_sigmas
-        self.min_history = diagnostics.spike_min_history
+    def __init__(self) -> None:
+        # The rule's own constants (the diagnostics' defaults), not the diagnostics.* knobs:
+        # those are not part of a cell's identity, and this changes what is trained.
+        defaults = DiagnosticsConfig()
+        window, self.sigmas = defaults.spike_window, defaults.spike_sigmas
+        self.min_history = defaults.spike_min_history
         self.losses: deque[float] = deque(maxlen=window)
         self.grads: deque[float] = deque(maxlen=window)
         self.skipped = False

@@ -189,7 +189,7 @@ def member_observers(
     they are measured, and the partial-curve flush."""
     observers: list[Observer] = [StepColumns(), DivergenceStop(cell.verdict)]
     if cell.optim.skip_spikes:
-        observers.append(SkipSpikes(cell.diagnostics))
+        observers.append(SkipSpikes())
     if diagnostics is not None:
         observers.append(DiagnosticsColumns(diagnostics))
     return [*observers, Flush(cell.train.flush_every, on_progress)]

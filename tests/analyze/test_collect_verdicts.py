@@ -206,3 +206,16 @@ def test_collect_names_a_failure_mechanism_for_every_run_that_did_not_converge(t
     diverged = runs.loc["diverged"]
     assert diverged["mechanism_step"] <= diverged["diverged_step"]
     assert set(runs["mechanism_rule"]) == {"m1"}
+
+
+def test_a_damaged_diagnostics_column_costs_the_mechanism_not_the_verdict(trained, tmp_path):
+    store, records = trained
+    copy = shutil.copytree(store, tmp_path / "store")
+    stalled = next(i for i, r in records.items() if r["verdict"] == "stalled")
+    path = curve_path(copy, stalled)
+    curve = pd.read_parquet(path)
+    curve["grad_norm_by_layer"] = 1.0  # floats where per-block lists belong
+    curve.to_parquet(path)
+    row = collect(copy, write=False).set_index("cell_id").loc[stalled]
+    assert row["judged_from"] == "curve" and row["verdict"] == "stalled"
+    assert row["failure_mechanism"] == "unknown"

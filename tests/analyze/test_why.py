@@ -97,3 +97,8 @@ def test_budget_check_ignores_other_variants_and_higher_learning_rates():
     other = reference_runs([390.0], variant="postln")
     high = reference_runs([390.0]).assign(lr=3e-2)
     assert budget_check(pd.concat([other, high])) == ""
+
+
+def test_budget_check_does_not_blame_the_budget_for_a_divergence():
+    runs = reference_runs([60.0, None]).assign(verdict=["converged", "diverged"])
+    assert budget_check(runs) == ""

@@ -289,3 +289,17 @@ def test_the_settings_reference_says_which_settings_are_in_the_cell_id():
         row for row in describe_settings().splitlines() if row.startswith("diagnostics.every")
     )
     assert line.endswith("[not in the cell id]")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.logit_softcap=-1", "model.logit_softcap"),
+        ("tracker.kind=bogus", "tracker.kind"),
+        ("tracker.dir='/tmp/a?b'", "tracker.dir"),
+        ("tracker.dir='/tmp/a#b'", "tracker.dir"),
+    ],
+)
+def test_the_remedy_and_tracker_settings_are_range_checked(override, key):
+    with pytest.raises(ConfigError, match=key):
+        preflight(["+variant=preln", "sweep=tiny", override])

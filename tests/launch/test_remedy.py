@@ -109,3 +109,14 @@ def test_a_table_collected_before_mechanisms_is_refused_with_what_to_do(tmp_path
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0 and "python -m suite.collect --store" in result.stderr
+
+
+def test_a_second_remedy_run_keeps_the_first_run_s_mapping(tmp_path):
+    from suite.launch.remedy import merged_manifest
+
+    path = tmp_path / "remedies.json"
+    path.write_text(json.dumps([{"cell_id": "a", "remedied_cell_id": "a2"}]))
+    merged = merged_manifest(path, [{"cell_id": "b", "remedied_cell_id": "b2"}])
+    assert [e["cell_id"] for e in merged] == ["a", "b"]
+    again = merged_manifest(path, [{"cell_id": "a", "remedied_cell_id": "a3"}])
+    assert again == [{"cell_id": "a", "remedied_cell_id": "a3"}]

@@ -264,6 +264,7 @@ def test_a_spiking_step_s_update_is_skipped_and_training_goes_on():
 
     cell = make_cell("preln", depth=2, steps=60)
     cell.optim.skip_spikes = True
+    cell.diagnostics.spike_sigmas = 0.1  # a label knob: it must not change what is skipped
     losses = [3.0 + 0.01 * (i % 3) for i in range(60)]
     losses[45] = 4.0  # far above mean + 6σ of the 45 before it, below the divergence stop
     stepper = ScriptedStep(losses)
