@@ -19,7 +19,6 @@ where :func:`member_observers` lists the observers (or passed to ``train(observe
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +27,7 @@ import torch
 
 from suite.config import DiagnosticsConfig, VerdictConfig
 from suite.record import PER_LAYER_SERIES, curve_row
-from suite.run.diagnostics import Diagnostics, is_spike
+from suite.run.diagnostics import Diagnostics, SpikeCounter
 from suite.verdict import divergence_reason
 
 log = logging.getLogger("suite.run.train")
@@ -112,20 +111,14 @@ class SkipSpikes(Observer):
         # The rule's own constants (the diagnostics' defaults), not the diagnostics.* knobs:
         # those are not part of a cell's identity, and this changes what is trained.
         defaults = DiagnosticsConfig()
-        window, self.sigmas = defaults.spike_window, defaults.spike_sigmas
-        self.min_history = defaults.spike_min_history
-        self.losses: deque[float] = deque(maxlen=window)
-        self.grads: deque[float] = deque(maxlen=window)
+        rule = (defaults.spike_window, defaults.spike_sigmas, defaults.spike_min_history)
+        self.losses, self.grads = SpikeCounter(*rule), SpikeCounter(*rule)
         self.skipped = False
-        self.count = 0
 
     def skip_update(self, event: StepEvent) -> bool:
-        self.skipped = is_spike(self.losses, event.loss, self.sigmas, self.min_history) or (
-            is_spike(self.grads, event.grad_norm, self.sigmas, self.min_history)
-        )
-        self.losses.append(event.loss)
-        self.grads.append(event.grad_norm)
-        self.count += self.skipped
+        loss_spike = self.losses.observe(event.loss)  # both observed: each joins its history
+        grad_spike = self.grads.observe(event.grad_norm)
+        self.skipped = loss_spike or grad_spike
         return self.skipped
 
     def after_step(self, event: StepEvent, curve: Curve) -> dict[str, Any]:
@@ -133,7 +126,7 @@ class SkipSpikes(Observer):
         return {"skipped": skipped}
 
     def at_end(self, curve: Curve) -> dict[str, Any]:
-        return {"skipped_steps": self.count}
+        return {"skipped_steps": sum(row.get("skipped", False) for row in curve)}
 
 
 class Flush(Observer):
