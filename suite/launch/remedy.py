@@ -157,7 +157,7 @@ def sweeps(entries: list[dict[str, Any]]) -> list[list[str]]:
     return [[*rest, f"optim.lr={','.join(lrs)}"] for rest, lrs in grouped.items()]
 
 
-def outcomes(runs: pd.DataFrame, remedied: pd.DataFrame, manifest: list[dict]) -> pd.DataFrame:
+def outcomes(remedied: pd.DataFrame, manifest: list[dict]) -> pd.DataFrame:
     """Per mechanism: the remedy, how many failed runs were re-run, and their verdicts after."""
     after = remedied.set_index("cell_id")["verdict"] if not remedied.empty else pd.Series()
     rows = []
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / MANIFEST).write_text(json.dumps(entries, indent=1))
     failed_sweeps = sum(subprocess.run(command).returncode != 0 for command in commands)
     remedied = pd.read_parquet(out / RUNS) if (out / RUNS).exists() else pd.DataFrame()
-    table = outcomes(runs, remedied, entries)
+    table = outcomes(remedied, entries)
     table.to_csv(out / OUTCOMES, index=False)
     print(f"\nRemedies ({len(entries)} failed runs re-run; {out}):")
     print(table.to_string(index=False))

@@ -148,25 +148,18 @@ class MLflowTracker(Tracker):
 
         self.last_step = step
         stamp = 0  # the step orders the series; a wall-clock stamp would make reruns differ
-        metrics = [Metric(_mlflow_key(n), v, stamp, step) for n, v in scalars(row).items()]
+        metrics = [Metric(n, v, stamp, step) for n, v in scalars(row).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_record(self, record: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric, RunTag
 
-        numbers = [
-            Metric(_mlflow_key(f"record/{n}"), v, 0, self.last_step)
-            for n, v in scalars(record).items()
-        ]
+        numbers = [Metric(f"record/{n}", v, 0, self.last_step) for n, v in scalars(record).items()]
         words = [RunTag(f"record.{n}", v[:5000]) for n, v in _record_text(record).items()]
         self.client.log_batch(self.run_id, metrics=numbers, tags=words)
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
-
-
-def _mlflow_key(name: str) -> str:
-    return name  # letters, digits, _ - . / and spaces are MLflow's; the suite's names are those
 
 
 class WandbTracker(Tracker):
