@@ -29,22 +29,8 @@ def git_sha() -> str:
     if not (_REPO / ".git").exists():
         return "unknown"
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=_REPO,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=_REPO,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        sha = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
@@ -59,3 +45,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str:
+    """The stripped output of a git command in the suite's checkout (raises when it fails)."""
+    return subprocess.run(
+        ["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=5, check=True
+    ).stdout.strip()
