@@ -83,10 +83,11 @@ def base_command(run: pd.Series) -> list[str]:
     command = [f"+variant={run['variant']}", *([f"sweep={preset}"] if preset else [])]
     command += [f"model.depth={int(run['depth'])}", f"seed={int(run['seed'])}"]
     command += [f"optim.lr={hydra_value(float(run['lr']))}"]
-    stored = result_defining(config)
-    (_, composed), *_ = sweep_cells(command)
-    command += _differences(stored, composed.result_defining())
     (_, cell), *_ = sweep_cells(command)
+    differences = _differences(result_defining(config), cell.result_defining())
+    if differences:  # composed again with them, to check they take it to the stored cell
+        command += differences
+        (_, cell), *_ = sweep_cells(command)
     if cell.config_hash() != run["config_hash"]:
         raise ConfigError(
             f"{run['cell_id']}: no command line composes its stored config (a setting the "
