@@ -276,6 +276,14 @@ class OptimConfig:
         "tied), which bounds the mean output logit",
         since="0.5",
     )
+    mu_loss: float = setting(
+        0.0,
+        "μ-loss (Stollenwerk et al. 2026, arXiv 2601.02031), the regularizer form of output "
+        "embedding centering: coefficient λ of λ·‖μ‖² added to the objective, μ the mean "
+        "output embedding; 0 = off",
+        check=NON_NEGATIVE,
+        since="0.5",
+    )
     skip_spikes: bool = setting(
         False,
         "skip the update of a step whose loss or gradient norm is a spike (mean + 6σ of the "

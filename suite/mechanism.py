@@ -62,8 +62,9 @@ MECHANISMS: dict[str, Mechanism] = {
             "output_logit_divergence",
             f"sampled log Z of the output logits {LOG_Z_DRIFT:g} nats or more from its init",
             "Wortsman et al. 2023 §3.2 (output logit divergence); PaLM's z-loss",
-            "z-loss 1e-4 (or a logit soft-cap, model.logit_softcap=30, or μ-centering of the "
-            "output embedding, optim.center_output_embedding=true, arXiv 2601.02031)",
+            "z-loss 1e-4 (or a logit soft-cap, model.logit_softcap=30, or output embedding "
+            "centering, arXiv 2601.02031: optim.center_output_embedding=true, or its "
+            "regularizer form optim.mu_loss=λ)",
             "optim.z_loss=1e-4",
         ),
         Mechanism(

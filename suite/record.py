@@ -81,6 +81,8 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("skip_spikes", "bool", "updates of spiking steps skipped (OLMo-core's SkipStepAdamW)"),
         ("center_output_embedding", "bool", "μ-centering of the output embedding after every "
          "optimizer step (arXiv 2601.02031)"),
+        ("mu_loss", "float", "coefficient λ of the μ-loss λ·‖μ‖², μ the mean output "
+         "embedding (arXiv 2601.02031); 0 = off"),
         ("logit_softcap", "float", "cap c of c·tanh(logits/c) on the output logits; 0 = off"),
         ("seed", "int", "seeds the init and the batch order", None, True),
         ("steps", "int", "steps asked for: the budget N every verdict is judged within"),

@@ -77,6 +77,12 @@ def validate(cell: CellConfig) -> None:
         cell.optim.center_output_embedding,
     )
     _check(
+        not (cell.train.pack_lr and cell.optim.mu_loss),
+        "optim.mu_loss",
+        "a packed run's objective has no μ-loss term for its members; set train.pack_lr=false",
+        cell.optim.mu_loss,
+    )
+    _check(
         not (cell.train.pack_lr and cell.optim.skip_spikes),
         "optim.skip_spikes",
         "a packed run applies one update to all its members at once and cannot skip one "

@@ -94,6 +94,7 @@ def base_record(cell: CellConfig, device: torch.device) -> dict[str, Any]:
         "z_loss": o.z_loss,
         "skip_spikes": o.skip_spikes,
         "center_output_embedding": o.center_output_embedding,
+        "mu_loss": o.mu_loss,
         "logit_softcap": m.logit_softcap,
         "weight_decay": o.weight_decay,
         "weight_decay_mode": o.weight_decay_mode,

@@ -100,6 +100,13 @@ def loss_and_objective(
     return cross_entropy, cross_entropy + z_loss * log_z.pow(2).mean()
 
 
+def mu_loss(model: nn.Module) -> torch.Tensor:
+    """‖μ‖², μ the mean of the output embeddings e_i over the vocabulary: the regularizer form of
+    output embedding centering (μ-loss; Stollenwerk et al. 2026, arXiv 2601.02031). The mean
+    output logit is μ·h, so a small ‖μ‖ keeps the logits from drifting all together."""
+    return model.head.weight.float().mean(dim=0).pow(2).sum()
+
+
 class Stepper(Protocol):
     """How one step trains the run's members (one cell, or a pack's; suite/run/packed.py): the
     loop (:func:`run_steps`) knows nothing else of the model or the optimizer."""
@@ -132,7 +139,7 @@ class StandardStep:
         self, model: nn.Module, corpus: Corpus, cell: CellConfig, device: torch.device
     ) -> None:
         cfg, optim = cell.train, cell.optim
-        self.corpus, self.cell, self.device = corpus, cell, device
+        self.corpus, self.cell, self.device, self.model = corpus, cell, device, model
         self.step_model = torch.compile(model) if cfg.compile else model
         self.optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -150,6 +157,8 @@ class StandardStep:
         optim = self.cell.optim
         set_learning_rate(self.optimizer, lrs[0])
         loss, objective = loss_and_objective(self.step_model, x, y, self.autocast, optim.z_loss)
+        if optim.mu_loss:
+            objective = objective + optim.mu_loss * mu_loss(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if optim.grad_clip > 0:
