@@ -217,11 +217,13 @@ def seed_bootstrap(runs: pd.DataFrame, metric, resamples: int = 400, seed: int =
         return pd.DataFrame(columns=["lo", "hi"], dtype=float)
     by_seed = {s: finished[finished["seed"] == s] for s in seeds}
     rng = np.random.default_rng(seed)
-    samples = [
-        metric(pd.concat([by_seed[s] for s in rng.choice(seeds, size=len(seeds))]))
-        for _ in range(resamples)
-    ]
-    table = pd.concat(samples, axis=1)
+    # A resample's metric depends only on which seeds it drew, not their order: with 2 seeds
+    # there are 3 such draws, with 3 seeds 10, so each is computed once, not once per resample.
+    draws = [tuple(sorted(rng.choice(seeds, size=len(seeds)))) for _ in range(resamples)]
+    computed = {
+        draw: metric(pd.concat([by_seed[s] for s in draw])) for draw in dict.fromkeys(draws)
+    }
+    table = pd.concat([computed[draw] for draw in draws], axis=1)
     return pd.DataFrame(
         {
             "lo": table.quantile(0.025, axis=1, interpolation="lower"),
