@@ -53,7 +53,14 @@ def test_launch_and_run_never_import_analysis():
 
 
 # The command shims (``python -m suite.X``): each only imports its stage's main.
-COMMANDS = ("suite.__main__", "suite.collect", "suite.report", "suite.remedy", "suite.frontier")
+COMMANDS = (
+    "suite.__main__",
+    "suite.collect",
+    "suite.report",
+    "suite.remedy",
+    "suite.frontier",
+    "suite.compare",
+)
 
 
 def test_the_base_imports_no_stage():
