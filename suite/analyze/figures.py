@@ -393,3 +393,40 @@ def training_curves(
     ax.set_title(f"training loss at depth {depth}, LR {lr:g}")
     ax.set_ylabel("training loss (nats, 10-step mean)")
     return fig
+
+
+def rank_intervals(tables: list[pd.DataFrame]) -> Figure | None:
+    """The leaderboard's ranks with their 95 % intervals over seeds: one panel per preset and
+    depth, one row per arm (best stability first), one marker per ranked column."""
+    panels = [(t["sweep"].iloc[0], depth, at) for t in tables for depth, at in t.groupby("depth")]
+    if not panels:
+        return None
+    ranks = {"stability": "o", "sensitivity": "s", "loss": "D", "cost": "^"}
+    heights = [0.9 + 0.32 * len(at) for _, _, at in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    colours = sns.color_palette("colorblind", len(ranks))
+    for ax, (preset, depth, at) in zip(axes[:, 0], panels, strict=True):
+        rows = np.arange(len(at))
+        for offset, (rank, marker), colour in zip(
+            np.linspace(-0.24, 0.24, len(ranks)), ranks.items(), colours, strict=True
+        ):
+            ax.errorbar(
+                at[f"{rank}_rank"],
+                rows + offset,
+                xerr=[at[f"{rank}_rank"] - at[f"{rank}_lo"], at[f"{rank}_hi"] - at[f"{rank}_rank"]],
+                fmt=marker,
+                color=colour,
+                markersize=5,
+                capsize=2,
+                label=rank,
+            )
+        ax.set_yticks(rows, at["arm"])
+        ax.invert_yaxis()
+        ax.set_xlim(0.5, len(at) + 0.5)
+        ax.set_xticks(range(1, len(at) + 1))
+        ax.set_title(f"{preset}, depth {depth}", fontsize=10)
+    axes[-1, 0].set_xlabel("rank (1 = best), 95% interval over seed resamples")
+    legend_outside(axes[0, 0])
+    fig.tight_layout()
+    return fig

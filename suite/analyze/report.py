@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from suite.analyze import diagnostics_figures, figures
 from suite.analyze.collect import add_verdict_arguments, collect, parse_verdict
+from suite.analyze.leaderboard import display, leaderboards
 from suite.analyze.summary import (
     diagnostics_table,
     escape_label,
@@ -457,6 +458,8 @@ def render(
         autoescape=jinja2.select_autoescape(),
         undefined=jinja2.StrictUndefined,
     )
+    boards = leaderboards(runs)  # labels the arms itself
+    board_figure = figures.rank_intervals(boards) if boards else None
     runs = with_arm_labels(runs)  # a variant under Muon or CompleteP is its own row and line
     errored = runs[runs["status"] != "ok"]
     summary = summarize(runs)
@@ -474,6 +477,8 @@ def render(
             diagnostics_table(runs).reset_index(), "diagnostics", DIAGNOSTICS_FORMATS
         ),
         per_lr_table=_table_html(per_lr_for_html(runs), "per-lr", {"lr": "g", **PER_LR_FORMATS}),
+        leaderboard_table=_leaderboard_html(boards),
+        leaderboard_image=png_data_uri(board_figure) if board_figure else "",
         mechanism_table=_mechanism_counts_html(runs),
         remedy_table=_table_html(remedy_table(runs), "remedies", {"in_converged_%": ".0f"}),
         sections=build_sections(runs, store, benchmarks, curves_cell),
@@ -493,6 +498,14 @@ def render(
         runs_table=_table_html(runs[RUN_COLUMNS], "runs", FORMATS),
         console_summary=format_summary(summary),
     )
+
+
+def _leaderboard_html(boards: list[pd.DataFrame]) -> str:
+    if not boards:
+        return ""
+    shown = pd.concat([display(board).assign(preset=board["sweep"].to_numpy()) for board in boards])
+    shown = shown[["preset", *[c for c in shown.columns if c != "preset"]]]
+    return _table_html(shown.reset_index(drop=True), "leaderboard", {})
 
 
 def _mechanism_counts_html(runs: pd.DataFrame) -> str:

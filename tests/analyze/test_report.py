@@ -148,15 +148,16 @@ pytestmark_slow = pytest.mark.slow
 def test_report_from_a_real_sweep_is_self_contained(report):
     html = report.read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    # heatmaps, plateau survival, loss-vs-LR, max stable LR, LR transfer (the tiny sweep has two
-    # depths), sensitivity, throughput, curves, and the diagnostics: init gradient norms, model
-    # update, attention logits, the per-layer heatmaps
-    assert len(images) == 12
+    # the leaderboard's ranks, heatmaps, plateau survival, loss-vs-LR, max stable LR, LR transfer
+    # (the tiny sweep has two depths), sensitivity, throughput, curves, and the diagnostics: init
+    # gradient norms, model update, attention logits, the per-layer heatmaps
+    assert len(images) == 13
     assert "Exponent s of the optimal LR" in html
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="https?://', html)  # nothing fetched from the network
     for text in (
         "postln, preln",
+        "Leaderboard",
         "Verdicts by depth and learning rate",
         "did not learn within its 150 steps",  # the budget N of every stalled verdict
         "Leaving the plateau",
@@ -191,7 +192,7 @@ def test_report_filters_and_partial_data(tiny_sweep, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 runs, 0 errored)" in result.stdout
-    assert len(re.findall(r"<img ", out.read_text())) == 11
+    assert len(re.findall(r"<img ", out.read_text())) == 12  # one depth: no LR transfer
 
 
 @pytestmark_slow
@@ -258,7 +259,12 @@ def test_report_in_headless_chromium(report):
         widths = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);"
         )
-        assert len(widths) == 12 and all(w > 0 for w in widths), widths
+        assert len(widths) == 13 and all(w > 0 for w in widths), widths
+        # The leaderboard is there, its table sortable like the others.
+        rows = driver.execute_script(
+            "return document.querySelectorAll('#leaderboard tbody tr').length;"
+        )
+        assert rows == 4  # postln and preln at depths 2 and 4
         # The appendix sorts when a header is clicked.
         driver.execute_script("document.querySelector('#runs thead th').click();")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
