@@ -27,7 +27,8 @@ def replay(runs: pd.DataFrame) -> pd.DataFrame:
     runs = with_arm_labels(ok_runs(runs))
     grid_answer = max_stable_lr(runs)
     rows = []
-    for (variant, depth), group in runs.groupby(CELL):
+    # One grid per arm, depth, preset and budget: grids of other shapes never merge.
+    for (variant, depth, _, _), group in runs.groupby([*CELL, "sweep", "steps"]):
         lrs, seeds = sorted(group["lr"].unique()), sorted(group["seed"].unique())
         verdicts = {(row.lr, row.seed): row.verdict for row in group.itertuples()}
         if len(verdicts) != len(lrs) * len(seeds):

@@ -63,6 +63,7 @@ log = logging.getLogger("suite")
 register_resolver()
 register_path_resolver()
 
+PARALLEL_ENV = "SUITE_PARALLEL_SWEEPS"  # set by python -m suite.frontier: sweeps beside this one
 SWEEP_SIZE_ENV = "SUITE_SWEEP_SIZE"  # the main process's own, for the gpus launcher's resolver
 _watching = False  # whether this worker process already watches the sweep's main process
 _interrupted = threading.Event()  # Ctrl-C reached the sweep's main process
@@ -309,7 +310,10 @@ def _keep(
             record["cell_id"],
         )
         return "claimed"
-    record["parallel_cells"] = _launcher(plan).parallel_cells(HydraConfig.get().launcher, plan.size)
+    record["parallel_cells"] = max(
+        _launcher(plan).parallel_cells(HydraConfig.get().launcher, plan.size),
+        int(os.environ.get(PARALLEL_ENV) or 1),  # one-cell sweeps run side by side (frontier)
+    )
     # At most: a pinned worker shares its GPU with up to cells_per_gpu - 1 others (and no more
     # than the launcher runs at once); otherwise every cell the launcher runs at once shares the
     # one device (the CPU, or the one GPU).

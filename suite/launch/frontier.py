@@ -18,21 +18,33 @@ failing LR), by bisection in log LR over the grid:
 Bisection assumes a monotone frontier: below it every seed converges, above it one does not. A
 grid where a low LR fails and a higher one trains (a run still on the plateau at a small LR) is
 not explored below the first stable probe; the full grid's ``unstable_below`` column shows such
-gaps. Every probe is an ordinary cell (the same cell id as in the grid) trained by an ordinary
+gaps. A low LR that *stalls* (too slow within the budget, not unstable) reads as a failure too:
+the table's note says when the lowest failing probe stalled rather than diverged.
+
+Every probe is an ordinary cell (the same cell id as in the grid) trained by an ordinary
 one-cell sweep (``python -m suite`` with the job's own overrides) into the ordinary store, so
 the results collect, report and resume like any others, and a cell the store already holds is
-read, not trained. ``--workers`` sweeps run at once (default: the usable CPU cores); when there
-are fewer undecided brackets than workers, a probe's later seeds are started beside its first.
-Verdicts are judged from the stored curves by the sweep's verdict rule (``verdict.*``); the
-table is printed and written to ``<store>/frontier/<sweep>-<time>.csv``.
+read, not trained. ``--workers`` sweeps run at once (default: the usable CPU cores, one where
+GPUs are present); when there are fewer undecided brackets than workers, a probe's later seeds
+start beside its first. A cell another sweep is training is waited for, not trained twice.
+Ctrl-C or SIGTERM passes a Ctrl-C to every running probe (finished cells are kept; the same
+command goes on); the command exits 1 when a bracket could not be decided (a probe that did not
+finish). Verdicts are judged from the stored curves by the sweep's verdict rule (``verdict.*``);
+the table is printed and written to ``<store>/frontier/<sweep>-<time>-<pid>.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -42,15 +54,19 @@ from pathlib import Path
 import pandas as pd
 
 from suite.config import CellConfig, ConfigError
-from suite.launch.cli import preflight_overrides
+from suite.launch.claims import CLAIM, is_stale
+from suite.launch.cli import PARALLEL_ENV, finished, preflight_overrides
+from suite.launch.devices import detect_gpus
 from suite.launch.preflight import launcher_choice, preflight, root_setting, sweep_cells
 from suite.plan import utc_now
-from suite.store import finished_record, read_curve_columns
-from suite.verdict import CONVERGED, judge_curve
+from suite.store import cell_dir, finished_record, read_curve_columns
+from suite.verdict import CONVERGED, STALLED, judge_curve
+
+log = logging.getLogger(__name__)
 
 SEARCHED = ("optim.lr", "seed")  # the axes a bracket searches; every other axis names a bracket
 LOCAL_LAUNCHERS = {"basic", "per_core", "joblib"}  # the frontier's own workers replace these
-FRONTIER = "frontier"  # <store>/frontier/: the tables and each probe's log
+FRONTIER = "frontier"  # <store>/frontier/: the tables and each probe's log (<cell>.<pid>.log)
 
 
 @dataclass
@@ -96,6 +112,10 @@ class Bracket:
         elif all(self.verdicts.get((index, s)) == CONVERGED for s in self.seeds):
             self.highest_stable = index
 
+    def _stalled_at(self, index: int) -> bool:
+        failed = [v for (i, _), v in self.verdicts.items() if i == index and v != CONVERGED]
+        return bool(failed) and all(v == STALLED for v in failed)
+
     def result(self) -> dict[str, object]:
         stable = self.lrs[self.highest_stable] if self.highest_stable >= 0 else None
         failing = self.lrs[self.lowest_failing] if self.lowest_failing < len(self.lrs) else None
@@ -105,14 +125,19 @@ class Bracket:
             note = "not finished"
         elif failing is None:
             note = "stable at the grid's top LR: the frontier is above the grid"
+        elif stable is None and self._stalled_at(self.lowest_failing):
+            note = (
+                "no probed LR is stable; the lowest stalled rather than diverged: the budget may "
+                "be too short rather than every LR too high (the full grid shows which)"
+            )
         elif stable is None:
             note = "no grid LR is stable: the frontier is below the grid"
         else:
             note = ""
         return {
             "bracket": self.label,
-            "max_stable_lr": stable,
-            "first_failing_lr": failing,
+            "max_stable_lr": math.nan if stable is None else stable,
+            "first_failing_lr": math.nan if failing is None else failing,
             "cells": len(self.verdicts),
             "grid_cells": len(self.lrs) * len(self.seeds),
             "note": note,
@@ -130,16 +155,23 @@ def search(brackets: list[Bracket], verdict_of: Callable[[Bracket, int, int], st
 
 def stored_verdict(cell: CellConfig) -> str | None:
     """The verdict of the cell's finished run in its store, judged from its curve by the cell's
-    verdict rule (``verdict.*``, as collect judges); None when the store has no finished run."""
+    verdict rule (``verdict.*``, as collect judges); None when the store has no finished run of
+    this cell (as resume decides: a record trained differently is not). A curve that cannot be
+    read leaves the verdict recorded in training, as collect does."""
+    if not finished(cell):
+        return None
     record = finished_record(cell.store, cell.cell_id())
     if record is None:
         return None
-    losses = [
-        float(loss) for loss in read_curve_columns(cell.store, cell.cell_id(), record)["loss"]
-    ]
-    diverged = record.get("diverged_step") is not None
-    budget, entropy = int(record["steps"]), float(record["unigram_entropy"])
-    return judge_curve(losses, diverged, budget, entropy, cell.verdict).verdict
+    try:
+        curve = read_curve_columns(cell.store, cell.cell_id(), record)
+        losses = [float(loss) for loss in curve["loss"]]
+        diverged = record.get("diverged_step") is not None
+        budget, entropy = int(record["steps"]), float(record["unigram_entropy"])
+        return judge_curve(losses, diverged, budget, entropy, cell.verdict).verdict
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:
+        log.warning("%s: cannot judge from its curve (%s); using its record", cell.cell_id(), error)
+        return record.get("verdict")
 
 
 @dataclass
@@ -168,16 +200,24 @@ def split_grid(cells: list[tuple[list[str], CellConfig]]) -> Grid:
         point = tuple(override for override in job if _key(override) not in SEARCHED)
         by_point.setdefault(point, []).append((job, cell))
     varying = _varying_keys(list(by_point))
-    brackets, jobs = [], {}
-    for number, (point, members) in enumerate(by_point.items()):
+    brackets: list[Bracket] = []
+    jobs: dict[tuple[int, int, int], tuple[list[str], CellConfig]] = {}
+    seen: dict[frozenset[str], Bracket] = {}  # a recipe sweep can name one cell in two points
+    for point, members in by_point.items():
+        label = " ".join(o for o in point if _key(o) in varying) or "the sweep"
+        same = seen.get(frozenset(cell.cell_id() for _, cell in members))
+        if same is not None:
+            same.label += f" = {label}"
+            continue
         lrs = sorted({cell.optim.lr for _, cell in members})
         seeds = sorted({cell.seed for _, cell in members})
-        label = " ".join(o for o in point if _key(o) in varying) or "the sweep"
-        brackets.append(Bracket(label, lrs, seeds))
-        for job, cell in members:
-            jobs[number, lrs.index(cell.optim.lr), cell.seed] = (job, cell)
         if len(members) != len(lrs) * len(seeds):
             raise ConfigError(f"{label}: its LRs and seeds do not form a full grid")
+        number = len(brackets)
+        brackets.append(Bracket(label, lrs, seeds))
+        seen[frozenset(cell.cell_id() for _, cell in members)] = brackets[-1]
+        for job, cell in members:
+            jobs[number, lrs.index(cell.optim.lr), cell.seed] = (job, cell)
     return Grid(brackets, jobs)
 
 
@@ -202,10 +242,63 @@ def probe_command(job: list[str], cell: CellConfig, launcher: str) -> list[str]:
     return [sys.executable, "-m", "suite", *overrides]
 
 
-def _train(command: list[str], log_path: Path) -> int:
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+
+
+def _train(command: list[str], cell: CellConfig, workers: int) -> bool:
+    """Train the cell with a one-cell sweep; True when this process trained it. When another
+    sweep holds the cell, wait for its result; when that sweep is gone without one, train it."""
+    log_path = _log(cell)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    environment = {**os.environ, PARALLEL_ENV: str(workers)}
+    for _ in range(3):
+        logged = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as output:
+            child = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, env=environment
+            )
+            with _children_lock:
+                _children.add(child)
+            try:
+                code = child.wait()
+            finally:
+                with _children_lock:
+                    _children.discard(child)
+        if code in (130, -signal.SIGINT) or _stopping.is_set():
+            raise KeyboardInterrupt
+        if finished(cell):
+            return _trained_here(log_path, logged, cell.cell_id())
+        while _held_elsewhere(cell) and not _stopping.is_set():
+            time.sleep(WAIT_S)
+        if finished(cell):
+            return False
+        if code != 0:
+            return False  # the sweep failed: its log says why
+    return False
+
+
+def _trained_here(log_path: Path, offset: int, cell_id: str) -> bool:
+    """Whether the probe's own sweep trained the cell (its "done" line, as suite.launch.cli logs
+    it), rather than finding it in the store or leaving it to another sweep."""
+    with open(log_path, "rb") as output:
+        output.seek(offset)
+        text = output.read().decode(errors="replace")
+    return f"done: {cell_id} " in text
+
+
+WAIT_S = 5.0
+_stopping = threading.Event()
+
+
+def _held_elsewhere(cell: CellConfig) -> bool:
+    """Whether another live process has claimed the cell (it is training it)."""
+    path = cell_dir(cell.store, cell.cell_id()) / CLAIM
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(holder, dict) and not is_stale(holder)
 
 
 def _say(message: str) -> None:
@@ -224,13 +317,19 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
         first, beside = [], []
         for number, bracket in enumerate(grid.brackets):
             index = bracket.probe()
-            todo = [
-                (number, index, s) for s in bracket.wanted() if (number, index, s) not in started
-            ]
+            todo = [(number, index, s) for s in bracket.wanted()]
+            todo = [key for key in todo if key not in started]
             if todo and number not in busy:
                 first.append(todo.pop(0))
             beside.extend(todo)
         return first + beside
+
+    def fail(key: tuple[int, int, int], why: str) -> None:
+        number, index, _ = key
+        bracket = grid.brackets[number]
+        if index == bracket.probe():  # a seed of a probe already decided changes nothing
+            bracket.error = why
+            _say(f"{bracket.label}: {why}")
 
     def record(key: tuple[int, int, int]) -> None:
         number, index, seed = key
@@ -238,13 +337,11 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
         job, cell = grid.jobs[key]
         verdict = stored_verdict(cell)
         if verdict is None:
-            bracket.error = f"{cell.cell_id()} did not finish (its log: {_log(cell)})"
-            _say(f"{bracket.label}: {bracket.error}")
+            fail(key, f"{cell.cell_id()} did not finish (its log: {_log(cell)})")
             return
         bracket.learn(index, seed, verdict)
-        _say(
-            f"{bracket.label} lr {bracket.lrs[index]:g} seed {seed}: {verdict}  ({_state(bracket)})"
-        )
+        lr = bracket.lrs[index]
+        _say(f"{bracket.label} lr {lr:g} seed {seed}: {verdict}  ({_state(bracket)})")
 
     def fill(pool: ThreadPoolExecutor) -> None:
         # Cells the store already holds are read, which can move a probe: then look again.
@@ -258,12 +355,18 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
                     record(key)
                     looking = True
                     break
-                command = probe_command(job, cell, launcher)
-                in_flight[pool.submit(_train, command, _log(cell))] = key
+                try:
+                    command = probe_command(job, cell, launcher)
+                except ConfigError as error:
+                    fail(key, f"its probe does not compose: {error}")
+                    looking = True
+                    break
+                in_flight[pool.submit(_train, command, cell, workers)] = key
                 if len(in_flight) >= workers:
                     break
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         while True:
             fill(pool)
             if not in_flight:
@@ -271,28 +374,67 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 key = in_flight.pop(future)
-                future.result()
-                trained += 1
+                trained += future.result()
                 record(key)
+    except KeyboardInterrupt:
+        _stop_children()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_children() -> None:
+    """Ctrl-C (or a SIGTERM) reaches the frontier: each running one-cell sweep gets the Ctrl-C
+    a terminal would have sent it, which keeps every finished cell, and is waited for."""
+    _stopping.set()
+    with _children_lock:
+        children = list(_children)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGINT)
+    for child in children:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
 
 
 def _log(cell: CellConfig) -> Path:
-    return Path(cell.store) / FRONTIER / "logs" / f"{cell.cell_id()}.log"
+    """The probe's output, one file per cell and frontier process (two on one store never mix)."""
+    return Path(cell.store) / FRONTIER / "logs" / f"{cell.cell_id()}.{os.getpid()}.log"
 
 
 def _state(bracket: Bracket) -> str:
     row = bracket.result()
     if not bracket.decided:
-        low = f"{row['max_stable_lr']:g}" if row["max_stable_lr"] is not None else "?"
-        high = f"{row['first_failing_lr']:g}" if row["first_failing_lr"] is not None else "?"
+        low = "?" if math.isnan(row["max_stable_lr"]) else f"{row['max_stable_lr']:g}"
+        high = "?" if math.isnan(row["first_failing_lr"]) else f"{row['first_failing_lr']:g}"
         return f"stable ≤ {low}, failing ≥ {high}"
     return f"decided: max stable {row['max_stable_lr']}, first failing {row['first_failing_lr']}"
 
 
-def _usable_cores() -> int:
+def _default_workers() -> int:
+    """The usable CPU cores; one where GPUs are present (each probe would take the first GPU:
+    give ``--workers`` with a launcher that pins GPUs, e.g. ``hydra/launcher=gpus``)."""
+    if detect_gpus():
+        return 1
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _refuse_sweep_folders(overrides: list[str]) -> None:
+    for override in overrides:
+        key = _key(override)
+        if key in ("hydra.sweep.dir", "hydra.sweep.subdir"):
+            raise ConfigError(
+                f"{key}: each probe of the frontier is a sweep of its own in Hydra's default "
+                "folder (outputs/<date>/<time>); leave it out"
+            )
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,13 +445,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=_usable_cores(),
-        help="one-cell sweeps run at once (default: the usable CPU cores)",
+        default=_default_workers(),
+        help="one-cell sweeps run at once (default: the usable CPU cores; 1 with GPUs)",
     )
     known, overrides = parser.parse_known_args(argv)
     if known.workers < 1:
         parser.error("--workers must be at least 1")
     try:
+        _refuse_sweep_folders(overrides)
         overrides = preflight_overrides(overrides)
         grid = split_grid(preflight(overrides))
         launcher = launcher_choice(overrides)
@@ -317,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    signal.signal(signal.SIGTERM, _on_sigterm)
     began = time.monotonic()
     try:
         trained = run(grid, launcher, known.workers, resume)
@@ -324,9 +468,6 @@ def main(argv: list[str] | None = None) -> None:
         print("\ninterrupted: every finished cell is in the store; run the same command again "
               "to go on", file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
     table = pd.DataFrame([bracket.result() for bracket in grid.brackets])
     grid_cells = int(table["grid_cells"].sum())
     print(f"\nStability frontier ({int(table['cells'].sum())} of {grid_cells} grid cells, "
@@ -334,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table.to_string(index=False))
     store = Path(next(iter(grid.jobs.values()))[1].store)
     sweep = next(iter(grid.jobs.values()))[1].sweep
-    out = store / FRONTIER / f"{sweep}-{utc_now().replace(':', '')}.csv"
+    out = store / FRONTIER / f"{sweep}-{utc_now().replace(':', '')}-{os.getpid()}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"-> {out}")
+    if any(bracket.error for bracket in grid.brackets):
+        raise SystemExit(1)

@@ -4,6 +4,7 @@ its probes ordinary cells of the grid (same ids) that resume and collect like an
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 
@@ -39,10 +40,10 @@ def test_bisection_finds_every_monotone_frontier_with_fewer_cells_than_the_grid(
             bracket = Bracket("x", lrs, [0, 1, 2])
             search([bracket], planted(highest_stable, failing))
             row = bracket.result()
-            expected = lrs[highest_stable] if highest_stable >= 0 else None
-            assert row["max_stable_lr"] == expected
-            first_failing = lrs[highest_stable + 1] if highest_stable + 1 < size else None
-            assert row["first_failing_lr"] == first_failing
+            expected = lrs[highest_stable] if highest_stable >= 0 else math.nan
+            assert row["max_stable_lr"] == pytest.approx(expected, nan_ok=True)
+            first_failing = lrs[highest_stable + 1] if highest_stable + 1 < size else math.nan
+            assert row["first_failing_lr"] == pytest.approx(first_failing, nan_ok=True)
             # Each probe costs at most its seeds, and there are at most ⌈log2(size + 1)⌉ + 1.
             probes = len({index for index, _ in bracket.verdicts})
             assert probes <= size and probes <= (size + 1).bit_length()
@@ -51,9 +52,12 @@ def test_bisection_finds_every_monotone_frontier_with_fewer_cells_than_the_grid(
 
 def test_a_failing_seed_ends_its_probe_and_a_grid_stable_to_its_top_takes_two_probes():
     bracket = Bracket("x", GRID[:5], [0, 1])
-    search([bracket], planted(-1, {}))  # nothing trains: seed 0 fails at every probe
+    search([bracket], lambda b, index, seed: DIVERGED)  # nothing trains at any LR
     assert sorted(bracket.verdicts) == [(0, 0), (2, 0)]  # two probes, one cell each
     assert bracket.result()["note"].startswith("no grid LR is stable")
+    bracket = Bracket("x", GRID[:5], [0, 1])
+    search([bracket], planted(-1, {}))  # seed 0 stalls at every LR: maybe too slow, not unstable
+    assert bracket.result()["note"].startswith("no probed LR is stable; the lowest stalled")
     bracket = Bracket("x", GRID[:5], [0, 1])
     search([bracket], planted(4, {}))
     assert sorted({index for index, _ in bracket.verdicts}) == [2, 4]
@@ -105,6 +109,20 @@ def test_frontier_trains_grid_cells_that_resume_and_collect(tmp_path):
     again = frontier("--workers", "1", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"({len(stored)} of 4 grid cells, 0 trained now" in again.stdout
+    # A curve damaged inside (its footer whole, so the store still counts the cell finished) is
+    # judged from its record, as collect does, instead of crashing the search.
+    from suite.launch.frontier import stored_verdict
+
+    cell = grid[sorted(stored)[0]]
+    curve = next((tmp_path / "cells" / cell.cell_id()).glob("*.parquet"))
+    data = bytearray(curve.read_bytes())
+    data[8:200] = b"\xff" * 192
+    curve.write_bytes(bytes(data))
+    from suite.store import read_curve_columns
+
+    with pytest.raises((OSError, ValueError)):
+        read_curve_columns(tmp_path, cell.cell_id())
+    assert stored_verdict(cell) == verdict[cell.optim.lr, cell.seed]
 
 
 @pytest.mark.parametrize(
@@ -114,6 +132,7 @@ def test_frontier_trains_grid_cells_that_resume_and_collect(tmp_path):
         ("train.pack_lr=true", "train.pack_lr"),
         ("+variant=nosuch", "preln"),  # the known variants are listed
         ("model.depth=0", "model.depth"),
+        ("hydra.sweep.dir=/tmp/x", "hydra.sweep.dir"),
     ],
 )
 def test_bad_input_is_refused_before_anything_trains(tmp_path, override, named):
@@ -142,3 +161,57 @@ def test_every_probe_of_a_multi_axis_sweep_is_a_bracket_of_its_own():
         assert cell.optim.lr == grid.brackets[number].lrs[index] and cell.seed == seed
     assert sum(b.result()["grid_cells"] for b in grid.brackets) == len(cells)
     assert list(itertools.chain(grid.jobs)) and len(grid.jobs) == len(cells)
+
+
+def test_a_recipe_sweep_naming_one_cell_twice_is_one_bracket():
+    from suite.launch.frontier import split_grid
+
+    # DeepNorm's paper adds nothing to its wiring: its `authors` cell is its `controlled` cell.
+    cells = sweep_cells(["+variant=deepnorm", "recipe=controlled,authors", "sweep=tiny"])
+    grid = split_grid(cells)
+    assert len(grid.brackets) == 2  # one per depth, not one per recipe
+    assert all(" = " in bracket.label for bracket in grid.brackets)
+
+
+def frontier_process(store, *extra: str) -> subprocess.Popen:
+    args = ("+variant=preln", "sweep=tiny", "model.depth=2", "optim.lr=3e-2,10", "seed=0")
+    return subprocess.Popen(
+        [sys.executable, "-m", "suite.frontier", "--workers", "1", *args, f"store={store}", *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_frontiers_on_one_store_wait_for_each_other_instead_of_failing(tmp_path):
+    first, second = frontier_process(tmp_path), frontier_process(tmp_path)
+    outputs = [process.communicate(timeout=300)[0] for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    tables = [pd.read_csv(path) for path in (tmp_path / "frontier").glob("tiny-*.csv")]
+    assert len(tables) == 2  # one per run, never overwritten
+    assert tables[0]["max_stable_lr"].equals(tables[1]["max_stable_lr"])
+    assert all(
+        table["note"].isna().all() or "error" not in str(table["note"][0]) for table in tables
+    )
+    trained = sum(int(out.split(" trained now")[0].rsplit(", ", 1)[1]) for out in outputs)
+    assert trained == len(list((tmp_path / "cells").iterdir()))  # no cell trained twice
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_probes_and_keeps_what_finished(tmp_path):
+    import os
+    import signal
+    import time
+
+    process = frontier_process(tmp_path, "train.steps=100000")
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("cells/*/running.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(tmp_path.glob("cells/*")), "no probe started"
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    assert "interrupted" in output
+    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"store={tmp_path}" not in running  # no probe left training on its own
+    assert os.path.isdir(tmp_path / "cells")
