@@ -145,7 +145,7 @@ def reference_block(name: str, block, x, n_layers: int):
             keys = ref_rms_norm(values, depth.key_norm)
             return ((keys @ depth.query).softmax(-1).unsqueeze(-1) * values).sum(-2)
 
-        a, m = w.slot_attn, w.slot_mlp
+        a, m = w.block_attn, w.block_mlp  # the full form: one slot per sublayer
         out = x.clone()
         out[..., a, :] = F_(ref_layer_norm(read(w.depth_attn, x[..., :a, :]), w.norm_attn))
         out[..., m, :] = G_(ref_layer_norm(read(w.depth_mlp, out[..., :m, :]), w.norm_mlp))

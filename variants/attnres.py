@@ -14,17 +14,23 @@ that every sublayer starts from the uniform mean of what came before; the keys a
 through an RMSNorm with a gain. With unit weights α in place of the softmax this is Pre-LN.
 
 The residual stream holds one slot per value, (batch, seq, 2N + 1, d): the memory the paper
-calls O(Ld) (its Block AttnRes, which attends over block sums to save it, is not built here; at
-this suite's depths the full form fits). The paper leaves the output's aggregation to its code;
-here it is one more pseudo-query over all 2N + 1 values, before the final norm. Init: Pre-LN's
-(GPT-2 residual projections). Cost: every sublayer reads, and autograd re-writes, the whole slot
-tensor, O(N²d) per token over the model; on the CPU that is most of its step (profiled at width
-64, depth 6: zero-filling and accumulating slot-tensor gradients), about 4× Pre-LN's step there.
+calls O(Ld). ``variant.blocks=B`` builds the paper's Block AttnRes instead (§3.2, "with about 8
+blocks it recovers most of the gains"): the 2N sublayers in B contiguous blocks of S = ⌊2N/B⌋
+(the last absorbs the remainder), each block's outputs summed into one representation b_n as a
+plain residual would, b₀ the embedding; the first sublayer of block n reads softmax attention
+over [b₀ … b_{n−1}], a later one over [b₀ … b_{n−1}, b_n^{i−1}] (the block's partial sum so
+far), and the output over [b₀ … b_B]. The stream then holds B + 1 slots, O(Bd). B = 0 (the
+default), or B ≥ 2N, is the full form: every block one sublayer. The paper leaves the output's
+aggregation to its code; here it is one more pseudo-query over all the values, before the final
+norm. Init: Pre-LN's (GPT-2 residual projections). Cost of the full form: every sublayer reads,
+and autograd re-writes, the whole slot tensor, O(N²d) per token over the model; on the CPU that
+is most of its step (profiled at width 64, depth 6: zero-filling and accumulating slot-tensor
+gradients), about 4× Pre-LN's step there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -55,18 +61,41 @@ def put(stream: Tensor, slot: int, value: Tensor) -> Tensor:
     return torch.cat([stream[..., :slot, :], value.unsqueeze(-2), stream[..., slot + 1 :, :]], -2)
 
 
+def block_of(sublayer: int, sublayers: int, blocks: int) -> tuple[int, bool]:
+    """Sublayer l's block n (1-based: slot 0 is the embedding's) of ``blocks`` over
+    ``sublayers`` (0: one per sublayer), and whether l is its block's first sublayer (then the
+    block holds nothing yet and l reads the earlier blocks only)."""
+    if not 0 < blocks < sublayers:
+        return sublayer, True
+    size = sublayers // blocks
+    block = (sublayer - 1) // size + 1
+    if block > blocks:  # the last block absorbs the remainder
+        return blocks, False
+    return block, (sublayer - 1) % size == 0
+
+
 class AttnResWiring(nn.Module):
-    def __init__(self, width: int, eps: float, layer: int) -> None:
+    def __init__(self, width: int, eps: float, layer: int, n_layers: int, blocks: int = 0) -> None:
         super().__init__()
-        self.slot_attn, self.slot_mlp = 2 * layer + 1, 2 * layer + 2  # slot 0: the embedding
+        # Sublayers 2·layer + 1 (attention) and + 2 (MLP), counted from 1 after the embedding.
+        self.block_attn, self.first_attn = block_of(2 * layer + 1, 2 * n_layers, blocks)
+        self.block_mlp, self.first_mlp = block_of(2 * layer + 2, 2 * n_layers, blocks)
         self.depth_attn, self.depth_mlp = DepthAttention(width, eps), DepthAttention(width, eps)
         self.norm_attn, self.norm_mlp = LayerNorm(width, eps), LayerNorm(width, eps)
 
+    @staticmethod
+    def read(x: Tensor, block: int, first: bool) -> Tensor:
+        return x[..., : block if first else block + 1, :]
+
+    @staticmethod
+    def add(x: Tensor, block: int, first: bool, value: Tensor) -> Tensor:
+        return put(x, block, value if first else x[..., block, :] + value)
+
     def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
-        h = self.depth_attn(x[..., : self.slot_attn, :])
-        x = put(x, self.slot_attn, attn(self.norm_attn(h)))
-        h = self.depth_mlp(x[..., : self.slot_mlp, :])
-        return put(x, self.slot_mlp, mlp(self.norm_mlp(h)))
+        h = self.depth_attn(self.read(x, self.block_attn, self.first_attn))
+        x = self.add(x, self.block_attn, self.first_attn, attn(self.norm_attn(h)))
+        h = self.depth_mlp(self.read(x, self.block_mlp, self.first_mlp))
+        return self.add(x, self.block_mlp, self.first_mlp, mlp(self.norm_mlp(h)))
 
 
 class EmbeddingIntoSlots(nn.Module):
@@ -92,11 +121,15 @@ class AttentionResiduals(PreLN):
         "only down-weight every sublayer output against the embedding"
     )
 
+    blocks: int = field(default=0, metadata={"since": "0.5"})  # Block AttnRes; 0: full AttnRes
+
     def wiring(self, width: int, n_layers: int, layer: int) -> Wiring:
-        return AttnResWiring(width, self.eps, layer)
+        if self.blocks < 0:
+            raise ValueError(f"variant.blocks: must be ≥ 0, 0 for full AttnRes (got {self.blocks})")
+        return AttnResWiring(width, self.eps, layer, n_layers, self.blocks)
 
     def expand_stream(self, width: int, n_layers: int) -> nn.Module:
-        return EmbeddingIntoSlots(2 * n_layers + 1)
+        return EmbeddingIntoSlots(block_of(2 * n_layers, 2 * n_layers, self.blocks)[0] + 1)
 
     def collapse_stream(self, width: int, n_layers: int) -> nn.Module:
         return DepthAttention(width, self.eps)

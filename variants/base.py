@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor, nn
@@ -251,7 +251,15 @@ class Variant:
         return NO_RECIPE
 
     def params(self) -> dict[str, Any]:
-        return asdict(self)
+        """The variant's own parameters, as they name its cells. A parameter added after cells
+        were stored (``field(metadata={"since": "0.5"})``) is left out at its default, so those
+        cells keep their ids; set, it is a parameter like any."""
+        values = asdict(self)
+        return {
+            spec.name: values[spec.name]
+            for spec in fields(self)
+            if spec.metadata.get("since") is None or values[spec.name] != spec.default
+        }
 
 
 def gpt2_residual_std(n_layers: int) -> float:

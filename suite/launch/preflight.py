@@ -48,7 +48,8 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     for name in variants.names():
         store.store(
-            group="variant", name=name, node={"name": name, **variants.get(name)().params()}
+            # Every parameter settable, also those params() leaves out of the id at default.
+            group="variant", name=name, node={"name": name, **asdict(variants.get(name)())}
         )
 
 

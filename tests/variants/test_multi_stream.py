@@ -352,6 +352,49 @@ def test_attention_residuals_with_unit_weights_over_depth_is_pre_ln(monkeypatch)
     torch.testing.assert_close(attnres(tokens), preln(tokens))
 
 
+@pytest.mark.parametrize("blocks", [2, 3, 5])
+def test_block_attention_residuals_with_unit_weights_is_pre_ln_too(monkeypatch, blocks):
+    """Summed within a block and read over block sums, unit weights still give every sublayer
+    the embedding plus all earlier outputs: Pre-LN's stream, whatever the blocks."""
+    from variants.attnres import DepthAttention
+
+    preln, attnres = build("preln"), build("attnres", blocks=blocks)
+    attnres.load_state_dict(preln.state_dict(), strict=False)
+    tokens = torch.randint(0, 50, (2, 8))
+    monkeypatch.setattr(DepthAttention, "weights", lambda self, v: torch.ones(v.shape[:-1]))
+    torch.testing.assert_close(attnres(tokens), preln(tokens))
+
+
+def test_block_attention_residuals_with_one_sublayer_per_block_is_full_attention_residuals():
+    full = build("attnres")
+    with torch.no_grad():
+        for parameter in full.parameters():
+            parameter.normal_(std=0.3)  # queries away from 0: the softmax is not uniform
+    tokens = torch.randint(0, 50, (2, 8))
+    for blocks in (2 * DEPTH, 2 * DEPTH + 3):  # as many blocks as sublayers, or more
+        block = build("attnres", blocks=blocks)
+        block.load_state_dict(full.state_dict())  # strict: the same parameters, no others
+        torch.testing.assert_close(block(tokens), full(tokens), rtol=0, atol=0)
+    fewer = build("attnres", blocks=2)
+    fewer.load_state_dict(full.state_dict())
+    assert not torch.allclose(fewer(tokens), full(tokens))  # blocks of 3 sublayers differ
+
+
+def test_block_attention_residuals_read_the_papers_values():
+    """Depth 3 (6 sublayers) in 2 blocks of 3: the slots are [b₀, b₁, b₂]; sublayer 1 reads
+    [b₀], 2 and 3 read [b₀, b₁ partial]; 4 reads [b₀, b₁]; 5 and 6 read [b₀, b₁, b₂ partial]."""
+    from variants.attnres import block_of
+
+    reads = [block_of(sublayer, 6, 2) for sublayer in range(1, 7)]
+    assert reads == [(1, True), (1, False), (1, False), (2, True), (2, False), (2, False)]
+    assert [block_of(sublayer, 7, 2) for sublayer in (6, 7)] == [(2, False), (2, False)]
+    model = build("attnres", blocks=2)
+    x = model.expand_stream(torch.randn(2, 8, WIDTH))
+    assert x.shape == (2, 8, 3, WIDTH)  # b₀ and one slot per block, not one per sublayer
+    with pytest.raises(ValueError, match="variant.blocks"):
+        build("attnres", blocks=-1)
+
+
 def test_attention_residuals_start_from_the_uniform_mean_and_fill_one_slot_per_sublayer():
     model = build("attnres")
     x = model.expand_stream(torch.randn(2, 8, WIDTH))
