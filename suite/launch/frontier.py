@@ -385,18 +385,20 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
 
 def _stop_children() -> None:
     """Ctrl-C (or a SIGTERM) reaches the frontier: each running one-cell sweep gets the Ctrl-C
-    a terminal would have sent it, which keeps every finished cell, and is waited for."""
+    a terminal would have sent it, which keeps every finished cell. One that ignores it (started
+    from a background shell, SIGINT ignored) gets a SIGTERM after a grace period, then a kill."""
     _stopping.set()
     with _children_lock:
         children = list(_children)
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signal.SIGINT)
-    for child in children:
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
+    for stop, grace in ((signal.SIGINT, 10.0), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        alive = [child for child in children if child.poll() is None]
+        for child in alive:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(stop)
+        deadline = time.monotonic() + grace
+        for child in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _log(cell: CellConfig) -> Path:

@@ -173,11 +173,11 @@ def test_a_recipe_sweep_naming_one_cell_twice_is_one_bracket():
     assert all(" = " in bracket.label for bracket in grid.brackets)
 
 
-def frontier_process(store, *extra: str) -> subprocess.Popen:
+def frontier_process(store, *extra: str, **popen) -> subprocess.Popen:
     args = ("+variant=preln", "sweep=tiny", "model.depth=2", "optim.lr=3e-2,10", "seed=0")
     return subprocess.Popen(
         [sys.executable, "-m", "suite.frontier", "--workers", "1", *args, f"store={store}", *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
     )  # fmt: skip
 
 
@@ -196,20 +196,28 @@ def test_two_frontiers_on_one_store_wait_for_each_other_instead_of_failing(tmp_p
     assert trained == len(list((tmp_path / "cells").iterdir()))  # no cell trained twice
 
 
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a job started with & in a script
+
+
 @pytest.mark.slow
-def test_sigterm_stops_the_probes_and_keeps_what_finished(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_sigterm_stops_the_probes_and_keeps_what_finished(tmp_path, sigint_ignored):
     import os
     import signal
     import time
 
-    process = frontier_process(tmp_path, "train.steps=100000")
+    popen = {"preexec_fn": _ignore_sigint} if sigint_ignored else {}
+    process = frontier_process(tmp_path, "train.steps=100000", **popen)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("cells/*/running.json")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert list(tmp_path.glob("cells/*")), "no probe started"
     time.sleep(3)
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    output = process.communicate(timeout=60)[0]  # a probe ignoring Ctrl-C gets SIGTERM at 10 s
     assert process.returncode == 130, output
     assert "interrupted" in output
     running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
