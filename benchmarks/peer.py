@@ -49,10 +49,10 @@ class Shape:
         return f"width {self.width}, depth {self.depth}, seq {self.seq_len}, batch {self.batch}"
 
 
-def suite_model(shape: Shape, variant: str) -> nn.Module:
+def suite_model(shape: Shape, variant: str, **params: object) -> nn.Module:
     return GPT(
         ModelShape(VOCAB, shape.width, shape.heads, shape.depth, 4.0, shape.seq_len),
-        variants.get(variant)(),
+        variants.get(variant)(**params),
     )
 
 

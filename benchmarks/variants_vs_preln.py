@@ -14,6 +14,7 @@ tensor autograd saves, counted once per storage: a property of the model, not of
 from __future__ import annotations
 
 import argparse
+import ast
 
 import torch
 
@@ -40,25 +41,34 @@ def saved_activation_mib(model: torch.nn.Module, shape) -> float:
     return sum(n for ptr, n in storages.items() if ptr not in parameters) / 2**20
 
 
+def model_of(shape, spec: str) -> torch.nn.Module:
+    """``name`` or ``name:key=value[:key=value]`` (values read as Python literals)."""
+    name, *settings = spec.split(":")
+    params = {key: ast.literal_eval(value) for key, value in (s.split("=", 1) for s in settings)}
+    return suite_model(shape, name, **params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=3, help="training steps per timed round")
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first N shapes only")
     parser.add_argument(
-        "--variants", help="only these variants (and preln, the reference), e.g. ngpt,attnres"
+        "--variants",
+        help="only these variants (and preln, the reference), e.g. ngpt,attnres; a variant's "
+        "own parameters after colons: attnres:blocks=8",
     )
     args = parser.parse_args()
     shapes = SHAPES[: args.shapes]
     names = variants.names()
     if args.variants:
-        chosen = {"preln", *args.variants.split(",")}
-        names = [name for name in names if name in chosen]
+        chosen = args.variants.split(",")
+        names = ["preln", *[name for name in chosen if name != "preln"]]
     ratios: dict[str, list[str]] = {name: [] for name in names}
     preln_ms = []
     for shape in shapes:
         torch.manual_seed(0)
-        steps = {name: training_step(suite_model(shape, name), shape) for name in names}
+        steps = {name: training_step(model_of(shape, name), shape) for name in names}
         seconds = alternate(steps, args.rounds, args.steps)
         preln_ms.append(f"{1000 * seconds['preln']:.1f} ms")
         for name in names:
@@ -67,7 +77,7 @@ def main() -> None:
     memory = {}
     for name in names:
         torch.manual_seed(0)
-        memory[name] = saved_activation_mib(suite_model(last, name), last)
+        memory[name] = saved_activation_mib(model_of(last, name), last)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = [f"w{s.width} L{s.depth}" for s in shapes]
     memory_header = f"activations w{last.width} L{last.depth}"

@@ -408,11 +408,14 @@ def _log(cell: CellConfig) -> Path:
 
 def _state(bracket: Bracket) -> str:
     row = bracket.result()
+    unknown = "?" if not bracket.decided else "none on the grid"
+    low, high = (
+        unknown if math.isnan(row[key]) else f"{row[key]:g}"
+        for key in ("max_stable_lr", "first_failing_lr")
+    )
     if not bracket.decided:
-        low = "?" if math.isnan(row["max_stable_lr"]) else f"{row['max_stable_lr']:g}"
-        high = "?" if math.isnan(row["first_failing_lr"]) else f"{row['first_failing_lr']:g}"
         return f"stable ≤ {low}, failing ≥ {high}"
-    return f"decided: max stable {row['max_stable_lr']}, first failing {row['first_failing_lr']}"
+    return f"decided: max stable {low}, first failing {high}"
 
 
 def _default_workers() -> int:
