@@ -60,6 +60,7 @@ COMMANDS = (
     "suite.remedy",
     "suite.frontier",
     "suite.compare",
+    "suite.leaderboard",
 )
 
 
