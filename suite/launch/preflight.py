@@ -49,7 +49,9 @@ def register_configs() -> None:
     for name in variants.names():
         store.store(
             # Every parameter settable, also those params() leaves out of the id at default.
-            group="variant", name=name, node={"name": name, **asdict(variants.get(name)())}
+            group="variant",
+            name=name,
+            node={"name": name, **asdict(variants.get(name)())},
         )
 
 
