@@ -22,7 +22,8 @@ def labelled(runs: pd.DataFrame) -> pd.DataFrame:
     if "failure_mechanism" not in runs:
         return runs.iloc[0:0]
     finished = ok_runs(runs)
-    return finished[finished["failure_mechanism"].fillna("").astype(str) != ""]
+    mechanism = finished["failure_mechanism"]  # float NaN when no run has one
+    return finished[mechanism.notna() & (mechanism.astype(str) != "")]
 
 
 def mechanism_counts(runs: pd.DataFrame) -> pd.DataFrame:
