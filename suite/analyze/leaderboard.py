@@ -33,6 +33,7 @@ from suite.analyze.summary import (
     lr_sensitivity,
     max_stable_lr,
     ok_runs,
+    seed_resamples,
     with_arm_labels,
 )
 from suite.store import RUNS
@@ -81,15 +82,8 @@ def leaderboard(runs: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -
     index = pd.MultiIndex.from_frame(finished[CELL].drop_duplicates()).sort_values()
     values = _values(finished).reindex(index)
     ranks = _ranks(values, index)
-    seeds = np.sort(finished["seed"].unique())
-    by_seed = {s: finished[finished["seed"] == s] for s in seeds}
-    rng = np.random.default_rng(seed)
-    draws = [tuple(sorted(rng.choice(seeds, size=len(seeds)))) for _ in range(resamples)]
-    computed = {
-        draw: _ranks(_values(pd.concat([by_seed[s] for s in draw])), index)
-        for draw in dict.fromkeys(draws)
-    }
-    stacked = np.stack([computed[draw].to_numpy() for draw in draws])  # resample × row × column
+    resampled = seed_resamples(finished, lambda r: _ranks(_values(r), index), resamples, seed)
+    stacked = np.stack([ranked.to_numpy() for ranked in resampled])  # resample × row × column
     table = values.copy()
     for position, name in enumerate(RANKED):
         rank = RANK_OF[name]

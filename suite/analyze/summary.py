@@ -206,15 +206,11 @@ def median_escape_step(runs: pd.DataFrame) -> float:
     return float(reached["step"].iloc[0]) if not reached.empty else math.inf
 
 
-def seed_bootstrap(runs: pd.DataFrame, metric, resamples: int = 400, seed: int = 0) -> pd.DataFrame:
-    """Per (variant, depth): a 95% percentile interval of ``metric`` (a function of runs giving a
-    Series per (variant, depth)) under resampling the seeds with replacement: each resample keeps
-    every run of the drawn seeds, a seed drawn twice counting twice. Deterministic (fixed RNG),
-    so the same table gives the same interval on any machine. Columns ``lo`` and ``hi``."""
-    finished = ok_runs(runs)
+def seed_resamples(finished: pd.DataFrame, metric, resamples: int = 400, seed: int = 0) -> list:
+    """``metric`` of each of ``resamples`` resamples of the seeds with replacement, in draw order:
+    each resample keeps every run of the drawn seeds, a seed drawn twice counting twice.
+    Deterministic (fixed RNG), so the same table gives the same resamples on any machine."""
     seeds = np.sort(finished["seed"].unique())
-    if len(seeds) < 2:
-        return pd.DataFrame(columns=["lo", "hi"], dtype=float)
     by_seed = {s: finished[finished["seed"] == s] for s in seeds}
     rng = np.random.default_rng(seed)
     # A resample's metric depends only on which seeds it drew, not their order: with 2 seeds
@@ -223,7 +219,16 @@ def seed_bootstrap(runs: pd.DataFrame, metric, resamples: int = 400, seed: int =
     computed = {
         draw: metric(pd.concat([by_seed[s] for s in draw])) for draw in dict.fromkeys(draws)
     }
-    table = pd.concat([computed[draw] for draw in draws], axis=1)
+    return [computed[draw] for draw in draws]
+
+
+def seed_bootstrap(runs: pd.DataFrame, metric, resamples: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Per (variant, depth): a 95% percentile interval of ``metric`` (a function of runs giving a
+    Series per (variant, depth)) over :func:`seed_resamples`. Columns ``lo`` and ``hi``."""
+    finished = ok_runs(runs)
+    if finished["seed"].nunique() < 2:
+        return pd.DataFrame(columns=["lo", "hi"], dtype=float)
+    table = pd.concat(seed_resamples(finished, metric, resamples, seed), axis=1)
     return pd.DataFrame(
         {
             "lo": table.quantile(0.025, axis=1, interpolation="lower"),
