@@ -28,8 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from suite.config import LABEL_KNOBS, VerdictConfig
+from suite.store import curve_length, read_curve_columns
 
 CONVERGED, STALLED, DIVERGED, UNTRAINED = "converged", "stalled", "diverged", "untrained"
 VERDICTS = (CONVERGED, STALLED, DIVERGED, UNTRAINED)
@@ -127,6 +130,22 @@ def judge(
 ) -> str:
     """The verdict alone (the budget only matters for the borderline flag)."""
     return judge_curve(losses, diverged, len(losses), unigram_entropy, cfg).verdict
+
+
+def judge_stored(
+    store: str | Path, record: dict[str, Any], cfg: VerdictConfig
+) -> tuple[Judgement, dict[str, list[Any]]]:
+    """Judge a finished run from its curve in the store, and that curve (column by column).
+    Raises OSError, ValueError, KeyError, TypeError or OverflowError when the curve is missing,
+    unreadable or not the one the record describes (another number of steps)."""
+    curve = read_curve_columns(store, record["cell_id"], record)
+    losses = [float(loss) for loss in curve.get("loss", [])]
+    expected = curve_length(record)
+    if len(losses) != expected:
+        raise ValueError(f"{len(losses)} steps stored, the record has {expected}")
+    diverged = record.get("diverged_step") is not None
+    budget, entropy = int(record["steps"]), float(record["unigram_entropy"])
+    return judge_curve(losses, diverged, budget, entropy, cfg), curve
 
 
 def rule_description(cfg: VerdictConfig) -> str:

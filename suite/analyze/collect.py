@@ -40,12 +40,10 @@ from suite.store import (
     RUNS,
     SUMMARY,
     UNREADABLE,
-    curve_length,
-    read_curve_columns,
     read_records,
     write_table,
 )
-from suite.verdict import judge_curve, rule_description
+from suite.verdict import judge_stored, rule_description
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +161,8 @@ def judge_record(record: dict[str, Any], store: str | Path, verdict: VerdictConf
     if record.get("status") != "ok":
         return
     record["verdict_rule"] = rule_description(verdict)
-    diverged = record.get("diverged_step") is not None
     try:
-        curve = read_curve_columns(store, record["cell_id"], record)  # record already read
-        losses = [float(loss) for loss in curve.get("loss", [])]
-        expected = curve_length(record)
-        if len(losses) != expected:
-            raise ValueError(f"{len(losses)} steps stored, the record has {expected}")
-        judgement = judge_curve(
-            losses, diverged, int(record["steps"]), float(record["unigram_entropy"]), verdict
-        )
+        judgement, curve = judge_stored(store, record, verdict)  # record already read
     except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:
         log.warning(
             "%s: cannot judge from its curve (%s); keeping the verdict recorded in training",

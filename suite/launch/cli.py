@@ -151,19 +151,24 @@ def run_job(cfg: DictConfig) -> str:
             claim.release()
 
 
-def finished(cell: CellConfig) -> bool:
-    """Whether the store holds this cell's finished result, trained as the cell says: a record
+def finished_run(cell: CellConfig) -> dict[str, Any] | None:
+    """The store's finished record of this cell, trained as the cell says, or None: a record
     whose config trains differently (a packed run stored under an unpacked cell's id by suite
     0.3) is not this cell's, and the cell is trained (and its folder replaced)."""
     record = finished_record(cell.store, cell.cell_id())
     if record is None:
-        return False
+        return None
     if identity_hash(record.get("config") or {}) != cell.config_hash():
         log.warning(
             "%s: its stored record was trained differently; it is trained again", cell.cell_id()
         )
-        return False
-    return True
+        return None
+    return record
+
+
+def finished(cell: CellConfig) -> bool:
+    """Whether the store holds this cell's finished result (:func:`finished_run`)."""
+    return finished_run(cell) is not None
 
 
 def _planned_earlier(plan: SweepPlan, cell_id: str) -> bool:

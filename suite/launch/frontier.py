@@ -55,12 +55,12 @@ import pandas as pd
 
 from suite.config import CellConfig, ConfigError
 from suite.launch.claims import CLAIM, is_stale
-from suite.launch.cli import PARALLEL_ENV, finished, preflight_overrides
+from suite.launch.cli import PARALLEL_ENV, finished, finished_run, preflight_overrides
 from suite.launch.devices import detect_gpus
 from suite.launch.preflight import launcher_choice, preflight, root_setting, sweep_cells
 from suite.plan import utc_now
-from suite.store import cell_dir, finished_record, read_curve_columns
-from suite.verdict import CONVERGED, STALLED, judge_curve
+from suite.store import cell_dir
+from suite.verdict import CONVERGED, STALLED, judge_stored
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class Bracket:
     label: str
     lrs: list[float]
     seeds: list[int]
-    lowest_failing: int = -1  # set in __post_init__: len(lrs), no LR known to fail yet
-    highest_stable: int = -1  # -1: no LR known to be stable yet
+    lowest_failing: int = field(init=False)  # len(lrs) until an LR is known to fail
+    highest_stable: int = field(init=False, default=-1)  # -1 until an LR is known stable
     verdicts: dict[tuple[int, int], str] = field(default_factory=dict)  # (LR index, seed)
     error: str = ""
 
@@ -158,17 +158,11 @@ def stored_verdict(cell: CellConfig) -> str | None:
     verdict rule (``verdict.*``, as collect judges); None when the store has no finished run of
     this cell (as resume decides: a record trained differently is not). A curve that cannot be
     read leaves the verdict recorded in training, as collect does."""
-    if not finished(cell):
-        return None
-    record = finished_record(cell.store, cell.cell_id())
+    record = finished_run(cell)
     if record is None:
         return None
     try:
-        curve = read_curve_columns(cell.store, cell.cell_id(), record)
-        losses = [float(loss) for loss in curve["loss"]]
-        diverged = record.get("diverged_step") is not None
-        budget, entropy = int(record["steps"]), float(record["unigram_entropy"])
-        return judge_curve(losses, diverged, budget, entropy, cell.verdict).verdict
+        return judge_stored(cell.store, record, cell.verdict)[0].verdict
     except (OSError, ValueError, KeyError, TypeError, OverflowError) as error:
         log.warning("%s: cannot judge from its curve (%s); using its record", cell.cell_id(), error)
         return record.get("verdict")
@@ -331,11 +325,12 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
             bracket.error = why
             _say(f"{bracket.label}: {why}")
 
-    def record(key: tuple[int, int, int]) -> None:
+    def record(key: tuple[int, int, int], verdict: str | None = None) -> None:
         number, index, seed = key
         bracket = grid.brackets[number]
         job, cell = grid.jobs[key]
-        verdict = stored_verdict(cell)
+        if verdict is None:
+            verdict = stored_verdict(cell)
         if verdict is None:
             fail(key, f"{cell.cell_id()} did not finish (its log: {_log(cell)})")
             return
@@ -351,8 +346,9 @@ def run(grid: Grid, launcher: str, workers: int, resume: bool) -> int:
             for key in next_cells():
                 started.add(key)
                 job, cell = grid.jobs[key]
-                if resume and stored_verdict(cell) is not None:
-                    record(key)
+                stored = stored_verdict(cell) if resume else None
+                if stored is not None:
+                    record(key, stored)
                     looking = True
                     break
                 try:
@@ -478,9 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nStability frontier ({int(table['cells'].sum())} of {grid_cells} grid cells, "
           f"{trained} trained now, {time.monotonic() - began:.0f} s):")  # fmt: skip
     print(table.to_string(index=False))
-    store = Path(next(iter(grid.jobs.values()))[1].store)
-    sweep = next(iter(grid.jobs.values()))[1].sweep
-    out = store / FRONTIER / f"{sweep}-{utc_now().replace(':', '')}-{os.getpid()}.csv"
+    _, first = next(iter(grid.jobs.values()))
+    name = f"{first.sweep}-{utc_now().replace(':', '')}-{os.getpid()}.csv"
+    out = Path(first.store) / FRONTIER / name
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     print(f"-> {out}")
