@@ -116,6 +116,17 @@ def write_table(runs: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: runs.to_parquet(tmp, index=False))
 
 
+def read_runs(store: str | Path) -> pd.DataFrame:
+    """The store's collected table as the last collect wrote it; FileNotFoundError, saying how
+    to make it, when there is none."""
+    path = Path(store) / RUNS
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{store} has no {RUNS}: collect it first (python -m suite.collect --store {store})"
+        )
+    return pd.read_parquet(path)
+
+
 def finished_record(store: str | Path, cell_id: str) -> dict[str, Any] | None:
     """The cell's record if it finished (status ok), is whole, and its curve is the one it
     describes; None if absent, errored, unreadable, damaged, or its curve is missing, unreadable

@@ -36,7 +36,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -52,7 +51,7 @@ from suite.analyze.statistics import (
 from suite.analyze.summary import ok_runs, with_arm_labels
 from suite.config import SECTIONS
 from suite.record import GROUPS
-from suite.store import RUNS
+from suite.store import read_runs as read_collected
 from suite.verdict import CONVERGED
 
 ALPHA = 0.05
@@ -280,12 +279,10 @@ def environment_notes(a: Side, b: Side) -> list[str]:
 
 
 def read_runs(store: str) -> pd.DataFrame:
-    path = Path(store) / RUNS
-    if not path.exists():
-        raise CompareError(
-            f"{store} has no {RUNS}: collect it first (python -m suite.collect --store {store})"
-        )
-    return pd.read_parquet(path)
+    try:
+        return read_collected(store)
+    except FileNotFoundError as error:
+        raise CompareError(str(error)) from None
 
 
 def format_table(table: pd.DataFrame) -> str:

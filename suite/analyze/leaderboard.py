@@ -36,7 +36,7 @@ from suite.analyze.summary import (
     seed_resamples,
     with_arm_labels,
 )
-from suite.store import RUNS
+from suite.store import read_runs
 
 RESAMPLES = 400
 # Each ranked column: how it is computed from runs (per (arm, depth)) and whether higher is better.
@@ -160,12 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", help="also write the tables as Markdown to this file")
     parser.add_argument("--csv", help="also write the tables, every column, as CSV to this file")
     args = parser.parse_args(argv)
-    path = Path(args.store) / RUNS
-    if not path.exists():
-        print(f"leaderboard: {args.store} has no {RUNS}: collect it first "
-              f"(python -m suite.collect --store {args.store})", file=sys.stderr)  # fmt: skip
-        raise SystemExit(2)
-    runs = pd.read_parquet(path)
+    try:
+        runs = read_runs(args.store)
+    except FileNotFoundError as error:
+        print(f"leaderboard: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.sweep:
         runs = runs[runs["sweep"] == args.sweep]
     tables = leaderboards(runs)
