@@ -203,13 +203,13 @@ def seed_difference(
         ) if se > 0 else max(1, len(per_a) + len(per_b) - 2)  # fmt: skip
     if n < 2 or math.isnan(se):
         return {**row, "lo": math.nan, "hi": math.nan, "p": math.nan, "detectable": math.nan}
+    if floor >= ALPHA:  # no interval these seeds cannot back: they cannot show any difference
+        return {**row, "lo": math.nan, "hi": math.nan, "p": floor, "detectable": math.inf}
     critical = t_critical(df)
     if se == 0:
         p = 1.0 if row["difference"] == 0 else 0.0
     else:
         p = t_two_sided_p(row["difference"] / se, df)
-    if floor >= ALPHA:  # no interval these seeds cannot back: they cannot show any difference
-        return {**row, "lo": math.nan, "hi": math.nan, "p": floor, "detectable": math.inf}
     return {
         **row,
         "lo": row["difference"] - critical * se,
