@@ -12,12 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_suite(
-    *args: str, timeout: int = 300, env: dict | None = None
+    *args: str, timeout: int = 300, env: dict | None = None, command: str = "suite"
 ) -> subprocess.CompletedProcess:
-    """The real CLI, as a user types it, in a subprocess."""
+    """The real CLI, as a user types it, in a subprocess: ``python -m suite`` (or another of the
+    suite's commands, e.g. ``command="suite.compare"``)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "suite", *args],
+        [sys.executable, "-m", command, *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -4,12 +4,11 @@ smallest detectable difference; refusals name what is missing."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import REPO
+from helpers import run_suite
 
 from suite.analyze.compare import CompareError, Side, arm_runs, compare
 from suite.analyze.statistics import (
@@ -130,10 +129,7 @@ def test_the_command_compares_two_arms_and_two_stores(tmp_path):
     runs_of("a", seeds).to_parquet(two / "runs.parquet")
 
     def command(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "suite.compare", *args],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        return run_suite(*args, timeout=120, command="suite.compare")
 
     arms = command("a", "b", "--store", str(one), "--csv", str(tmp_path / "t.csv"))
     assert arms.returncode == 0, arms.stderr

@@ -3,12 +3,9 @@ exported to Markdown and CSV."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
-from helpers import REPO
+from helpers import run_suite
 
 from suite.analyze.leaderboard import display, leaderboard, leaderboards
 
@@ -78,17 +75,13 @@ def test_presets_are_ranked_apart_and_exported(tmp_path):
     assert [table["sweep"].iloc[0] for table in leaderboards(runs)] == ["lr", "quick"]
     (tmp_path / "store").mkdir()
     runs.to_parquet(tmp_path / "store" / "runs.parquet")
-    result = subprocess.run(
-        [sys.executable, "-m", "suite.leaderboard", "--store", str(tmp_path / "store"),
-         "--markdown", str(tmp_path / "lb.md"), "--csv", str(tmp_path / "lb.csv")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+    result = run_suite(
+        "--store", str(tmp_path / "store"), "--markdown", str(tmp_path / "lb.md"),
+        "--csv", str(tmp_path / "lb.csv"), timeout=120, command="suite.leaderboard",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     markdown = (tmp_path / "lb.md").read_text()
     assert "## quick" in markdown and "| depth | arm | max stable LR |" in markdown
     assert len(pd.read_csv(tmp_path / "lb.csv")) == 2
-    missing = subprocess.run(
-        [sys.executable, "-m", "suite.leaderboard", "--store", str(tmp_path / "none")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    missing = run_suite("--store", str(tmp_path / "none"), timeout=120, command="suite.leaderboard")
     assert missing.returncode == 2 and "python -m suite.collect" in missing.stderr

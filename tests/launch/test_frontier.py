@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 import pytest
-from helpers import REPO
+from helpers import REPO, run_suite
 
 from suite.launch.frontier import Bracket, search
 from suite.launch.preflight import sweep_cells
@@ -72,14 +72,8 @@ def test_a_seed_that_arrives_after_its_probe_was_decided_does_not_move_the_front
     assert bracket.probe() == 0 and bracket.highest_stable == -1
 
 
-def frontier(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "suite.frontier", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def frontier(*args: str) -> subprocess.CompletedProcess:
+    return run_suite(*args, command="suite.frontier")
 
 
 @pytest.mark.slow
