@@ -116,11 +116,59 @@ def write_table(runs: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: runs.to_parquet(tmp, index=False))
 
 
+# The reference results shipped with the suite: a store holding only its collected table (the
+# curves stay with whoever trained it) and the environment it was measured in.
+REFERENCE_ROOT = Path(__file__).resolve().parent.parent / "reference"
+REFERENCE = "reference"  # what a user types for the shipped reference wherever a store is read
+ENVIRONMENT = "environment.json"
+
+
+def reference_dir(name: str = "quick") -> Path:
+    """The shipped reference of that name (``reference/<name>``): its runs.parquet and
+    environment.json."""
+    return REFERENCE_ROOT / name
+
+
+def resolve_store(store: str | Path) -> Path:
+    """A store as typed: ``reference`` (or ``reference:<name>``) is the shipped reference,
+    anything else a folder."""
+    text = str(store)
+    if text == REFERENCE or text.startswith(f"{REFERENCE}:"):
+        return reference_dir(text.partition(":")[2] or "quick")
+    return Path(text)
+
+
+def read_environment(store: str | Path) -> dict[str, Any]:
+    """A shipped reference's environment (where and how it was measured); {} when none."""
+    try:
+        return json.loads((resolve_store(store) / ENVIRONMENT).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# Where ``python -m suite.reference calibrate`` says whether this machine reproduces the reference.
+CALIBRATION_STORE = "results/calibration"
+CALIBRATION = "calibration.json"
+
+
+def read_calibration(store: str | Path = CALIBRATION_STORE) -> dict[str, Any]:
+    """The last calibration's outcome in that store; {} when there was none."""
+    try:
+        return json.loads((Path(store) / CALIBRATION).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def read_runs(store: str | Path) -> pd.DataFrame:
     """The store's collected table as the last collect wrote it; FileNotFoundError, saying how
-    to make it, when there is none."""
-    path = Path(store) / RUNS
+    to make it, when there is none. ``reference`` reads the shipped reference."""
+    path = resolve_store(store) / RUNS
     if not path.exists():
+        if resolve_store(store) != Path(str(store)):
+            raise FileNotFoundError(
+                f"{store}: no shipped reference at {path.parent} "
+                "(python -m suite.reference run makes it)"
+            )
         raise FileNotFoundError(
             f"{store} has no {RUNS}: collect it first (python -m suite.collect --store {store})"
         )

@@ -61,6 +61,7 @@ COMMANDS = (
     "suite.frontier",
     "suite.compare",
     "suite.leaderboard",
+    "suite.reference",
 )
 
 

@@ -36,6 +36,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ from suite.analyze.statistics import (
 from suite.analyze.summary import ok_runs, with_arm_labels
 from suite.config import SECTIONS
 from suite.record import GROUPS
+from suite.store import CALIBRATION_STORE, read_calibration, resolve_store
 from suite.store import read_runs as read_collected
 from suite.verdict import CONVERGED
 
@@ -278,6 +280,36 @@ def environment_notes(a: Side, b: Side) -> list[str]:
     return notes
 
 
+def is_reference(store: str) -> bool:
+    return resolve_store(store) != Path(store)
+
+
+def calibration_note(mine: Side, baseline: Side, calibration: dict, where: str) -> str:
+    """Whether the machine that ran ``mine`` was found to reproduce the shipped reference for the
+    baseline's variant (``python -m suite.reference calibrate``)."""
+    devices = sorted(set(mine.runs.get("device_name", pd.Series(dtype=str)).dropna()))
+    variant = str(baseline.runs["variant"].iloc[0])
+    command = f"python -m suite.reference calibrate --variants {variant}"
+    if not calibration:
+        return f"no calibration in {where}: does your machine reproduce the reference? {command}"
+    checked_on = calibration.get("device_name", [])
+    if not set(devices) <= set(checked_on):
+        return (
+            f"the calibration in {where} ran on {checked_on}, your runs on {devices}: calibrate "
+            f"on the machine that trained them: {command}"
+        )
+    outcomes = {cell["variant"]: cell["within_tolerance"] for cell in calibration.get("cells", [])}
+    when = calibration.get("checked_at")
+    if variant not in outcomes:
+        return f"the calibration in {where} ({when}) did not check {variant}: {command}"
+    if outcomes[variant]:
+        return f"this machine reproduced the reference's {variant} within tolerance ({when})"
+    return (
+        f"this machine did NOT reproduce the reference's {variant} (calibration, {when}): "
+        f"re-run it in your store and compare there: python -m suite +variant={variant}"
+    )
+
+
 def read_runs(store: str) -> pd.DataFrame:
     try:
         return read_collected(store)
@@ -304,18 +336,30 @@ def main(argv: list[str] | None = None) -> None:
         "arms", nargs="+", help="A B (two arms of --store), or one arm with --against"
     )
     parser.add_argument("--store", default="results", help="results store (default: results)")
-    parser.add_argument("--against", help="a second store: compare the arm in --store against it")
+    parser.add_argument(
+        "--against",
+        help="a second store (or 'reference', the shipped reference results): A from --store, "
+        "B (or the same arm, given one) from this store",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=CALIBRATION_STORE,
+        help=f"where python -m suite.reference calibrate wrote (default: {CALIBRATION_STORE})",
+    )
     parser.add_argument("--csv", help="also write the table to this CSV file")
     args = parser.parse_args(argv)
     try:
         runs = read_runs(args.store)
         if args.against:
-            if len(args.arms) != 1:
-                raise CompareError("with --against give one arm (the same in both stores)")
+            if len(args.arms) not in (1, 2):
+                raise CompareError(
+                    "with --against give one arm (the same in both stores) or two (A B)"
+                )
             other = read_runs(args.against)
-            arm = args.arms[0]
-            a = Side(f"{arm} in {args.store}", arm_runs(runs, arm, args.store))
-            b = Side(f"{arm} in {args.against}", arm_runs(other, arm, args.against))
+            arm_a, arm_b = args.arms[0], args.arms[-1]
+            name_a = arm_a if arm_a != arm_b else f"{arm_a} in {args.store}"
+            a = Side(name_a, arm_runs(runs, arm_a, args.store))
+            b = Side(f"{arm_b} in {args.against}", arm_runs(other, arm_b, args.against))
         else:
             if len(args.arms) != 2:
                 raise CompareError(
@@ -331,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(table))
     for note in environment_notes(a, b):
         print(f"note: measured in different environments ({note}); losses can differ by machine")
+    if args.against and is_reference(args.against):
+        print(
+            f"note: {calibration_note(a, b, read_calibration(args.calibration), args.calibration)}"
+        )
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"-> {args.csv}")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from suite.analyze.baseline import with_reference
 from suite.analyze.summary import (
     CELL,
     best_val,
@@ -157,11 +158,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--store", default="results", help="results store (default: results)")
     parser.add_argument("--sweep", help="only runs of this sweep preset (e.g. quick)")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="rank the shipped reference's arms the store lacks beside its own",
+    )
     parser.add_argument("--markdown", help="also write the tables as Markdown to this file")
     parser.add_argument("--csv", help="also write the tables, every column, as CSV to this file")
     args = parser.parse_args(argv)
     try:
         runs = read_runs(args.store)
+        if args.reference:
+            runs, note = with_reference(runs)
+            print(f"baseline arms: {note or 'none (the store has every arm of the reference)'}")
     except FileNotFoundError as error:
         print(f"leaderboard: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from suite.analyze import diagnostics_figures, figures
+from suite.analyze.baseline import with_reference
 from suite.analyze.collect import add_verdict_arguments, collect, parse_verdict
 from suite.analyze.leaderboard import display, leaderboards
 from suite.analyze.summary import (
@@ -42,7 +43,7 @@ from suite.analyze.transfer import transfer_exponents
 from suite.analyze.why import mechanism_counts, remedy_table
 from suite.provenance import git_sha, suite_version
 from suite.record import FORMATS, REPORT_COLUMNS
-from suite.store import atomic_write, read_curve
+from suite.store import atomic_write, cell_dir, read_curve
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,11 @@ def build_sections(
         )
     depth, lr = curves_cell or figures.hardest_cell(finished)
     unplottable: list[str] = []
-    curves = curves_at(finished, store, depth, lr, unplottable)
+    # Runs added from the shipped reference have no cell folder here: their curves stay with
+    # whoever trained them.
+    in_store = finished["cell_id"].map(lambda cell_id: cell_dir(store, cell_id).is_dir())
+    curves = curves_at(finished[in_store], store, depth, lr, unplottable)
+    elsewhere = finished[~in_store & (finished["depth"] == depth) & (finished["lr"] == lr)]
     curves_section = sections[-1]
     curves_section.title = f"Training curves at depth {depth}, LR {lr:g}"
     chosen = (
@@ -311,6 +316,11 @@ def build_sections(
         curves_section.caption += (
             f" Left out: {len(unplottable)} run(s) whose stored curve is missing or damaged "
             f"({', '.join(unplottable)})."
+        )
+    if len(elsewhere):
+        curves_section.caption += (
+            f" Not drawn: {', '.join(sorted(set(elsewhere['variant'])))} (from the shipped "
+            "reference, whose curves are not shipped)."
         )
     if curves.empty:
         curves_section.note = f"No curves stored for depth {depth}, LR {lr:g}."
@@ -452,6 +462,7 @@ def render(
     store: Path,
     benchmarks: pd.DataFrame | None = None,
     curves_cell: tuple[int, float] | None = None,
+    baseline_note: str = "",
 ) -> str:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
@@ -464,7 +475,7 @@ def render(
     errored = runs[runs["status"] != "ok"]
     summary = summarize(runs)
     return environment.get_template("report.html.j2").render(
-        header=header(runs),
+        header=header(runs) | ({"Baseline arms": baseline_note} if baseline_note else {}),
         counts={
             "runs": len(runs),
             "finished": int((runs["status"] == "ok").sum()),
@@ -546,6 +557,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--benchmark", type=Path, help="pytest-benchmark JSON to fold into the throughput figure"
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="add the shipped reference's arms the store lacks as baselines (reference/quick)",
+    )
     parser.add_argument("--curves-depth", type=int, help="depth of the training-curves figure")
     parser.add_argument("--curves-lr", type=float, help="LR of the training-curves figure")
     add_verdict_arguments(parser)
@@ -553,9 +569,19 @@ def main(argv: list[str] | None = None) -> None:
     if (args.curves_depth is None) != (args.curves_lr is None):
         parser.error("--curves-depth and --curves-lr go together")
     verdict = parse_verdict(parser, args.verdict)
-    runs = filter_runs(
-        collect(args.store, write=False, verdict=verdict), args.variants, args.depths, args.sweep
-    )
+    runs = collect(args.store, write=False, verdict=verdict)
+    baseline_note = ""
+    if args.reference:
+        if args.verdict:
+            parser.error(
+                "--reference: the shipped reference is judged by the default verdict rule "
+                "(its curves are not shipped); drop the verdict.* overrides"
+            )
+        try:
+            runs, baseline_note = with_reference(runs)
+        except FileNotFoundError as error:
+            raise SystemExit(f"report: {error}") from None
+    runs = filter_runs(runs, args.variants, args.depths, args.sweep)
     if runs.empty:
         raise SystemExit(
             f"no runs in {args.store} match the filters; run a sweep first "
@@ -564,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     curves_cell = (args.curves_depth, args.curves_lr) if args.curves_depth is not None else None
     if args.out.is_dir():
         parser.exit(2, f"config error: --out: {args.out} is a folder; give the HTML file's path\n")
-    html = render(runs, args.store, load_benchmarks(args.benchmark), curves_cell)
+    html = render(runs, args.store, load_benchmarks(args.benchmark), curves_cell, baseline_note)
     try:
         out = write_report(html, args.out)
     except OSError as error:

@@ -1,0 +1,258 @@
+"""The shipped reference results: made by ``python -m suite.reference ship``, checked by
+``calibrate``, read by compare, the leaderboard and the report as the baseline (a plugin author
+trains only their own variant). The shipped table itself is held against the suite: every row a
+built-in's cell that the suite still composes with the same id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import REPO, run_suite
+
+from suite.launch.reference import (
+    ESCAPE_TOLERANCE,
+    LOSS_TOLERANCE,
+    agreement,
+    built_ins,
+    calibration_cell,
+    expected_cells,
+    ship,
+)
+from suite.store import ENVIRONMENT, RUNS, read_environment, read_runs, reference_dir, resolve_store
+
+SHIPPED = reference_dir("quick")
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    """A reference made the way the shipped one is, on the tiny preset: a real sweep, shipped."""
+    root = tmp_path_factory.mktemp("reference")
+    store = root / "store"
+    result = run_suite("+variant=preln,postln", "sweep=tiny", f"store={store}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = ship(str(store), name="tiny", out=root / "tiny")
+    return store, folder
+
+
+def test_ship_writes_the_grid_and_where_it_was_measured(tiny_reference):
+    store, folder = tiny_reference
+    table = pd.read_parquet(folder / RUNS)
+    assert len(table) == 8 and set(table["variant"]) == {"preln", "postln"}
+    assert "curve_file" not in table  # the curves stay in the store that trained them
+    environment = json.loads((folder / ENVIRONMENT).read_text())
+    assert environment["arms"] == ["postln · gpt2", "preln · gpt2"]
+    assert environment["incomplete_arms"] == {}
+    assert environment["device_name"] == sorted(set(table["device_name"]))
+    assert environment["cell_seconds_by_arm"]["preln · gpt2"] > 0
+
+
+def test_calibration_passes_on_the_machine_that_made_the_reference(tiny_reference, tmp_path):
+    _, folder = tiny_reference
+    result = run_suite(
+        "calibrate", "--reference", str(folder), "--store", str(tmp_path), "--variants",
+        "preln,postln", command="suite.reference",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    outcome = json.loads((tmp_path / "calibration.json").read_text())
+    assert outcome["passed"] and outcome["failed_variants"] == []
+    for cell in outcome["cells"]:  # same machine, same code: the very same numbers
+        assert cell["val_loss_difference"] == 0 and cell["verdict_here"] == "converged"
+    assert "reproduces the reference" in result.stdout
+
+
+def test_calibration_names_the_baseline_to_rerun_when_the_machine_differs(tiny_reference, tmp_path):
+    """A reference whose Post-LN cell reads 0.2 nats higher than this machine trains it."""
+    _, folder = tiny_reference
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    table = pd.read_parquet(moved / RUNS)
+    cell = calibration_cell(table, "postln", "gpt2")
+    table.loc[table["cell_id"] == cell["cell_id"], "val_loss"] += 0.2
+    table.to_parquet(moved / RUNS, index=False)
+    result = run_suite(
+        "calibrate", "--reference", str(moved), "--store", str(tmp_path / "calibration"),
+        "--variants", "preln,postln", command="suite.reference",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "does not reproduce the reference for postln" in result.stderr
+    assert "python -m suite +variant=postln " in result.stderr
+    outcome = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
+    assert outcome["failed_variants"] == ["postln"]
+
+
+def test_calibration_refuses_a_variant_the_reference_lacks(tiny_reference, tmp_path):
+    _, folder = tiny_reference
+    result = run_suite(
+        "calibrate", "--reference", str(folder), "--store", str(tmp_path), "--variants", "rezero",
+        command="suite.reference",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no rezero on gpt2; it has: postln, preln" in result.stderr
+    assert not (tmp_path / "cells").exists()  # refused before anything trained
+
+
+def _rows(**columns) -> pd.DataFrame:
+    base = {"variant": "preln", "backbone": "gpt2", "borderline": False, "seed": 0}
+    return pd.DataFrame([{**base, **row} for row in columns["rows"]])
+
+
+def test_the_calibration_cell_is_the_one_farthest_from_a_boundary():
+    rows = [
+        # depth 6: LR 1e-3 has a borderline seed, 3e-3 a stalled one; 1e-2 is steady
+        {"depth": 6, "lr": 1e-3, "seed": 0, "verdict": "converged", "borderline": True},
+        {"depth": 6, "lr": 1e-3, "seed": 1, "verdict": "converged"},
+        {"depth": 6, "lr": 3e-3, "seed": 0, "verdict": "converged"},
+        {"depth": 6, "lr": 3e-3, "seed": 1, "verdict": "stalled"},
+        {"depth": 6, "lr": 1e-2, "seed": 1, "verdict": "converged"},
+        {"depth": 6, "lr": 1e-2, "seed": 0, "verdict": "converged"},
+        {"depth": 24, "lr": 1e-3, "seed": 0, "verdict": "converged"},
+    ]
+    cell = calibration_cell(_rows(rows=rows), "preln", "gpt2")
+    assert (cell["depth"], cell["lr"], cell["seed"]) == (6, 1e-2, 0)
+    never = [{"depth": 6, "lr": lr, "verdict": "diverged"} for lr in (3e-3, 1e-3)]
+    cell = calibration_cell(_rows(rows=never), "preln", "gpt2")
+    assert cell["lr"] == 1e-3  # only its verdict can be compared
+
+
+@pytest.mark.parametrize(
+    ("loss_moved", "escape_moved", "verdict_here", "within"),
+    [
+        (LOSS_TOLERANCE * 0.8, 0, "converged", True),
+        (LOSS_TOLERANCE * 1.2, 0, "converged", False),
+        (-LOSS_TOLERANCE * 1.2, 0, "converged", False),
+        (0.0, ESCAPE_TOLERANCE - 5, "converged", True),
+        (0.0, ESCAPE_TOLERANCE + 5, "converged", False),
+        (0.0, 0, "stalled", False),
+    ],
+)
+def test_agreement_holds_a_run_to_the_stated_tolerance(
+    loss_moved, escape_moved, verdict_here, within
+):
+    reference = pd.Series(
+        {
+            "variant": "preln",
+            "cell_id": "c",
+            "verdict": "converged",
+            "val_loss": 2.3,
+            "escape_step": 60.0,
+        }  # fmt: skip
+    )
+    here = {"verdict": verdict_here, "val_loss": 2.3 + loss_moved,
+            "escape_step": 60 + escape_moved, "device_name": "cpu"}  # fmt: skip
+    assert agreement(reference, here)["within_tolerance"] is within
+
+
+# --- the shipped reference ------------------------------------------------------------------
+
+
+def test_the_word_reference_reads_the_shipped_table():
+    assert resolve_store("reference") == SHIPPED == REPO / "reference" / "quick"
+    assert resolve_store("reference:other") == REPO / "reference" / "other"
+    assert resolve_store("results/mine") == Path("results/mine")
+    assert len(read_runs("reference")) == len(pd.read_parquet(SHIPPED / RUNS))
+
+
+def test_the_shipped_reference_is_the_suites_own_grid_today():
+    """Every shipped row is a finished cell of a built-in that the suite composes today with the
+    same id (a setting or default changed since would make the reference another experiment),
+    and its environment says what it holds."""
+    table = pd.read_parquet(SHIPPED / RUNS)
+    environment = read_environment("reference")
+    assert set(table["status"]) == {"ok"} and set(table["sweep"]) == {"quick"}
+    assert set(table["variant"]) <= set(built_ins())
+    arms = sorted(
+        f"{v} · {b}" for v, b in set(zip(table["variant"], table["backbone"], strict=True))
+    )
+    assert environment["arms"] == arms and environment["cells"] == len(table)
+    for (variant, backbone), shipped in table.groupby(["variant", "backbone"]):
+        composed = {cell.cell_id() for cell in expected_cells(variant, backbone)}
+        missing = environment["incomplete_arms"].get(f"{variant} · {backbone}", [])
+        assert set(shipped["cell_id"]) | set(missing) == composed, variant
+    for column in ("device_name", "torch_version", "suite_version", "git_sha"):
+        assert environment[column] == sorted(set(table[column].astype(str)))
+
+
+def _plugin_store(tmp_path, source_variant: str):
+    """A store of a plugin 'mine' that trained exactly like ``source_variant`` did."""
+    rows = read_runs("reference")
+    mine = rows[rows["variant"] == source_variant].assign(variant="mine", variant_source="mine 1.0")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    mine.to_parquet(tmp_path / RUNS, index=False)
+    return tmp_path
+
+
+def test_compare_takes_the_shipped_reference_as_the_baseline(tmp_path):
+    """A plugin that trains like Pre-LN, compared with the reference's Post-LN and Pre-LN, on a
+    store holding nothing but the plugin: no baseline re-run."""
+    store = _plugin_store(tmp_path / "store", "preln")
+    result = run_suite(
+        "mine", "postln", "--store", str(store), "--against", "reference", "--calibration",
+        str(tmp_path / "none"), command="suite.compare",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "mine vs postln in reference" in result.stdout
+    rate_24 = next(line for line in result.stdout.splitlines()
+                   if line.split()[:3] == ["24", "converged", "rate"])  # fmt: skip
+    assert rate_24.endswith("mine better")
+    assert "no calibration in" in result.stdout
+    same = run_suite("mine", "preln", "--store", str(store), "--against", "reference",
+                     command="suite.compare")  # fmt: skip
+    assert "better" not in same.stdout.replace("no detectable difference", "")
+
+
+def test_compare_against_the_reference_says_what_the_calibration_found(tmp_path):
+    store = _plugin_store(tmp_path / "store", "preln")
+    device = sorted(set(read_runs("reference")["device_name"]))
+    calibration = {"device_name": device, "checked_at": "then", "passed": False,
+                   "failed_variants": ["postln"],
+                   "cells": [{"variant": "postln", "within_tolerance": False},
+                             {"variant": "preln", "within_tolerance": True}]}  # fmt: skip
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "calibration.json").write_text(json.dumps(calibration))
+
+    def note(baseline: str) -> str:
+        result = run_suite("mine", baseline, "--store", str(store), "--against", "reference",
+                           "--calibration", str(tmp_path / "calibration"),
+                           command="suite.compare")  # fmt: skip
+        return result.stdout.strip().splitlines()[-1]
+
+    assert "did NOT reproduce the reference's postln" in note("postln")
+    assert "reproduced the reference's preln within tolerance" in note("preln")
+    assert "did not check rmsnorm" in note("rmsnorm")
+
+
+def test_compare_refuses_a_store_of_another_preset_against_the_reference(tiny_reference):
+    store, _ = tiny_reference
+    result = run_suite("preln", "postln", "--store", str(store), "--against", "reference",
+                       command="suite.compare")  # fmt: skip
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "differs" in line and "compare runs of the same preset" in line
+
+
+def test_the_leaderboard_ranks_a_plugin_among_the_reference(tmp_path):
+    store = _plugin_store(tmp_path, "rmsnorm")
+    result = run_suite("--store", str(store), "--reference", command="suite.leaderboard")
+    assert result.returncode == 0, result.stderr
+    assert "baseline arms: " in result.stdout and "postln" in result.stdout
+    table = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["24"]]
+    assert {"mine", "preln", "postln"} <= {row[1] for row in table}
+
+
+def test_the_report_draws_the_reference_arms_beside_the_stores_own(tiny_reference, tmp_path):
+    store, _ = tiny_reference
+    out = tmp_path / "report.html"
+    result = run_suite("--store", str(store), "--reference", "--out", str(out),
+                       command="suite.report")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = out.read_text()
+    assert "Baseline arms" in html and "from the shipped reference" in html
+    shipped = set(read_runs("reference")["cell_id"])
+    assert sum(cell in html for cell in shipped) == len(shipped)  # every reference run listed
+    refused = run_suite("--store", str(store), "--reference", "verdict.stall_margin=0.1",
+                        "--out", str(out), command="suite.report")  # fmt: skip
+    assert refused.returncode == 2 and "--reference" in refused.stderr
