@@ -118,7 +118,14 @@ def write_table(runs: pd.DataFrame, path: Path) -> None:
 
 # The reference results shipped with the suite: a store holding only its collected table (the
 # curves stay with whoever trained it) and the environment it was measured in.
-REFERENCE_ROOT = Path(__file__).resolve().parent.parent / "reference"
+# A wheel carries it as the package data ``suite/reference_results`` (pyproject maps the
+# checkout's reference/ onto it), so an installed suite has it too.
+_INSTALLED_REFERENCE = Path(__file__).resolve().parent / "reference_results"
+REFERENCE_ROOT = (
+    _INSTALLED_REFERENCE
+    if _INSTALLED_REFERENCE.is_dir()
+    else Path(__file__).resolve().parent.parent / "reference"
+)
 REFERENCE = "reference"  # what a user types for the shipped reference wherever a store is read
 ENVIRONMENT = "environment.json"
 

@@ -93,6 +93,10 @@ def test_the_installed_wheel_runs_a_sweep_and_a_report_outside_the_source_tree(i
     assert "Summary of this sweep (4 cells" in sweep.stdout
     assert len(list((tmp_path / "results" / "cells").glob("preln-*/record.json"))) == 4
 
+    # The shipped reference comes with the wheel: a plugin author compares without a checkout.
+    board = run(installed, "-m", "suite.leaderboard", "--store", "reference", cwd=tmp_path)
+    assert "Leaderboard (quick" in board.stdout and " postln " in board.stdout
+
     report = run(installed, "-m", "suite.report", cwd=tmp_path)
     html = (tmp_path / "reports" / "stability.html").read_text()
     assert "preln" in html and "<img" in html, report.stdout

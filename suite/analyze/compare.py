@@ -52,7 +52,7 @@ from suite.analyze.statistics import (
 from suite.analyze.summary import ok_runs, with_arm_labels
 from suite.config import SECTIONS
 from suite.record import GROUPS
-from suite.store import CALIBRATION_STORE, read_calibration, resolve_store
+from suite.store import CALIBRATION_STORE, read_calibration, read_environment, resolve_store
 from suite.store import read_runs as read_collected
 from suite.verdict import CONVERGED
 
@@ -75,7 +75,8 @@ class Side:
 
 def arm_runs(runs: pd.DataFrame, arm: str, where: str) -> pd.DataFrame:
     """The finished runs of one arm (as the summary labels it, spaces optional: ``preln·llama``)."""
-    labelled = with_arm_labels(ok_runs(runs))
+    finished = ok_runs(runs)
+    labelled = with_arm_labels(finished).assign(variant_name=finished["variant"])
     wanted = arm.replace(" ", "")
     found = labelled[labelled["variant"].str.replace(" ", "") == wanted]
     if found.empty:
@@ -90,9 +91,11 @@ def training_settings(runs: pd.DataFrame) -> list[str]:
     return [c for c in config if c in runs and c not in COMPARED | MATCHED]
 
 
-def check_comparable(a: Side, b: Side) -> None:
-    """Refuse to pool cells whose settings differ beyond the compared axis."""
+def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> None:
+    """Refuse to pool cells whose settings differ beyond the compared axis (and ``ignore``)."""
     for column in training_settings(pd.concat([a.runs, b.runs])):
+        if column in ignore:
+            continue
         values_a, values_b = _settings(a.runs, column), _settings(b.runs, column)
         if values_a != values_b:
             raise CompareError(
@@ -284,29 +287,49 @@ def is_reference(store: str) -> bool:
     return resolve_store(store) != Path(store)
 
 
-def calibration_note(mine: Side, baseline: Side, calibration: dict, where: str) -> str:
-    """Whether the machine that ran ``mine`` was found to reproduce the shipped reference for the
-    baseline's variant (``python -m suite.reference calibrate``)."""
-    devices = sorted(set(mine.runs.get("device_name", pd.Series(dtype=str)).dropna()))
-    variant = str(baseline.runs["variant"].iloc[0])
-    command = f"python -m suite.reference calibrate --variants {variant}"
+def calibration_note(
+    mine: Side, baseline: Side, calibration: dict, reference: str, where: str
+) -> str:
+    """Whether the machine (CPU and torch) that ran ``mine`` was found to reproduce the shipped
+    reference's baseline variant on its backbone (``python -m suite.reference calibrate``)."""
+    variant = str(baseline.runs["variant_name"].iloc[0])
+    backbone = str(baseline.runs["backbone"].iloc[0]) if "backbone" in baseline.runs else "gpt2"
+    command = f"python -m suite.reference calibrate --variants {variant} --backbone {backbone}"
     if not calibration:
         return f"no calibration in {where}: does your machine reproduce the reference? {command}"
-    checked_on = calibration.get("device_name", [])
-    if not set(devices) <= set(checked_on):
+    shipped_at = read_environment(reference).get("shipped_at")
+    checked = (calibration.get("reference"), calibration.get("reference_shipped_at"))
+    if checked != (str(resolve_store(reference).resolve()), shipped_at):
         return (
-            f"the calibration in {where} ran on {checked_on}, your runs on {devices}: calibrate "
-            f"on the machine that trained them: {command}"
+            f"the calibration in {where} checked another reference (or this one before it was "
+            f"last shipped): calibrate again: {command}"
         )
-    outcomes = {cell["variant"]: cell["within_tolerance"] for cell in calibration.get("cells", [])}
-    when = calibration.get("checked_at")
-    if variant not in outcomes:
-        return f"the calibration in {where} ({when}) did not check {variant}: {command}"
-    if outcomes[variant]:
-        return f"this machine reproduced the reference's {variant} within tolerance ({when})"
+    entry = next(
+        (cell for cell in calibration.get("cells", [])
+         if (cell.get("variant"), cell.get("backbone")) == (variant, backbone)),
+        None,
+    )  # fmt: skip
+    if entry is None:
+        return f"the calibration in {where} did not check {variant} on {backbone}: {command}"
+    devices = set(mine.runs.get("device_name", pd.Series(dtype=str)).dropna())
+    torches = set(mine.runs.get("torch_version", pd.Series(dtype=str)).dropna())
+    here = ({entry.get("device_name")}, {entry.get("torch_version")})
+    if not devices or (devices, torches) != here:
+        yours = f"{sorted(devices) or 'an unrecorded machine'} with torch {sorted(torches)}"
+        return (
+            f"the calibration of {variant} ran on {entry.get('device_name')} with torch "
+            f"{entry.get('torch_version')}, your runs on {yours}: calibrate where they ran: "
+            f"{command}"
+        )
+    if entry.get("within_tolerance"):
+        return (
+            f"this machine reproduced the reference's {variant} on {backbone} within tolerance "
+            f"({entry.get('checked_at')})"
+        )
     return (
-        f"this machine did NOT reproduce the reference's {variant} (calibration, {when}): "
-        f"re-run it in your store and compare there: python -m suite +variant={variant}"
+        f"this machine did NOT reproduce the reference's {variant} on {backbone} (calibration, "
+        f"{entry.get('checked_at')}): re-run it in your store and compare there: "
+        f"python -m suite +variant={variant} model.backbone={backbone}"
     )
 
 
@@ -376,9 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     for note in environment_notes(a, b):
         print(f"note: measured in different environments ({note}); losses can differ by machine")
     if args.against and is_reference(args.against):
-        print(
-            f"note: {calibration_note(a, b, read_calibration(args.calibration), args.calibration)}"
-        )
+        calibration = read_calibration(args.calibration)
+        print(f"note: {calibration_note(a, b, calibration, args.against, args.calibration)}")
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"-> {args.csv}")

@@ -1,6 +1,6 @@
 """The leaderboard: every arm of a store ranked per depth, with rank intervals over seeds.
 
-    python -m suite.leaderboard [--store results] [--markdown FILE] [--csv FILE]
+    python -m suite.leaderboard [--store results] [--reference] [--markdown FILE] [--csv FILE]
 
 Per depth, every arm (variant, backbone, recipe, ... as the summary labels it) is ranked on four
 columns of the summary: max stable LR (higher is better), LR sensitivity (lower), best seed-mean
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from suite.analyze.baseline import with_reference
+from suite.analyze.baseline import BaselineError, with_reference
 from suite.analyze.summary import (
     CELL,
     best_val,
@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", help="only runs of this sweep preset (e.g. quick)")
     parser.add_argument(
         "--reference",
-        action="store_true",
+        nargs="?",
+        const="reference",
+        metavar="STORE",
         help="rank the shipped reference's arms the store lacks beside its own",
     )
     parser.add_argument("--markdown", help="also write the tables as Markdown to this file")
@@ -168,14 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         runs = read_runs(args.store)
+        if args.sweep:
+            runs = runs[runs["sweep"] == args.sweep]
         if args.reference:
-            runs, note = with_reference(runs)
-            print(f"baseline arms: {note or 'none (the store has every arm of the reference)'}")
-    except FileNotFoundError as error:
+            only_sweep = (lambda s: s[s["sweep"] == args.sweep]) if args.sweep else (lambda s: s)
+            runs, note = with_reference(runs, args.reference, only_sweep)
+            print(f"baseline arms: {note}")
+    except (FileNotFoundError, BaselineError) as error:
         print(f"leaderboard: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.sweep:
-        runs = runs[runs["sweep"] == args.sweep]
     tables = leaderboards(runs)
     if not tables:
         print(f"leaderboard: no finished runs in {args.store}", file=sys.stderr)

@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from suite.analyze import diagnostics_figures, figures
-from suite.analyze.baseline import with_reference
+from suite.analyze.baseline import BaselineError, with_reference
 from suite.analyze.collect import add_verdict_arguments, collect, parse_verdict
 from suite.analyze.leaderboard import display, leaderboards
 from suite.analyze.summary import (
@@ -559,8 +559,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--reference",
-        action="store_true",
-        help="add the shipped reference's arms the store lacks as baselines (reference/quick)",
+        nargs="?",
+        const="reference",
+        metavar="STORE",
+        help="add the arms of the shipped reference (or of STORE) the store lacks, as baselines",
     )
     parser.add_argument("--curves-depth", type=int, help="depth of the training-curves figure")
     parser.add_argument("--curves-lr", type=float, help="LR of the training-curves figure")
@@ -569,19 +571,24 @@ def main(argv: list[str] | None = None) -> None:
     if (args.curves_depth is None) != (args.curves_lr is None):
         parser.error("--curves-depth and --curves-lr go together")
     verdict = parse_verdict(parser, args.verdict)
-    runs = collect(args.store, write=False, verdict=verdict)
+    if args.reference and (args.verdict or "=" in args.reference):
+        parser.error(
+            "--reference: the shipped reference is judged by the default verdict rule "
+            "(its curves are not shipped); drop the verdict.* overrides"
+        )
+    runs = filter_runs(
+        collect(args.store, write=False, verdict=verdict), args.variants, args.depths, args.sweep
+    )
     baseline_note = ""
     if args.reference:
-        if args.verdict:
-            parser.error(
-                "--reference: the shipped reference is judged by the default verdict rule "
-                "(its curves are not shipped); drop the verdict.* overrides"
-            )
         try:
-            runs, baseline_note = with_reference(runs)
-        except FileNotFoundError as error:
-            raise SystemExit(f"report: {error}") from None
-    runs = filter_runs(runs, args.variants, args.depths, args.sweep)
+            runs, baseline_note = with_reference(
+                runs,
+                args.reference,
+                lambda shipped: filter_runs(shipped, args.variants, args.depths, args.sweep),
+            )
+        except (FileNotFoundError, BaselineError) as error:
+            raise SystemExit(f"report: --reference: {error}") from None
     if runs.empty:
         raise SystemExit(
             f"no runs in {args.store} match the filters; run a sweep first "

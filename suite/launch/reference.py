@@ -6,24 +6,28 @@
 
 ``run`` trains every built-in variant on the reference preset (``quick``: depths 6 and 24, five
 LRs, two seeds) on each backbone into one store, one ordinary sweep per (variant, backbone), so
-an interrupted run goes on where it stopped (resume), then ships it. ``ship`` writes that store's
-collected table, cut to the reference grid, to ``reference/<name>/runs.parquet`` with
+an interrupted run goes on where it stopped (resume), then ships it. ``ship`` writes that
+store's collected table, cut to the reference grid, to ``reference/<name>/runs.parquet`` with
 ``environment.json`` (the machine, torch, suite version, the command, wall time per arm, and any
-arm not yet complete). The curves are not shipped (4 kB per cell in the table, 40 kB per curve),
-so the reference's verdicts are those of the default verdict rule.
+arm not yet complete). The curves are not shipped (about 1 kB per cell in the table, 40 kB per
+curve), so the reference's verdicts are those of the default verdict rule (``ship`` refuses a
+table judged with other knobs).
 
 ``calibrate`` answers "does my machine reproduce the reference?" before a plugin author compares
-their runs with it: losses depend on the CPU and its kernels, and a comparison across machines is
-only as good as that agreement. It re-trains one cell of each named variant (the smallest depth,
-the lowest LR at which every seed converged with no borderline verdict, seed 0: a cell far from
-any boundary) into a scratch store, and calls the machine calibrated for that variant when the
-verdict is the same and, for a converged run, the validation loss and the step it left the
-plateau differ by at most :data:`LOSS_TOLERANCE` and :data:`ESCAPE_TOLERANCE`. Those are about
-the difference two seeds of one cell already show in the reference (median 0.04 nats and 17
-steps over its converged cells; 75th percentile 0.05 and 30): a machine difference below it is
-lost in the seed noise every comparison already carries. A variant outside tolerance is named
-with the command that re-trains it as a baseline in the user's own store. The outcome goes to
-``<store>/calibration.json``, where ``python -m suite.compare --against reference`` finds it.
+their runs with it: losses depend on the CPU and its kernels, and a comparison across machines
+is only as good as that agreement. It re-trains one cell of each named variant afresh (never
+read back from an earlier run: the smallest depth, the lowest LR at which every seed converged
+with no borderline verdict, seed 0; the cell of that arm most seeds agree on) into a scratch
+store, and calls the machine calibrated for that variant when the verdict is the same and, for a
+converged run, the validation loss and the step it left the plateau differ by at most
+:data:`LOSS_TOLERANCE` and :data:`ESCAPE_TOLERANCE`, or by the difference between that cell's
+own seeds in the reference where that is larger. The constants are about the difference two
+seeds of one cell show in the reference (median 0.04 nats and 17 steps over its converged cells;
+75th percentile 0.05 and 30): a machine difference below the seed noise is lost in the noise
+every comparison already carries. A variant outside tolerance is named with the command that
+retrains it as a baseline in the user's own store. The outcome is merged into
+``<store>/calibration.json`` (one entry per variant and backbone, with the machine, torch and
+the reference's ship time), where ``python -m suite.compare --against reference`` finds it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,7 +45,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.config import CellConfig, ConfigError
+from suite.config import CellConfig, ConfigError, VerdictConfig
 from suite.launch.preflight import preflight
 from suite.plan import utc_now
 from suite.store import (
@@ -50,14 +53,17 @@ from suite.store import (
     CALIBRATION_STORE,
     ENVIRONMENT,
     RUNS,
+    atomic_write,
+    cell_dir,
     finished_record,
+    read_calibration,
     read_environment,
     read_runs,
     reference_dir,
     resolve_store,
     write_table,
 )
-from suite.verdict import CONVERGED
+from suite.verdict import CONVERGED, rule_description
 from variants import registry
 
 PRESET = "quick"
@@ -79,9 +85,12 @@ def arm_overrides(variant: str, backbone: str, preset: str = PRESET) -> list[str
     return [f"+variant={variant}", f"sweep={preset}", f"model.backbone={backbone}"]
 
 
-def expected_cells(variant: str, backbone: str, preset: str = PRESET) -> list[CellConfig]:
+def expected_cells(
+    variant: str, backbone: str, preset: str = PRESET, store: str = DEFAULT_STORE
+) -> list[CellConfig]:
     """The cells of one arm of the reference grid, as the suite composes them today."""
-    return [cell for _, cell in preflight(arm_overrides(variant, backbone, preset))]
+    overrides = [*arm_overrides(variant, backbone, preset), f"store={store}"]
+    return [cell for _, cell in preflight(overrides)]
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -100,8 +109,9 @@ def run(store: str, variants: list[str], backbones: list[str]) -> None:
             if code != 0:
                 raise SystemExit(code)
             key = f"{variant} · {backbone}"
-            wall[key] = wall.get(key, 0.0) + time.monotonic() - began
-            (Path(store) / WALL).write_text(json.dumps(wall, indent=1, sort_keys=True))
+            wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
+            text = json.dumps(wall, indent=1, sort_keys=True, ensure_ascii=False)
+            atomic_write(Path(store) / WALL, lambda tmp, text=text: Path(tmp).write_text(text))
     ship(store)
 
 
@@ -116,18 +126,30 @@ def _read_wall(store: str) -> dict[str, float]:
 
 
 def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
-    """The store's finished cells of the reference grid → ``reference/<name>/``."""
+    """The store's finished cells of the reference grid → ``reference/<name>/``: only cells the
+    suite composes today for a built-in on that preset (a cell of an older config has another
+    id), judged by the default verdict rule; every arm not complete is listed."""
     runs = read_runs(store)
-    ok = runs[runs["status"] == "ok"]
-    shipped, missing, seconds = [], {}, {}
+    ok = runs[(runs["status"] == "ok") & (runs["sweep"] == name)]
+    default_rule = rule_description(VerdictConfig())
+    other_rules = sorted(
+        set(ok["verdict_rule"].dropna()) - {default_rule, "as recorded in training"}
+    )
+    if other_rules:
+        raise ConfigError(
+            f"{store} was collected with other verdict knobs ({other_rules[0]}); the reference is "
+            f"judged by the default rule: python -m suite.collect --store {store}, then ship"
+        )
+    shipped, missing, absent, seconds = [], {}, [], {}
     for backbone in sorted(set(ok["backbone"])) or list(BACKBONES):
         for variant in built_ins():
-            wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name)}
+            key = f"{variant} · {backbone}"
+            wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store)}
             found = ok[ok["cell_id"].isin(wanted)]
             if found.empty:
+                absent.append(key)
                 continue
             shipped.append(found)
-            key = f"{variant} · {backbone}"
             seconds[key] = round(float(found["wall_time_s"].sum()), 1)
             if len(found) < len(wanted):
                 missing[key] = sorted(wanted - set(found["cell_id"]))
@@ -135,27 +157,22 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")
     table = table.sort_values(["backbone", "variant", "depth", "lr", "seed"], ignore_index=True)
-    folder = out or reference_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_table(table, folder / RUNS)
+    backbones = sorted(set(table["backbone"]))
     environment = {
         "preset": name,
         "command": "python -m suite.reference run"
-        + (
-            f" --backbones {','.join(sorted(set(table['backbone'])))}"
-            if set(table["backbone"]) != set(BACKBONES)
-            else ""
-        ),  # fmt: skip
+        + (f" --backbones {','.join(backbones)}" if backbones != list(BACKBONES) else ""),
         "shipped_at": utc_now(),
         "cells": len(table),
         "arms": sorted(
             f"{v} · {b}" for v, b in set(zip(table["variant"], table["backbone"], strict=True))
-        ),
+        ),  # fmt: skip
         "incomplete_arms": missing,
-        "backbones": sorted(set(table["backbone"])),
+        "absent_arms": absent,
+        "backbones": backbones,
         "depths": sorted(int(d) for d in set(table["depth"])),
         "cell_seconds_by_arm": seconds,
-        "wall_seconds_by_arm": {k: round(v, 1) for k, v in _read_wall(store).items()},
+        "wall_seconds_by_arm": {k: v for k, v in _read_wall(store).items() if k in seconds},
         "trained_between": [str(table["started_at"].min()), str(table["started_at"].max())],
         **{
             column: sorted(str(v) for v in set(table[column].dropna()))
@@ -169,10 +186,14 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
                 "platform",
                 "suite_version",
                 "git_sha",
+                "verdict_rule",
             )
         },  # fmt: skip
     }
-    (folder / ENVIRONMENT).write_text(json.dumps(environment, indent=1, ensure_ascii=False) + "\n")
+    folder = out or reference_dir(name)
+    text = json.dumps(environment, indent=1, ensure_ascii=False) + "\n"
+    write_table(table, folder / RUNS)
+    atomic_write(folder / ENVIRONMENT, lambda tmp: Path(tmp).write_text(text))
     return folder
 
 
@@ -180,37 +201,45 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
 
 
 def calibration_cell(reference: pd.DataFrame, variant: str, backbone: str) -> pd.Series:
-    """The variant's reference cell farthest from any boundary: the smallest depth, the lowest
-    LR where every seed converged with no borderline verdict, the lowest seed (with none such:
-    its lowest LR, whose verdict alone is compared)."""
-    rows = reference[(reference["variant"] == variant) & (reference["backbone"] == backbone)]
+    """The variant's reference cell most of its seeds agree on: the smallest depth, the lowest
+    LR where every seed converged with no borderline verdict, the lowest seed; with no such LR,
+    its lowest LR (whose verdict is then the main thing compared). It carries the spread of that
+    cell's seeds (``val_loss_spread``, ``escape_step_spread``), which widens the tolerance."""
+    arm = reference[reference["backbone"] == backbone]
+    rows = arm[arm["variant"] == variant]
     if rows.empty:
-        arms = sorted(set(reference["variant"]))
+        arms = sorted(set(arm["variant"])) or ["nothing"]
         raise ConfigError(
-            f"--variants: the reference has no {variant} on {backbone}; it has: {', '.join(arms)}"
+            f"--variants: the reference has no {variant} on {backbone}; on {backbone} it has: "
+            f"{', '.join(arms)}"
         )
     rows = rows[rows["depth"] == rows["depth"].min()]
-    by_lr = rows.groupby("lr")
     steady = [
-        lr for lr, cell in by_lr
+        lr for lr, cell in rows.groupby("lr")
         if (cell["verdict"] == CONVERGED).all() and not cell["borderline"].fillna(False).any()
     ]  # fmt: skip
     lr = min(steady) if steady else rows["lr"].min()
-    cell = rows[rows["lr"] == lr].sort_values("seed")
-    return cell.iloc[0]
+    seeds = rows[rows["lr"] == lr].sort_values("seed")
+    cell = seeds.iloc[0].copy()
+    for metric in ("val_loss", "escape_step"):
+        values = pd.to_numeric(seeds[metric], errors="coerce").dropna()
+        cell[f"{metric}_spread"] = float(values.max() - values.min()) if len(values) > 1 else 0.0
+    return cell
 
 
 def compose(row: pd.Series, store: str) -> tuple[list[str], CellConfig]:
-    """The one-cell sweep that re-trains a reference row, checked to be that very cell."""
+    """The one-cell sweep that re-trains a reference row afresh (``resume=false``: a run of an
+    earlier calibration is trained again, not read back), checked to be that very cell."""
     overrides = [
         *arm_overrides(row["variant"], row["backbone"], row["sweep"]),
         f"model.depth={int(row['depth'])}",
         f"optim.lr={float(row['lr'])!r}",
         f"seed={int(row['seed'])}",
         f"store={store}",
+        "resume=false",
         "hydra/launcher=basic",
     ]
-    [(job, cell)] = preflight(overrides)
+    [(_, cell)] = preflight(overrides)
     if cell.cell_id() != row["cell_id"]:
         raise ConfigError(
             f"{row['cell_id']}: the suite now composes this cell as {cell.cell_id()} (its "
@@ -221,43 +250,72 @@ def compose(row: pd.Series, store: str) -> tuple[list[str], CellConfig]:
 
 
 def _train(overrides: list[str], cell: CellConfig) -> dict[str, Any] | None:
-    log = Path(cell.store) / "logs" / f"{cell.cell_id()}.log"
+    log = _log(cell)
     log.parent.mkdir(parents=True, exist_ok=True)
+    began = time.time()
     with open(log, "ab") as output:
         subprocess.call([sys.executable, "-m", "suite", *overrides], stdout=output,
                         stderr=subprocess.STDOUT)  # fmt: skip
-    return finished_record(cell.store, cell.cell_id())
+    record = finished_record(cell.store, cell.cell_id())
+    # Only a run this calibration trained counts (a concurrent one could have left another).
+    fresh = (
+        record is not None
+        and (cell_dir(cell.store, cell.cell_id()) / "record.json").stat().st_mtime >= began
+    )
+    return record if fresh else None
+
+
+def _log(cell: CellConfig) -> Path:
+    return Path(cell.store) / "logs" / f"{cell.cell_id()}.log"
+
+
+def _difference(theirs: object, ours: object) -> float:
+    """ours − theirs; 0 when neither has a value (a run that never left the plateau on either
+    machine agrees), NaN when only one has."""
+    theirs_missing = theirs is None or pd.isna(theirs)
+    ours_missing = ours is None or pd.isna(ours)
+    if theirs_missing and ours_missing:
+        return 0.0
+    if theirs_missing or ours_missing:
+        return math.nan
+    return float(ours) - float(theirs)
 
 
 def agreement(reference: pd.Series, here: dict[str, Any] | None) -> dict[str, Any]:
-    """One calibration row: the reference cell, this machine's run of it, within tolerance?"""
+    """One calibration row: the reference cell, this machine's fresh run of it, and whether they
+    agree within tolerance (a NaN difference, one side without a value, does not)."""
     row: dict[str, Any] = {
         "variant": reference["variant"],
+        "backbone": reference.get("backbone"),
         "cell": reference["cell_id"],
         "verdict_reference": reference["verdict"],
         "verdict_here": here["verdict"] if here else "not trained",
     }
-    for metric in ("val_loss", "escape_step"):
-        theirs = reference[metric]
-        ours = here.get(metric) if here else None
-        row[f"{metric}_reference"] = theirs
-        row[f"{metric}_here"] = ours
-        both = theirs is not None and ours is not None and pd.notna(theirs) and pd.notna(ours)
-        row[f"{metric}_difference"] = float(ours) - float(theirs) if both else math.nan
+    tolerance = {
+        "val_loss": max(LOSS_TOLERANCE, float(reference.get("val_loss_spread", 0.0))),
+        "escape_step": max(ESCAPE_TOLERANCE, float(reference.get("escape_step_spread", 0.0))),
+    }
     within = row["verdict_here"] == row["verdict_reference"]
-    if within and reference["verdict"] == CONVERGED:
-        within = (
-            abs(row["val_loss_difference"]) <= LOSS_TOLERANCE
-            and abs(row["escape_step_difference"]) <= ESCAPE_TOLERANCE
-        )
+    for metric, allowed in tolerance.items():
+        ours = here.get(metric) if here else None
+        row[f"{metric}_reference"] = reference[metric]
+        row[f"{metric}_here"] = ours
+        row[f"{metric}_difference"] = _difference(reference[metric], ours)
+        row[f"{metric}_tolerance"] = allowed
+        if within and reference["verdict"] == CONVERGED:
+            within = abs(row[f"{metric}_difference"]) <= allowed  # NaN: False
     row["within_tolerance"] = bool(within)
     row["device_name"] = here.get("device_name") if here else None
+    row["torch_version"] = here.get("torch_version") if here else None
+    row["checked_at"] = utc_now()
     return row
 
 
 def calibrate(
     reference_store: str, variants: list[str], backbone: str, store: str, workers: int
 ) -> pd.DataFrame:
+    """Re-train one reference cell per variant here; merge the outcome into
+    ``<store>/calibration.json`` and return this run's rows."""
     reference = read_runs(reference_store)
     cells = [calibration_cell(reference, variant, backbone) for variant in variants]
     jobs = [compose(row, store) for row in cells]  # every cell checked before any trains
@@ -266,34 +324,54 @@ def calibrate(
     table = pd.DataFrame(
         [agreement(row, record) for row, record in zip(cells, records, strict=True)]
     )
-    outcome = {
-        "reference": str(resolve_store(reference_store)),
-        "reference_device_name": read_environment(reference_store).get("device_name"),
-        "device_name": sorted(set(table["device_name"].dropna())),
-        "torch_version": _torch_version(),
-        "machine": platform.machine(),
-        "checked_at": utc_now(),
-        "tolerance": {"val_loss": LOSS_TOLERANCE, "escape_step": ESCAPE_TOLERANCE},
-        "passed": bool(table["within_tolerance"].all()),
-        "failed_variants": sorted(table.loc[~table["within_tolerance"], "variant"]),
-        "cells": json.loads(table.to_json(orient="records")),
-    }
-    Path(store).mkdir(parents=True, exist_ok=True)
-    (Path(store) / CALIBRATION).write_text(json.dumps(outcome, indent=1, ensure_ascii=False) + "\n")
+    table["log"] = [str(_log(cell)) for _, cell in jobs]
+    _merge_calibration(store, reference_store, table)
     return table
 
 
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
+def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) -> None:
+    """This run's entries replace those of the same (variant, backbone); entries checked against
+    another reference (another folder, or the same re-shipped) are dropped."""
+    shipped_at = read_environment(reference_store).get("shipped_at")
+    where = str(resolve_store(reference_store).resolve())
+    earlier = read_calibration(store)
+    cells = [] if (earlier.get("reference"), earlier.get("reference_shipped_at")) != (
+        where, shipped_at) else earlier.get("cells", [])  # fmt: skip
+    new = json.loads(table.to_json(orient="records"))
+    done = {(cell["variant"], cell["backbone"]) for cell in new}
+    cells = [c for c in cells if (c.get("variant"), c.get("backbone")) not in done] + new
+    outcome = {
+        "reference": where,
+        "reference_shipped_at": shipped_at,
+        "reference_device_name": read_environment(reference_store).get("device_name"),
+        "tolerance": {"val_loss": LOSS_TOLERANCE, "escape_step": ESCAPE_TOLERANCE,
+                      "widened_to": "the reference cell's own seed spread, where larger"},
+        "passed": all(cell["within_tolerance"] for cell in cells),
+        "failed_variants": sorted({f"{c['variant']} · {c['backbone']}" for c in cells
+                                   if not c["within_tolerance"]}),
+        "cells": cells,
+    }  # fmt: skip
+    text = json.dumps(outcome, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(Path(store) / CALIBRATION, lambda tmp: Path(tmp).write_text(text))
 
 
 # --- the command ---------------------------------------------------------------------------
 
 
 def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a name given twice: {text}")
+    return names
+
+
+def _workers(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,11 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--store", default=DEFAULT_STORE)
     run_parser.add_argument("--variants", type=_names, help="default: every built-in")
     run_parser.add_argument("--backbones", type=_names, default=list(BACKBONES))
-    ship_parser = commands.add_parser(
-        "ship", help="write the store's reference cells to reference/"
-    )
+    ship_parser = commands.add_parser("ship", help="the store's reference cells -> reference/")
     ship_parser.add_argument("--store", default=DEFAULT_STORE)
-    ship_parser.add_argument("--out", type=Path, help="default: reference/quick")
+    ship_parser.add_argument("--out", type=Path, help="default: the shipped reference/quick")
     calibrate_parser = commands.add_parser(
         "calibrate", help="re-train a few reference cells here; within tolerance?"
     )
@@ -319,13 +395,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the baselines you will compare against (default: preln,postln)",
     )  # fmt: skip
     calibrate_parser.add_argument("--backbone", default=BACKBONES[0])
-    calibrate_parser.add_argument(
-        "--reference", default="reference", help="default: the shipped one"
-    )
+    calibrate_parser.add_argument("--reference", default="reference", help="default: shipped")
     calibrate_parser.add_argument("--store", default=CALIBRATION_STORE)
-    calibrate_parser.add_argument(
-        "--workers", type=int, default=max(1, min(2, os.cpu_count() or 1))
-    )
+    calibrate_parser.add_argument("--workers", type=_workers, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -344,16 +416,26 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def _shown(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _calibrate_command(args: argparse.Namespace) -> None:
     table = calibrate(args.reference, args.variants, args.backbone, args.store, args.workers)
-    shown = table[["variant", "cell", "verdict_reference", "verdict_here",
-                   "val_loss_reference", "val_loss_here", "escape_step_reference",
-                   "escape_step_here", "within_tolerance"]]  # fmt: skip
-    print(f"Calibration against {resolve_store(args.reference)} (tolerance: same verdict; "
-          f"converged runs within {LOSS_TOLERANCE} nats of validation loss and "
-          f"{ESCAPE_TOLERANCE} steps of escape):")  # fmt: skip
+    shown = table[["variant", "cell", "verdict_reference", "verdict_here", "val_loss_reference",
+                   "val_loss_here", "escape_step_reference", "escape_step_here",
+                   "within_tolerance"]]  # fmt: skip
+    print(f"Calibration against {_shown(resolve_store(args.reference))} (same verdict; a "
+          f"converged run within {LOSS_TOLERANCE} nats of validation loss and {ESCAPE_TOLERANCE} "
+          "steps of escape, or the cell's own seed spread where larger):")  # fmt: skip
     print(shown.to_string(index=False))
     print(f"-> {Path(args.store) / CALIBRATION}")
+    untrained = table[table["verdict_here"] == "not trained"]
+    for row in untrained.itertuples():
+        print(f"{row.cell} did not train here: see {row.log}", file=sys.stderr)
     failed = sorted(table.loc[~table["within_tolerance"], "variant"])
     if failed:
         print(

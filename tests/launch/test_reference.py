@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from helpers import REPO, run_suite
 
+from suite.analyze.baseline import with_reference
 from suite.launch.reference import (
     ESCAPE_TOLERANCE,
     LOSS_TOLERANCE,
@@ -62,6 +63,15 @@ def test_calibration_passes_on_the_machine_that_made_the_reference(tiny_referenc
     for cell in outcome["cells"]:  # same machine, same code: the very same numbers
         assert cell["val_loss_difference"] == 0 and cell["verdict_here"] == "converged"
     assert "reproduces the reference" in result.stdout
+    again = run_suite(
+        "calibrate", "--reference", str(folder), "--store", str(tmp_path), "--variants", "preln",
+        command="suite.reference",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    [log] = (tmp_path / "logs").glob("preln-*.log")
+    assert log.read_text().count("done: preln-") == 2  # trained afresh, not read back
+    merged = json.loads((tmp_path / "calibration.json").read_text())
+    assert sorted(cell["variant"] for cell in merged["cells"]) == ["postln", "preln"]
 
 
 def test_calibration_names_the_baseline_to_rerun_when_the_machine_differs(tiny_reference, tmp_path):
@@ -81,7 +91,7 @@ def test_calibration_names_the_baseline_to_rerun_when_the_machine_differs(tiny_r
     assert "does not reproduce the reference for postln" in result.stderr
     assert "python -m suite +variant=postln " in result.stderr
     outcome = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
-    assert outcome["failed_variants"] == ["postln"]
+    assert outcome["failed_variants"] == ["postln · gpt2"]
 
 
 def test_calibration_refuses_a_variant_the_reference_lacks(tiny_reference, tmp_path):
@@ -91,12 +101,13 @@ def test_calibration_refuses_a_variant_the_reference_lacks(tiny_reference, tmp_p
         command="suite.reference",
     )  # fmt: skip
     assert result.returncode == 2
-    assert "no rezero on gpt2; it has: postln, preln" in result.stderr
+    assert "no rezero on gpt2; on gpt2 it has: postln, preln" in result.stderr
     assert not (tmp_path / "cells").exists()  # refused before anything trained
 
 
 def _rows(**columns) -> pd.DataFrame:
-    base = {"variant": "preln", "backbone": "gpt2", "borderline": False, "seed": 0}
+    base = {"variant": "preln", "backbone": "gpt2", "borderline": False, "seed": 0,
+            "val_loss": 2.3, "escape_step": 60.0}  # fmt: skip
     return pd.DataFrame([{**base, **row} for row in columns["rows"]])
 
 
@@ -116,6 +127,34 @@ def test_the_calibration_cell_is_the_one_farthest_from_a_boundary():
     never = [{"depth": 6, "lr": lr, "verdict": "diverged"} for lr in (3e-3, 1e-3)]
     cell = calibration_cell(_rows(rows=never), "preln", "gpt2")
     assert cell["lr"] == 1e-3  # only its verdict can be compared
+
+
+def test_agreement_widens_to_the_cells_own_seed_spread_and_needs_both_values():
+    reference = pd.Series(
+        {
+            "variant": "preln",
+            "cell_id": "c",
+            "verdict": "converged",
+            "val_loss": 2.3,
+            "escape_step": 60.0,
+            "val_loss_spread": 0.2,
+            "escape_step_spread": 0.0,
+        }  # fmt: skip
+    )
+
+    def within(**here) -> bool:
+        run = {"verdict": "converged", "val_loss": 2.3, "escape_step": 60, **here}
+        return agreement(reference, run)["within_tolerance"]
+
+    assert within(val_loss=2.3 + 0.15)  # beyond 0.05, inside the seeds' own 0.2
+    assert not within(val_loss=2.3 + 0.25)
+    assert not within(escape_step=None)  # left the plateau there, not here
+    assert not agreement(reference, None)["within_tolerance"]  # did not train
+    stalled = reference.copy()
+    stalled["verdict"], stalled["escape_step"] = "stalled", None
+    assert agreement(stalled, {"verdict": "stalled", "val_loss": 3.0, "escape_step": None})[
+        "within_tolerance"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -201,28 +240,52 @@ def test_compare_takes_the_shipped_reference_as_the_baseline(tmp_path):
     assert "no calibration in" in result.stdout
     same = run_suite("mine", "preln", "--store", str(store), "--against", "reference",
                      command="suite.compare")  # fmt: skip
+    assert same.returncode == 0, same.stderr
     assert "better" not in same.stdout.replace("no detectable difference", "")
 
 
 def test_compare_against_the_reference_says_what_the_calibration_found(tmp_path):
     store = _plugin_store(tmp_path / "store", "preln")
-    device = sorted(set(read_runs("reference")["device_name"]))
-    calibration = {"device_name": device, "checked_at": "then", "passed": False,
-                   "failed_variants": ["postln"],
-                   "cells": [{"variant": "postln", "within_tolerance": False},
-                             {"variant": "preln", "within_tolerance": True}]}  # fmt: skip
-    (tmp_path / "calibration").mkdir()
-    (tmp_path / "calibration" / "calibration.json").write_text(json.dumps(calibration))
+    shipped = read_runs("reference")
+    device, torch = shipped["device_name"].iloc[0], shipped["torch_version"].iloc[0]
 
-    def note(baseline: str) -> str:
+    def cell(variant: str, within: bool, **other) -> dict:
+        return {
+            "variant": variant,
+            "backbone": "gpt2",
+            "within_tolerance": within,
+            "device_name": device,
+            "torch_version": torch,
+            "checked_at": "then",
+            **other,
+        }
+
+    def note(baseline: str, **calibration) -> str:
+        folder = tmp_path / "calibration"
+        folder.mkdir(exist_ok=True)
+        default = {
+            "reference": str(SHIPPED.resolve()),
+            "reference_shipped_at": read_environment("reference")["shipped_at"],
+            "cells": [cell("postln", False), cell("preln", True)],
+        }
+        (folder / "calibration.json").write_text(json.dumps({**default, **calibration}))
         result = run_suite("mine", baseline, "--store", str(store), "--against", "reference",
-                           "--calibration", str(tmp_path / "calibration"),
-                           command="suite.compare")  # fmt: skip
+                           "--calibration", str(folder), command="suite.compare")  # fmt: skip
+        assert result.returncode == 0, result.stderr
         return result.stdout.strip().splitlines()[-1]
 
-    assert "did NOT reproduce the reference's postln" in note("postln")
-    assert "reproduced the reference's preln within tolerance" in note("preln")
-    assert "did not check rmsnorm" in note("rmsnorm")
+    assert "did NOT reproduce the reference's postln on gpt2" in note("postln")
+    assert "reproduced the reference's preln on gpt2 within tolerance" in note("preln")
+    assert "did not check rmsnorm on gpt2" in note("rmsnorm")
+    # a calibration that does not apply to these runs vouches for nothing
+    assert "calibrate where they ran" in note(
+        "preln", cells=[cell("preln", True, torch_version="2.0")]
+    )
+    assert "calibrate where they ran" in note(
+        "preln", cells=[cell("preln", True, device_name="AMD")]
+    )
+    assert "checked another reference" in note("preln", reference_shipped_at="2020-01-01")
+    assert "checked another reference" in note("preln", reference="/elsewhere")
 
 
 def test_compare_refuses_a_store_of_another_preset_against_the_reference(tiny_reference):
@@ -238,21 +301,57 @@ def test_the_leaderboard_ranks_a_plugin_among_the_reference(tmp_path):
     store = _plugin_store(tmp_path, "rmsnorm")
     result = run_suite("--store", str(store), "--reference", command="suite.leaderboard")
     assert result.returncode == 0, result.stderr
-    assert "baseline arms: " in result.stdout and "postln" in result.stdout
-    table = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["24"]]
-    assert {"mine", "preln", "postln"} <= {row[1] for row in table}
+    assert "from the shipped reference" in result.stdout
+    ranked = {line.split()[1] for line in result.stdout.splitlines() if line.split()[:1] == ["24"]}
+    assert {"mine", "preln", "postln"} <= ranked
+
+
+def test_the_leaderboard_refuses_a_reference_that_trained_otherwise(tmp_path):
+    """Runs of the quick preset with a longer budget are not the reference's experiment."""
+    store = _plugin_store(tmp_path, "preln")
+    runs = pd.read_parquet(store / RUNS).assign(steps=800)
+    runs.to_parquet(store / RUNS, index=False)
+    result = run_suite("--store", str(store), "--reference", command="suite.leaderboard")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("leaderboard: quick: steps differs")
+
+
+def test_the_stores_own_finished_runs_of_an_arm_win_over_the_reference():
+    shipped = read_runs("reference")
+    own = shipped[shipped["variant"] == "preln"].assign(val_loss=9.0)
+    runs, note = with_reference(own)
+    assert (runs.loc[runs["variant"] == "preln", "val_loss"] == 9.0).all()
+    assert "preln" not in note.split(" from ")[0].split(", ")
+    errored = own.assign(status="error")  # an arm whose runs all failed is no arm
+    runs, note = with_reference(errored)
+    assert len(runs[runs["variant"] == "preln"]) == len(own) * 2
+    assert "preln" in note.split(" from ")[0].split(", ")
 
 
 def test_the_report_draws_the_reference_arms_beside_the_stores_own(tiny_reference, tmp_path):
-    store, _ = tiny_reference
+    """A store holding only Pre-LN, reported with a reference holding Post-LN too."""
+    store, folder = tiny_reference
+    mine = tmp_path / "mine"
+    for cell in (store / "cells").glob("preln-*"):
+        shutil.copytree(cell, mine / "cells" / cell.name)
     out = tmp_path / "report.html"
-    result = run_suite("--store", str(store), "--reference", "--out", str(out),
+    result = run_suite("--store", str(mine), "--reference", str(folder), "--out", str(out),
                        command="suite.report")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     html = out.read_text()
-    assert "Baseline arms" in html and "from the shipped reference" in html
-    shipped = set(read_runs("reference")["cell_id"])
-    assert sum(cell in html for cell in shipped) == len(shipped)  # every reference run listed
-    refused = run_suite("--store", str(store), "--reference", "verdict.stall_margin=0.1",
+    assert "Baseline arms" in html and "postln from the shipped reference" in html
+    postln = set(pd.read_parquet(folder / RUNS).query("variant == 'postln'")["cell_id"])
+    assert all(cell in html for cell in postln)  # every reference run in the table of runs
+    assert "Not drawn: postln" in html
+    refused = run_suite("--store", str(mine), "--reference", "verdict.stall_margin=0.2",
                         "--out", str(out), command="suite.report")  # fmt: skip
     assert refused.returncode == 2 and "--reference" in refused.stderr
+
+
+def test_the_reference_of_another_preset_adds_nothing(tiny_reference):
+    store, _ = tiny_reference
+    runs = read_runs(store)
+    added, note = with_reference(runs)
+    assert len(added) == len(runs)
+    assert note.startswith("none (the reference is of the quick preset")
