@@ -9,9 +9,9 @@ LRs, two seeds) on each backbone into one store, one ordinary sweep per (variant
 an interrupted run goes on where it stopped (resume), then ships it. ``ship`` writes that
 store's collected table, cut to the reference grid, to ``reference/<name>/runs.parquet`` with
 ``environment.json`` (the machine, torch, suite version, the command, wall time per arm, and any
-arm not yet complete). The curves are not shipped (about 1 kB per cell in the table, 40 kB per
-curve), so the reference's verdicts are those of the default verdict rule (``ship`` refuses a
-table judged with other knobs).
+arm not yet complete, left out: part of a grid would rank as a whole one). The curves are not
+shipped (about 1 kB per cell in the table, 40 kB per curve), so the reference's verdicts are
+those of the default verdict rule (``ship`` refuses a table judged with other knobs).
 
 ``calibrate`` answers "does my machine reproduce the reference?" before a plugin author compares
 their runs with it: losses depend on the CPU and its kernels, and a comparison across machines
@@ -128,7 +128,8 @@ def _read_wall(store: str) -> dict[str, float]:
 def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     """The store's finished cells of the reference grid → ``reference/<name>/``: only cells the
     suite composes today for a built-in on that preset (a cell of an older config has another
-    id), judged by the default verdict rule; every arm not complete is listed."""
+    id), judged by the default verdict rule, of arms whose whole grid finished; the others are
+    listed (``incomplete_arms``, ``absent_arms``) and left out."""
     runs = read_runs(store)
     ok = runs[(runs["status"] == "ok") & (runs["sweep"] == name)]
     default_rule = rule_description(VerdictConfig())
@@ -148,11 +149,11 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
             found = ok[ok["cell_id"].isin(wanted)]
             if found.empty:
                 absent.append(key)
-                continue
-            shipped.append(found)
-            seconds[key] = round(float(found["wall_time_s"].sum()), 1)
-            if len(found) < len(wanted):
-                missing[key] = sorted(wanted - set(found["cell_id"]))
+            elif len(found) < len(wanted):  # a part of a grid would rank as a whole one
+                missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
+            else:
+                shipped.append(found)
+                seconds[key] = round(float(found["wall_time_s"].sum()), 1)
     if not shipped:
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")

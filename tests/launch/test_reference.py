@@ -209,8 +209,7 @@ def test_the_shipped_reference_is_the_suites_own_grid_today():
     assert environment["arms"] == arms and environment["cells"] == len(table)
     for (variant, backbone), shipped in table.groupby(["variant", "backbone"]):
         composed = {cell.cell_id() for cell in expected_cells(variant, backbone)}
-        missing = environment["incomplete_arms"].get(f"{variant} · {backbone}", [])
-        assert set(shipped["cell_id"]) | set(missing) == composed, variant
+        assert set(shipped["cell_id"]) == composed, variant  # whole grids only
     for column in ("device_name", "torch_version", "suite_version", "git_sha"):
         assert environment[column] == sorted(set(table[column].astype(str)))
 
