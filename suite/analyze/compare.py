@@ -5,9 +5,9 @@ Two arms of one store (``python -m suite.compare preln postln``), the same arm i
 to a variant move anything?), or an arm of the store against another's
 (``python -m suite.compare mine postln --against reference``: the shipped reference results,
 with a note on whether this machine reproduced that baseline: suite/launch/reference.py).
-Runs are matched by cell (depth, learning rate and, where both
-sides ran the same seeds, seed), on the LR grid both sides ran; every other training setting
-(width, steps, schedule, data, ...) must agree, or the comparison is refused naming the setting.
+Runs are matched by cell (depth, learning rate and, where both sides ran the same seeds, seed),
+on the LR grid both sides ran; every other training setting (width, steps, schedule, data, ...)
+must agree, or the comparison is refused naming the setting.
 Per depth (and the rate over all depths too) it reports, A − B:
 
 - the convergence rate over the matched runs, with Newcombe's hybrid score interval for a
