@@ -100,11 +100,42 @@ def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> None:
         if column in ignore:
             continue
         values_a, values_b = _settings(a.runs, column), _settings(b.runs, column)
+        if values_a != values_b and column == "corpus_sha256":
+            raise CompareError(
+                f"they trained on different text: {a.name} on {_corpora(a.runs)}, {b.name} on "
+                f"{_corpora(b.runs)} (the stdlib corpus is the running Python's own standard "
+                "library, so it changes with the Python version); compare runs of one corpus"
+            )
         if values_a != values_b:
             raise CompareError(
                 f"{column} differs: {a.name} has {sorted(values_a)}, {b.name} {sorted(values_b)}; "
                 "compare runs of the same preset and settings"
             )
+
+
+def check_same_rule(a: Side, b: Side) -> None:
+    """Verdicts judged with other knobs are other outcomes (a training-time verdict, from a curve
+    that could not be read, is the default rule's)."""
+
+    def rules(side: Side) -> set[str]:
+        judged = side.runs.get("verdict_rule", pd.Series(dtype=str)).dropna()
+        return set(judged) - {"as recorded in training"}
+
+    if rules(a) and rules(b) and rules(a) != rules(b):
+        raise CompareError(
+            f"verdict_rule differs: {a.name} was judged by {sorted(rules(a))}, {b.name} by "
+            f"{sorted(rules(b))}; collect both with the same verdict knobs"
+        )
+
+
+def _corpora(runs: pd.DataFrame) -> str:
+    columns = [c for c in ("corpus", "corpus_sha256", "python_version") if c in runs]
+    seen = runs[columns].drop_duplicates().astype(str).to_dict("records")
+    return "; ".join(
+        f"{row.get('corpus', '?')} {row.get('corpus_sha256', '?')[:12]}… "
+        f"(Python {row.get('python_version', '?')})"
+        for row in seen
+    )
 
 
 def _settings(runs: pd.DataFrame, column: str) -> set[str]:
@@ -230,6 +261,7 @@ def seed_difference(
 def compare(a: Side, b: Side) -> pd.DataFrame:
     """One row per (depth or "all", metric): A, B, A − B, its interval, p, Holm's p, verdict."""
     check_comparable(a, b)
+    check_same_rule(a, b)
     a, b, paired = common_cells(a, b)
     grid = sorted(set(a.runs["lr"]))
     rows = []
@@ -298,6 +330,8 @@ def calibration_note(
     variant = str(baseline.runs["variant_name"].iloc[0])
     backbone = str(baseline.runs["backbone"].iloc[0]) if "backbone" in baseline.runs else "gpt2"
     command = f"python -m suite.reference calibrate --variants {variant} --backbone {backbone}"
+    command += f" --reference {reference}" if reference != "reference" else ""
+    command += f" --store {where}" if where != CALIBRATION_STORE else ""
     if not calibration:
         return f"no calibration in {where}: does your machine reproduce the reference? {command}"
     shipped_at = read_environment(reference).get("shipped_at")
@@ -314,6 +348,10 @@ def calibration_note(
     )  # fmt: skip
     if entry is None:
         return f"the calibration in {where} did not check {variant} on {backbone}: {command}"
+    if entry.get("verdict_here") == "not trained":
+        return (
+            f"the calibration of {variant} did not train (its log: {entry.get('log')}): {command}"
+        )
     devices = set(mine.runs.get("device_name", pd.Series(dtype=str)).dropna())
     torches = set(mine.runs.get("torch_version", pd.Series(dtype=str)).dropna())
     here = ({entry.get("device_name")}, {entry.get("torch_version")})

@@ -126,7 +126,11 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
             "best val loss": [value(x, ".3f") for x in table["best_val_loss"]],
             "loss rank": [_rank_text(row, "loss") for _, row in table.iterrows()],
             "tokens/s": [value(x, ",.0f") for x in table["tokens_per_s"]],
-            "cost rank": [_rank_text(row, "cost") for _, row in table.iterrows()],
+            # Unmeasured here (a reference arm from another machine) is unknown, not slowest.
+            "cost rank": [
+                "–" if pd.isna(row["tokens_per_s"]) else _rank_text(row, "cost")
+                for _, row in table.iterrows()
+            ],
         }
     )
     return shown

@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from suite.analyze import diagnostics_figures, figures
-from suite.analyze.baseline import BaselineError, with_reference
+from suite.analyze.baseline import SOURCE, BaselineError, with_reference
 from suite.analyze.collect import add_verdict_arguments, collect, parse_verdict
 from suite.analyze.leaderboard import display, leaderboards
 from suite.analyze.summary import (
@@ -43,7 +43,7 @@ from suite.analyze.transfer import transfer_exponents
 from suite.analyze.why import mechanism_counts, remedy_table
 from suite.provenance import git_sha, suite_version
 from suite.record import FORMATS, REPORT_COLUMNS
-from suite.store import atomic_write, cell_dir, read_curve
+from suite.store import atomic_write, read_curve
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +295,11 @@ def build_sections(
         )
     depth, lr = curves_cell or figures.hardest_cell(finished)
     unplottable: list[str] = []
-    # Runs added from the shipped reference have no cell folder here: their curves stay with
-    # whoever trained them.
-    in_store = finished["cell_id"].map(lambda cell_id: cell_dir(store, cell_id).is_dir())
+    # Runs added from a reference (with_reference) have no curves here: those stay with whoever
+    # trained them.
+    in_store = (
+        finished[SOURCE].isna() if SOURCE in finished else pd.Series(True, index=finished.index)
+    )
     curves = curves_at(finished[in_store], store, depth, lr, unplottable)
     elsewhere = finished[~in_store & (finished["depth"] == depth) & (finished["lr"] == lr)]
     curves_section = sections[-1]
@@ -319,8 +321,8 @@ def build_sections(
         )
     if len(elsewhere):
         curves_section.caption += (
-            f" Not drawn: {', '.join(sorted(set(elsewhere['variant'])))} (from the shipped "
-            "reference, whose curves are not shipped)."
+            f" Not drawn: {', '.join(sorted(set(elsewhere['variant'])))} (from "
+            f"{', '.join(sorted(set(elsewhere[SOURCE])))}, whose curves are not shipped)."
         )
     if curves.empty:
         curves_section.note = f"No curves stored for depth {depth}, LR {lr:g}."

@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -48,13 +49,13 @@ import pandas as pd
 from suite.config import CellConfig, ConfigError, VerdictConfig
 from suite.launch.preflight import preflight
 from suite.plan import utc_now
+from suite.run.data import load_corpus
 from suite.store import (
     CALIBRATION,
     CALIBRATION_STORE,
     ENVIRONMENT,
     RUNS,
     atomic_write,
-    cell_dir,
     finished_record,
     read_calibration,
     read_environment,
@@ -142,9 +143,12 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
             f"judged by the default rule: python -m suite.collect --store {store}, then ship"
         )
     shipped, missing, absent, seconds = [], {}, [], {}
-    for backbone in sorted(set(ok["backbone"])) or list(BACKBONES):
+    for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES):
         for variant in built_ins():
             key = f"{variant} · {backbone}"
+            if variant not in set(ok.loc[ok["backbone"] == backbone, "variant"]):
+                absent.append(key)
+                continue
             wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store)}
             found = ok[ok["cell_id"].isin(wanted)]
             if found.empty:
@@ -161,8 +165,9 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     backbones = sorted(set(table["backbone"]))
     environment = {
         "preset": name,
-        "command": "python -m suite.reference run"
+        "regenerate": "python -m suite.reference run"
         + (f" --backbones {','.join(backbones)}" if backbones != list(BACKBONES) else ""),
+        "shipped_from": f"python -m suite.reference ship --store {store}",
         "shipped_at": utc_now(),
         "cells": len(table),
         "arms": sorted(
@@ -188,6 +193,8 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
                 "suite_version",
                 "git_sha",
                 "verdict_rule",
+                "corpus",
+                "corpus_sha256",
             )
         },  # fmt: skip
     }
@@ -241,6 +248,15 @@ def compose(row: pd.Series, store: str) -> tuple[list[str], CellConfig]:
         "hydra/launcher=basic",
     ]
     [(_, cell)] = preflight(overrides)
+    corpus = load_corpus(cell.data).sha256
+    if corpus != row["corpus_sha256"]:
+        raise ConfigError(
+            f"the reference trained on other text: its corpus ({row['corpus']}, sha256 "
+            f"{row['corpus_sha256'][:12]}…, Python {row['python_version']}'s standard library) "
+            f"is not this Python's ({corpus[:12]}…, Python {platform.python_version()}), so no "
+            "loss here can be compared with it: train the baselines in your own store "
+            f"(python -m suite +variant={row['variant']}), or use Python {row['python_version']}"
+        )
     if cell.cell_id() != row["cell_id"]:
         raise ConfigError(
             f"{row['cell_id']}: the suite now composes this cell as {cell.cell_id()} (its "
@@ -251,19 +267,18 @@ def compose(row: pd.Series, store: str) -> tuple[list[str], CellConfig]:
 
 
 def _train(overrides: list[str], cell: CellConfig) -> dict[str, Any] | None:
+    """The cell's record if this call trained it; None if it did not (its log says why)."""
     log = _log(cell)
     log.parent.mkdir(parents=True, exist_ok=True)
-    began = time.time()
+    before = finished_record(cell.store, cell.cell_id())
     with open(log, "ab") as output:
         subprocess.call([sys.executable, "-m", "suite", *overrides], stdout=output,
                         stderr=subprocess.STDOUT)  # fmt: skip
     record = finished_record(cell.store, cell.cell_id())
-    # Only a run this calibration trained counts (a concurrent one could have left another).
-    fresh = (
-        record is not None
-        and (cell_dir(cell.store, cell.cell_id()) / "record.json").stat().st_mtime >= began
-    )
-    return record if fresh else None
+    # Every finished run writes its curve under a new name: the same name is the old run.
+    if record is None or (before and before.get("curve_file") == record.get("curve_file")):
+        return None
+    return record
 
 
 def _log(cell: CellConfig) -> Path:

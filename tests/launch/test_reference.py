@@ -6,6 +6,7 @@ built-in's cell that the suite still composes with the same id."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 from helpers import REPO, run_suite
 
-from suite.analyze.baseline import with_reference
+from suite.analyze.baseline import BaselineError, with_reference
 from suite.launch.reference import (
     ESCAPE_TOLERANCE,
     LOSS_TOLERANCE,
@@ -39,6 +40,7 @@ def tiny_reference(tmp_path_factory):
     return store, folder
 
 
+@pytest.mark.slow
 def test_ship_writes_the_grid_and_where_it_was_measured(tiny_reference):
     store, folder = tiny_reference
     table = pd.read_parquet(folder / RUNS)
@@ -47,10 +49,13 @@ def test_ship_writes_the_grid_and_where_it_was_measured(tiny_reference):
     environment = json.loads((folder / ENVIRONMENT).read_text())
     assert environment["arms"] == ["postln · gpt2", "preln · gpt2"]
     assert environment["incomplete_arms"] == {}
+    assert "rezero · gpt2" in environment["absent_arms"]
+    assert environment["shipped_from"] == f"python -m suite.reference ship --store {store}"
     assert environment["device_name"] == sorted(set(table["device_name"]))
     assert environment["cell_seconds_by_arm"]["preln · gpt2"] > 0
 
 
+@pytest.mark.slow
 def test_calibration_passes_on_the_machine_that_made_the_reference(tiny_reference, tmp_path):
     _, folder = tiny_reference
     result = run_suite(
@@ -61,7 +66,7 @@ def test_calibration_passes_on_the_machine_that_made_the_reference(tiny_referenc
     outcome = json.loads((tmp_path / "calibration.json").read_text())
     assert outcome["passed"] and outcome["failed_variants"] == []
     for cell in outcome["cells"]:  # same machine, same code: the very same numbers
-        assert cell["val_loss_difference"] == 0 and cell["verdict_here"] == "converged"
+        assert abs(cell["val_loss_difference"]) < 1e-6 and cell["verdict_here"] == "converged"
     assert "reproduces the reference" in result.stdout
     again = run_suite(
         "calibrate", "--reference", str(folder), "--store", str(tmp_path), "--variants", "preln",
@@ -74,6 +79,7 @@ def test_calibration_passes_on_the_machine_that_made_the_reference(tiny_referenc
     assert sorted(cell["variant"] for cell in merged["cells"]) == ["postln", "preln"]
 
 
+@pytest.mark.slow
 def test_calibration_names_the_baseline_to_rerun_when_the_machine_differs(tiny_reference, tmp_path):
     """A reference whose Post-LN cell reads 0.2 nats higher than this machine trains it."""
     _, folder = tiny_reference
@@ -94,6 +100,23 @@ def test_calibration_names_the_baseline_to_rerun_when_the_machine_differs(tiny_r
     assert outcome["failed_variants"] == ["postln · gpt2"]
 
 
+@pytest.mark.slow
+def test_calibration_refuses_a_reference_trained_on_other_text(tiny_reference, tmp_path):
+    """The stdlib corpus is the running Python's own library: another Python, another corpus."""
+    _, folder = tiny_reference
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    table = pd.read_parquet(other / RUNS).assign(corpus_sha256="0" * 64, python_version="3.99.0")
+    table.to_parquet(other / RUNS, index=False)
+    result = run_suite("calibrate", "--reference", str(other), "--store", str(tmp_path / "c"),
+                       "--variants", "preln", command="suite.reference")  # fmt: skip
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "the reference trained on other text" in line and "Python 3.99.0" in line
+    assert not (tmp_path / "c" / "cells").exists()
+
+
+@pytest.mark.slow
 def test_calibration_refuses_a_variant_the_reference_lacks(tiny_reference, tmp_path):
     _, folder = tiny_reference
     result = run_suite(
@@ -207,10 +230,13 @@ def test_the_shipped_reference_is_the_suites_own_grid_today():
         f"{v} · {b}" for v, b in set(zip(table["variant"], table["backbone"], strict=True))
     )
     assert environment["arms"] == arms and environment["cells"] == len(table)
+    everything = {f"{v} · {b}" for v in built_ins() for b in environment["backbones"]}
+    not_whole = set(environment["incomplete_arms"]) | set(environment["absent_arms"])
+    assert not_whole == everything - set(arms) and not not_whole & set(arms)
     for (variant, backbone), shipped in table.groupby(["variant", "backbone"]):
         composed = {cell.cell_id() for cell in expected_cells(variant, backbone)}
         assert set(shipped["cell_id"]) == composed, variant  # whole grids only
-    for column in ("device_name", "torch_version", "suite_version", "git_sha"):
+    for column in ("device_name", "torch_version", "suite_version", "git_sha", "corpus_sha256"):
         assert environment[column] == sorted(set(table[column].astype(str)))
 
 
@@ -223,6 +249,7 @@ def _plugin_store(tmp_path, source_variant: str):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_compare_takes_the_shipped_reference_as_the_baseline(tmp_path):
     """A plugin that trains like Pre-LN, compared with the reference's Post-LN and Pre-LN, on a
     store holding nothing but the plugin: no baseline re-run."""
@@ -238,11 +265,12 @@ def test_compare_takes_the_shipped_reference_as_the_baseline(tmp_path):
     assert rate_24.endswith("mine better")
     assert "no calibration in" in result.stdout
     same = run_suite("mine", "preln", "--store", str(store), "--against", "reference",
-                     command="suite.compare")  # fmt: skip
+                     "--calibration", str(tmp_path / "none"), command="suite.compare")  # fmt: skip
     assert same.returncode == 0, same.stderr
     assert "better" not in same.stdout.replace("no detectable difference", "")
 
 
+@pytest.mark.slow
 def test_compare_against_the_reference_says_what_the_calibration_found(tmp_path):
     store = _plugin_store(tmp_path / "store", "preln")
     shipped = read_runs("reference")
@@ -287,6 +315,7 @@ def test_compare_against_the_reference_says_what_the_calibration_found(tmp_path)
     assert "checked another reference" in note("preln", reference="/elsewhere")
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_store_of_another_preset_against_the_reference(tiny_reference):
     store, _ = tiny_reference
     result = run_suite("preln", "postln", "--store", str(store), "--against", "reference",
@@ -296,6 +325,7 @@ def test_compare_refuses_a_store_of_another_preset_against_the_reference(tiny_re
     assert "differs" in line and "compare runs of the same preset" in line
 
 
+@pytest.mark.slow
 def test_the_leaderboard_ranks_a_plugin_among_the_reference(tmp_path):
     store = _plugin_store(tmp_path, "rmsnorm")
     result = run_suite("--store", str(store), "--reference", command="suite.leaderboard")
@@ -305,6 +335,7 @@ def test_the_leaderboard_ranks_a_plugin_among_the_reference(tmp_path):
     assert {"mine", "preln", "postln"} <= ranked
 
 
+@pytest.mark.slow
 def test_the_leaderboard_refuses_a_reference_that_trained_otherwise(tmp_path):
     """Runs of the quick preset with a longer budget are not the reference's experiment."""
     store = _plugin_store(tmp_path, "preln")
@@ -313,7 +344,31 @@ def test_the_leaderboard_refuses_a_reference_that_trained_otherwise(tmp_path):
     result = run_suite("--store", str(store), "--reference", command="suite.leaderboard")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("leaderboard: quick: steps differs")
+    assert line.startswith("leaderboard: quick: steps differs: your store has ['800']")
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"seed": 0}, "your store trained at seeds [0], the reference at [0, 1]"),
+        ({"verdict_rule": "v2 stall_margin=0.3"}, "verdict_rule differs"),
+        ({"corpus_sha256": "0" * 64}, "they trained on different text"),
+    ],
+)
+def test_the_reference_joins_only_runs_of_its_grid_rule_and_text(tmp_path, change, refusal):
+    store = _plugin_store(tmp_path, "preln")
+    runs = pd.read_parquet(store / RUNS).assign(**change)
+    with pytest.raises(BaselineError, match=re.escape(refusal)):
+        with_reference(runs)
+
+
+def test_what_a_variant_sets_for_itself_is_no_mismatch(tmp_path):
+    """nGPT trains without weight decay and an authors' recipe has its own warmup: arms, not a
+    different experiment."""
+    store = _plugin_store(tmp_path, "preln")
+    runs = pd.read_parquet(store / RUNS).assign(weight_decay=0.0, warmup_steps=40)
+    added, note = with_reference(runs)
+    assert "postln" in note and len(added) > len(runs)
 
 
 def test_the_stores_own_finished_runs_of_an_arm_win_over_the_reference():
@@ -328,6 +383,7 @@ def test_the_stores_own_finished_runs_of_an_arm_win_over_the_reference():
     assert "preln" in note.split(" from ")[0].split(", ")
 
 
+@pytest.mark.slow
 def test_the_report_draws_the_reference_arms_beside_the_stores_own(tiny_reference, tmp_path):
     """A store holding only Pre-LN, reported with a reference holding Post-LN too."""
     store, folder = tiny_reference
@@ -342,12 +398,13 @@ def test_the_report_draws_the_reference_arms_beside_the_stores_own(tiny_referenc
     assert "Baseline arms" in html and "postln from the shipped reference" in html
     postln = set(pd.read_parquet(folder / RUNS).query("variant == 'postln'")["cell_id"])
     assert all(cell in html for cell in postln)  # every reference run in the table of runs
-    assert "Not drawn: postln" in html
+    assert f"Not drawn: postln (from {folder}" in html
     refused = run_suite("--store", str(mine), "--reference", "verdict.stall_margin=0.2",
                         "--out", str(out), command="suite.report")  # fmt: skip
     assert refused.returncode == 2 and "--reference" in refused.stderr
 
 
+@pytest.mark.slow
 def test_the_reference_of_another_preset_adds_nothing(tiny_reference):
     store, _ = tiny_reference
     runs = read_runs(store)
