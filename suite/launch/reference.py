@@ -97,12 +97,19 @@ def expected_cells(
 # --- run -----------------------------------------------------------------------------------
 
 
-def run(store: str, variants: list[str], backbones: list[str]) -> None:
-    """One ordinary sweep per (variant, backbone), skipped cells and all, then ship."""
+def run(
+    store: str,
+    variants: list[str],
+    backbones: list[str],
+    preset: str = PRESET,
+    out: Path | None = None,
+) -> Path:
+    """One ordinary sweep per (variant, backbone) into the store (cells it holds are read, not
+    trained again), the wall time of each added to ``<store>/reference-wall.json``, then ship."""
     wall = _read_wall(store)
     for backbone in backbones:
         for variant in variants:
-            command = [sys.executable, "-m", "suite", *arm_overrides(variant, backbone),
+            command = [sys.executable, "-m", "suite", *arm_overrides(variant, backbone, preset),
                        f"store={store}"]  # fmt: skip
             print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
             began = time.monotonic()
@@ -113,7 +120,7 @@ def run(store: str, variants: list[str], backbones: list[str]) -> None:
             wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
             text = json.dumps(wall, indent=1, sort_keys=True, ensure_ascii=False)
             atomic_write(Path(store) / WALL, lambda tmp, text=text: Path(tmp).write_text(text))
-    ship(store)
+    return ship(store, preset, out)
 
 
 def _read_wall(store: str) -> dict[str, float]:
@@ -400,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--store", default=DEFAULT_STORE)
     run_parser.add_argument("--variants", type=_names, help="default: every built-in")
     run_parser.add_argument("--backbones", type=_names, default=list(BACKBONES))
+    run_parser.add_argument("--preset", default=PRESET, help=f"default: {PRESET}")
+    run_parser.add_argument("--out", type=Path, help="default: the shipped reference/<preset>")
     ship_parser = commands.add_parser("ship", help="the store's reference cells -> reference/")
     ship_parser.add_argument("--store", default=DEFAULT_STORE)
     ship_parser.add_argument("--out", type=Path, help="default: the shipped reference/quick")
@@ -421,7 +430,10 @@ def main(argv: list[str] | None = None) -> None:
             if unknown:
                 raise ConfigError(f"--variants: not built-ins: {', '.join(unknown)}; the "
                                   f"built-ins are {', '.join(built_ins())}")  # fmt: skip
-            run(args.store, args.variants or built_ins(), args.backbones)
+            folder = run(
+                args.store, args.variants or built_ins(), args.backbones, args.preset, args.out
+            )
+            print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")
         elif args.command == "ship":
             folder = ship(args.store, out=args.out)
             print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")

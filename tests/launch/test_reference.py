@@ -31,12 +31,14 @@ SHIPPED = reference_dir("quick")
 
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory):
-    """A reference made the way the shipped one is, on the tiny preset: a real sweep, shipped."""
+    """A reference made by the command that makes the shipped one, on the tiny preset."""
     root = tmp_path_factory.mktemp("reference")
-    store = root / "store"
-    result = run_suite("+variant=preln,postln", "sweep=tiny", f"store={store}")
+    store, folder = root / "store", root / "tiny"
+    result = run_suite(
+        "run", "--preset", "tiny", "--variants", "preln,postln", "--store", str(store),
+        "--out", str(folder), command="suite.reference",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    folder = ship(str(store), name="tiny", out=root / "tiny")
     return store, folder
 
 
@@ -51,6 +53,9 @@ def test_ship_writes_the_grid_and_where_it_was_measured(tiny_reference):
     assert environment["incomplete_arms"] == {}
     assert "rezero · gpt2" in environment["absent_arms"]
     assert environment["shipped_from"] == f"python -m suite.reference ship --store {store}"
+    assert set(environment["wall_seconds_by_arm"]) == {"preln · gpt2", "postln · gpt2"}
+    again = ship(str(store), name="tiny", out=folder.parent / "again")  # the same cells, again
+    assert pd.read_parquet(again / RUNS).equals(table)
     assert environment["device_name"] == sorted(set(table["device_name"]))
     assert environment["cell_seconds_by_arm"]["preln · gpt2"] > 0
 
