@@ -323,7 +323,12 @@ def is_reference(store: str) -> bool:
 
 
 def calibration_note(
-    mine: Side, baseline: Side, calibration: dict, reference: str, where: str
+    mine: Side,
+    baseline: Side,
+    calibration: dict,
+    reference: str,
+    where: str,
+    mine_store: str = "results",
 ) -> str:
     """Whether the machine (CPU and torch) that ran ``mine`` was found to reproduce the shipped
     reference's baseline variant on its backbone (``python -m suite.reference calibrate``)."""
@@ -370,7 +375,7 @@ def calibration_note(
     return (
         f"this machine did NOT reproduce the reference's {variant} on {backbone} (calibration, "
         f"{entry.get('checked_at')}): re-run it in your store and compare there: "
-        f"python -m suite +variant={variant} model.backbone={backbone}"
+        f"python -m suite +variant={variant} model.backbone={backbone} store={mine_store}"
     )
 
 
@@ -441,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: measured in different environments ({note}); losses can differ by machine")
     if args.against and is_reference(args.against):
         calibration = read_calibration(args.calibration)
-        print(f"note: {calibration_note(a, b, calibration, args.against, args.calibration)}")
+        note = calibration_note(a, b, calibration, args.against, args.calibration, args.store)
+        print(f"note: {note}")
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"-> {args.csv}")
