@@ -94,12 +94,21 @@ def training_settings(runs: pd.DataFrame) -> list[str]:
     return [c for c in config if c in runs and c not in COMPARED | MATCHED]
 
 
-def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> None:
-    """Refuse to pool cells whose settings differ beyond the compared axis (and ``ignore``)."""
+def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> list[str]:
+    """Refuse to pool cells whose settings differ beyond the compared axis (and ``ignore``);
+    the differences that are part of the compared axis, as notes."""
+    notes = []
     for column in training_settings(pd.concat([a.runs, b.runs])):
         if column in ignore:
             continue
         values_a, values_b = _settings(a.runs, column), _settings(b.runs, column)
+        if values_a != values_b and column == "weight_decay" and _variants_differ(a, b):
+            # A variant that trains without weight decay (nGPT, as its paper does) records 0
+            # whatever the sweep set: between two variants, that is part of what is compared.
+            without = [side.name for side, v in ((a, values_a), (b, values_b)) if v == {"0.0"}]
+            if without:
+                notes.append(f"{without[0]} trained without weight decay (its own recipe)")
+                continue
         if values_a != values_b and column == "corpus_sha256":
             raise CompareError(
                 f"they trained on different text: {a.name} on {_corpora(a.runs)}, {b.name} on "
@@ -111,6 +120,15 @@ def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> None:
                 f"{column} differs: {a.name} has {sorted(values_a)}, {b.name} {sorted(values_b)}; "
                 "compare runs of the same preset and settings"
             )
+    return notes
+
+
+def _variants_differ(a: Side, b: Side) -> bool:
+    def names(side: Side) -> set[str]:
+        column = "variant_name" if "variant_name" in side.runs else "variant"
+        return set(side.runs[column])
+
+    return names(a) != names(b)
 
 
 def check_same_rule(a: Side, b: Side) -> None:
@@ -260,7 +278,7 @@ def seed_difference(
 
 def compare(a: Side, b: Side) -> pd.DataFrame:
     """One row per (depth or "all", metric): A, B, A − B, its interval, p, Holm's p, verdict."""
-    check_comparable(a, b)
+    notes = check_comparable(a, b)
     check_same_rule(a, b)
     a, b, paired = common_cells(a, b)
     grid = sorted(set(a.runs["lr"]))
@@ -297,7 +315,9 @@ def compare(a: Side, b: Side) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table["p_holm"] = holm(table["p"].tolist())
     table["verdict"] = [_verdict(row, a.name, b.name) for row in table.itertuples()]
-    return table.drop(columns="higher_is_better")
+    table = table.drop(columns="higher_is_better")
+    table.attrs["notes"] = notes
+    return table
 
 
 def _verdict(row, name_a: str, name_b: str) -> str:
@@ -442,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     print(f"{a.name} vs {b.name}: A − B, 95% intervals, verdicts at Holm-adjusted p < {ALPHA}")
     print(format_table(table))
+    for note in table.attrs.get("notes", []):
+        print(f"note: {note}")
     for note in environment_notes(a, b):
         print(f"note: measured in different environments ({note}); losses can differ by machine")
     if args.against and is_reference(args.against):

@@ -119,6 +119,19 @@ def test_refusals_say_what_is_missing():
         compare(Side("a", a), other_preset)
 
 
+def test_a_variant_that_trains_without_weight_decay_is_compared_and_said_to():
+    """nGPT records weight decay 0 whatever the sweep set (its paper's recipe): between two
+    variants that is part of the compared axis; within one variant it is a different setting."""
+    preln = runs_of("preln", [0, 1]).assign(weight_decay=0.1)
+    ngpt = runs_of("ngpt", [0, 1]).assign(weight_decay=0.0)
+    table = compare(Side("ngpt", ngpt), Side("preln", preln))
+    assert table.attrs["notes"] == ["ngpt trained without weight decay (its own recipe)"]
+    with pytest.raises(CompareError, match="weight_decay differs"):
+        compare(Side("preln in one", preln), Side("preln in two", preln.assign(weight_decay=0.0)))
+    with pytest.raises(CompareError, match="weight_decay differs"):  # neither side without it
+        compare(Side("ngpt", ngpt.assign(weight_decay=0.01)), Side("preln", preln))
+
+
 def test_the_command_compares_two_arms_and_two_stores(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
