@@ -27,6 +27,10 @@ from suite.launch.reference import (
 from suite.store import ENVIRONMENT, RUNS, read_environment, read_runs, reference_dir, resolve_store
 
 SHIPPED = reference_dir("quick")
+# A converged reference cell (no seed spread recorded: the stated tolerances alone apply).
+CONVERGED_CELL = {
+    "variant": "preln", "cell_id": "c", "verdict": "converged", "val_loss": 2.3, "escape_step": 60.0
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -158,17 +162,7 @@ def test_the_calibration_cell_is_the_one_farthest_from_a_boundary():
 
 
 def test_agreement_widens_to_the_cells_own_seed_spread_and_needs_both_values():
-    reference = pd.Series(
-        {
-            "variant": "preln",
-            "cell_id": "c",
-            "verdict": "converged",
-            "val_loss": 2.3,
-            "escape_step": 60.0,
-            "val_loss_spread": 0.2,
-            "escape_step_spread": 0.0,
-        }  # fmt: skip
-    )
+    reference = pd.Series({**CONVERGED_CELL, "val_loss_spread": 0.2, "escape_step_spread": 0.0})
 
     def within(**here) -> bool:
         run = {"verdict": "converged", "val_loss": 2.3, "escape_step": 60, **here}
@@ -199,15 +193,7 @@ def test_agreement_widens_to_the_cells_own_seed_spread_and_needs_both_values():
 def test_agreement_holds_a_run_to_the_stated_tolerance(
     loss_moved, escape_moved, verdict_here, within
 ):
-    reference = pd.Series(
-        {
-            "variant": "preln",
-            "cell_id": "c",
-            "verdict": "converged",
-            "val_loss": 2.3,
-            "escape_step": 60.0,
-        }  # fmt: skip
-    )
+    reference = pd.Series(CONVERGED_CELL)
     here = {"verdict": verdict_here, "val_loss": 2.3 + loss_moved,
             "escape_step": 60 + escape_moved, "device_name": "cpu"}  # fmt: skip
     assert agreement(reference, here)["within_tolerance"] is within
