@@ -136,21 +136,39 @@ def reference_dir(name: str = "quick") -> Path:
     return REFERENCE_ROOT / name
 
 
-def resolve_store(store: str | Path) -> Path:
-    """A store as typed: ``reference`` (or ``reference:<name>``) is the shipped reference,
-    anything else a folder."""
+def is_reference(store: str | Path) -> bool:
+    """Whether a store as typed names the shipped reference: ``reference``, ``reference:<name>``."""
     text = str(store)
-    if text == REFERENCE or text.startswith(f"{REFERENCE}:"):
-        return reference_dir(text.partition(":")[2] or "quick")
-    return Path(text)
+    return text == REFERENCE or text.startswith(f"{REFERENCE}:")
+
+
+def resolve_store(store: str | Path) -> Path:
+    """A store as typed: the shipped reference's folder for ``reference`` (or
+    ``reference:<name>``), anything else a folder."""
+    if is_reference(store):
+        return reference_dir(str(store).partition(":")[2] or "quick")
+    return Path(store)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file (an environment, a calibration, a wall-time log); {} when it is
+    missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    """``value`` as indented JSON (non-ASCII kept: arm labels carry "·"), written atomically."""
+    text = json.dumps(value, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def read_environment(store: str | Path) -> dict[str, Any]:
     """A shipped reference's environment (where and how it was measured); {} when none."""
-    try:
-        return json.loads((resolve_store(store) / ENVIRONMENT).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(resolve_store(store) / ENVIRONMENT)
 
 
 # Where ``python -m suite.reference calibrate`` says whether this machine reproduces the reference.
@@ -160,10 +178,7 @@ CALIBRATION = "calibration.json"
 
 def read_calibration(store: str | Path = CALIBRATION_STORE) -> dict[str, Any]:
     """The last calibration's outcome in that store; {} when there was none."""
-    try:
-        return json.loads((Path(store) / CALIBRATION).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(store) / CALIBRATION)
 
 
 def read_runs(store: str | Path) -> pd.DataFrame:
@@ -171,7 +186,7 @@ def read_runs(store: str | Path) -> pd.DataFrame:
     to make it, when there is none. ``reference`` reads the shipped reference."""
     path = resolve_store(store) / RUNS
     if not path.exists():
-        if resolve_store(store) != Path(str(store)):
+        if is_reference(store):
             raise FileNotFoundError(
                 f"{store}: no shipped reference at {path.parent} "
                 "(python -m suite.reference run makes it)"

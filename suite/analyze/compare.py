@@ -39,7 +39,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,7 +54,13 @@ from suite.analyze.statistics import (
 from suite.analyze.summary import ok_runs, with_arm_labels
 from suite.config import SECTIONS
 from suite.record import GROUPS
-from suite.store import CALIBRATION_STORE, read_calibration, read_environment, resolve_store
+from suite.store import (
+    CALIBRATION_STORE,
+    is_reference,
+    read_calibration,
+    read_environment,
+    resolve_store,
+)
 from suite.store import read_runs as read_collected
 from suite.verdict import CONVERGED
 
@@ -336,10 +341,6 @@ def environment_notes(a: Side, b: Side) -> list[str]:
         if values_a != values_b:
             notes.append(f"{column}: {a.name} {sorted(values_a)}, {b.name} {sorted(values_b)}")
     return notes
-
-
-def is_reference(store: str) -> bool:
-    return resolve_store(store) != Path(store)
 
 
 def calibration_note(

@@ -55,13 +55,14 @@ from suite.store import (
     CALIBRATION_STORE,
     ENVIRONMENT,
     RUNS,
-    atomic_write,
     finished_record,
     read_calibration,
     read_environment,
+    read_json,
     read_runs,
     reference_dir,
     resolve_store,
+    write_json,
     write_table,
 )
 from suite.verdict import CONVERGED, rule_description
@@ -106,7 +107,7 @@ def run(
 ) -> Path:
     """One ordinary sweep per (variant, backbone) into the store (cells it holds are read, not
     trained again), the wall time of each added to ``<store>/reference-wall.json``, then ship."""
-    wall = _read_wall(store)
+    wall = read_json(Path(store) / WALL)
     for backbone in backbones:
         for variant in variants:
             command = [sys.executable, "-m", "suite", *arm_overrides(variant, backbone, preset),
@@ -118,16 +119,8 @@ def run(
                 raise SystemExit(code)
             key = f"{variant} · {backbone}"
             wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
-            text = json.dumps(wall, indent=1, sort_keys=True, ensure_ascii=False)
-            atomic_write(Path(store) / WALL, lambda tmp, text=text: Path(tmp).write_text(text))
+            write_json(Path(store) / WALL, dict(sorted(wall.items())))
     return ship(store, preset, out)
-
-
-def _read_wall(store: str) -> dict[str, float]:
-    try:
-        return json.loads((Path(store) / WALL).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 # --- ship ----------------------------------------------------------------------------------
@@ -185,7 +178,9 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
         "backbones": backbones,
         "depths": sorted(int(d) for d in set(table["depth"])),
         "cell_seconds_by_arm": seconds,
-        "wall_seconds_by_arm": {k: v for k, v in _read_wall(store).items() if k in seconds},
+        "wall_seconds_by_arm": {
+            k: v for k, v in read_json(Path(store) / WALL).items() if k in seconds
+        },
         "trained_between": [str(table["started_at"].min()), str(table["started_at"].max())],
         **{
             column: sorted(str(v) for v in set(table[column].dropna()))
@@ -206,9 +201,8 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
         },  # fmt: skip
     }
     folder = out or reference_dir(name)
-    text = json.dumps(environment, indent=1, ensure_ascii=False) + "\n"
     write_table(table, folder / RUNS)
-    atomic_write(folder / ENVIRONMENT, lambda tmp: Path(tmp).write_text(text))
+    write_json(folder / ENVIRONMENT, environment)
     return folder
 
 
@@ -355,7 +349,8 @@ def calibrate(
 def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) -> None:
     """This run's entries replace those of the same (variant, backbone); entries checked against
     another reference (another folder, or the same re-shipped) are dropped."""
-    shipped_at = read_environment(reference_store).get("shipped_at")
+    environment = read_environment(reference_store)
+    shipped_at = environment.get("shipped_at")
     where = str(resolve_store(reference_store).resolve())
     earlier = read_calibration(store)
     cells = [] if (earlier.get("reference"), earlier.get("reference_shipped_at")) != (
@@ -366,7 +361,7 @@ def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) ->
     outcome = {
         "reference": where,
         "reference_shipped_at": shipped_at,
-        "reference_device_name": read_environment(reference_store).get("device_name"),
+        "reference_device_name": environment.get("device_name"),
         "tolerance": {"val_loss": LOSS_TOLERANCE, "escape_step": ESCAPE_TOLERANCE,
                       "widened_to": "the reference cell's own seed spread, where larger"},
         "passed": all(cell["within_tolerance"] for cell in cells),
@@ -374,8 +369,7 @@ def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) ->
                                    if not c["within_tolerance"]}),
         "cells": cells,
     }  # fmt: skip
-    text = json.dumps(outcome, indent=1, ensure_ascii=False) + "\n"
-    atomic_write(Path(store) / CALIBRATION, lambda tmp: Path(tmp).write_text(text))
+    write_json(Path(store) / CALIBRATION, outcome)
 
 
 # --- the command ---------------------------------------------------------------------------
