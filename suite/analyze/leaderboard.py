@@ -173,11 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--csv", help="also write the tables, every column, as CSV to this file")
     args = parser.parse_args(argv)
     try:
-        runs = read_runs(args.store)
-        if args.sweep:
-            runs = runs[runs["sweep"] == args.sweep]
+
+        def only_sweep(runs: pd.DataFrame) -> pd.DataFrame:
+            return runs[runs["sweep"] == args.sweep] if args.sweep else runs
+
+        runs = only_sweep(read_runs(args.store))
         if args.reference:
-            only_sweep = (lambda s: s[s["sweep"] == args.sweep]) if args.sweep else (lambda s: s)
             runs, note = with_reference(runs, args.reference, only_sweep)
             print(f"baseline arms: {note}")
     except (FileNotFoundError, BaselineError) as error:

@@ -144,9 +144,10 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
         )
     shipped, missing, absent, seconds = [], {}, [], {}
     for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES):
+        ran = set(ok.loc[ok["backbone"] == backbone, "variant"])
         for variant in built_ins():
             key = f"{variant} · {backbone}"
-            if variant not in set(ok.loc[ok["backbone"] == backbone, "variant"]):
+            if variant not in ran:
                 absent.append(key)
                 continue
             wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store)}
