@@ -33,7 +33,7 @@ from variants.base import (
 )
 from variants.norms import LayerNorm
 from variants.registry import register
-from variants.streams import MultiStreamVariant
+from variants.streams import MultiStreamVariant, read_and_mix, write_back
 
 
 class HyperConnection(nn.Module):
@@ -53,15 +53,23 @@ class HyperConnection(nn.Module):
             self.alpha = nn.Parameter(torch.tensor(0.01))  # s_α
             self.beta = nn.Parameter(torch.tensor(0.01))  # s_β
 
+    def connection_weights(self, streams: Tensor) -> tuple[Tensor, Tensor]:
+        """[A_m | A_r] (..., n, n + 1) and B (..., n) for these streams: A_m and A_r side by
+        side, so that one GEMM reads the sublayer's input and the mixed streams at once."""
+        static = torch.cat([self.read[:, None], self.mix], dim=1)
+        if not self.dynamic:
+            return static, self.write
+        weights = torch.cat(
+            [self.read_weight[:, None], self.mix_weight, self.write_weight[:, None]], 1
+        )
+        dynamic = torch.tanh(self.norm(streams) @ weights)  # W_m, W_r, W_β in one GEMM
+        read_and_mix = static + self.alpha * dynamic[..., :-1]
+        return read_and_mix, self.write + self.beta * dynamic[..., -1]
+
     def connections(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A_m (..., n), A_r (..., n, n) and B (..., n) for these streams."""
-        if not self.dynamic:
-            return self.read, self.mix, self.write
-        normed = self.norm(streams)
-        read = self.read + self.alpha * torch.tanh(normed @ self.read_weight)
-        mix = self.mix + self.alpha * torch.tanh(normed @ self.mix_weight)
-        write = self.write + self.beta * torch.tanh(normed @ self.write_weight)
-        return read, mix, write
+        read_and_mix, write = self.connection_weights(streams)
+        return read_and_mix[..., 0], read_and_mix[..., 1:], write
 
     def stream_mixing(self, streams: Tensor) -> Tensor:
         """M of x' = M·x: A_rᵀ, one per token (see variants.streams.MixesStreams)."""
@@ -69,12 +77,9 @@ class HyperConnection(nn.Module):
         return mix.expand(*streams.shape[:-2], *mix.shape[-2:])
 
     def forward(self, streams: Tensor, branch: Sublayer) -> Tensor:
-        read, mix, write = self.connections(streams)
-        # Broadcast products, not einsum: with one small n×n matrix per token, einsum's batched
-        # matmul ran 3× slower on CPU.
-        branch_input = (read.unsqueeze(-1) * streams).sum(dim=-2)  # Σ_s A_m[s] H_s
-        mixed = (mix.unsqueeze(-1) * streams.unsqueeze(-2)).sum(dim=-3)  # Σ_s A_r[s, t] H_s
-        return mixed + write.unsqueeze(-1) * branch(branch_input).unsqueeze(-2)
+        weights, write = self.connection_weights(streams)
+        branch_input, mixed = read_and_mix(weights, streams)  # A_mᵀ H, A_rᵀ H
+        return write_back(mixed, write, branch(branch_input))  # + Bᵀ T(h)
 
 
 class HyperConnectionWiring(nn.Module):

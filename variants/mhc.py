@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from variants.base import (
     Recipe,
@@ -36,17 +37,57 @@ from variants.base import (
 )
 from variants.norms import LayerNorm, RMSNorm
 from variants.registry import register
-from variants.streams import MultiStreamVariant
+from variants.streams import MultiStreamVariant, read_and_mix, write_back
+
+
+class _SinkhornKnopp(torch.autograd.Function):
+    """The unrolled iterations and their exact gradient, on (n, n, tokens) fp32 matrices.
+
+    Tokens last, because each of the 2 × iterations normalizations sums over n = 4 entries: a
+    reduction over a last dimension of 4 ran ~6× slower on CPU than over a leading one. The
+    backward goes back through every normalization m' = m / s (s summed along one axis):
+    ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s from the saved sums (n per token
+    per normalization) instead of saving every iterate (n² each); autograd over the same loop
+    kept all 2 × iterations iterates and ran ~4× slower. The max subtracted before exp gets no
+    gradient: the result does not change when every logit moves by the same amount.
+    """
+
+    generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
+
+    @staticmethod
+    def forward(logits: Tensor, iterations: int) -> tuple[Tensor, ...]:
+        matrix = (logits - logits.amax(dim=(0, 1), keepdim=True)).exp()
+        sums = []
+        for _ in range(iterations):
+            for axis in (0, 1):  # columns, then rows
+                total = matrix.sum(dim=axis, keepdim=True)
+                matrix = matrix / total
+                sums.append(total)
+        return matrix, *sums
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor, *_sums: Tensor) -> tuple[Tensor, None]:
+        matrix, *sums = ctx.saved_tensors
+        for index in reversed(range(len(sums))):
+            axis, total = index % 2, sums[index]
+            grad = (grad - (grad * matrix).sum(dim=axis, keepdim=True)) / total
+            matrix = matrix * total
+        return grad * matrix, None  # matrix is exp(logits − max) again
 
 
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
-    """exp(logits) made doubly stochastic by alternate column and row normalization, in fp32."""
-    logits = logits.float()
-    matrix = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
-    for _ in range(iterations):
-        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
-        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
-    return matrix
+    """exp(logits) made doubly stochastic by alternate column and row normalization, in fp32
+    (float64 stays float64, for the gradient checks): (..., n, n) logits give (..., n, n)."""
+    lead, shape = logits.shape[:-2], logits.shape[-2:]
+    precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    tokens_last = logits.to(precision).reshape(-1, *shape).permute(1, 2, 0).contiguous()
+    matrix = _SinkhornKnopp.apply(tokens_last, iterations)[0]
+    return matrix.permute(2, 0, 1).reshape(*lead, *shape)
 
 
 class ManifoldHyperConnection(nn.Module):
@@ -71,10 +112,15 @@ class ManifoldHyperConnection(nn.Module):
 
     def mappings(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """H_pre (..., n), H_post (..., n) and H_res (..., n, n) for these streams."""
-        flat = self.norm(streams.flatten(-2))
-        pre = torch.sigmoid(self.alpha_pre * (flat @ self.phi_pre) + self.b_pre)
-        post = 2 * torch.sigmoid(self.alpha_post * (flat @ self.phi_post) + self.b_post)
-        res_logits = self.alpha_res * (flat @ self.phi_res).unflatten(-1, self.b_res.shape)
+        n, flat = self.streams, streams.flatten(-2)
+        # x' φ = RMSNorm(vec x) φ = rsqrt(mean(x²) + ε) · (vec x)(g ⊙ φ): the per-token scale
+        # factored out of the GEMM, so that the normalized n·C vector is never materialized.
+        phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=1)
+        inverse_rms = torch.rsqrt(flat.float().pow(2).mean(-1, keepdim=True) + self.norm.eps)
+        projected = (flat @ (self.norm.weight[:, None] * phi)) * inverse_rms
+        pre = torch.sigmoid(self.alpha_pre * projected[..., :n] + self.b_pre)
+        post = 2 * torch.sigmoid(self.alpha_post * projected[..., n : 2 * n] + self.b_post)
+        res_logits = self.alpha_res * projected[..., 2 * n :].unflatten(-1, (n, n))
         res = sinkhorn_knopp(res_logits + self.b_res, self.iterations).to(streams.dtype)
         return pre, post, res
 
@@ -84,10 +130,9 @@ class ManifoldHyperConnection(nn.Module):
 
     def forward(self, streams: Tensor, branch: Sublayer) -> Tensor:
         pre, post, res = self.mappings(streams)
-        # Broadcast products, not einsum (one small n×n matrix per token: see HyperConnection).
-        branch_input = (pre.unsqueeze(-1) * streams).sum(dim=-2)  # H_pre x
-        mixed = (res.unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)  # Σ_j H_res[i, j] x_j
-        return mixed + post.unsqueeze(-1) * branch(branch_input).unsqueeze(-2)
+        weights = torch.cat([pre.unsqueeze(-1), res.transpose(-1, -2)], dim=-1)
+        branch_input, mixed = read_and_mix(weights, streams)  # H_pre x, H_res x
+        return write_back(mixed, post, branch(branch_input))  # + H_postᵀ F(...)
 
 
 class ManifoldHyperConnectionWiring(nn.Module):

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from variants.base import ModelView, Variant, gpt2_residual_std, scale_residual_projections
 from variants.norms import LayerNorm
@@ -24,6 +26,63 @@ class MixesStreams(Protocol):
     sublayer over depth: the mHC paper's Amax gain (suite/run/diagnostics.py)."""
 
     def stream_mixing(self, streams: Tensor) -> Tensor: ...
+
+
+class _ReadAndMix(torch.autograd.Function):
+    """weights[b]ᵀ · streams[b] for (B, n, 1 + n) weights and (B, n, d) streams, as one batched
+    GEMM each way; row 0 (the sublayer's input) and rows 1..n (the mixed streams) come back as
+    two outputs, so that their gradients arrive apart and are laid side by side in one copy
+    (slicing one output made autograd zero-fill and add a (B, 1 + n, d) tensor twice). Autograd's
+    own backward of the product multiplies by a transposed (strided) view of the streams, which
+    CPU ``bmm`` ran ~5× slower than on a contiguous copy: here the copy is made."""
+
+    generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
+
+    @staticmethod
+    def forward(weights: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
+        out = torch.bmm(weights.transpose(1, 2).contiguous(), streams)
+        # The sublayer saves its input for backward: a copy of row 0, so that it does not keep
+        # the whole (B, 1 + n, d) result alive.
+        return out[:, 0].clone(), out[:, 1:]
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, Tensor], output: object) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx, grad_read: Tensor | None, grad_mixed: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        weights, streams = ctx.saved_tensors
+        grad = streams.new_empty(weights.shape[0], weights.shape[2], streams.shape[2])
+        grad[:, 0] = 0 if grad_read is None else grad_read
+        grad[:, 1:] = 0 if grad_mixed is None else grad_mixed
+        grad_weights = grad_streams = None
+        if ctx.needs_input_grad[0]:  # d weights[s, t] = Σ_d streams[s] · grad[t]
+            grad_weights = torch.bmm(grad, streams.transpose(1, 2).contiguous()).transpose(1, 2)
+        if ctx.needs_input_grad[1]:  # d streams[s] = Σ_t weights[s, t] · grad[t]
+            grad_streams = torch.bmm(weights.contiguous(), grad)
+        return grad_weights, grad_streams
+
+
+def read_and_mix(weights: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
+    """The two read-outs of a Hyper-Connection from (..., n, d) streams and (..., n, 1 + n)
+    weights (one set per token, or one (n, 1 + n) for all): Σ_s weights[s, 0] · streams[s], the
+    sublayer's input (..., d), and Σ_s weights[s, t] · streams[s] for t = 1..n, the mixed
+    streams (..., n, d): the "A_mᵀ H" and "A_rᵀ H" of the papers, in one GEMM."""
+    lead, (n, width) = streams.shape[:-2], streams.shape[-2:]
+    weights = weights.to(streams.dtype).expand(*lead, n, n + 1)
+    streams = streams.contiguous()  # the first block's streams are n views of one copy
+    with torch.autocast(streams.device.type, enabled=False):  # the stream's own precision
+        read, mixed = _ReadAndMix.apply(weights.reshape(-1, n, n + 1), streams.view(-1, n, width))
+    return read.view(*lead, width), mixed.view(*lead, n, width)
+
+
+def write_back(streams: Tensor, write: Tensor, output: Tensor) -> Tensor:
+    """streams[s] + write[s] · output for every stream s: a sublayer's (..., d) output written
+    into (..., n, d) streams with (..., n) weights (one set per token, or one (n,) for all): the
+    "+ Bᵀ T(h)" of Hyper-Connections, "+ H_postᵀ F(...)" of mHC."""
+    return torch.addcmul(streams, write.unsqueeze(-1), output.unsqueeze(-2))
 
 
 class CopyIntoStreams(nn.Module):

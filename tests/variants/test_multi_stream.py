@@ -128,6 +128,103 @@ def test_sinkhorn_knopp_gives_a_doubly_stochastic_matrix_in_fp32():
     torch.testing.assert_close(matrix.sum(-2), torch.ones(5, 4), rtol=0, atol=1e-3)
 
 
+def plain_sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The formula as written, left to autograd: the reference for the hand-written backward."""
+    matrix = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
+    for _ in range(iterations):
+        matrix = matrix / matrix.sum(dim=-2, keepdim=True)
+        matrix = matrix / matrix.sum(dim=-1, keepdim=True)
+    return matrix
+
+
+def test_sinkhorn_knopp_and_its_gradient_are_the_unrolled_iterations():
+    logits = torch.randn(
+        3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7)
+    )
+    logits = (3 * logits).requires_grad_()  # far from uniform: every iteration counts
+    weights = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    ours = torch.autograd.grad((sinkhorn_knopp(logits, 20) * weights).sum(), logits)[0]
+    plain = torch.autograd.grad((plain_sinkhorn(logits, 20) * weights).sum(), logits)[0]
+    torch.testing.assert_close(sinkhorn_knopp(logits, 20), plain_sinkhorn(logits, 20))
+    torch.testing.assert_close(ours, plain, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: sinkhorn_knopp(x, 3), (logits[:1],))
+
+
+def test_the_stream_read_out_and_its_gradients_are_the_plain_products():
+    from variants.streams import read_and_mix
+
+    generator = torch.Generator().manual_seed(8)
+    streams = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=generator)
+    weights = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=generator)
+    streams.requires_grad_(), weights.requires_grad_()
+    read, mixed = read_and_mix(weights, streams)
+    plain = (weights.unsqueeze(-1) * streams.unsqueeze(-2)).sum(dim=-3)  # Σ_s w[s, t] H_s
+    torch.testing.assert_close(read, plain[..., 0, :])
+    torch.testing.assert_close(mixed, plain[..., 1:, :])
+    assert torch.autograd.gradcheck(lambda w, h: read_and_mix(w, h), (weights, streams))
+    # one set of weights for every token (static HC), and streams that are n views of one copy
+    static = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    copy = torch.randn(2, 3, 1, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda w, h: read_and_mix(w, h.expand(2, 3, 4, 5)), (static, copy)
+    )
+
+
+def plain_hyper_connection(module: HyperConnection, x: torch.Tensor, branch) -> torch.Tensor:
+    """Zhu et al.'s dynamic HC as written: the reference for the GEMM-shaped forward."""
+    normed = module.norm(x)
+    read = module.read + module.alpha * torch.tanh(normed @ module.read_weight)
+    mix = module.mix + module.alpha * torch.tanh(normed @ module.mix_weight)
+    write = module.write + module.beta * torch.tanh(normed @ module.write_weight)
+    h = (read.unsqueeze(-1) * x).sum(dim=-2)
+    mixed = (mix.unsqueeze(-1) * x.unsqueeze(-2)).sum(dim=-3)
+    return mixed + write.unsqueeze(-1) * branch(h).unsqueeze(-2)
+
+
+def plain_manifold_hyper_connection(
+    module: ManifoldHyperConnection, x: torch.Tensor, branch
+) -> torch.Tensor:
+    """Xie et al.'s mHC as written: the reference for the factored norm and GEMM-shaped mixing."""
+    n = module.streams
+    flat = module.norm(x.flatten(-2))
+    pre = torch.sigmoid(module.alpha_pre * (flat @ module.phi_pre) + module.b_pre)
+    post = 2 * torch.sigmoid(module.alpha_post * (flat @ module.phi_post) + module.b_post)
+    res_logits = module.alpha_res * (flat @ module.phi_res).unflatten(-1, (n, n)) + module.b_res
+    res = plain_sinkhorn(res_logits, module.iterations)
+    h = (pre.unsqueeze(-1) * x).sum(dim=-2)
+    mixed = (res.unsqueeze(-1) * x.unsqueeze(-3)).sum(dim=-2)
+    return mixed + post.unsqueeze(-1) * branch(h).unsqueeze(-2)
+
+
+@pytest.mark.parametrize(
+    ("connection", "plain"),
+    [
+        (lambda: HyperConnection(WIDTH, 4, 1, dynamic=True, eps=1e-5), plain_hyper_connection),
+        (
+            lambda: ManifoldHyperConnection(WIDTH, 4, 1e-5, 4.0, iterations=20),
+            plain_manifold_hyper_connection,
+        ),
+    ],
+)
+def test_the_fast_connections_equal_the_formula_with_every_gradient(connection, plain):
+    torch.manual_seed(9)
+    module, branch = connection(), nn.Linear(WIDTH, WIDTH)
+    with torch.no_grad():  # far from the init, so that every term counts
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    x = torch.randn(2, 3, 4, WIDTH, requires_grad=True)
+    upstream = torch.randn(2, 3, 4, WIDTH)
+    results = []
+    for forward in (module, lambda h, b: plain(module, h, b)):
+        out = forward(x, branch)
+        inputs = [x, *module.parameters(), *branch.parameters()]
+        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
+    (ours, our_grads), (expected, expected_grads) = results
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(our_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_mhc_init_is_pre_ln_spread_over_streams_with_h_res_near_identity():
     mhc = build("mhc")
     connection = mhc.blocks[0].wiring.attn_connection
