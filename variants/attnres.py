@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 from variants.base import Recipe, Sublayer, Wiring
 from variants.norms import LayerNorm, RMSNorm
@@ -50,15 +51,49 @@ class DepthAttention(nn.Module):
         self.key_norm = RMSNorm(width, eps)
 
     def weights(self, values: Tensor) -> Tensor:
-        return (self.key_norm(values) @ self.query).softmax(dim=-1)
+        # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the per-slot scale factored out of
+        # the product, so that the normalized keys are never materialized.
+        inverse_rms = torch.rsqrt(values.float().pow(2).mean(-1) + self.key_norm.eps)
+        logits = (values @ (self.key_norm.weight * self.query)) * inverse_rms
+        return logits.softmax(dim=-1)
 
     def forward(self, values: Tensor) -> Tensor:
         return (self.weights(values).unsqueeze(-1) * values).sum(dim=-2)
 
 
-def put(stream: Tensor, slot: int, value: Tensor) -> Tensor:
-    """The stream with ``value`` (..., d) in ``slot`` (out of place: autograd keeps the old one)."""
-    return torch.cat([stream[..., :slot, :], value.unsqueeze(-2), stream[..., slot + 1 :, :]], -2)
+class _Put(torch.autograd.Function):
+    """A copy of the stream with one slot set to a value, or with a value added to it. Written
+    out because autograd's backward of the same cat or slice assignment zero-filled a full
+    slot-tensor gradient per piece and added them up: most of Block AttnRes's step on a CPU."""
+
+    generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
+
+    @staticmethod
+    def forward(stream: Tensor, value: Tensor, slot: int, accumulate: bool) -> Tensor:
+        out = stream.clone()
+        if accumulate:
+            out[..., slot, :] += value
+        else:
+            out[..., slot, :] = value
+        return out
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        ctx.slot, ctx.accumulate = inputs[2], inputs[3]
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad_value = grad[..., ctx.slot, :].clone()
+        if not ctx.accumulate:
+            grad = grad.clone()
+            grad[..., ctx.slot, :] = 0
+        return grad, grad_value, None, None
+
+
+def put(stream: Tensor, slot: int, value: Tensor, accumulate: bool = False) -> Tensor:
+    """The stream with ``value`` (..., d) in ``slot``, or added to it (out of place: autograd
+    keeps the old stream)."""
+    return _Put.apply(stream, value.to(stream.dtype), slot, accumulate)
 
 
 def block_of(sublayer: int, sublayers: int, blocks: int) -> tuple[int, bool]:
@@ -89,7 +124,7 @@ class AttnResWiring(nn.Module):
 
     @staticmethod
     def add(x: Tensor, block: int, first: bool, value: Tensor) -> Tensor:
-        return put(x, block, value if first else x[..., block, :] + value)
+        return put(x, block, value, accumulate=not first)
 
     def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
         h = self.depth_attn(self.read(x, self.block_attn, self.first_attn))

@@ -477,6 +477,54 @@ def test_block_attention_residuals_with_one_sublayer_per_block_is_full_attention
     assert not torch.allclose(fewer(tokens), full(tokens))  # blocks of 3 sublayers differ
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_a_slot_write_and_its_gradients(accumulate):
+    from variants.attnres import put
+
+    stream = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    expected = stream.detach().clone()
+    expected[..., 2, :] = value.detach() + (expected[..., 2, :] if accumulate else 0)
+    torch.testing.assert_close(put(stream, 2, value, accumulate), expected)
+    assert torch.autograd.gradcheck(lambda s, v: put(s, 2, v, accumulate), (stream, value))
+
+
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_attention_residuals_equal_the_formula_as_written_with_every_gradient(monkeypatch, blocks):
+    """The factored key norm and the hand-written slot write against the plain forms: RMSNorm
+    materialized before the query, and the slot written by concatenation."""
+    import variants.attnres as attnres
+
+    model = build("attnres", blocks=blocks)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)  # the softmax is not uniform
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(10))
+
+    def loss_and_gradients():
+        loss = model(tokens).logsumexp(-1).mean()
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    ours, our_grads = loss_and_gradients()
+
+    def plain_put(stream, slot, value, accumulate=False):
+        value = stream[..., slot, :] + value if accumulate else value
+        return torch.cat(
+            [stream[..., :slot, :], value.unsqueeze(-2), stream[..., slot + 1 :, :]], -2
+        )
+
+    monkeypatch.setattr(attnres, "put", plain_put)
+    monkeypatch.setattr(
+        attnres.DepthAttention,
+        "weights",
+        lambda self, values: (self.key_norm(values) @ self.query).softmax(dim=-1),
+    )
+    plain, plain_grads = loss_and_gradients()
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(our_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_block_attention_residuals_read_the_papers_values():
     """Depth 3 (6 sublayers) in 2 blocks of 3: the slots are [b₀, b₁, b₂]; sublayer 1 reads
     [b₀], 2 and 3 read [b₀, b₁ partial]; 4 reads [b₀, b₁]; 5 and 6 read [b₀, b₁, b₂ partial]."""
