@@ -61,7 +61,7 @@ class _SinkhornKnopp(torch.autograd.Function):
         for _ in range(iterations):
             for axis in (0, 1):  # columns, then rows
                 total = matrix.sum(dim=axis, keepdim=True)
-                matrix = matrix / total
+                matrix.div_(total)
                 sums.append(total)
         return matrix, *sums
 
@@ -73,11 +73,15 @@ class _SinkhornKnopp(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor, *_sums: Tensor) -> tuple[Tensor, None]:
         matrix, *sums = ctx.saved_tensors
+        # Own copies, in place from here (the loop is bound by its op count), tokens last: the
+        # gradient arrives in the layout of the caller's (tokens-first) view.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        matrix = matrix.clone()
         for index in reversed(range(len(sums))):
             axis, total = index % 2, sums[index]
-            grad = (grad - (grad * matrix).sum(dim=axis, keepdim=True)) / total
-            matrix = matrix * total
-        return grad * matrix, None  # matrix is exp(logits − max) again
+            grad.sub_((grad * matrix).sum(dim=axis, keepdim=True)).div_(total)
+            matrix.mul_(total)
+        return grad.mul_(matrix), None  # matrix is exp(logits − max) again
 
 
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
