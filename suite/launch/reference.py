@@ -1,12 +1,15 @@
 """``python -m suite.reference``: the reference results shipped with the suite, made and checked.
 
-    python -m suite.reference run [--backbones gpt2,llama] [--variants a,b] [--store S]
+    python -m suite.reference run [--backbones gpt2,llama] [--recipes controlled,authors]
+                                  [--variants a,b] [--store S]
     python -m suite.reference ship [--store S]
     python -m suite.reference calibrate [--variants preln,postln] [--store results/calibration]
 
 ``run`` trains every built-in variant on the reference preset (``quick``: depths 6 and 24, five
 LRs, two seeds) on each backbone into one store, one ordinary sweep per (variant, backbone), so
-an interrupted run goes on where it stopped (resume), then ships it. ``ship`` writes that
+an interrupted run goes on where it stopped (resume), then ships it; ``--recipes
+controlled,authors`` adds the authors' arm of each variant whose recipe changes its training
+(DyT, Derf, Admin: the others' authors cells are their controlled ones). ``ship`` writes that
 store's collected table, cut to the reference grid, to ``reference/<name>/runs.parquet`` with
 ``environment.json`` (the machine, torch, suite version, the command, wall time per arm, and any
 arm not yet complete, left out: part of a grid would rank as a whole one). The curves are not
@@ -70,6 +73,7 @@ from variants import registry
 
 PRESET = "quick"
 BACKBONES = ("gpt2",)  # what ships today; ``--backbones gpt2,llama`` runs both
+CONTROLLED, RECIPES = "controlled", ("controlled", "authors")
 DEFAULT_STORE = "results/reference"
 CALIBRATED_VARIANTS = ("preln", "postln")  # the baselines almost every comparison names
 LOSS_TOLERANCE = 0.05  # nats of validation loss
@@ -83,15 +87,33 @@ def built_ins() -> list[str]:
     return [n for n in registry.names() if registry.source(registry.get(n)) == registry.BUILT_IN]
 
 
-def arm_overrides(variant: str, backbone: str, preset: str = PRESET) -> list[str]:
-    return [f"+variant={variant}", f"sweep={preset}", f"model.backbone={backbone}"]
+def arm_overrides(
+    variant: str, backbone: str, preset: str = PRESET, recipe: str = CONTROLLED
+) -> list[str]:
+    overrides = [f"+variant={variant}", f"sweep={preset}", f"model.backbone={backbone}"]
+    return overrides + ([f"recipe={recipe}"] if recipe != CONTROLLED else [])
+
+
+def arm_key(variant: str, backbone: str, recipe: str = CONTROLLED) -> str:
+    """How environment.json names an arm: "dyt · gpt2", "dyt · gpt2 · authors"."""
+    return f"{variant} · {backbone}" + (f" · {recipe}" if recipe != CONTROLLED else "")
+
+
+def has_arm(variant: str, recipe: str) -> bool:
+    """Whether the variant has cells of its own under this recipe: a recipe that changes
+    nothing trains the controlled cells (the same ids), which are never shipped twice."""
+    return recipe == CONTROLLED or registry.get(variant)().authors_recipe().changes_training
 
 
 def expected_cells(
-    variant: str, backbone: str, preset: str = PRESET, store: str = DEFAULT_STORE
+    variant: str,
+    backbone: str,
+    preset: str = PRESET,
+    store: str = DEFAULT_STORE,
+    recipe: str = CONTROLLED,
 ) -> list[CellConfig]:
     """The cells of one arm of the reference grid, as the suite composes them today."""
-    overrides = [*arm_overrides(variant, backbone, preset), f"store={store}"]
+    overrides = [*arm_overrides(variant, backbone, preset, recipe), f"store={store}"]
     return [cell for _, cell in preflight(overrides)]
 
 
@@ -104,22 +126,25 @@ def run(
     backbones: list[str],
     preset: str = PRESET,
     out: Path | None = None,
+    recipes: tuple[str, ...] | list[str] = (CONTROLLED,),
 ) -> Path:
-    """One ordinary sweep per (variant, backbone) into the store (cells it holds are read, not
-    trained again), the wall time of each added to ``<store>/reference-wall.json``, then ship."""
+    """One ordinary sweep per (variant, backbone, recipe) into the store (cells it holds are
+    read, not trained again), the wall time of each added to ``<store>/reference-wall.json``,
+    then ship. A recipe that changes nothing for a variant is its controlled arm: skipped."""
     wall = read_json(Path(store) / WALL)
-    for backbone in backbones:
-        for variant in variants:
-            command = [sys.executable, "-m", "suite", *arm_overrides(variant, backbone, preset),
-                       f"store={store}"]  # fmt: skip
-            print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
-            began = time.monotonic()
-            code = subprocess.call(command)
-            if code != 0:
-                raise SystemExit(code)
-            key = f"{variant} · {backbone}"
-            wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
-            write_json(Path(store) / WALL, dict(sorted(wall.items())))
+    for recipe in recipes:
+        for backbone in backbones:
+            for variant in (v for v in variants if has_arm(v, recipe)):
+                overrides = arm_overrides(variant, backbone, preset, recipe)
+                command = [sys.executable, "-m", "suite", *overrides, f"store={store}"]
+                print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
+                began = time.monotonic()
+                code = subprocess.call(command)
+                if code != 0:
+                    raise SystemExit(code)
+                key = arm_key(variant, backbone, recipe)
+                wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
+                write_json(Path(store) / WALL, dict(sorted(wall.items())))
     return ship(store, preset, out)
 
 
@@ -143,22 +168,28 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
             f"judged by the default rule: python -m suite.collect --store {store}, then ship"
         )
     shipped, missing, absent, seconds = [], {}, [], {}
-    for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES):
-        ran = set(ok.loc[ok["backbone"] == backbone, "variant"])
-        for variant in built_ins():
-            key = f"{variant} · {backbone}"
-            if variant not in ran:
-                absent.append(key)
-                continue
-            wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store)}
-            found = ok[ok["cell_id"].isin(wanted)]
-            if found.empty:
-                absent.append(key)
-            elif len(found) < len(wanted):  # a part of a grid would rank as a whole one
-                missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
-            else:
-                shipped.append(found)
-                seconds[key] = round(float(found["wall_time_s"].sum()), 1)
+    arms = [
+        (backbone, recipe, variant)
+        for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES)
+        for recipe in RECIPES
+        for variant in built_ins()
+        if has_arm(variant, recipe)
+    ]
+    for backbone, recipe, variant in arms:
+        key = arm_key(variant, backbone, recipe)
+        mine = (ok["backbone"] == backbone) & (ok["variant"] == variant)
+        if not (mine & (_column(ok, "recipe", CONTROLLED) == recipe)).any():
+            absent.append(key)
+            continue
+        wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store, recipe)}
+        found = ok[ok["cell_id"].isin(wanted)]
+        if found.empty:
+            absent.append(key)
+        elif len(found) < len(wanted):  # a part of a grid would rank as a whole one
+            missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
+        else:
+            shipped.append(found)
+            seconds[key] = round(float(found["wall_time_s"].sum()), 1)
     if not shipped:
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")
@@ -167,12 +198,21 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     environment = {
         "preset": name,
         "regenerate": "python -m suite.reference run"
-        + (f" --backbones {','.join(backbones)}" if backbones != list(BACKBONES) else ""),
+        + (f" --backbones {','.join(backbones)}" if backbones != list(BACKBONES) else "")
+        + (" --recipes controlled,authors" if any(" · authors" in key for key in seconds) else ""),
         "shipped_from": f"python -m suite.reference ship --store {store}",
         "shipped_at": utc_now(),
         "cells": len(table),
         "arms": sorted(
-            f"{v} · {b}" for v, b in set(zip(table["variant"], table["backbone"], strict=True))
+            arm_key(v, b, r)
+            for v, b, r in set(
+                zip(
+                    table["variant"],
+                    table["backbone"],
+                    _column(table, "recipe", CONTROLLED),
+                    strict=True,
+                )
+            )
         ),  # fmt: skip
         "incomplete_arms": missing,
         "absent_arms": absent,
@@ -207,6 +247,11 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     return folder
 
 
+def _column(table: pd.DataFrame, name: str, default: object) -> pd.Series:
+    """A column of the table, or the default for every row of a table written before it."""
+    return table[name].fillna(default) if name in table else pd.Series(default, table.index)
+
+
 # --- calibrate -----------------------------------------------------------------------------
 
 
@@ -215,7 +260,11 @@ def calibration_cell(reference: pd.DataFrame, variant: str, backbone: str) -> pd
     LR where every seed converged with no borderline verdict, the lowest seed; with no such LR,
     its lowest LR (whose verdict is then the main thing compared). It carries the spread of that
     cell's seeds (``val_loss_spread``, ``escape_step_spread``), which widens the tolerance."""
-    arm = reference[reference["backbone"] == backbone]
+    # The controlled arm: the one every comparison with a baseline is made against.
+    arm = reference[
+        (reference["backbone"] == backbone)
+        & (_column(reference, "recipe", CONTROLLED) == CONTROLLED)
+    ]
     rows = arm[arm["variant"] == variant]
     if rows.empty:
         arms = sorted(set(arm["variant"])) or ["nothing"]
@@ -402,6 +451,10 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--store", default=DEFAULT_STORE)
     run_parser.add_argument("--variants", type=_names, help="default: every built-in")
     run_parser.add_argument("--backbones", type=_names, default=list(BACKBONES))
+    run_parser.add_argument(
+        "--recipes", type=_names, default=[CONTROLLED],
+        help="controlled (default) and/or authors: the authors' arms of DyT, Derf and Admin",
+    )  # fmt: skip
     run_parser.add_argument("--preset", default=PRESET, help=f"default: {PRESET}")
     run_parser.add_argument("--out", type=Path, help="default: the shipped reference/<preset>")
     ship_parser = commands.add_parser("ship", help="the store's reference cells -> reference/")
@@ -425,9 +478,12 @@ def main(argv: list[str] | None = None) -> None:
             if unknown:
                 raise ConfigError(f"--variants: not built-ins: {', '.join(unknown)}; the "
                                   f"built-ins are {', '.join(built_ins())}")  # fmt: skip
-            folder = run(
-                args.store, args.variants or built_ins(), args.backbones, args.preset, args.out
-            )
+            unknown = sorted(set(args.recipes) - set(RECIPES))
+            if unknown:
+                raise ConfigError(f"--recipes: unknown {', '.join(unknown)}; the recipes are "
+                                  f"{', '.join(RECIPES)}")  # fmt: skip
+            folder = run(args.store, args.variants or built_ins(), args.backbones, args.preset,
+                         args.out, args.recipes)  # fmt: skip
             print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")
         elif args.command == "ship":
             folder = ship(args.store, out=args.out)

@@ -65,6 +65,32 @@ def test_ship_writes_the_grid_and_where_it_was_measured(tiny_reference):
 
 
 @pytest.mark.slow
+def test_the_authors_arms_ship_beside_the_controlled_ones(tmp_path):
+    """DyT's recipe changes its training: its authors' arm is its own; Pre-LN's recipe changes
+    nothing, so it has no authors' arm (its authors cells are the controlled ones)."""
+    store, folder = tmp_path / "store", tmp_path / "tiny"
+    result = run_suite(
+        "run", "--preset", "tiny", "--variants", "dyt,preln", "--recipes", "controlled,authors",
+        "--store", str(store), "--out", str(folder), command="suite.reference",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    environment = json.loads((folder / ENVIRONMENT).read_text())
+    assert environment["arms"] == ["dyt · gpt2", "dyt · gpt2 · authors", "preln · gpt2"]
+    assert "derf · gpt2 · authors" in environment["absent_arms"]
+    assert not any(arm.startswith("preln") for arm in environment["absent_arms"])
+    assert environment["regenerate"].endswith("--recipes controlled,authors")
+    assert set(environment["wall_seconds_by_arm"]) == set(environment["arms"])
+    table = pd.read_parquet(folder / RUNS)
+    assert table.groupby(["variant", "recipe"]).size().to_dict() == {
+        ("dyt", "authors"): 4, ("dyt", "controlled"): 4, ("preln", "controlled"): 4
+    }  # fmt: skip
+    assert calibration_cell(table, "dyt", "gpt2")["recipe"] == "controlled"
+    refused = run_suite("run", "--recipes", "authors,paper", command="suite.reference")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("reference: --recipes: unknown paper; the recipes are")
+
+
+@pytest.mark.slow
 def test_calibration_passes_on_the_machine_that_made_the_reference(tiny_reference, tmp_path):
     _, folder = tiny_reference
     result = run_suite(
