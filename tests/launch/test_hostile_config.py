@@ -191,6 +191,14 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path, store):
         preflight(["+variant=preln", "sweep=tiny", f"store={store.format(file=blocker)}"])
 
 
+@pytest.mark.parametrize("store", ["reference", "reference:quick", "{root}", "{root}/quick"])
+def test_the_shipped_reference_is_no_store_to_train_into(store):
+    from suite.store import REFERENCE_ROOT
+
+    with pytest.raises(ConfigError, match=r"^store: is the suite's shipped reference results"):
+        preflight(["+variant=preln", "sweep=tiny", f"store={store.format(root=REFERENCE_ROOT)}"])
+
+
 def _data_file(tmp_path, name: str, content: bytes) -> str:
     path = tmp_path / name
     path.write_bytes(content)
