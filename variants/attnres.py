@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from variants.base import Recipe, Sublayer, Wiring
-from variants.norms import LayerNorm, RMSNorm
+from variants.norms import LayerNorm, RMSNorm, inverse_rms
 from variants.preln import PreLN
 from variants.registry import register
 
@@ -53,8 +53,8 @@ class DepthAttention(nn.Module):
     def weights(self, values: Tensor) -> Tensor:
         # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the per-slot scale factored out of
         # the product, so that the normalized keys are never materialized.
-        inverse_rms = torch.rsqrt(values.float().pow(2).mean(-1) + self.key_norm.eps)
-        logits = (values @ (self.key_norm.weight * self.query)) * inverse_rms
+        scale = inverse_rms(values, self.key_norm.eps).squeeze(-1)
+        logits = (values @ (self.key_norm.weight * self.query)) * scale
         return logits.softmax(dim=-1)
 
     def forward(self, values: Tensor) -> Tensor:
@@ -70,12 +70,11 @@ class _Put(torch.autograd.Function):
 
     @staticmethod
     def forward(stream: Tensor, value: Tensor, slot: int, accumulate: bool) -> Tensor:
-        out = stream.clone()
+        value = value.unsqueeze(-2)
         if accumulate:
-            out[..., slot, :] += value
-        else:
-            out[..., slot, :] = value
-        return out
+            value = stream[..., slot : slot + 1, :] + value
+        # Out of place (a scatter into a copy), so that vmap may batch value and not stream.
+        return stream.slice_scatter(value, dim=-2, start=slot, end=slot + 1)
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
@@ -83,10 +82,11 @@ class _Put(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        slot = slice(ctx.slot, ctx.slot + 1)
         grad_value = grad[..., ctx.slot, :].clone()
-        if not ctx.accumulate:
-            grad = grad.clone()
-            grad[..., ctx.slot, :] = 0
+        if not ctx.accumulate:  # the overwritten slot passes nothing back
+            zeros = grad.new_zeros(grad[..., slot, :].shape)
+            grad = grad.slice_scatter(zeros, dim=-2, start=slot.start, end=slot.stop)
         return grad, grad_value, None, None
 
 

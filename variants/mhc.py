@@ -28,14 +28,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from variants.base import (
     Recipe,
     Sublayer,
     Wiring,
 )
-from variants.norms import LayerNorm, RMSNorm
+from variants.norms import LayerNorm, RMSNorm, inverse_rms
 from variants.registry import register
 from variants.streams import MultiStreamVariant, read_and_mix, write_back
 
@@ -71,6 +71,7 @@ class _SinkhornKnopp(torch.autograd.Function):
         ctx.save_for_backward(*output)
 
     @staticmethod
+    @once_differentiable  # a hand-written backward: no double backward through it
     def backward(ctx: FunctionCtx, grad: Tensor, *_sums: Tensor) -> tuple[Tensor, None]:
         matrix, *sums = ctx.saved_tensors
         # Own copies, in place from here (the loop is bound by its op count), tokens last: the
@@ -87,6 +88,8 @@ class _SinkhornKnopp(torch.autograd.Function):
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
     """exp(logits) made doubly stochastic by alternate column and row normalization, in fp32
     (float64 stays float64, for the gradient checks): (..., n, n) logits give (..., n, n)."""
+    if iterations < 1:  # the backward's "the max gets no gradient" needs one normalization
+        raise ValueError(f"sinkhorn_knopp: iterations must be at least 1 (got {iterations})")
     lead, shape = logits.shape[:-2], logits.shape[-2:]
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
     tokens_last = logits.to(precision).reshape(-1, *shape).permute(1, 2, 0).contiguous()
@@ -120,8 +123,7 @@ class ManifoldHyperConnection(nn.Module):
         # x' φ = RMSNorm(vec x) φ = rsqrt(mean(x²) + ε) · (vec x)(g ⊙ φ): the per-token scale
         # factored out of the GEMM, so that the normalized n·C vector is never materialized.
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=1)
-        inverse_rms = torch.rsqrt(flat.float().pow(2).mean(-1, keepdim=True) + self.norm.eps)
-        projected = (flat @ (self.norm.weight[:, None] * phi)) * inverse_rms
+        projected = (flat @ (self.norm.weight[:, None] * phi)) * inverse_rms(flat, self.norm.eps)
         pre = torch.sigmoid(self.alpha_pre * projected[..., :n] + self.b_pre)
         post = 2 * torch.sigmoid(self.alpha_post * projected[..., n : 2 * n] + self.b_post)
         res_logits = self.alpha_res * projected[..., 2 * n :].unflatten(-1, (n, n))

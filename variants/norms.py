@@ -24,6 +24,16 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x²) + eps) over the last dimension (kept, of size 1), computed as RMSNorm
+    computes it (fp32; float64 stays float64) and given in x's dtype: the scale of
+    ``RMSNorm(x) @ W = inverse_rms(x) · (x @ (g ⊙ W))`` for variants that project a normalized
+    input straight away and need not materialize it."""
+    precision = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean_square = x.to(precision).pow(2).mean(-1, keepdim=True)
+    return torch.rsqrt(mean_square + eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm(x) = x · rsqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019).
 

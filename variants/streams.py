@@ -54,9 +54,12 @@ class _ReadAndMix(torch.autograd.Function):
         ctx: FunctionCtx, grad_read: Tensor | None, grad_mixed: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None]:
         weights, streams = ctx.saved_tensors
-        grad = streams.new_empty(weights.shape[0], weights.shape[2], streams.shape[2])
-        grad[:, 0] = 0 if grad_read is None else grad_read
-        grad[:, 1:] = 0 if grad_mixed is None else grad_mixed
+        if grad_read is None:
+            grad_read = streams.new_zeros(streams.shape[0], streams.shape[2])
+        if grad_mixed is None:
+            grad_mixed = torch.zeros_like(streams)
+        # Out of place (one copy), so that vmap may batch the gradient and not the streams.
+        grad = torch.cat([grad_read.unsqueeze(1), grad_mixed], dim=1)
         grad_weights = grad_streams = None
         if ctx.needs_input_grad[0]:  # d weights[s, t] = Σ_d streams[s] · grad[t]
             grad_weights = torch.bmm(grad, streams.transpose(1, 2).contiguous()).transpose(1, 2)

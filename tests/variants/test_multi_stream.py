@@ -225,6 +225,46 @@ def test_the_fast_connections_equal_the_formula_with_every_gradient(connection, 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_the_fast_kernels_vmap_over_a_batched_input_beside_an_unbatched_one():
+    """Packed runs vmap the model over members; a plugin may batch one input and not another."""
+    from variants.attnres import put
+    from variants.streams import read_and_mix
+
+    streams, value = torch.randn(3, 4, WIDTH), torch.randn(2, 3, WIDTH)
+    weights = torch.randn(2, 3, 4, 5)
+
+    def read_out(w: torch.Tensor) -> torch.Tensor:
+        return sum(part.square().sum() for part in read_and_mix(w, streams))
+
+    def written(v: torch.Tensor, accumulate: bool) -> torch.Tensor:
+        return put(streams.unsqueeze(0).expand(3, 3, 4, WIDTH)[0], 1, v, accumulate).sum()
+
+    grads = torch.func.vmap(torch.func.grad(read_out))(weights)
+    torch.testing.assert_close(grads[1], torch.func.grad(read_out)(weights[1]))
+    for accumulate in (False, True):
+        values = torch.func.vmap(lambda v, a=accumulate: written(v, a))(value)
+        torch.testing.assert_close(values[0], written(value[0], accumulate))
+
+
+@pytest.mark.parametrize("name", ["hc", "mhc", "attnres"])
+def test_the_fast_kernels_keep_the_models_dtype(name):
+    """A model cast to bfloat16 trains in bfloat16 (the factored norms' fp32 scale is cast
+    back), and float64 stays float64 to the last digit (what the gradient checks rely on)."""
+    model = build(name, **({"blocks": 2} if name == "attnres" else {})).to(torch.bfloat16)
+    logits = model(TOKENS)
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    from variants.attnres import DepthAttention
+
+    attention = DepthAttention(WIDTH, 1e-5).double()
+    with torch.no_grad():
+        attention.query.normal_()
+    values = torch.randn(2, 3, 5, WIDTH, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(attention, (values,))
+    with pytest.raises(ValueError, match="iterations must be at least 1"):
+        sinkhorn_knopp(torch.zeros(4, 4), iterations=0)
+
+
 def test_mhc_init_is_pre_ln_spread_over_streams_with_h_res_near_identity():
     mhc = build("mhc")
     connection = mhc.blocks[0].wiring.attn_connection
