@@ -142,6 +142,14 @@ def is_reference(store: str | Path) -> bool:
     return text == REFERENCE or text.startswith(f"{REFERENCE}:")
 
 
+def in_reference(store: str | Path) -> bool:
+    """Whether a store names the shipped reference or a folder in it: no place to write."""
+    if is_reference(store):
+        return True
+    path, root = Path(store).expanduser().resolve(), REFERENCE_ROOT.resolve()
+    return path == root or root in path.parents
+
+
 def resolve_store(store: str | Path) -> Path:
     """A store as typed: the shipped reference's folder for ``reference`` (or
     ``reference:<name>``), anything else a folder."""

@@ -32,7 +32,7 @@ from suite.config import (
     store_path,
 )
 from suite.run.trackers import check_installed
-from suite.store import REFERENCE_ROOT, is_reference
+from suite.store import in_reference
 
 SCHEMA_NAME = "suite_schema"  # the ConfigStore entry conf/config.yaml starts its defaults from
 
@@ -120,7 +120,7 @@ def validate(cell: CellConfig) -> None:
     )
     _check(SEED.holds(cell.seed), "seed", SEED.requirement, cell.seed)
     _check(
-        not _is_shipped_reference(cell.store),
+        not in_reference(cell.store),
         "store",
         "is the suite's shipped reference results, which compare, the leaderboard and the "
         "report read: train into a store of your own (store=results is the default)",
@@ -132,15 +132,6 @@ def validate(cell: CellConfig) -> None:
         f"must be at most train.steps={cell.train.steps}: a longer warmup never reaches optim.lr",
         cell.optim.warmup_steps,
     )
-
-
-def _is_shipped_reference(store: str) -> bool:
-    """``reference`` (the word every reader of a collected table takes for the shipped
-    results), or a folder in them."""
-    if is_reference(store):
-        return True
-    path, root = Path(store).resolve(), REFERENCE_ROOT.resolve()
-    return path == root or root in path.parents
 
 
 def config_error(error: Exception) -> ConfigError:

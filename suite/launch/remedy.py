@@ -30,7 +30,7 @@ import pandas as pd
 
 from suite.config import ConfigError, result_defining
 from suite.mechanism import MECHANISMS
-from suite.store import RUNS
+from suite.store import RUNS, in_reference, resolve_store
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated mechanisms to remedy (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the sweeps, train nothing")
     args = parser.parse_args(argv)
-    store = Path(args.store).expanduser()
+    store = resolve_store(Path(args.store).expanduser())
     out = Path(args.out).expanduser() if args.out else store / "remedies"
+    if in_reference(out):
+        sys.exit(
+            f"config error: --out: {out} is in the suite's shipped reference results; name a "
+            "store of your own for the remedied cells (--out results/remedies)"
+        )
     try:
         runs = pd.read_parquet(store / RUNS)
     except (OSError, ValueError) as error:

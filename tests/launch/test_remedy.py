@@ -120,3 +120,14 @@ def test_a_second_remedy_run_keeps_the_first_run_s_mapping(tmp_path):
     assert [e["cell_id"] for e in merged] == ["a", "b"]
     again = merged_manifest(path, [{"cell_id": "a", "remedied_cell_id": "a3"}])
     assert again == [{"cell_id": "a", "remedied_cell_id": "a3"}]
+
+
+def test_remedies_of_the_shipped_reference_go_to_a_store_of_ones_own(tmp_path):
+    """The word reference reads the shipped table; its failures are remedied into --out, never
+    into the shipped folder itself."""
+    from suite.launch.remedy import main
+
+    with pytest.raises(SystemExit, match="^config error: --out: .* shipped reference results"):
+        main(["--store", "reference", "--dry-run"])
+    main(["--store", "reference", "--out", str(tmp_path / "remedies"), "--dry-run"])
+    assert not (tmp_path / "remedies").exists()  # a dry run writes nothing
