@@ -18,10 +18,13 @@ from suite.analyze.baseline import BaselineError, with_reference
 from suite.launch.reference import (
     ESCAPE_TOLERANCE,
     LOSS_TOLERANCE,
+    RECIPES,
     agreement,
+    arm_key,
     built_ins,
     calibration_cell,
     expected_cells,
+    has_arm,
     ship,
 )
 from suite.store import ENVIRONMENT, RUNS, read_environment, read_runs, reference_dir, resolve_store
@@ -243,15 +246,17 @@ def test_the_shipped_reference_is_the_suites_own_grid_today():
     environment = read_environment("reference")
     assert set(table["status"]) == {"ok"} and set(table["sweep"]) == {"quick"}
     assert set(table["variant"]) <= set(built_ins())
-    arms = sorted(
-        f"{v} · {b}" for v, b in set(zip(table["variant"], table["backbone"], strict=True))
-    )
+    keys = ["variant", "backbone", "recipe"]
+    arms = sorted({arm_key(*arm) for arm in table[keys].itertuples(index=False)})
     assert environment["arms"] == arms and environment["cells"] == len(table)
-    everything = {f"{v} · {b}" for v in built_ins() for b in environment["backbones"]}
+    everything = {
+        arm_key(v, b, r)
+        for v in built_ins() for b in environment["backbones"] for r in RECIPES if has_arm(v, r)
+    }  # fmt: skip
     not_whole = set(environment["incomplete_arms"]) | set(environment["absent_arms"])
     assert not_whole == everything - set(arms) and not not_whole & set(arms)
-    for (variant, backbone), shipped in table.groupby(["variant", "backbone"]):
-        composed = {cell.cell_id() for cell in expected_cells(variant, backbone)}
+    for (variant, backbone, recipe), shipped in table.groupby(keys):
+        composed = {cell.cell_id() for cell in expected_cells(variant, backbone, recipe=recipe)}
         assert set(shipped["cell_id"]) == composed, variant  # whole grids only
     for column in ("device_name", "torch_version", "suite_version", "git_sha", "corpus_sha256"):
         assert environment[column] == sorted(set(table[column].astype(str)))
