@@ -150,6 +150,19 @@ def test_sinkhorn_knopp_and_its_gradient_are_the_unrolled_iterations():
     assert torch.autograd.gradcheck(lambda x: sinkhorn_knopp(x, 3), (logits[:1],))
 
 
+def test_sinkhorn_knopp_keeps_a_finite_gradient_for_logits_far_apart():
+    """Logits 100 apart, as mHC's grew before a NaN in training: with the global max subtracted,
+    column sums of 1e-31 made the fp32 backward (ours and autograd's over the loop) NaN; each
+    column's own max keeps it finite and equal to float64's."""
+    generator = torch.Generator().manual_seed(11)
+    logits, weights = 40 * torch.randn(6, 4, 4, generator=generator), torch.randn(6, 4, 4)
+    x, x64 = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    ours = torch.autograd.grad((sinkhorn_knopp(x, 20) * weights).sum(), x)[0]
+    exact = torch.autograd.grad((plain_sinkhorn(x64, 20) * weights.double()).sum(), x64)[0]
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), exact, rtol=0, atol=1e-6)
+
+
 def test_the_stream_read_out_and_its_gradients_are_the_plain_products():
     from variants.streams import read_and_mix
 
