@@ -158,6 +158,14 @@ def resolve_store(store: str | Path) -> Path:
     return Path(store)
 
 
+def column(table: pd.DataFrame, name: str, default: object = None) -> pd.Series:
+    """A column of a collected table, or ``default`` on every row of a table written before the
+    column existed (and in its missing values, when a default is given)."""
+    if name not in table:
+        return pd.Series([default] * len(table), index=table.index)
+    return table[name] if default is None else table[name].fillna(default)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object file (an environment, a calibration, a wall-time log); {} when it is
     missing, unreadable or not an object."""

@@ -109,7 +109,7 @@ class ManifoldHyperConnection(nn.Module):
         super().__init__()
         self.streams, self.iterations = streams, iterations
         flat = streams * width
-        self.norm = RMSNorm(flat, eps)
+        self.norm = RMSNorm(flat, eps)  # its gain and ε; applied factored (see mappings)
         self.phi_pre = nn.Parameter(torch.zeros(flat, streams))
         self.phi_post = nn.Parameter(torch.zeros(flat, streams))
         self.phi_res = nn.Parameter(torch.zeros(flat, streams * streams))

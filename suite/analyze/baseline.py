@@ -20,7 +20,7 @@ import pandas as pd
 
 from suite.analyze.compare import Side, check_comparable, check_same_rule, training_settings
 from suite.analyze.summary import ok_runs, with_arm_labels
-from suite.store import read_environment, read_runs
+from suite.store import column, read_environment, read_runs
 
 SOURCE = "baseline_source"  # the reference a row was added from; absent for the store's own
 # The settings a sweep's user sets for every arm alike; variants and recipes leave them alone.
@@ -46,13 +46,13 @@ def with_reference(
     mine = ok_runs(runs)
     if shipped.empty:
         return runs, "none (no run of the reference passes the filters)"
-    presets = set(_column(mine, "sweep").dropna()) if not mine.empty else set(shipped["sweep"])
+    presets = set(column(mine, "sweep").dropna()) if not mine.empty else set(shipped["sweep"])
     shipped = shipped[shipped["sweep"].isin(presets)]
     if shipped.empty:
         made = ", ".join(sorted(set(everything["sweep"].dropna())))
         return runs, f"none (the reference is of the {made} preset; this store's runs are not)"
-    for preset in sorted(set(shipped["sweep"]) & set(_column(mine, "sweep").dropna())):
-        _check(mine[_column(mine, "sweep") == preset], shipped[shipped["sweep"] == preset], preset)
+    for preset in sorted(set(shipped["sweep"]) & set(column(mine, "sweep").dropna())):
+        _check(mine[column(mine, "sweep") == preset], shipped[shipped["sweep"] == preset], preset)
     both = pd.concat([mine.assign(_own=True), shipped.assign(_own=False)], ignore_index=True)
     arm = with_arm_labels(both)["variant"] + " | " + both["sweep"].astype(str)
     added = ~both["_own"] & ~arm.isin(set(arm[both["_own"]]))
@@ -63,8 +63,8 @@ def with_reference(
     where = ", ".join(environment.get("device_name", [])) or "a machine it does not record"
     torch = ", ".join(environment.get("torch_version", [])) or "unrecorded"
     left_out = ""
-    mine_devices = set(_column(mine, "device_name").dropna())
-    if not mine.empty and set(_column(extra, "device_name").dropna()) - mine_devices:
+    mine_devices = set(column(mine, "device_name").dropna())
+    if not mine.empty and set(column(extra, "device_name").dropna()) - mine_devices:
         extra = extra.assign(tokens_per_s=float("nan"))
         left_out = "; their tokens/s, from another machine, is left out"
     names = sorted(set(with_arm_labels(extra)["variant"]))
@@ -73,10 +73,6 @@ def with_reference(
         f"{torch}; judged by the default verdict rule, no curves{left_out})"
     )
     return pd.concat([runs, extra], ignore_index=True), note
-
-
-def _column(runs: pd.DataFrame, name: str) -> pd.Series:
-    return runs[name] if name in runs else pd.Series([None] * len(runs), index=runs.index)
 
 
 def _check(mine: pd.DataFrame, shipped: pd.DataFrame, preset: str) -> None:
@@ -88,8 +84,8 @@ def _check(mine: pd.DataFrame, shipped: pd.DataFrame, preset: str) -> None:
         check_same_rule(yours, theirs)
     except ValueError as error:
         raise BaselineError(f"{preset}: {error}") from None
-    for column, what in (("lr", "learning rates"), ("seed", "seeds")):
-        own, ref = set(mine[column]), set(shipped[column])
+    for key, what in (("lr", "learning rates"), ("seed", "seeds")):
+        own, ref = set(mine[key]), set(shipped[key])
         if own != ref:
             raise BaselineError(
                 f"{preset}: your store trained at {what} {sorted(own)}, the reference at "

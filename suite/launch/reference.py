@@ -58,6 +58,7 @@ from suite.store import (
     CALIBRATION_STORE,
     ENVIRONMENT,
     RUNS,
+    column,
     finished_record,
     read_calibration,
     read_environment,
@@ -178,7 +179,7 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     for backbone, recipe, variant in arms:
         key = arm_key(variant, backbone, recipe)
         mine = (ok["backbone"] == backbone) & (ok["variant"] == variant)
-        if not (mine & (_column(ok, "recipe", CONTROLLED) == recipe)).any():
+        if not (mine & (column(ok, "recipe", CONTROLLED) == recipe)).any():
             absent.append(key)
             continue
         wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store, recipe)}
@@ -209,7 +210,7 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
                 zip(
                     table["variant"],
                     table["backbone"],
-                    _column(table, "recipe", CONTROLLED),
+                    column(table, "recipe", CONTROLLED),
                     strict=True,
                 )
             )
@@ -247,11 +248,6 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     return folder
 
 
-def _column(table: pd.DataFrame, name: str, default: object) -> pd.Series:
-    """A column of the table, or the default for every row of a table written before it."""
-    return table[name].fillna(default) if name in table else pd.Series(default, table.index)
-
-
 # --- calibrate -----------------------------------------------------------------------------
 
 
@@ -263,7 +259,7 @@ def calibration_cell(reference: pd.DataFrame, variant: str, backbone: str) -> pd
     # The controlled arm: the one every comparison with a baseline is made against.
     arm = reference[
         (reference["backbone"] == backbone)
-        & (_column(reference, "recipe", CONTROLLED) == CONTROLLED)
+        & (column(reference, "recipe", CONTROLLED) == CONTROLLED)
     ]
     rows = arm[arm["variant"] == variant]
     if rows.empty:
