@@ -147,7 +147,18 @@ def in_reference(store: str | Path) -> bool:
     if is_reference(store):
         return True
     path, root = Path(store).expanduser().resolve(), REFERENCE_ROOT.resolve()
-    return path == root or root in path.parents
+    if path == root or root in path.parents:
+        return True
+    # By identity too: on a case-insensitive filesystem (macOS, Windows) `Reference/Quick` is the
+    # same folder under a spelling no path comparison catches.
+    return root.is_dir() and any(_same_folder(folder, root) for folder in (path, *path.parents))
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.is_dir() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def resolve_store(store: str | Path) -> Path:

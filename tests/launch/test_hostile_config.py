@@ -4,6 +4,7 @@ sweep; never a deep traceback from inside torch, never a written store."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -197,6 +198,21 @@ def test_the_shipped_reference_is_no_store_to_train_into(store):
 
     with pytest.raises(ConfigError, match=r"^store: is the suite's shipped reference results"):
         preflight(["+variant=preln", "sweep=tiny", f"store={store.format(root=REFERENCE_ROOT)}"])
+
+
+def test_the_shipped_reference_under_another_spelling_is_no_store_either(tmp_path, monkeypatch):
+    """A case-insensitive filesystem (macOS, Windows) opens `Reference/QUICK` as the reference's
+    folder though no path comparison says so; simulated here by a samefile that ignores case."""
+    import suite.store
+
+    root = tmp_path / "reference"
+    (root / "quick").mkdir(parents=True)
+    monkeypatch.setattr(suite.store, "REFERENCE_ROOT", root)
+    (tmp_path / "REFERENCE" / "QUICK").mkdir(parents=True)  # on Linux a folder of its own
+    monkeypatch.setattr(Path, "samefile", lambda a, b: str(a).lower() == str(b).lower())
+    with pytest.raises(ConfigError, match=r"^store: is the suite's shipped reference results"):
+        preflight(["+variant=preln", "sweep=tiny", f"store={tmp_path / 'REFERENCE' / 'QUICK'}"])
+    assert not suite.store.in_reference(tmp_path / "elsewhere")
 
 
 def _data_file(tmp_path, name: str, content: bytes) -> str:
