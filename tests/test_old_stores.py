@@ -100,3 +100,23 @@ def test_a_fixed_variant_re_trains_only_its_own_cells_and_supersedes_the_old_res
         "config": {**old["config"], "variant_revision": 2},
     }
     assert latest_per_cell([old, new]) == [new]
+
+
+def test_a_v0_2_0_store_is_comparable_with_one_written_today(tmp_path):
+    """Compare fills a setting an old record lacks with the default it trained at: an old
+    store's Pre-LN against today's records of the same cells is not refused (recipe, optimizer,
+    no_decay and packed are record columns whose config field is named or placed otherwise)."""
+    import torch
+
+    from suite.analyze.compare import Side, check_comparable
+    from suite.run.runner import base_record
+
+    old = collect(shutil.copytree(STORE_V0_2_0, tmp_path / "store"), write=False)
+    old = old[old["variant"] == "preln"]
+    cells = [cell for _, cell in sweep_cells([*ARGS_V0_2_0, f"store={tmp_path / 'new'}"])]
+    today = pd.DataFrame(
+        [base_record(cell, torch.device("cpu")) for cell in cells if cell.variant == "preln"]
+    )
+    assert set(today["cell_id"]) == set(old["cell_id"])
+    today["corpus_sha256"] = old["corpus_sha256"].iloc[0]  # the record's corpus comes at training
+    check_comparable(Side("preln in 0.2.0", old), Side("preln today", today))

@@ -35,6 +35,7 @@ The intervals shown are unadjusted 95 % intervals; the verdict uses the adjusted
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from suite.analyze.statistics import (
     t_two_sided_p,
 )
 from suite.analyze.summary import ok_runs, with_arm_labels
-from suite.config import SECTIONS
+from suite.config import SECTIONS, CellConfig, OptimConfig, TrainConfig
 from suite.record import GROUPS
 from suite.store import (
     CALIBRATION_STORE,
@@ -167,11 +168,21 @@ def _settings(runs: pd.DataFrame, column: str) -> set[str]:
     return {str(v) for v in values.astype(object).where(values.notna(), _default(column))}
 
 
+# Record columns named otherwise in the config (suite/run/runner.py's base_record).
+_CONFIG_NAME = {"optimizer": (OptimConfig, "name"), "packed": (TrainConfig, "pack_lr")}
+
+
 def _default(column: str) -> object:
-    for section in SECTIONS.values():
+    """A setting's default as its record column holds it, for runs recorded before it existed."""
+    schema, name = _CONFIG_NAME.get(column, (None, column))
+    for section in [schema] if schema else [CellConfig, *SECTIONS.values()]:
         for spec in fields(section):
-            if spec.name == column and spec.default is not MISSING:
+            if spec.name != name:
+                continue
+            if spec.default is not MISSING:
                 return spec.default
+            if spec.default_factory is not MISSING and column == "no_decay":
+                return json.dumps(sorted(spec.default_factory()))
     return None
 
 
