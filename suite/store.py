@@ -208,6 +208,18 @@ def read_calibration(store: str | Path = CALIBRATION_STORE) -> dict[str, Any]:
     return read_json(Path(store) / CALIBRATION)
 
 
+def calibrated_arm(entry: Any) -> tuple[str, str, str]:
+    """The arm a calibration entry (or a reference row) is of: (variant, backbone, recipe); an
+    entry written before calibrations named their recipe checked the controlled arm."""
+    recipe = entry.get("recipe")
+    missing = recipe is None or (isinstance(recipe, float) and math.isnan(recipe))
+    return (
+        str(entry.get("variant")),
+        str(entry.get("backbone")),
+        "controlled" if missing else str(recipe),
+    )
+
+
 def read_runs(store: str | Path) -> pd.DataFrame:
     """The store's collected table as the last collect wrote it; FileNotFoundError, saying how
     to make it, when there is none. ``reference`` reads the shipped reference."""

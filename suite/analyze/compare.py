@@ -57,6 +57,7 @@ from suite.config import SECTIONS, CellConfig, OptimConfig, TrainConfig
 from suite.record import GROUPS
 from suite.store import (
     CALIBRATION_STORE,
+    calibrated_arm,
     is_reference,
     read_calibration,
     read_environment,
@@ -363,10 +364,15 @@ def calibration_note(
     mine_store: str = "results",
 ) -> str:
     """Whether the machine (CPU and torch) that ran ``mine`` was found to reproduce the shipped
-    reference's baseline variant on its backbone (``python -m suite.reference calibrate``)."""
+    reference's baseline arm (variant, backbone, recipe: ``python -m suite.reference
+    calibrate``)."""
     variant = str(baseline.runs["variant_name"].iloc[0])
     backbone = str(baseline.runs["backbone"].iloc[0]) if "backbone" in baseline.runs else "gpt2"
+    recipe = calibrated_arm(baseline.runs.iloc[0])[2]
+    controlled = recipe == "controlled"
+    arm = f"{variant} on {backbone}" + ("" if controlled else f" ({recipe} recipe)")
     command = f"python -m suite.reference calibrate --variants {variant} --backbone {backbone}"
+    command += "" if controlled else f" --recipe {recipe}"
     command += f" --reference {reference}" if reference != "reference" else ""
     command += f" --store {where}" if where != CALIBRATION_STORE else ""
     if not calibration:
@@ -380,11 +386,11 @@ def calibration_note(
         )
     entry = next(
         (cell for cell in calibration.get("cells", [])
-         if (cell.get("variant"), cell.get("backbone")) == (variant, backbone)),
+         if calibrated_arm(cell) == (variant, backbone, recipe)),
         None,
     )  # fmt: skip
     if entry is None:
-        return f"the calibration in {where} did not check {variant} on {backbone}: {command}"
+        return f"the calibration in {where} did not check {arm}: {command}"
     if entry.get("verdict_here") == "not trained":
         return (
             f"the calibration of {variant} did not train (its log: {entry.get('log')}): {command}"
@@ -401,13 +407,14 @@ def calibration_note(
         )
     if entry.get("within_tolerance"):
         return (
-            f"this machine reproduced the reference's {variant} on {backbone} within tolerance "
+            f"this machine reproduced the reference's {arm} within tolerance "
             f"({entry.get('checked_at')})"
         )
     return (
-        f"this machine did NOT reproduce the reference's {variant} on {backbone} (calibration, "
+        f"this machine did NOT reproduce the reference's {arm} (calibration, "
         f"{entry.get('checked_at')}): re-run it in your store and compare there: "
-        f"python -m suite +variant={variant} model.backbone={backbone} store={mine_store}"
+        f"python -m suite +variant={variant} model.backbone={backbone}"
+        f"{'' if controlled else f' recipe={recipe}'} store={mine_store}"
     )
 
 

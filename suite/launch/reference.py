@@ -58,6 +58,7 @@ from suite.store import (
     CALIBRATION_STORE,
     ENVIRONMENT,
     RUNS,
+    calibrated_arm,
     column,
     finished_record,
     read_calibration,
@@ -251,21 +252,22 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
 # --- calibrate -----------------------------------------------------------------------------
 
 
-def calibration_cell(reference: pd.DataFrame, variant: str, backbone: str) -> pd.Series:
-    """The variant's reference cell most of its seeds agree on: the smallest depth, the lowest
+def calibration_cell(
+    reference: pd.DataFrame, variant: str, backbone: str, recipe: str = CONTROLLED
+) -> pd.Series:
+    """The arm's reference cell most of its seeds agree on: the smallest depth, the lowest
     LR where every seed converged with no borderline verdict, the lowest seed; with no such LR,
     its lowest LR (whose verdict is then the main thing compared). It carries the spread of that
     cell's seeds (``val_loss_spread``, ``escape_step_spread``), which widens the tolerance."""
-    # The controlled arm: the one every comparison with a baseline is made against.
     arm = reference[
-        (reference["backbone"] == backbone)
-        & (column(reference, "recipe", CONTROLLED) == CONTROLLED)
+        (reference["backbone"] == backbone) & (column(reference, "recipe", CONTROLLED) == recipe)
     ]
     rows = arm[arm["variant"] == variant]
     if rows.empty:
         arms = sorted(set(arm["variant"])) or ["nothing"]
+        where = backbone + ("" if recipe == CONTROLLED else f" with recipe {recipe}")
         raise ConfigError(
-            f"--variants: the reference has no {variant} on {backbone}; on {backbone} it has: "
+            f"--variants: the reference has no {variant} on {where}; on {where} it has: "
             f"{', '.join(arms)}"
         )
     rows = rows[rows["depth"] == rows["depth"].min()]
@@ -286,7 +288,7 @@ def compose(row: pd.Series, store: str) -> tuple[list[str], CellConfig]:
     """The one-cell sweep that re-trains a reference row afresh (``resume=false``: a run of an
     earlier calibration is trained again, not read back), checked to be that very cell."""
     overrides = [
-        *arm_overrides(row["variant"], row["backbone"], row["sweep"]),
+        *arm_overrides(row["variant"], row["backbone"], row["sweep"], calibrated_arm(row)[2]),
         f"model.depth={int(row['depth'])}",
         f"optim.lr={float(row['lr'])!r}",
         f"seed={int(row['seed'])}",
@@ -350,6 +352,7 @@ def agreement(reference: pd.Series, here: dict[str, Any] | None) -> dict[str, An
     row: dict[str, Any] = {
         "variant": reference["variant"],
         "backbone": reference.get("backbone"),
+        "recipe": calibrated_arm(reference)[2],
         "cell": reference["cell_id"],
         "verdict_reference": reference["verdict"],
         "verdict_here": here["verdict"] if here else "not trained",
@@ -375,12 +378,17 @@ def agreement(reference: pd.Series, here: dict[str, Any] | None) -> dict[str, An
 
 
 def calibrate(
-    reference_store: str, variants: list[str], backbone: str, store: str, workers: int
+    reference_store: str,
+    variants: list[str],
+    backbone: str,
+    store: str,
+    workers: int,
+    recipe: str = CONTROLLED,
 ) -> pd.DataFrame:
-    """Re-train one reference cell per variant here; merge the outcome into
+    """Re-train one reference cell per variant's arm here; merge the outcome into
     ``<store>/calibration.json`` and return this run's rows."""
     reference = read_runs(reference_store)
-    cells = [calibration_cell(reference, variant, backbone) for variant in variants]
+    cells = [calibration_cell(reference, variant, backbone, recipe) for variant in variants]
     jobs = [compose(row, store) for row in cells]  # every cell checked before any trains
     with ThreadPoolExecutor(max_workers=workers) as pool:
         records = list(pool.map(lambda job: _train(*job), jobs))
@@ -393,8 +401,8 @@ def calibrate(
 
 
 def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) -> None:
-    """This run's entries replace those of the same (variant, backbone); entries checked against
-    another reference (another folder, or the same re-shipped) are dropped."""
+    """This run's entries replace those of the same arm (variant, backbone, recipe); entries
+    checked against another reference (another folder, or the same re-shipped) are dropped."""
     environment = read_environment(reference_store)
     shipped_at = environment.get("shipped_at")
     where = str(resolve_store(reference_store).resolve())
@@ -402,8 +410,8 @@ def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) ->
     cells = [] if (earlier.get("reference"), earlier.get("reference_shipped_at")) != (
         where, shipped_at) else earlier.get("cells", [])  # fmt: skip
     new = json.loads(table.to_json(orient="records"))
-    done = {(cell["variant"], cell["backbone"]) for cell in new}
-    cells = [c for c in cells if (c.get("variant"), c.get("backbone")) not in done] + new
+    done = {calibrated_arm(cell) for cell in new}
+    cells = [c for c in cells if calibrated_arm(c) not in done] + new
     outcome = {
         "reference": where,
         "reference_shipped_at": shipped_at,
@@ -411,7 +419,7 @@ def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) ->
         "tolerance": {"val_loss": LOSS_TOLERANCE, "escape_step": ESCAPE_TOLERANCE,
                       "widened_to": "the reference cell's own seed spread, where larger"},
         "passed": all(cell["within_tolerance"] for cell in cells),
-        "failed_variants": sorted({f"{c['variant']} · {c['backbone']}" for c in cells
+        "failed_variants": sorted({arm_key(*calibrated_arm(c)) for c in cells
                                    if not c["within_tolerance"]}),
         "cells": cells,
     }  # fmt: skip
@@ -464,6 +472,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the baselines you will compare against (default: preln,postln)",
     )  # fmt: skip
     calibrate_parser.add_argument("--backbone", default=BACKBONES[0])
+    calibrate_parser.add_argument(
+        "--recipe", default=CONTROLLED, choices=RECIPES,
+        help="the arm's recipe (authors: DyT's, Derf's and Admin's authors' arms)",
+    )  # fmt: skip
     calibrate_parser.add_argument("--reference", default="reference", help="default: shipped")
     calibrate_parser.add_argument("--store", default=CALIBRATION_STORE)
     calibrate_parser.add_argument("--workers", type=_workers, default=min(2, os.cpu_count() or 1))
@@ -499,7 +511,9 @@ def _shown(path: Path) -> Path:
 
 
 def _calibrate_command(args: argparse.Namespace) -> None:
-    table = calibrate(args.reference, args.variants, args.backbone, args.store, args.workers)
+    table = calibrate(
+        args.reference, args.variants, args.backbone, args.store, args.workers, args.recipe
+    )
     shown = table[["variant", "cell", "verdict_reference", "verdict_here", "val_loss_reference",
                    "val_loss_here", "escape_step_reference", "escape_step_here",
                    "within_tolerance"]]  # fmt: skip
@@ -517,7 +531,8 @@ def _calibrate_command(args: argparse.Namespace) -> None:
             f"\nthis machine does not reproduce the reference for {', '.join(failed)}: re-run "
             f"{'that baseline' if len(failed) == 1 else 'those baselines'} in your own store "
             f"and compare there:\n  python -m suite +variant={','.join(failed)} "
-            f"model.backbone={args.backbone} store=<your store>",
+            f"{' '.join(arm_overrides('', args.backbone, recipe=args.recipe)[2:])} "
+            "store=<your store>",
             file=sys.stderr,
         )
         raise SystemExit(1)

@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO, run_suite
 
 from suite.analyze.baseline import BaselineError, with_reference
+from suite.config import ConfigError
 from suite.launch.reference import (
     ESCAPE_TOLERANCE,
     LOSS_TOLERANCE,
@@ -188,6 +189,53 @@ def test_the_calibration_cell_is_the_one_farthest_from_a_boundary():
     never = [{"depth": 6, "lr": lr, "verdict": "diverged"} for lr in (3e-3, 1e-3)]
     cell = calibration_cell(_rows(rows=never), "preln", "gpt2")
     assert cell["lr"] == 1e-3  # only its verdict can be compared
+
+
+def test_a_calibration_checks_and_vouches_for_one_arm_recipe_included(tmp_path):
+    """DyT's authors' arm is calibrated on its own cell, and a calibration of its controlled arm
+    (or one written before calibrations named a recipe) says nothing about it."""
+    from suite.analyze.compare import Side, calibration_note
+    from suite.launch.reference import _merge_calibration
+
+    rows = [{"variant": "dyt", "depth": 6, "lr": 1e-3, "verdict": "converged", "recipe": recipe,
+             "cell_id": f"dyt-{recipe}"} for recipe in RECIPES]  # fmt: skip
+    assert calibration_cell(_rows(rows=rows), "dyt", "gpt2", "authors")["cell_id"] == "dyt-authors"
+    lacking = "no derf on gpt2 with recipe authors; on gpt2 with recipe authors it has: dyt$"
+    with pytest.raises(ConfigError, match=lacking):
+        calibration_cell(_rows(rows=rows), "derf", "gpt2", "authors")
+
+    entry = {"variant": "dyt", "backbone": "gpt2", "device_name": "cpu", "torch_version": "t",
+             "checked_at": "then"}  # fmt: skip
+    calibration = {
+        "reference": str(SHIPPED.resolve()),
+        "reference_shipped_at": read_environment("reference")["shipped_at"],
+        "cells": [{**entry, "within_tolerance": True}],  # no recipe: the controlled arm's
+    }
+    mine = Side("mine", pd.DataFrame({"device_name": ["cpu"], "torch_version": ["t"]}))
+
+    def note(recipe: str) -> str:
+        runs = pd.DataFrame({"variant_name": ["dyt"], "backbone": ["gpt2"], "recipe": [recipe]})
+        return calibration_note(mine, Side("dyt", runs), calibration, "reference", "here")
+
+    assert note("controlled").startswith("this machine reproduced the reference's dyt on gpt2 ")
+    assert note("authors") == (
+        "the calibration in here did not check dyt on gpt2 (authors recipe): python -m "
+        "suite.reference calibrate --variants dyt --backbone gpt2 --recipe authors --store here"
+    )
+    calibration["cells"].append({**entry, "recipe": "authors", "within_tolerance": False})
+    assert "did NOT reproduce the reference's dyt on gpt2 (authors recipe)" in note("authors")
+    assert note("authors").endswith("+variant=dyt model.backbone=gpt2 recipe=authors store=results")
+    assert "reproduced the reference's dyt on gpt2 within" in note("controlled")
+
+    # A calibration of one arm replaces that arm's entry only.
+    table = pd.DataFrame([{**entry, "recipe": "authors", "within_tolerance": True}])
+    (tmp_path / "calibration.json").write_text(json.dumps(calibration))
+    _merge_calibration(str(tmp_path), "reference", table)
+    merged = json.loads((tmp_path / "calibration.json").read_text())
+    assert [(c.get("recipe"), c["within_tolerance"]) for c in merged["cells"]] == [
+        (None, True), ("authors", True)
+    ]  # fmt: skip
+    assert merged["passed"]
 
 
 def test_agreement_widens_to_the_cells_own_seed_spread_and_needs_both_values():
