@@ -131,23 +131,40 @@ def run(
     recipes: tuple[str, ...] | list[str] = (CONTROLLED,),
 ) -> Path:
     """One ordinary sweep per (variant, backbone, recipe) into the store (cells it holds are
-    read, not trained again), the wall time of each added to ``<store>/reference-wall.json``,
-    then ship. A recipe that changes nothing for a variant is its controlled arm: skipped."""
-    wall = read_json(Path(store) / WALL)
+    read, not trained again; an arm whose every cell is there is not swept at all), the wall
+    time of each added to ``<store>/reference-wall.json`` (also of a sweep that failed or was
+    interrupted: resumed, it adds only the rest), then ship. A recipe that changes nothing for
+    a variant is its controlled arm: skipped."""
+    held = False  # an arm whose cells the store holds, possibly since its last collect
     for recipe in recipes:
         for backbone in backbones:
             for variant in (v for v in variants if has_arm(v, recipe)):
+                cells = expected_cells(variant, backbone, preset, store, recipe)
+                if all(finished_record(store, cell.cell_id()) for cell in cells):
+                    held = True
+                    continue
                 overrides = arm_overrides(variant, backbone, preset, recipe)
                 command = [sys.executable, "-m", "suite", *overrides, f"store={store}"]
                 print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
                 began = time.monotonic()
-                code = subprocess.call(command)
+                try:
+                    code = subprocess.call(command)
+                finally:
+                    _add_wall_time(store, arm_key(variant, backbone, recipe), began)
                 if code != 0:
                     raise SystemExit(code)
-                key = arm_key(variant, backbone, recipe)
-                wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
-                write_json(Path(store) / WALL, dict(sorted(wall.items())))
+                held = False  # the sweep collected the whole store
+    if held:
+        subprocess.call([sys.executable, "-m", "suite.collect", "--store", store],
+                        stdout=subprocess.DEVNULL)  # fmt: skip
     return ship(store, preset, out)
+
+
+def _add_wall_time(store: str, key: str, began: float) -> None:
+    # Read afresh: another run on the same store may have added its own arms meanwhile.
+    wall = read_json(Path(store) / WALL)
+    wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
+    write_json(Path(store) / WALL, dict(sorted(wall.items())))
 
 
 # --- ship ----------------------------------------------------------------------------------

@@ -481,3 +481,34 @@ def test_the_reference_of_another_preset_adds_nothing(tiny_reference):
     added, note = with_reference(runs)
     assert len(added) == len(runs)
     assert note.startswith("none (the reference is of the quick preset")
+
+
+def test_the_wall_time_log_keeps_failed_sweeps_and_other_runs_arms(tmp_path, monkeypatch):
+    """A sweep that fails still adds its time (resumed, it adds only the rest), and an arm that
+    another run on the same store logged meanwhile is kept, not overwritten."""
+    import suite.launch.reference as reference
+
+    wall = tmp_path / "reference-wall.json"
+
+    def failing_sweep(command, **_):
+        wall.write_text(json.dumps({"rezero · gpt2": 12.0}))  # another run, meanwhile
+        return 1
+
+    monkeypatch.setattr(reference.subprocess, "call", failing_sweep)
+    with pytest.raises(SystemExit) as stopped:
+        reference.run(str(tmp_path), ["preln"], ["gpt2"], preset="tiny")
+    assert stopped.value.code == 1
+    logged = json.loads(wall.read_text())
+    assert logged["rezero · gpt2"] == 12.0 and logged["preln · gpt2"] >= 0
+
+
+def test_an_arm_the_store_holds_whole_is_not_swept_again(tmp_path, monkeypatch):
+    import suite.launch.reference as reference
+
+    calls = []
+    monkeypatch.setattr(reference, "finished_record", lambda store, cell_id: {"status": "ok"})
+    monkeypatch.setattr(reference.subprocess, "call", lambda command, **_: calls.append(command))
+    monkeypatch.setattr(reference, "ship", lambda store, preset, out: tmp_path)
+    reference.run(str(tmp_path), ["preln", "postln"], ["gpt2"], preset="tiny")
+    assert [command[1:] for command in calls] == [["-m", "suite.collect", "--store", str(tmp_path)]]
+    assert not (tmp_path / "reference-wall.json").exists()
