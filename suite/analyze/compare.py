@@ -116,6 +116,14 @@ def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> list[s
             if without:
                 notes.append(f"{without[0]} trained without weight decay (its own recipe)")
                 continue
+        if values_a != values_b and column == "recipe":
+            # An arm is (variant, backbone, recipe): DyT with its authors' recipe against DyT, or
+            # against a plugin, asks what the recipe (and the variant) changes.
+            notes.append(
+                f"recipes differ ({a.name}: {', '.join(sorted(values_a))}; {b.name}: "
+                f"{', '.join(sorted(values_b))}): part of what is compared"
+            )
+            continue
         if values_a != values_b and column == "corpus_sha256":
             raise CompareError(
                 f"they trained on different text: {a.name} on {_corpora(a.runs)}, {b.name} on "

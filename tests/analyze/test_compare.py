@@ -132,6 +132,19 @@ def test_a_variant_that_trains_without_weight_decay_is_compared_and_said_to():
         compare(Side("ngpt", ngpt.assign(weight_decay=0.01)), Side("preln", preln))
 
 
+def test_an_arm_of_another_recipe_is_compared_and_said_to():
+    """DyT with its authors' recipe against DyT (or a plugin) asks what the recipe changes: the
+    recipe is part of the compared arm, not a setting to refuse on."""
+    controlled = runs_of("dyt", [0, 1]).assign(recipe="controlled")
+    authors = runs_of("dyt", [0, 1], loss_shift=-0.2).assign(recipe="authors")
+    table = compare(Side("dyt · authors", authors), Side("dyt", controlled))
+    assert table.attrs["notes"] == [
+        "recipes differ (dyt · authors: authors; dyt: controlled): part of what is compared"
+    ]
+    old = controlled.drop(columns="recipe")  # a store from before recipes: controlled
+    assert compare(Side("dyt", controlled), Side("dyt in old", old)).attrs["notes"] == []
+
+
 def test_the_command_compares_two_arms_and_two_stores(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
