@@ -176,16 +176,9 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     id), judged by the default verdict rule, of arms whose whole grid finished; the others are
     listed (``incomplete_arms``, ``absent_arms``) and left out."""
     runs = read_runs(store)
-    ok = runs[(runs["status"] == "ok") & (runs["sweep"] == name)]
-    default_rule = rule_description(VerdictConfig())
-    other_rules = sorted(
-        set(ok["verdict_rule"].dropna()) - {default_rule, "as recorded in training"}
-    )
-    if other_rules:
-        raise ConfigError(
-            f"{store} was collected with other verdict knobs ({other_rules[0]}); the reference is "
-            f"judged by the default rule: python -m suite.collect --store {store}, then ship"
-        )
+    # By id, not by the preset label: a cell another preset trained first (sweep=claims shares
+    # the quick grid's depth-6 llama cells) is the same cell, and a quick sweep resumes it.
+    ok = runs[runs["status"] == "ok"]
     shipped, missing, absent, seconds = [], {}, [], {}
     arms = [
         (backbone, recipe, variant)
@@ -207,11 +200,20 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
         elif len(found) < len(wanted):  # a part of a grid would rank as a whole one
             missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
         else:
-            shipped.append(found)
+            shipped.append(found.assign(sweep=name))
             seconds[key] = round(float(found["wall_time_s"].sum()), 1)
     if not shipped:
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")
+    other_rules = sorted(
+        set(table["verdict_rule"].dropna())
+        - {rule_description(VerdictConfig()), "as recorded in training"}
+    )
+    if other_rules:
+        raise ConfigError(
+            f"{store} was collected with other verdict knobs ({other_rules[0]}); the reference is "
+            f"judged by the default rule: python -m suite.collect --store {store}, then ship"
+        )
     table = table.sort_values(["backbone", "variant", "depth", "lr", "seed"], ignore_index=True)
     backbones = sorted(set(table["backbone"]))
     environment = {

@@ -15,7 +15,7 @@ import pytest
 from helpers import REPO, run_suite
 
 from suite.analyze.baseline import BaselineError, with_reference
-from suite.config import ConfigError
+from suite.config import ConfigError, VerdictConfig
 from suite.launch.reference import (
     ESCAPE_TOLERANCE,
     LOSS_TOLERANCE,
@@ -512,3 +512,39 @@ def test_an_arm_the_store_holds_whole_is_not_swept_again(tmp_path, monkeypatch):
     reference.run(str(tmp_path), ["preln", "postln"], ["gpt2"], preset="tiny")
     assert [command[1:] for command in calls] == [["-m", "suite.collect", "--store", str(tmp_path)]]
     assert not (tmp_path / "reference-wall.json").exists()
+
+
+def _collected_store(store: Path, variant: str, preset: str, **columns) -> None:
+    """A store whose collected table holds the variant's whole ``preset`` grid (by id)."""
+    from suite.launch.reference import expected_cells
+    from suite.verdict import rule_description
+
+    environment = ("device_name", "cpu_count", "threads", "parallel_cells", "torch_version",
+                   "python_version", "platform", "suite_version", "git_sha", "corpus",
+                   "corpus_sha256")  # fmt: skip
+    rows = [
+        {"cell_id": cell.cell_id(), "status": "ok", "sweep": preset, "variant": variant,
+         "backbone": "gpt2", "recipe": "controlled", "depth": cell.model.depth,
+         "lr": cell.optim.lr, "seed": cell.seed, "wall_time_s": 1.0,
+         "started_at": "2026-12-06T00:00:00+00:00", **dict.fromkeys(environment, "x"),
+         "verdict_rule": rule_description(VerdictConfig()), **columns}
+        for cell in expected_cells(variant, "gpt2", "tiny", str(store))
+    ]  # fmt: skip
+    store.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(store / RUNS, index=False)
+
+
+def test_ship_takes_a_grid_cell_by_its_id_whichever_preset_trained_it(tmp_path):
+    """A cell another preset trained first has the grid's id, and the grid's sweep resumes it
+    instead of training it: ship takes it too (it used to list the arm as incomplete forever)."""
+    _collected_store(tmp_path / "store", "preln", preset="claims")
+    folder = ship(str(tmp_path / "store"), name="tiny", out=tmp_path / "out")
+    table = pd.read_parquet(folder / RUNS)
+    assert len(table) == 4 and set(table["sweep"]) == {"tiny"}
+    assert read_environment(str(folder))["arms"] == ["preln · gpt2"]
+
+
+def test_ship_refuses_a_store_judged_by_other_verdict_knobs(tmp_path):
+    _collected_store(tmp_path / "store", "preln", preset="tiny", verdict_rule="v2 other")
+    with pytest.raises(ConfigError, match="collected with other verdict knobs"):
+        ship(str(tmp_path / "store"), name="tiny", out=tmp_path / "out")
