@@ -41,32 +41,41 @@ from variants.streams import MultiStreamVariant, read_and_mix, write_back
 
 
 class _SinkhornKnopp(torch.autograd.Function):
-    """The unrolled iterations and their exact gradient, on (n, n, tokens) fp32 matrices.
+    """The unrolled iterations and their exact gradient, on (n, n, tokens) matrices: the first
+    iteration in the log domain, the others in the linear one.
 
-    Tokens last, because each of the 2 × iterations normalizations sums over n = 4 entries: a
-    reduction over a last dimension of 4 ran ~6× slower on CPU than over a leading one. The
-    backward goes back through every normalization m' = m / s (s summed along one axis):
-    ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s from the saved sums (n per token
-    per normalization) instead of saving every iterate (n² each); autograd over the same loop
-    kept all 2 × iterations iterates and ran ~4× slower. Each column's max is subtracted before
-    exp and gets no gradient: the first normalization divides every column by its own sum, so
-    the result does not change when a column's logits move together; and no column sum can
-    underflow (with the global max, logits 80 apart gave sums of 1e-31, whose reciprocals in the
-    backward overflowed to a NaN gradient in training).
+    Exponentiating first and normalizing m' = m / Σ_axis m, the first column sums are ≥ 1 once
+    each column's max is subtracted, but a row whose logits sit ~90 below the others' in every
+    column then sums to a subnormal (zero, with the flushed denormals training runs under), and
+    the division by it made mHC's gradient NaN from a finite loss at high LR (the cells of its
+    reference arm that "diverged" with a non-finite gradient). So the first column and row
+    normalizations are ℓ' = ℓ − logsumexp_axis(ℓ) on the logits ℓ (the same function, no sum to
+    underflow). After them every later sum lies in [1/n, n] (a column-stochastic matrix has an
+    entry ≥ 1/n per column and row sums ≤ n, and the other way round), so the remaining
+    normalizations run as divisions, at half a log-domain step's cost.
+
+    Tokens last, because each normalization reduces over n = 4 entries: a reduction over a last
+    dimension of 4 ran ~6× slower on CPU than over a leading one. The backward goes back through
+    every normalization, ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s from the
+    saved sums (n per token per normalization) instead of saving every iterate (n² each); then
+    through the log-domain ones, ∂ℓ = ∂ℓ' − exp(ℓ') ⊙ Σ_axis ∂ℓ'. Autograd over the same loop
+    kept all 2 × iterations iterates and ran ~4× slower.
     """
 
     generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
 
     @staticmethod
     def forward(logits: Tensor, iterations: int) -> tuple[Tensor, ...]:
-        matrix = (logits - logits.amax(dim=0, keepdim=True)).exp()  # columns' sums ≥ 1
+        columns_normalized = logits - torch.logsumexp(logits, dim=0, keepdim=True)
+        row_log_sums = torch.logsumexp(columns_normalized, dim=1, keepdim=True)
+        matrix = (columns_normalized - row_log_sums).exp()
         sums = []
-        for _ in range(iterations):
+        for _ in range(iterations - 1):
             for axis in (0, 1):  # columns, then rows
                 total = matrix.sum(dim=axis, keepdim=True)
                 matrix.div_(total)
                 sums.append(total)
-        return matrix, *sums
+        return matrix, columns_normalized, row_log_sums, *sums
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:
@@ -75,8 +84,8 @@ class _SinkhornKnopp(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward through it
-    def backward(ctx: FunctionCtx, grad: Tensor, *_sums: Tensor) -> tuple[Tensor, None]:
-        matrix, *sums = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad: Tensor, *_rest: Tensor) -> tuple[Tensor, None]:
+        matrix, columns_normalized, row_log_sums, *sums = ctx.saved_tensors
         # Own copies, in place from here (the loop is bound by its op count), tokens last: the
         # gradient arrives in the layout of the caller's (tokens-first) view.
         grad = grad.clone(memory_format=torch.contiguous_format)
@@ -85,13 +94,18 @@ class _SinkhornKnopp(torch.autograd.Function):
             axis, total = index % 2, sums[index]
             grad.sub_((grad * matrix).sum(dim=axis, keepdim=True)).div_(total)
             matrix.mul_(total)
-        return grad.mul_(matrix), None  # matrix is exp(logits − max) again
+        # matrix is the first iteration's exp(ℓ'') again; ∂ℓ'' = ∂m ⊙ m, then the two log-domain
+        # normalizations (rows, then columns), each ∂ℓ = ∂ℓ' − exp(ℓ') ⊙ Σ_axis ∂ℓ'.
+        grad.mul_(matrix)
+        grad.sub_(matrix * grad.sum(dim=1, keepdim=True))
+        grad.sub_(columns_normalized.exp() * grad.sum(dim=0, keepdim=True))
+        return grad, None
 
 
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
     """exp(logits) made doubly stochastic by alternate column and row normalization, in fp32
     (float64 stays float64, for the gradient checks): (..., n, n) logits give (..., n, n)."""
-    if iterations < 1:  # the backward's "the max gets no gradient" needs one normalization
+    if iterations < 1:
         raise ValueError(f"sinkhorn_knopp: iterations must be at least 1 (got {iterations})")
     lead, shape = logits.shape[:-2], logits.shape[-2:]
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32

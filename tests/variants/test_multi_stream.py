@@ -150,10 +150,18 @@ def test_sinkhorn_knopp_and_its_gradient_are_the_unrolled_iterations():
     assert torch.autograd.gradcheck(lambda x: sinkhorn_knopp(x, 3), (logits[:1],))
 
 
+def log_domain_sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The same iterations on log m, left to autograd: exact where exp underflows."""
+    for _ in range(iterations):
+        logits = logits - logits.logsumexp(dim=-2, keepdim=True)
+        logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+    return logits.exp()
+
+
 def test_sinkhorn_knopp_keeps_a_finite_gradient_for_logits_far_apart():
     """Logits 100 apart, as mHC's grew before a NaN in training: with the global max subtracted,
-    column sums of 1e-31 made the fp32 backward (ours and autograd's over the loop) NaN; each
-    column's own max keeps it finite and equal to float64's."""
+    column sums of 1e-31 made the fp32 backward (ours and autograd's over the loop) NaN; the log
+    domain (its first iteration) keeps it finite and equal to float64's."""
     generator = torch.Generator().manual_seed(11)
     logits, weights = 40 * torch.randn(6, 4, 4, generator=generator), torch.randn(6, 4, 4)
     x, x64 = logits.clone().requires_grad_(), logits.double().requires_grad_()
@@ -161,6 +169,31 @@ def test_sinkhorn_knopp_keeps_a_finite_gradient_for_logits_far_apart():
     exact = torch.autograd.grad((plain_sinkhorn(x64, 20) * weights.double()).sum(), x64)[0]
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours.double(), exact, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("flush_denormal", [True, False])
+def test_sinkhorn_knopp_is_exact_when_a_row_sits_far_below_the_others(flush_denormal):
+    """A row whose logits sit 150 below the others' in every column, as mHC's reached at high LR:
+    its exp underflows in fp32 (to zero with the denormals flushed, as training runs), so the
+    linear-domain iterations divided by a zero or subnormal row sum; in the training runs that
+    made the gradient NaN from a finite loss. The result is the doubly stochastic matrix all the
+    same (Sinkhorn rescales that row), and it and its gradient equal float64's."""
+    generator = torch.Generator().manual_seed(12)
+    logits, weights = 3 * torch.randn(8, 4, 4, generator=generator), torch.randn(8, 4, 4)
+    logits[:, 2] -= 150
+    x, x64 = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    flushed = torch.set_flush_denormal(flush_denormal)
+    try:
+        matrix = sinkhorn_knopp(x, 20)
+        ours = torch.autograd.grad((matrix * weights).sum(), x)[0]
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed  # x86: the setting took
+    exact = log_domain_sinkhorn(x64, 20)
+    gradient = torch.autograd.grad((exact * weights.double()).sum(), x64)[0]
+    torch.testing.assert_close(matrix.double(), exact.detach(), rtol=0, atol=1e-5)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), gradient, rtol=0, atol=1e-5)
 
 
 def test_the_stream_read_out_and_its_gradients_are_the_plain_products():
