@@ -68,14 +68,14 @@ class _SinkhornKnopp(torch.autograd.Function):
     def forward(logits: Tensor, iterations: int) -> tuple[Tensor, ...]:
         columns_normalized = logits - torch.logsumexp(logits, dim=0, keepdim=True)
         row_log_sums = torch.logsumexp(columns_normalized, dim=1, keepdim=True)
-        matrix = (columns_normalized - row_log_sums).exp()
+        matrix = (columns_normalized - row_log_sums).exp()  # rebuilt in the backward
         sums = []
         for _ in range(iterations - 1):
             for axis in (0, 1):  # columns, then rows
                 total = matrix.sum(dim=axis, keepdim=True)
                 matrix.div_(total)
                 sums.append(total)
-        return matrix, columns_normalized, row_log_sums, *sums
+        return matrix, columns_normalized, *sums
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:
@@ -85,7 +85,7 @@ class _SinkhornKnopp(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward through it
     def backward(ctx: FunctionCtx, grad: Tensor, *_rest: Tensor) -> tuple[Tensor, None]:
-        matrix, columns_normalized, row_log_sums, *sums = ctx.saved_tensors
+        matrix, columns_normalized, *sums = ctx.saved_tensors
         # Own copies, in place from here (the loop is bound by its op count), tokens last: the
         # gradient arrives in the layout of the caller's (tokens-first) view.
         grad = grad.clone(memory_format=torch.contiguous_format)

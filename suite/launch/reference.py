@@ -155,8 +155,10 @@ def run(
                     raise SystemExit(code)
                 held = False  # the sweep collected the whole store
     if held:
-        subprocess.call([sys.executable, "-m", "suite.collect", "--store", store],
-                        stdout=subprocess.DEVNULL)  # fmt: skip
+        code = subprocess.call([sys.executable, "-m", "suite.collect", "--store", store],
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+        if code != 0:
+            raise SystemExit(code)  # collect said why; a stale table would ship short arms
     return ship(store, preset, out)
 
 
@@ -180,28 +182,20 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     # the quick grid's depth-6 llama cells) is the same cell, and a quick sweep resumes it.
     ok = runs[runs["status"] == "ok"]
     shipped, missing, absent, seconds = [], {}, [], {}
-    arms = [
-        (backbone, recipe, variant)
-        for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES)
-        for recipe in RECIPES
-        for variant in built_ins()
-        if has_arm(variant, recipe)
-    ]
-    for backbone, recipe, variant in arms:
-        key = arm_key(variant, backbone, recipe)
-        mine = (ok["backbone"] == backbone) & (ok["variant"] == variant)
-        if not (mine & (column(ok, "recipe", CONTROLLED) == recipe)).any():
-            absent.append(key)
+    labelled = set(ok.loc[ok["sweep"] == name, "backbone"].dropna().astype(str))
+    for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES):
+        arms = _arms_on(ok, backbone, name, store)
+        # A backbone only another preset ran is this grid's only where it holds a grid cell.
+        if backbone not in labelled and not any(len(found) for _, found, _ in arms):
             continue
-        wanted = {cell.cell_id() for cell in expected_cells(variant, backbone, name, store, recipe)}
-        found = ok[ok["cell_id"].isin(wanted)]
-        if found.empty:
-            absent.append(key)
-        elif len(found) < len(wanted):  # a part of a grid would rank as a whole one
-            missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
-        else:
-            shipped.append(found.assign(sweep=name))
-            seconds[key] = round(float(found["wall_time_s"].sum()), 1)
+        for key, found, wanted in arms:
+            if found.empty:
+                absent.append(key)
+            elif len(found) < wanted:  # a part of a grid would rank as a whole one
+                missing[key] = f"{len(found)} of {wanted} cells finished; not shipped"
+            else:
+                shipped.append(_under_preset(found, name))
+                seconds[key] = round(float(found["wall_time_s"].sum()), 1)
     if not shipped:
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")
@@ -266,6 +260,37 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
     write_table(table, folder / RUNS)
     write_json(folder / ENVIRONMENT, environment)
     return folder
+
+
+def _arms_on(
+    ok: pd.DataFrame, backbone: str, name: str, store: str
+) -> list[tuple[str, pd.DataFrame, int]]:
+    """Each arm on the backbone: its key, its finished grid cells found by id, and how many the
+    grid has."""
+    arms = []
+    for recipe in RECIPES:
+        for variant in (v for v in built_ins() if has_arm(v, recipe)):
+            key = arm_key(variant, backbone, recipe)
+            mine = (ok["backbone"] == backbone) & (ok["variant"] == variant)
+            if not (mine & (column(ok, "recipe", CONTROLLED) == recipe)).any():
+                arms.append((key, ok.iloc[:0], 1))
+                continue
+            cells = expected_cells(variant, backbone, name, store, recipe)
+            wanted = {cell.cell_id() for cell in cells}
+            arms.append((key, ok[ok["cell_id"].isin(wanted)], len(wanted)))
+    return arms
+
+
+def _under_preset(found: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows labelled with the preset they ship under, in their sweep column and their stored
+    config (JSON), whichever preset trained them first."""
+    found = found.assign(sweep=name)
+    if "config" in found:
+        found["config"] = found["config"].map(
+            lambda text: json.dumps({**json.loads(text), "sweep": name}, sort_keys=True)
+            if isinstance(text, str) else text
+        )  # fmt: skip
+    return found
 
 
 # --- calibrate -----------------------------------------------------------------------------

@@ -507,11 +507,16 @@ def test_an_arm_the_store_holds_whole_is_not_swept_again(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(reference, "finished_record", lambda store, cell_id: {"status": "ok"})
-    monkeypatch.setattr(reference.subprocess, "call", lambda command, **_: calls.append(command))
+    code = 0
+    monkeypatch.setattr(reference.subprocess, "call", lambda cmd, **_: calls.append(cmd) or code)
     monkeypatch.setattr(reference, "ship", lambda store, preset, out: tmp_path)
     reference.run(str(tmp_path), ["preln", "postln"], ["gpt2"], preset="tiny")
     assert [command[1:] for command in calls] == [["-m", "suite.collect", "--store", str(tmp_path)]]
     assert not (tmp_path / "reference-wall.json").exists()
+    code = 1  # a collect that failed: nothing ships from a stale table
+    with pytest.raises(SystemExit) as stopped:
+        reference.run(str(tmp_path), ["preln"], ["gpt2"], preset="tiny")
+    assert stopped.value.code == 1
 
 
 def _collected_store(store: Path, variant: str, preset: str, **columns) -> None:
@@ -527,7 +532,8 @@ def _collected_store(store: Path, variant: str, preset: str, **columns) -> None:
          "backbone": "gpt2", "recipe": "controlled", "depth": cell.model.depth,
          "lr": cell.optim.lr, "seed": cell.seed, "wall_time_s": 1.0,
          "started_at": "2026-12-06T00:00:00+00:00", **dict.fromkeys(environment, "x"),
-         "verdict_rule": rule_description(VerdictConfig()), **columns}
+         "verdict_rule": rule_description(VerdictConfig()),
+         "config": json.dumps({"sweep": preset, "seed": cell.seed}, sort_keys=True), **columns}
         for cell in expected_cells(variant, "gpt2", "tiny", str(store))
     ]  # fmt: skip
     store.mkdir(parents=True)
@@ -538,10 +544,16 @@ def test_ship_takes_a_grid_cell_by_its_id_whichever_preset_trained_it(tmp_path):
     """A cell another preset trained first has the grid's id, and the grid's sweep resumes it
     instead of training it: ship takes it too (it used to list the arm as incomplete forever)."""
     _collected_store(tmp_path / "store", "preln", preset="claims")
+    runs = pd.read_parquet(tmp_path / "store" / RUNS)
+    llama = runs.iloc[:1].assign(cell_id="preln-L2-llama-x", backbone="llama")  # not in a grid
+    pd.concat([runs, llama]).to_parquet(tmp_path / "store" / RUNS, index=False)
     folder = ship(str(tmp_path / "store"), name="tiny", out=tmp_path / "out")
     table = pd.read_parquet(folder / RUNS)
     assert len(table) == 4 and set(table["sweep"]) == {"tiny"}
-    assert read_environment(str(folder))["arms"] == ["preln · gpt2"]
+    assert {json.loads(config)["sweep"] for config in table["config"]} == {"tiny"}
+    environment = read_environment(str(folder))
+    assert environment["arms"] == ["preln · gpt2"]
+    assert not any("llama" in arm for arm in environment["absent_arms"])
 
 
 def test_ship_refuses_a_store_judged_by_other_verdict_knobs(tmp_path):
