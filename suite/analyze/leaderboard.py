@@ -37,7 +37,7 @@ from suite.analyze.summary import (
     seed_resamples,
     with_arm_labels,
 )
-from suite.store import read_runs
+from suite.store import column, read_runs
 
 RESAMPLES = 400
 # Each ranked column: how it is computed from runs (per (arm, depth)) and whether higher is better.
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", default="results", help="results store (default: results)")
     parser.add_argument("--sweep", help="only runs of this sweep preset (e.g. quick)")
     parser.add_argument(
+        "--backbone", help="only arms of this backbone (gpt2, llama); default: all, ranked together"
+    )
+    parser.add_argument(
         "--reference",
         nargs="?",
         const="reference",
@@ -175,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
 
         def only_sweep(runs: pd.DataFrame) -> pd.DataFrame:
-            return runs[runs["sweep"] == args.sweep] if args.sweep else runs
+            runs = runs[runs["sweep"] == args.sweep] if args.sweep else runs
+            if args.backbone:  # a store from before backbones trained gpt2's
+                runs = runs[column(runs, "backbone", "gpt2") == args.backbone]
+            return runs
 
         runs = only_sweep(read_runs(args.store))
         if args.reference:

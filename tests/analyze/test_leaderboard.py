@@ -85,3 +85,20 @@ def test_presets_are_ranked_apart_and_exported(tmp_path):
     assert len(pd.read_csv(tmp_path / "lb.csv")) == 2
     missing = run_suite("--store", str(tmp_path / "none"), timeout=120, command="suite.leaderboard")
     assert missing.returncode == 2 and "python -m suite.collect" in missing.stderr
+
+
+def test_one_backbones_arms_are_ranked_on_their_own(tmp_path):
+    """--backbone keeps one backbone's arms (a store from before backbones trained gpt2's)."""
+    runs = pd.concat([runs_of("a", [0, 1]), runs_of("a", [0, 1]).assign(backbone="llama")])
+    (tmp_path / "store").mkdir()
+    runs.to_parquet(tmp_path / "store" / "runs.parquet")
+
+    def arms(*args: str) -> list[str]:
+        result = run_suite("--store", str(tmp_path / "store"), "--csv", str(tmp_path / "lb.csv"),
+                           *args, timeout=120, command="suite.leaderboard")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return sorted(pd.read_csv(tmp_path / "lb.csv")["arm"])
+
+    assert arms() == ["a", "a · llama"]
+    assert arms("--backbone", "llama") == ["a · llama"]
+    assert arms("--backbone", "gpt2") == ["a"]
