@@ -20,6 +20,7 @@ import pandas as pd
 
 from suite.analyze.summary import CELL, max_stable_lr, ok_runs, with_arm_labels
 from suite.launch.frontier import Bracket, search
+from suite.store import read_runs
 
 
 def replay(runs: pd.DataFrame) -> pd.DataFrame:
@@ -63,9 +64,11 @@ def _steps_apart(lrs: list[float], grid_lr: float | None, found: float | None) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", default="results")
+    parser.add_argument(
+        "--store", default="results", help="a store, or `reference`: the shipped one"
+    )
     args = parser.parse_args()
-    table = replay(pd.read_parquet(f"{args.store}/runs.parquet"))
+    table = replay(read_runs(args.store))
     if table.empty:
         raise SystemExit(f"{args.store}: no arm with a full LR × seed grid")
     same = int((table["grid_steps_apart"] == 0).sum())
