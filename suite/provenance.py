@@ -11,6 +11,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
+# What the suite's commands write into the checkout: no training reads them.
+_OUTPUTS = (":(exclude)reference", ":(exclude)reports")
 
 
 @lru_cache(maxsize=1)
@@ -23,14 +25,16 @@ def suite_version() -> str:
 
 @lru_cache(maxsize=1)
 def git_sha() -> str:
-    """Commit of the suite's checkout, with ``-dirty`` when it has uncommitted changes;
-    ``unknown`` for an installed wheel (whose site-packages may sit inside someone else's
-    repository: its commit is not the suite's)."""
+    """Commit of the suite's checkout, with ``-dirty`` when it has uncommitted changes to what
+    can change a result (the shipped reference's data, which ``python -m suite.reference
+    ship`` rewrites in the checkout between arms, is not one); ``unknown`` for an installed
+    wheel (whose site-packages may sit inside someone else's repository: its commit is not the
+    suite's)."""
     if not (_REPO / ".git").exists():
         return "unknown"
     try:
         sha = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *_OUTPUTS)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
