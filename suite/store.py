@@ -212,7 +212,7 @@ def calibrated_arm(entry: Any) -> tuple[str, str, str]:
     """The arm a calibration entry (or a reference row) is of: (variant, backbone, recipe); an
     entry written before calibrations named their recipe checked the controlled arm."""
     recipe = entry.get("recipe")
-    missing = recipe is None or (isinstance(recipe, float) and math.isnan(recipe))
+    missing = recipe is None or pd.isna(recipe)
     return (
         str(entry.get("variant")),
         str(entry.get("backbone")),

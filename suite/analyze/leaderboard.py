@@ -177,15 +177,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
 
-        def only_sweep(runs: pd.DataFrame) -> pd.DataFrame:
+        def selected(runs: pd.DataFrame) -> pd.DataFrame:
             runs = runs[runs["sweep"] == args.sweep] if args.sweep else runs
             if args.backbone:  # a store from before backbones trained gpt2's
                 runs = runs[column(runs, "backbone", "gpt2") == args.backbone]
             return runs
 
-        runs = only_sweep(read_runs(args.store))
+        runs = selected(read_runs(args.store))
         if args.reference:
-            runs, note = with_reference(runs, args.reference, only_sweep)
+            runs, note = with_reference(runs, args.reference, selected)
             print(f"baseline arms: {note}")
     except (FileNotFoundError, BaselineError) as error:
         print(f"leaderboard: {error}", file=sys.stderr)

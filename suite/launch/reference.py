@@ -574,8 +574,8 @@ def _calibrate_command(args: argparse.Namespace) -> None:
         print(
             f"\nthis machine does not reproduce the reference for {', '.join(failed)}: re-run "
             f"{'that baseline' if len(failed) == 1 else 'those baselines'} in your own store "
-            f"and compare there:\n  python -m suite +variant={','.join(failed)} "
-            f"{' '.join(arm_overrides('', args.backbone, recipe=args.recipe)[2:])} "
+            f"and compare there:\n  python -m suite "
+            f"{' '.join(arm_overrides(','.join(failed), args.backbone, recipe=args.recipe))} "
             "store=<your store>",
             file=sys.stderr,
         )
