@@ -36,10 +36,12 @@ the reference's ship time), where ``python -m suite.compare --against reference`
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -148,11 +150,11 @@ def run(
                 print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
                 began = time.monotonic()
                 try:
-                    code = subprocess.call(command)
+                    code = _sweep(command)
                 finally:
                     _add_wall_time(store, arm_key(variant, backbone, recipe), began)
                 if code != 0:
-                    raise SystemExit(code)
+                    raise SystemExit(code if code > 0 else 128 - code)  # killed by -code
                 held = False  # the sweep collected the whole store
     if held:
         code = subprocess.call([sys.executable, "-m", "suite.collect", "--store", store],
@@ -162,11 +164,38 @@ def run(
     return ship(store, preset, out)
 
 
+def _sweep(command: list[str]) -> int:
+    """Run one arm's sweep to its end and return its exit code. A SIGTERM or Ctrl-C that
+    reaches this process is passed on to the sweep, which is waited for (its finished cells are
+    kept either way), so the arm's wall time is still logged: Python's default SIGTERM would end
+    this process at once, with no ``finally``, and leave the sweep running unwatched."""
+    sweep = subprocess.Popen(command)
+
+    def pass_on(signum: int, frame: object) -> None:
+        sweep.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        return sweep.wait()
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reached the sweep too; a `kill -INT` not
+        sweep.send_signal(signal.SIGINT)
+        try:
+            sweep.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            sweep.kill()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _add_wall_time(store: str, key: str, began: float) -> None:
-    # Read afresh: another run on the same store may have added its own arms meanwhile.
-    wall = read_json(Path(store) / WALL)
-    wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
-    write_json(Path(store) / WALL, dict(sorted(wall.items())))
+    # Read afresh under a lock: another run on the same store may add its own arms meanwhile.
+    Path(store).mkdir(parents=True, exist_ok=True)
+    with open(Path(store) / f"{WALL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wall = read_json(Path(store) / WALL)
+        wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
+        write_json(Path(store) / WALL, dict(sorted(wall.items())))
 
 
 # --- ship ----------------------------------------------------------------------------------

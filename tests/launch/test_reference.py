@@ -28,7 +28,15 @@ from suite.launch.reference import (
     has_arm,
     ship,
 )
-from suite.store import ENVIRONMENT, RUNS, read_environment, read_runs, reference_dir, resolve_store
+from suite.store import (
+    ENVIRONMENT,
+    RUNS,
+    read_environment,
+    read_json,
+    read_runs,
+    reference_dir,
+    resolve_store,
+)
 
 SHIPPED = reference_dir("quick")
 # A converged reference cell (no seed spread recorded: the stated tolerances alone apply).
@@ -490,16 +498,75 @@ def test_the_wall_time_log_keeps_failed_sweeps_and_other_runs_arms(tmp_path, mon
 
     wall = tmp_path / "reference-wall.json"
 
-    def failing_sweep(command, **_):
+    def failing_sweep(command):
         wall.write_text(json.dumps({"rezero · gpt2": 12.0}))  # another run, meanwhile
         return 1
 
-    monkeypatch.setattr(reference.subprocess, "call", failing_sweep)
+    monkeypatch.setattr(reference, "_sweep", failing_sweep)
     with pytest.raises(SystemExit) as stopped:
         reference.run(str(tmp_path), ["preln"], ["gpt2"], preset="tiny")
     assert stopped.value.code == 1
     logged = json.loads(wall.read_text())
     assert logged["rezero · gpt2"] == 12.0 and logged["preln · gpt2"] >= 0
+
+
+def test_two_runs_finishing_arms_at_once_both_log_their_wall_time(tmp_path, monkeypatch):
+    """Two reference runs on one store (an arm each) end in the same instant: the log's
+    read-modify-write is one at a time, so neither arm's time overwrites the other's."""
+    import threading
+    import time
+
+    import suite.launch.reference as reference
+
+    def slow_read(path):
+        logged = read_json(path)
+        time.sleep(0.3)  # the other run reads now, before this one writes
+        return logged
+
+    monkeypatch.setattr(reference, "read_json", slow_read)
+    runs = [threading.Thread(target=reference._add_wall_time,
+                             args=(str(tmp_path), arm, time.monotonic()))
+            for arm in ("preln · gpt2", "postln · gpt2")]  # fmt: skip
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert set(read_json(tmp_path / "reference-wall.json")) == {"preln · gpt2", "postln · gpt2"}
+
+
+# The reference run with its sweep replaced by a process that waits to be stopped.
+_SIGTERMED_RUN = """
+import subprocess, sys
+import suite.launch.reference as reference
+
+popen = subprocess.Popen
+waits = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); " \\
+        "print('sweeping', flush=True); time.sleep(120)"
+reference.finished_record = lambda store, cell_id: None
+reference.subprocess.Popen = lambda command: popen([sys.executable, "-c", waits])
+reference.run(sys.argv[1], ["preln"], ["gpt2"], preset="tiny")
+"""
+
+
+def test_a_sigterm_stops_the_arms_sweep_and_still_logs_its_wall_time(tmp_path):
+    """``kill PID`` of a reference run (a scheduler's or a shell's way to stop a job): the sweep
+    is stopped too, not left running unwatched, and the arm's time so far is logged."""
+    import signal
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-c", _SIGTERMED_RUN, str(tmp_path)], cwd=REPO,
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in run.stdout:  # the run prints its sweep's command first
+            if line.strip() == "sweeping":
+                break
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 143  # the sweep's own exit code, passed on
+    finally:
+        run.kill()
+    logged = json.loads((tmp_path / "reference-wall.json").read_text())
+    assert logged["preln · gpt2"] >= 0
 
 
 def test_an_arm_the_store_holds_whole_is_not_swept_again(tmp_path, monkeypatch):
