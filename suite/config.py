@@ -181,6 +181,10 @@ class ModelConfig:
             )
 
 
+# The size of the pinned stdlib corpus (suite/run/corpus/; suite/run/data.py reads it).
+STDLIB_CORPUS_BYTES = 4_000_000
+
+
 @dataclass
 class DataConfig:
     source: str = setting(
@@ -191,7 +195,9 @@ class DataConfig:
         "text file (source=text) or uint16 .bin (source=tokens)",
         check=Check(lambda x: x is None or x.strip() != "", "must be a file path"),
     )
-    max_bytes: int = setting(4_000_000, "stdlib corpus size cap, bytes", check=at_least(1))
+    max_bytes: int = setting(
+        STDLIB_CORPUS_BYTES, "stdlib corpus size cap, bytes", check=at_least(1)
+    )
     val_fraction: float = setting(0.1, "held-out fraction", check=within(0, 1, include_low=False))
     vocab_size: int | None = setting(
         None,
@@ -203,6 +209,13 @@ class DataConfig:
     )
 
     def check_together(self) -> None:
+        _check(
+            self.source != "stdlib" or self.max_bytes <= STDLIB_CORPUS_BYTES,
+            "data.max_bytes",
+            f"must be at most {STDLIB_CORPUS_BYTES}: the shipped stdlib corpus holds that many "
+            "bytes (for more text, data=text data.path=FILE)",
+            self.max_bytes,
+        )
         if self.source in ("text", "tokens"):
             _check(
                 bool(self.path),

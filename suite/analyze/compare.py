@@ -127,8 +127,8 @@ def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> list[s
         if values_a != values_b and column == "corpus_sha256":
             raise CompareError(
                 f"they trained on different text: {a.name} on {_corpora(a.runs)}, {b.name} on "
-                f"{_corpora(b.runs)} (the stdlib corpus is the running Python's own standard "
-                "library, so it changes with the Python version); compare runs of one corpus"
+                f"{_corpora(b.runs)} (before the stdlib corpus was pinned, a store trained under "
+                "another Python read that Python's own library); compare runs of one corpus"
             )
         if values_a != values_b:
             raise CompareError(

@@ -2,8 +2,9 @@
 
 Three sources, all giving a 1-D array of token ids split into train and validation:
 
-- ``stdlib``: byte-level LM on the running Python's standard-library sources (present on every
-  machine; the corpus hash is recorded because it changes with the Python version);
+- ``stdlib``: byte-level LM on Python 3.11.7's standard-library sources, the first 4 MB of them,
+  shipped with the suite (``suite/run/corpus/``, xz, 0.76 MB): the same bytes under every Python
+  on every machine, so a result and the shipped reference do not depend on which Python trains;
 - ``text``: byte-level LM on any text file;
 - ``tokens``: a pre-tokenized uint16 ``.bin`` file (the nanoGPT format).
 
@@ -14,6 +15,7 @@ frequencies alone: the floor a model must beat to have learned anything from con
 from __future__ import annotations
 
 import hashlib
+import lzma
 import math
 import sysconfig
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from suite.config import ConfigError, DataConfig
+from suite.config import STDLIB_CORPUS_BYTES, ConfigError, DataConfig
 
 # Directories of the standard library that are not ordinary library source: third-party and
 # test code, codec tables (encodings/) and generated documentation strings (pydoc_data/).
@@ -36,6 +38,10 @@ _STDLIB_SKIP = {
     "encodings",
     "pydoc_data",
 }
+# The pinned corpus: what ``stdlib_source_bytes`` read from Python 3.11.7 (see corpus/README.md).
+STDLIB_CORPUS = Path(__file__).with_name("corpus") / "python-3.11.7-stdlib.xz"
+STDLIB_VERSION = (3, 11, 7)
+STDLIB_SHA256 = "d69197e8176f67247d6dc4648143804cdb0cfd87aa27d85dda014e2fb36eb0a7"
 _SPLIT_BLOCK = 1 << 16  # tokens per block of the interleaved train/validation split
 _VAL_SEED = 1234  # every cell is evaluated on the same validation batches
 
@@ -56,13 +62,17 @@ class Corpus:
 
 
 def stdlib_files() -> list[Path]:
+    """The running Python's library sources, in the order the corpus concatenates them."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(
         p for p in root.rglob("*.py") if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)
     )
 
 
-def _stdlib_bytes(max_bytes: int) -> bytes:
+def stdlib_source_bytes(max_bytes: int = STDLIB_CORPUS_BYTES) -> bytes:
+    """The first ``max_bytes`` of the running Python's library sources: how the pinned corpus
+    was made (under 3.11.7: ``scripts/pin_stdlib_corpus.py``), and what the suite trained on
+    before it was pinned (the same bytes under 3.11.7)."""
     chunks, total = [], 0
     for path in stdlib_files():
         chunk = path.read_bytes()
@@ -73,6 +83,12 @@ def _stdlib_bytes(max_bytes: int) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
+def stdlib_bytes(max_bytes: int) -> bytes:
+    """The first ``max_bytes`` of the pinned corpus (``data.max_bytes`` is checked to be at most
+    :data:`STDLIB_CORPUS_BYTES` with the config)."""
+    return lzma.decompress(STDLIB_CORPUS.read_bytes())[:max_bytes]
+
+
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
     probs = counts[counts > 0] / counts.sum()
@@ -81,7 +97,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     if cfg.source == "stdlib":
-        raw = _stdlib_bytes(cfg.max_bytes)
+        raw = stdlib_bytes(cfg.max_bytes)
         tokens, vocab, name = np.frombuffer(raw, dtype=np.uint8), 256, "python-stdlib"
         digest = hashlib.sha256(raw).hexdigest()
     else:

@@ -149,7 +149,8 @@ def test_calibration_names_the_baseline_to_rerun_when_the_machine_differs(tiny_r
 
 @pytest.mark.slow
 def test_calibration_refuses_a_reference_trained_on_other_text(tiny_reference, tmp_path):
-    """The stdlib corpus is the running Python's own library: another Python, another corpus."""
+    """A reference of other text (a store from before the stdlib corpus was pinned, trained
+    under another Python): nothing trains, and the line says why."""
     _, folder = tiny_reference
     other = tmp_path / "other"
     shutil.copytree(folder, other)
@@ -159,7 +160,7 @@ def test_calibration_refuses_a_reference_trained_on_other_text(tiny_reference, t
                        "--variants", "preln", command="suite.reference")  # fmt: skip
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert "the reference trained on other text" in line and "Python 3.99.0" in line
+    assert "the reference trained on other text" in line and "000000000000" in line
     assert not (tmp_path / "c" / "cells").exists()
 
 

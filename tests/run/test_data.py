@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from suite.config import ConfigError, DataConfig
-from suite.run.data import Batches, load_corpus, stdlib_files, unigram_entropy
+from suite.config import ConfigError, DataConfig, check_section
+from suite.run.data import (
+    STDLIB_SHA256,
+    STDLIB_VERSION,
+    Batches,
+    load_corpus,
+    stdlib_files,
+    stdlib_source_bytes,
+    unigram_entropy,
+)
 
 
 def test_unigram_entropy_by_hand():
@@ -28,6 +38,33 @@ def test_stdlib_corpus_is_real_python_and_deterministic():
     assert 0.05 < len(a.val) / a.num_tokens < 0.5
     assert b"def " in a.train.tobytes()
     assert 2.0 < a.unigram_entropy < math.log(256)
+
+
+def test_the_stdlib_corpus_is_the_same_text_under_any_python(tmp_path, monkeypatch):
+    """The default corpus is pinned (shipped with the suite): a machine whose Python has another
+    library trains on the same bytes, so its cells and the shipped reference are comparable."""
+    other_python = tmp_path / "lib"
+    other_python.mkdir()
+    (other_python / "abc.py").write_text("# qzx: not the pinned corpus\n" * 1000)
+    monkeypatch.setattr("suite.run.data.sysconfig.get_paths", lambda: {"stdlib": other_python})
+    corpus = load_corpus(DataConfig())
+    assert corpus.sha256 == STDLIB_SHA256 and corpus.num_tokens == 4_000_000
+    assert b"qzx" not in corpus.train.tobytes()
+    shorter = load_corpus(DataConfig(max_bytes=100_000))  # a prefix of the same text
+    assert shorter.train.tobytes()[:1000] == corpus.train.tobytes()[:1000]
+
+
+@pytest.mark.skipif(sys.version_info[:3] != STDLIB_VERSION, reason="the corpus's own Python")
+def test_the_pinned_corpus_is_this_pythons_library_as_read_before_it_was_pinned():
+    """Under Python 3.11.7 the pinned bytes are those the suite read from the library before,
+    so every cell trained then keeps its id and its numbers."""
+    assert hashlib.sha256(stdlib_source_bytes()).hexdigest() == STDLIB_SHA256
+
+
+def test_a_stdlib_corpus_larger_than_the_shipped_one_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"data\.max_bytes: must be at most 4000000"):
+        check_section("data", DataConfig(max_bytes=5_000_000))
+    check_section("data", DataConfig(source="text", path=__file__, max_bytes=5_000_000))
 
 
 def test_text_file_source(tmp_path):
