@@ -125,10 +125,16 @@ def check_comparable(a: Side, b: Side, ignore: set[str] = frozenset()) -> list[s
             )
             continue
         if values_a != values_b and column == "corpus_sha256":
+            names = {*a.runs.get("corpus", []), *b.runs.get("corpus", [])}
+            why = (
+                " (before the stdlib corpus was pinned, a store trained under another Python "
+                "read that Python's own library)"
+                if names == {"python-stdlib"}
+                else ""
+            )
             raise CompareError(
                 f"they trained on different text: {a.name} on {_corpora(a.runs)}, {b.name} on "
-                f"{_corpora(b.runs)} (before the stdlib corpus was pinned, a store trained under "
-                "another Python read that Python's own library); compare runs of one corpus"
+                f"{_corpora(b.runs)}{why}; compare runs of one corpus"
             )
         if values_a != values_b:
             raise CompareError(

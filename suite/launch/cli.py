@@ -519,6 +519,11 @@ def _interrupted_exit() -> None:
 def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
         signal.signal(signal.SIGINT, _on_ctrl_c)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # `kill PID` (and the reference run passing on its own SIGTERM) stops the sweep as
+        # Ctrl-C does: the cell in flight is marked interrupted and the plan ended. Also for a
+        # sweep started in the background, where SIGINT is ignored.
+        signal.signal(signal.SIGTERM, _on_ctrl_c)
     register_configs()  # also when preflight is skipped (--help, --cfg job)
     # Decided once, here: a worker must not start CUDA before it is pinned to its GPU.
     os.environ.setdefault(GPUS_ENV, ",".join(detect_gpus()))

@@ -36,6 +36,7 @@ the reference's ship time), where ``python -m suite.compare --against reference`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -43,6 +44,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,24 +139,32 @@ def run(
     interrupted: resumed, it adds only the rest), then ship. A recipe that changes nothing for
     a variant is its controlled arm: skipped."""
     held = False  # an arm whose cells the store holds, possibly since its last collect
-    for recipe in recipes:
-        for backbone in backbones:
-            for variant in (v for v in variants if has_arm(v, recipe)):
-                cells = expected_cells(variant, backbone, preset, store, recipe)
-                if all(finished_record(store, cell.cell_id()) for cell in cells):
-                    held = True
-                    continue
-                overrides = arm_overrides(variant, backbone, preset, recipe)
-                command = [sys.executable, "-m", "suite", *overrides, f"store={store}"]
-                print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
-                began = time.monotonic()
-                try:
-                    code = _sweep(command)
-                finally:
-                    _add_wall_time(store, arm_key(variant, backbone, recipe), began)
-                if code != 0:
-                    raise SystemExit(code if code > 0 else 128 - code)  # killed by -code
-                held = False  # the sweep collected the whole store
+    sweeps = _Sweeps()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, sweeps.stop) if on_main_thread else None
+    arms = [(v, b, r) for r in recipes for b in backbones for v in variants if has_arm(v, r)]
+    try:
+        for variant, backbone, recipe in arms:
+            if sweeps.stopping:
+                raise SystemExit(128 + signal.SIGTERM)
+            cells = expected_cells(variant, backbone, preset, store, recipe)
+            if all(finished_record(store, cell.cell_id()) for cell in cells):
+                held = True
+                continue
+            overrides = arm_overrides(variant, backbone, preset, recipe)
+            command = [sys.executable, "-m", "suite", *overrides, f"store={store}"]
+            print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[2:])}", flush=True)
+            began = time.monotonic()
+            try:
+                code = sweeps.run(command)
+            finally:
+                _add_wall_time(store, arm_key(variant, backbone, recipe), began)
+            if code != 0:
+                raise SystemExit(code if code > 0 else 128 - code)  # killed by -code
+            held = False  # the sweep collected the whole store
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if held:
         code = subprocess.call([sys.executable, "-m", "suite.collect", "--store", store],
                                stdout=subprocess.DEVNULL)  # fmt: skip
@@ -163,35 +173,58 @@ def run(
     return ship(store, preset, out)
 
 
-def _sweep(command: list[str]) -> int:
-    """Run one arm's sweep to its end and return its exit code. A SIGTERM or Ctrl-C that
-    reaches this process is passed on to the sweep, which is waited for (its finished cells are
-    kept either way), so the arm's wall time is still logged: Python's default SIGTERM would end
-    this process at once, with no ``finally``, and leave the sweep running unwatched."""
-    sweep = subprocess.Popen(command)
+class _Sweeps:
+    """The reference run's arm sweeps, one at a time. A SIGTERM to the run (``kill PID``, a
+    scheduler's stop) is passed on to the sweep running, which stops as on Ctrl-C (its finished
+    cells kept), and no further arm starts; the run still logs the arm's wall time. Python's
+    default would end the run at once, with no ``finally``, and leave the sweep unwatched."""
 
-    def pass_on(signum: int, frame: object) -> None:
-        sweep.send_signal(signum)
+    def __init__(self) -> None:
+        self.current: subprocess.Popen | None = None
+        self.stopping = False
 
-    previous = signal.signal(signal.SIGTERM, pass_on)
-    try:
-        return sweep.wait()
-    except KeyboardInterrupt:  # a terminal's Ctrl-C reached the sweep too; a `kill -INT` not
-        sweep.send_signal(signal.SIGINT)
+    def stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        if self.current is not None:
+            self.current.send_signal(signum)
+
+    def run(self, command: list[str]) -> int:
+        """The sweep's exit code; 128 + SIGTERM for one a SIGTERM kept from starting or that
+        finished as the SIGTERM came: the run must not go on to the next arm."""
+        if self.stopping:
+            return 128 + signal.SIGTERM
+        self.current = subprocess.Popen(command)
         try:
-            sweep.wait(timeout=30)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            sweep.kill()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            if self.stopping:  # arrived while the sweep started
+                self.current.send_signal(signal.SIGTERM)
+            code = self.current.wait()
+        except KeyboardInterrupt:
+            self._stop_after_ctrl_c()
+            raise
+        finally:
+            self.current = None
+        return 128 + signal.SIGTERM if self.stopping and code == 0 else code
+
+    def _stop_after_ctrl_c(self) -> None:
+        # A terminal's Ctrl-C reached the sweep too: let it stop on its own (a second SIGINT could
+        # interrupt its clean-up); one sent to this process alone (`kill -INT`) is passed on.
+        for ask, grace in ((None, 5.0), (signal.SIGINT, 30.0)):
+            if ask is not None:
+                self.current.send_signal(ask)
+            try:
+                self.current.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        self.current.kill()
 
 
 def _add_wall_time(store: str, key: str, began: float) -> None:
     # Read afresh under a lock: another run on the same store may add its own arms meanwhile.
     Path(store).mkdir(parents=True, exist_ok=True)
     with open(Path(store) / f"{WALL}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a filesystem without locks: log unlocked, as before
+            fcntl.flock(lock, fcntl.LOCK_EX)
         wall = read_json(Path(store) / WALL)
         wall[key] = round(wall.get(key, 0.0) + time.monotonic() - began, 1)
         write_json(Path(store) / WALL, dict(sorted(wall.items())))
@@ -572,6 +605,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as error:
         print(f"reference: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished cell is in the store; the same command goes on "
+              "where it stopped", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
 
 
 def _shown(path: Path) -> Path:

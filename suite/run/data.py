@@ -38,9 +38,11 @@ _STDLIB_SKIP = {
     "encodings",
     "pydoc_data",
 }
-# The pinned corpus: what ``stdlib_source_bytes`` read from Python 3.11.7 (see corpus/README.md).
+# The pinned corpus: what ``stdlib_source_bytes`` read from one build of Python 3.11.7, the one
+# that trained the documented tables and the shipped reference (see corpus/README.md).
 STDLIB_CORPUS = Path(__file__).with_name("corpus") / "python-3.11.7-stdlib.xz"
 STDLIB_VERSION = (3, 11, 7)
+STDLIB_BUILD = "/root/.pyenv/versions/3.11.7"  # its prefix: two files of the corpus name it
 STDLIB_SHA256 = "d69197e8176f67247d6dc4648143804cdb0cfd87aa27d85dda014e2fb36eb0a7"
 _SPLIT_BLOCK = 1 << 16  # tokens per block of the interleaved train/validation split
 _VAL_SEED = 1234  # every cell is evaluated on the same validation batches
@@ -71,8 +73,8 @@ def stdlib_files() -> list[Path]:
 
 def stdlib_source_bytes(max_bytes: int = STDLIB_CORPUS_BYTES) -> bytes:
     """The first ``max_bytes`` of the running Python's library sources: how the pinned corpus
-    was made (under 3.11.7: ``scripts/pin_stdlib_corpus.py``), and what the suite trained on
-    before it was pinned (the same bytes under 3.11.7)."""
+    was made (``scripts/pin_stdlib_corpus.py``), and what the suite trained on before it was
+    pinned (the same bytes under the build :data:`STDLIB_BUILD`)."""
     chunks, total = [], 0
     for path in stdlib_files():
         chunk = path.read_bytes()

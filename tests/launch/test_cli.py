@@ -89,21 +89,26 @@ def test_parallel_launchers_give_the_basic_launchers_results(tiny_sweep, tmp_pat
     )
 
 
-def test_ctrl_c_mid_sweep_keeps_every_finished_cell(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_kill_mid_sweep_keeps_every_finished_cell(tmp_path, stop):
+    """Ctrl-C in a terminal, or ``kill PID`` (SIGTERM; also of a sweep started in the background
+    of a script, where SIGINT is ignored): the sweep stops, every finished cell kept."""
     import signal
     import subprocess
 
     store = tmp_path / "store"
+    # A shell's background job (`pytest ... &`) ignores SIGINT, and Python keeps an inherited
+    # SIG_IGN: the Ctrl-C case gets the default a terminal would, the SIGTERM case keeps SIGINT
+    # ignored, as `nohup python -m suite ... &` does.
+    interrupt = signal.SIG_DFL if stop == "SIGINT" else signal.SIG_IGN
     process = start_suite(
         *("+variant=preln", "sweep=tiny", f"store={store}", "train.steps=400"),
         stderr=subprocess.PIPE,
-        # A shell's background job (`pytest ... &`) ignores SIGINT, and Python keeps an inherited
-        # SIG_IGN: give the sweep the default a terminal would, so Ctrl-C reaches it.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, interrupt),
     )
     for line in process.stdout:  # wait for the first cell to finish, then press Ctrl-C
         if "cell 1/4 done" in line:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(getattr(signal, stop))
             break
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]

@@ -499,11 +499,11 @@ def test_the_wall_time_log_keeps_failed_sweeps_and_other_runs_arms(tmp_path, mon
 
     wall = tmp_path / "reference-wall.json"
 
-    def failing_sweep(command):
+    def failing_sweep(sweeps, command):
         wall.write_text(json.dumps({"rezero · gpt2": 12.0}))  # another run, meanwhile
         return 1
 
-    monkeypatch.setattr(reference, "_sweep", failing_sweep)
+    monkeypatch.setattr(reference._Sweeps, "run", failing_sweep)
     with pytest.raises(SystemExit) as stopped:
         reference.run(str(tmp_path), ["preln"], ["gpt2"], preset="tiny")
     assert stopped.value.code == 1
@@ -568,6 +568,37 @@ def test_a_sigterm_stops_the_arms_sweep_and_still_logs_its_wall_time(tmp_path):
         run.kill()
     logged = json.loads((tmp_path / "reference-wall.json").read_text())
     assert logged["preln · gpt2"] >= 0
+
+
+def test_a_sigterm_as_an_arm_finishes_starts_no_further_arm(tmp_path, monkeypatch):
+    """The SIGTERM comes as the sweep exits 0 (too late to pass on): the run still stops rather
+    than start the next arm, and logs the finished arm's wall time."""
+    import os
+    import signal
+
+    import suite.launch.reference as reference
+
+    started = []
+
+    class FinishesAsTheSigtermComes:
+        def __init__(self, command):
+            started.append(command)
+
+        def send_signal(self, signum):
+            pass  # already exited
+
+        def wait(self, timeout=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return 0
+
+    monkeypatch.setattr(reference, "finished_record", lambda store, cell_id: None)
+    monkeypatch.setattr(reference.subprocess, "Popen", FinishesAsTheSigtermComes)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        reference.run(str(tmp_path), ["preln", "postln"], ["gpt2"], preset="tiny")
+    assert stopped.value.code == 128 + signal.SIGTERM and len(started) == 1
+    assert set(read_json(tmp_path / "reference-wall.json")) == {"preln · gpt2"}
+    assert signal.getsignal(signal.SIGTERM) == previous  # the run's handler is gone again
 
 
 def test_an_arm_the_store_holds_whole_is_not_swept_again(tmp_path, monkeypatch):
