@@ -10,12 +10,15 @@ finishes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -491,12 +494,30 @@ def _write_plans(plan: SweepPlan, cells: list[CellConfig]) -> list[Path]:
     return [plan.write(store, ids) for store, ids in by_store.items()]
 
 
+def stop_in_turn(
+    sweeps: list[subprocess.Popen], steps: Sequence[tuple[signal.Signals | None, float]]
+) -> None:
+    """Stop sweeps a parent runs (each a ``python -m suite`` process), a step at a time: each
+    step sends its signal (None: none, only wait) to those still running and waits up to its
+    grace in seconds for them to end. A sweep stops on SIGINT or SIGTERM keeping every finished
+    cell, so the steps are how long to let it, and how hard to ask."""
+    for stop, grace in steps:
+        running = [sweep for sweep in sweeps if sweep.poll() is None]
+        for sweep in running if stop is not None else ():
+            with contextlib.suppress(ProcessLookupError):
+                sweep.send_signal(stop)
+        deadline = time.monotonic() + grace
+        for sweep in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                sweep.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
 def _on_ctrl_c(signum: int, frame: object) -> None:
-    """SIGINT in the sweep's main process. Python's own handler raises KeyboardInterrupt
-    wherever the main thread is; if that is inside a weakref callback or a ``__del__`` (the
-    garbage collector runs them anywhere), Python prints "Exception ignored" and carries on, and
-    the sweep would train every remaining cell. So the interrupt is also remembered: the next job
-    refuses to start and the sweep ends with 130."""
+    """SIGINT (or SIGTERM) in the sweep's main process. Python's own handler raises
+    KeyboardInterrupt wherever the main thread is; if that is inside a weakref callback or a
+    ``__del__`` (the garbage collector runs them anywhere), Python prints "Exception ignored" and
+    carries on, and the sweep would train every remaining cell. So the interrupt is also
+    remembered: the next job refuses to start and the sweep ends with 130."""
     _interrupted.set()
     raise KeyboardInterrupt
 

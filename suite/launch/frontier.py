@@ -36,7 +36,6 @@ the table is printed and written to ``<store>/frontier/<sweep>-<time>-<pid>.csv`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -55,7 +54,13 @@ import pandas as pd
 
 from suite.config import CellConfig, ConfigError
 from suite.launch.claims import CLAIM, is_stale
-from suite.launch.cli import PARALLEL_ENV, finished, finished_run, preflight_overrides
+from suite.launch.cli import (
+    PARALLEL_ENV,
+    finished,
+    finished_run,
+    preflight_overrides,
+    stop_in_turn,
+)
 from suite.launch.devices import detect_gpus
 from suite.launch.preflight import launcher_choice, preflight, root_setting, sweep_cells
 from suite.plan import utc_now
@@ -386,15 +391,7 @@ def _stop_children() -> None:
     _stopping.set()
     with _children_lock:
         children = list(_children)
-    for stop, grace in ((signal.SIGINT, 10.0), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-        alive = [child for child in children if child.poll() is None]
-        for child in alive:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(stop)
-        deadline = time.monotonic() + grace
-        for child in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    stop_in_turn(children, ((signal.SIGINT, 10.0), (signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)))
 
 
 def _log(cell: CellConfig) -> Path:

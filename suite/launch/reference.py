@@ -53,6 +53,7 @@ from typing import Any
 import pandas as pd
 
 from suite.config import CellConfig, ConfigError, VerdictConfig
+from suite.launch.cli import stop_in_turn
 from suite.launch.preflight import preflight
 from suite.plan import utc_now
 from suite.run.data import load_corpus
@@ -199,24 +200,14 @@ class _Sweeps:
                 self.current.send_signal(signal.SIGTERM)
             code = self.current.wait()
         except KeyboardInterrupt:
-            self._stop_after_ctrl_c()
+            # A terminal's Ctrl-C reached the sweep too: let it stop on its own (a second SIGINT
+            # could interrupt its clean-up); one sent to this process alone is passed on.
+            steps = ((None, 5.0), (signal.SIGINT, 30.0), (signal.SIGKILL, 5.0))
+            stop_in_turn([self.current], steps)
             raise
         finally:
             self.current = None
         return 128 + signal.SIGTERM if self.stopping and code == 0 else code
-
-    def _stop_after_ctrl_c(self) -> None:
-        # A terminal's Ctrl-C reached the sweep too: let it stop on its own (a second SIGINT could
-        # interrupt its clean-up); one sent to this process alone (`kill -INT`) is passed on.
-        for ask, grace in ((None, 5.0), (signal.SIGINT, 30.0)):
-            if ask is not None:
-                self.current.send_signal(ask)
-            try:
-                self.current.wait(timeout=grace)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-        self.current.kill()
 
 
 def _add_wall_time(store: str, key: str, began: float) -> None:
