@@ -72,6 +72,7 @@ def collect(
         runs = runs.sort_values(["variant", "depth", "lr", "seed"], kind="stable")
         runs = runs.reset_index(drop=True)
     runs = storable(runs)
+    warn_mixed_corpora(runs)
     if write and not runs.empty:
         summary = summarize(with_arm_labels(runs)).reset_index()
         try:
@@ -86,6 +87,44 @@ def collect(
                 error.strerror or error,
             )
     return runs
+
+
+def warn_mixed_corpora(runs: pd.DataFrame) -> list[str]:
+    """A warning (logged, and returned) for every data setting whose cells read different text.
+
+    Before the stdlib corpus was pinned, ``data=stdlib`` read the running Python's own library,
+    so a store trained under another Python holds other text under the same cell ids; the
+    summary, report and leaderboard would pool those cells with new ones as if one benchmark."""
+    needed = {"config", "corpus_sha256", "status"}
+    if runs.empty or not needed <= set(runs.columns):
+        return []
+    finished = runs[(runs["status"] == "ok") & runs["corpus_sha256"].notna()]
+    settings = finished["config"].map(_data_setting)
+    warnings = []
+    for setting, rows in finished.groupby(settings, sort=True):
+        digests = rows["corpus_sha256"].value_counts()
+        if len(digests) < 2:
+            continue
+        counts = ", ".join(f"{digest[:12]}… in {n}" for digest, n in digests.items())
+        message = (
+            f"cells trained with data {setting} read different text (corpus digests: {counts} "
+            "cells); the summary, report and leaderboard pool them as one benchmark. A store "
+            "trained under another Python before the stdlib corpus was pinned? Re-run its older "
+            "cells into a fresh store (docs/operations.md)"
+        )
+        log.warning(message)
+        warnings.append(message)
+    return warnings
+
+
+def _data_setting(config: Any) -> str:
+    try:
+        data = json.loads(config).get("data")
+    except (TypeError, ValueError, AttributeError):
+        return "?"
+    if not isinstance(data, dict):
+        return "?"
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None) + "}"
 
 
 def storable(runs: pd.DataFrame) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from helpers import make_cell, run_suite
 
-from suite.analyze.collect import collect
+from suite.analyze.collect import collect, warn_mixed_corpora
 from suite.config import VerdictConfig
 from suite.mechanism import MECHANISMS
 from suite.run.runner import run_cell
@@ -219,3 +219,21 @@ def test_a_damaged_diagnostics_column_costs_the_mechanism_not_the_verdict(traine
     row = collect(copy, write=False).set_index("cell_id").loc[stalled]
     assert row["judged_from"] == "curve" and row["verdict"] == "stalled"
     assert row["failure_mechanism"] == "unknown"
+
+
+def test_cells_of_one_data_setting_that_read_different_text_are_named(trained, tmp_path, caplog):
+    """A store trained under another Python before the stdlib corpus was pinned holds other
+    text under the same ids: collect says so instead of pooling it silently."""
+    store, records = trained
+    assert collect(store, write=False).pipe(warn_mixed_corpora) == []
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    cell_id = next(iter(records))
+    path = cell_dir(copy, cell_id) / "record.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "corpus_sha256": "f" * 64}))
+    with caplog.at_level("WARNING", logger="suite.analyze.collect"):
+        runs = collect(copy, write=False)
+    assert len(runs) == 3  # still collected, every cell kept
+    [message] = [r.getMessage() for r in caplog.records if "different text" in r.getMessage()]
+    assert "ffffffffffff… in 1" in message and "max_bytes=300000" in message
