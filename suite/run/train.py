@@ -107,6 +107,22 @@ def mu_loss(model: nn.Module) -> torch.Tensor:
     return model.head.weight.float().mean(dim=0).pow(2).sum()
 
 
+# Dynamo keeps a bounded number of compiled versions of one function per process (GPT.forward's:
+# two per shape, training and no-grad evaluation) and past it runs eager with only a warning. A
+# sweep's worker trains shape after shape (variants × depths) and reuses what it compiled (a new
+# model of a compiled shape compiles nothing), so the bound is raised to this many shapes, and
+# past it the cell fails instead of recording an eager run as compiled.
+COMPILED_SHAPES_PER_PROCESS = 32
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)`` that never falls back to eager unnoticed."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 2 * COMPILED_SHAPES_PER_PROCESS)
+    config.fail_on_recompile_limit_hit = True
+    return torch.compile(model)
+
+
 class Stepper(Protocol):
     """How one step trains the run's members (one cell, or a pack's; suite/run/packed.py): the
     loop (:func:`run_steps`) knows nothing else of the model or the optimizer."""
@@ -140,7 +156,7 @@ class StandardStep:
     ) -> None:
         cfg, optim = cell.train, cell.optim
         self.corpus, self.cell, self.device, self.model = corpus, cell, device, model
-        self.step_model = torch.compile(model) if cfg.compile else model
+        self.step_model = compiled(model) if cfg.compile else model
         self.optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The variant's own step after the optimizer's (nGPT re-normalizes its weights), if any,

@@ -330,3 +330,24 @@ def test_mu_loss_keeps_the_mean_output_embedding_small_and_is_refused_for_packed
     cell.optim.mu_loss, cell.train.pack_lr = 1.0, True
     with pytest.raises(ConfigError, match="optim.mu_loss"):
         validate(cell)
+
+
+def test_a_worker_compiles_every_shape_it_trains_never_falling_back_to_eager(monkeypatch):
+    """Past dynamo's default bound (8 versions of GPT.forward: 4 shapes) a worker's later cells
+    ran eager while their records said compiled. The inductor backend is swapped for dynamo's
+    eager one here: the bound and the guards are dynamo's, the same for both, and it is fast."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    torch._dynamo.reset()
+    for depth in range(1, 7):  # 6 shapes: 12 versions of GPT.forward
+        before = counters["stats"]["unique_graphs"]
+        record, _ = run_cell(make_cell("preln", depth=depth, width=16, steps=2, compile=True))
+        assert record["status"] == "ok", record.get("error")
+        assert counters["stats"]["unique_graphs"] > before, f"depth {depth} ran eager"
+    torch._dynamo.reset()
