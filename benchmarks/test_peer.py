@@ -59,6 +59,6 @@ def test_compile_costs_are_what_a_compiling_cell_spends_beyond_a_reusing_one():
     assert row["cold_compile_s"] == pytest.approx(40.0)
     assert row["warm_compile_s"] == pytest.approx(4.0)
     assert row["reused_compile_s"] == pytest.approx(0.5)  # 10.5 s less 100 steps of 0.1 s
-    # 10 cells of 400 steps on 2 workers: 200 steps of wall each way, plus one warm compile.
-    assert quick_sweep_minutes([row], compiled=False) == pytest.approx(200 * 0.2 / 60)
-    assert quick_sweep_minutes([row], compiled=True) == pytest.approx((200 * 0.1 + 4.0) / 60)
+    # 10 cells of 400 steps on 2 workers: 2000 steps of wall, plus one warm compile compiled.
+    assert quick_sweep_minutes([row], compiled=False) == pytest.approx(2000 * 0.2 / 60)
+    assert quick_sweep_minutes([row], compiled=True) == pytest.approx((2000 * 0.1 + 4.0) / 60)
