@@ -98,32 +98,37 @@ def warn_mixed_corpora(runs: pd.DataFrame) -> list[str]:
     needed = {"config", "corpus_sha256", "status"}
     if runs.empty or not needed <= set(runs.columns):
         return []
-    finished = runs[(runs["status"] == "ok") & runs["corpus_sha256"].notna()]
-    settings = finished["config"].map(_data_setting)
+    digest = runs["corpus_sha256"].map(lambda v: v if isinstance(v, str) and len(v) == 64 else None)
+    settings = runs["config"].map(_data_setting)
+    known = (runs["status"] == "ok") & digest.notna() & settings.notna()
     warnings = []
-    for setting, rows in finished.groupby(settings, sort=True):
-        digests = rows["corpus_sha256"].value_counts()
-        if len(digests) < 2:
+    for setting, digests in digest[known].groupby(settings[known], sort=True):
+        counts = digests.value_counts()
+        if len(counts) < 2:
             continue
-        counts = ", ".join(f"{digest[:12]}… in {n}" for digest, n in digests.items())
+        listed = ", ".join(f"{value[:12]}… in {n}" for value, n in counts.items())
+        why = (
+            "A store trained under another Python before the stdlib corpus was pinned? Re-run "
+            "its older cells into a fresh store (docs/operations.md)"
+            if "source=stdlib" in setting
+            else "Was the file changed, or read from another directory (a relative path)?"
+        )
         message = (
-            f"cells trained with data {setting} read different text (corpus digests: {counts} "
-            "cells); the summary, report and leaderboard pool them as one benchmark. A store "
-            "trained under another Python before the stdlib corpus was pinned? Re-run its older "
-            "cells into a fresh store (docs/operations.md)"
+            f"cells trained with data {setting} read different text (corpus digests: {listed} "
+            f"cells); the summary, report and leaderboard pool them as one benchmark. {why}"
         )
         log.warning(message)
         warnings.append(message)
     return warnings
 
 
-def _data_setting(config: Any) -> str:
+def _data_setting(config: Any) -> str | None:
     try:
         data = json.loads(config).get("data")
     except (TypeError, ValueError, AttributeError):
-        return "?"
+        return None
     if not isinstance(data, dict):
-        return "?"
+        return None
     return "{" + ", ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None) + "}"
 
 

@@ -9,6 +9,7 @@ duration is the device's, not the launch queue's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -107,20 +108,45 @@ def mu_loss(model: nn.Module) -> torch.Tensor:
     return model.head.weight.float().mean(dim=0).pow(2).sum()
 
 
-# Dynamo keeps a bounded number of compiled versions of one function per process (GPT.forward's:
-# two per shape, training and no-grad evaluation) and past it runs eager with only a warning. A
-# sweep's worker trains shape after shape (variants × depths) and reuses what it compiled (a new
-# model of a compiled shape compiles nothing), so the bound is raised to this many shapes, and
-# past it the cell fails instead of recording an eager run as compiled.
-COMPILED_SHAPES_PER_PROCESS = 32
+# Dynamo keeps a bounded number of compiled versions of one function (GPT.forward's: per model
+# configuration one for training, one for no-grad evaluation) and past the bound runs eager with
+# only a warning. A sweep's worker trains configuration after configuration (variants × depths
+# × ...) and reuses what it compiled: a new model of a compiled configuration compiles nothing.
+# So the worker clears dynamo's caches before a new configuration past this many (recompiling
+# later from the on-disk cache), and a cell that still hits the bound fails instead of recording
+# an eager run as compiled.
+COMPILED_CONFIGS_PER_PROCESS = 16
+RECOMPILE_LIMIT = 4 * COMPILED_CONFIGS_PER_PROCESS
+_compiled_configs: set[str] = set()
 
 
-def compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)`` that never falls back to eager unnoticed."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 2 * COMPILED_SHAPES_PER_PROCESS)
-    config.fail_on_recompile_limit_hit = True
-    return torch.compile(model)
+class Compiled(nn.Module):
+    """``torch.compile(model)`` that never falls back to eager unnoticed; its calls run under
+    the suite's recompile bound only (dynamo's settings elsewhere in the process stay)."""
+
+    def __init__(self, model: nn.Module, configuration: str) -> None:
+        super().__init__()
+        if configuration not in _compiled_configs:
+            if len(_compiled_configs) >= COMPILED_CONFIGS_PER_PROCESS:
+                torch._dynamo.reset()
+                _compiled_configs.clear()
+            _compiled_configs.add(configuration)
+        self.compiled = torch.compile(model)
+        # dynamo refuses to both fail on the bound and suppress errors (TORCHDYNAMO_SUPPRESS_ERRORS)
+        self.bound = {"recompile_limit": RECOMPILE_LIMIT}
+        if not torch._dynamo.config.suppress_errors:
+            self.bound["fail_on_recompile_limit_hit"] = True
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(**self.bound):
+            return self.compiled(tokens)
+
+
+def model_configuration(cell: CellConfig) -> str:
+    """What decides the compiled graph: the cell but its learning rate and seed (over-counting,
+    e.g. the step budget, costs only an early cache reset)."""
+    neutral = dataclasses.replace(cell, seed=0, optim=dataclasses.replace(cell.optim, lr=1.0))
+    return neutral.config_hash()
 
 
 class Stepper(Protocol):
@@ -156,7 +182,7 @@ class StandardStep:
     ) -> None:
         cfg, optim = cell.train, cell.optim
         self.corpus, self.cell, self.device, self.model = corpus, cell, device, model
-        self.step_model = compiled(model) if cfg.compile else model
+        self.step_model = Compiled(model, model_configuration(cell)) if cfg.compile else model
         self.optimizer = make_optimizer(model, optim, model_depth_scaling(cell.model))
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The variant's own step after the optimizer's (nGPT re-normalizes its weights), if any,

@@ -237,3 +237,7 @@ def test_cells_of_one_data_setting_that_read_different_text_are_named(trained, t
     assert len(runs) == 3  # still collected, every cell kept
     [message] = [r.getMessage() for r in caplog.records if "different text" in r.getMessage()]
     assert "ffffffffffff… in 1" in message and "max_bytes=300000" in message
+    assert "stdlib corpus was pinned" in message
+    # A damaged digest (not text) is no second corpus, and never breaks collect.
+    path.write_text(json.dumps({**record, "corpus_sha256": 12345}))
+    assert warn_mixed_corpora(collect(copy, write=False)) == []

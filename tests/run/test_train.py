@@ -332,22 +332,41 @@ def test_mu_loss_keeps_the_mean_output_embedding_small_and_is_refused_for_packed
         validate(cell)
 
 
-def test_a_worker_compiles_every_shape_it_trains_never_falling_back_to_eager(monkeypatch):
-    """Past dynamo's default bound (8 versions of GPT.forward: 4 shapes) a worker's later cells
-    ran eager while their records said compiled. The inductor backend is swapped for dynamo's
-    eager one here: the bound and the guards are dynamo's, the same for both, and it is fast."""
+@pytest.mark.parametrize("configs_per_process", [2, 16])
+def test_a_worker_compiles_every_configuration_it_trains_never_falling_back_to_eager(
+    monkeypatch, configs_per_process
+):
+    """Past dynamo's default bound (8 versions of GPT.forward: 4 configurations) a worker's later
+    cells ran eager while their records said compiled. Past the suite's own bound the worker
+    clears dynamo's caches (2: exercised here), also when a diverged cell (no evaluation, one
+    version) shifted the count. The inductor backend is swapped for dynamo's eager one: the
+    bound and the guards are dynamo's, the same for both, and it is fast."""
     import functools
 
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from suite.run import train
+
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    monkeypatch.setattr(train, "COMPILED_CONFIGS_PER_PROCESS", configs_per_process)
+    monkeypatch.setattr(train, "RECOMPILE_LIMIT", 2 * configs_per_process)
+    monkeypatch.setattr(train, "_compiled_configs", set())
     torch._dynamo.reset()
-    for depth in range(1, 7):  # 6 shapes: 12 versions of GPT.forward
+    cells = [
+        make_cell("preln", depth=depth, width=16, steps=20 if depth == 3 else 2, compile=True,
+                  lr=1e3 if depth == 3 else 3e-3)  # depth 3 diverges
+        for depth in range(1, 7)
+    ]  # fmt: skip
+    records = []
+    for cell in cells:
         before = counters["stats"]["unique_graphs"]
-        record, _ = run_cell(make_cell("preln", depth=depth, width=16, steps=2, compile=True))
+        record, _ = run_cell(cell)
         assert record["status"] == "ok", record.get("error")
-        assert counters["stats"]["unique_graphs"] > before, f"depth {depth} ran eager"
+        assert counters["stats"]["unique_graphs"] > before, f"{cell.cell_id()} ran eager"
+        records.append(record)
+    assert records[2]["diverged_step"] is not None  # not evaluated: one version, not two
+    # Dynamo's own settings are left as they were for the rest of the process.
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit
+    assert torch._dynamo.config.recompile_limit == 8
     torch._dynamo.reset()
