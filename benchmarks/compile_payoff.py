@@ -161,9 +161,8 @@ def main() -> None:
         eager, compiled = quick_sweep_minutes(rows, False), quick_sweep_minutes(rows, True)
         print(f"| {variant} | {eager:.1f} min | {compiled:.1f} min ({eager / compiled:.2f}×) |")
     row = next(iter(by_variant.values()))[0]
-    print(
-        f"\n{row['machine']}, torch {row['torch']}, one thread per cell, {args.steps} steps a cell"
-    )
+    where = f"{row['machine']}, torch {row['torch']}"
+    print(f"\n{where}; train.threads=1 (the quick preset's); {args.steps} steps a measured cell")
 
 
 if __name__ == "__main__":
