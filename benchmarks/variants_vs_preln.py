@@ -1,6 +1,7 @@
 """Each variant's training-step time relative to Pre-LN's, every variant timed in turn.
 
     python -m benchmarks.variants_vs_preln [--rounds 10] [--steps 3] [--variants ngpt,attnres]
+                                           [--compile]
 
 pytest-benchmark (``make bench``) times one benchmark after another, so a drift in the machine's
 speed during the run lands on whichever variant was being timed then. Here every round times
@@ -9,6 +10,7 @@ benchmark suite's shapes (batch 16 × sequence 64), and the medians over rounds 
 drift hits all variants alike. Prints a markdown table of step time / Pre-LN's step time, and
 the activation memory one forward pass keeps for backward at the last shape (the bytes of every
 tensor autograd saves, counted once per storage: a property of the model, not of the machine).
+``--compile`` times every model, Pre-LN too, under ``torch.compile`` (compiled in the warm-up).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
         help="only these variants (and preln, the reference), e.g. ngpt,attnres; a variant's "
         "own parameters after colons: attnres:blocks=8",
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     args = parser.parse_args()
     shapes = SHAPES[: args.shapes]
     names = variants.names()
@@ -68,7 +71,10 @@ def main() -> None:
     preln_ms = []
     for shape in shapes:
         torch.manual_seed(0)
-        steps = {name: training_step(model_of(shape, name), shape) for name in names}
+        models = {name: model_of(shape, name) for name in names}
+        if args.compile:
+            models = {name: torch.compile(model) for name, model in models.items()}
+        steps = {name: training_step(model, shape) for name, model in models.items()}
         seconds = alternate(steps, args.rounds, args.steps)
         preln_ms.append(f"{1000 * seconds['preln']:.1f} ms")
         for name in names:
@@ -78,7 +84,8 @@ def main() -> None:
     for name in names:
         torch.manual_seed(0)
         memory[name] = saved_activation_mib(model_of(last, name), last)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    compiled = ", every model compiled" if args.compile else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{compiled}")
     header = [f"w{s.width} L{s.depth}" for s in shapes]
     memory_header = f"activations w{last.width} L{last.depth}"
     print("| variant | " + " | ".join(header) + f" | {memory_header} |")
