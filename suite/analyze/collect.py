@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from suite.analyze.progress import ProgressPrinter, watch
-from suite.analyze.summary import format_summary, summarize, with_arm_labels
+from suite.analyze.summary import format_summary, stored_config, summarize, with_arm_labels
 from suite.analyze.why import budget_check, format_why
 from suite.config import (
     ConfigError,
@@ -123,10 +123,7 @@ def warn_mixed_corpora(runs: pd.DataFrame) -> list[str]:
 
 
 def _data_setting(config: Any) -> str | None:
-    try:
-        data = json.loads(config).get("data")
-    except (TypeError, ValueError, AttributeError):
-        return None
+    data = stored_config(config).get("data")
     if not isinstance(data, dict):
         return None
     return "{" + ", ".join(f"{k}={v}" for k, v in sorted(data.items()) if v is not None) + "}"

@@ -90,15 +90,19 @@ def _varying_settings(runs: pd.DataFrame) -> pd.Series:
     return pd.Series(labels, index=runs.index)
 
 
-def _arm_settings(config: object) -> dict[str, object]:
-    """A run's variant parameters and Muon knobs, from its stored config (JSON or dict)."""
+def stored_config(config: object) -> dict[str, object]:
+    """A run's config as its table stores it (JSON text, or a dict), as a dict; {} when damaged."""
     if isinstance(config, str):
         try:
             config = json.loads(config)
         except ValueError:
             return {}
-    if not isinstance(config, dict):
-        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _arm_settings(config: object) -> dict[str, object]:
+    """A run's variant parameters and Muon knobs, from its stored config (JSON or dict)."""
+    config = stored_config(config)
     found = dict(config.get("variant_params") or {})
     muon = (config.get("optim") or {}).get("name") == "muon"
     for key in ARM_SETTINGS if muon else ():
