@@ -2,7 +2,7 @@
 
     python -m suite.reference run [--backbones gpt2,llama] [--recipes controlled,authors]
                                   [--variants a,b] [--store S]
-    python -m suite.reference ship [--store S]
+    python -m suite.reference ship [--store S] [--replace]
     python -m suite.reference calibrate [--variants preln,postln] [--store results/calibration]
 
 ``run`` trains every built-in variant on the reference preset (``quick``: depths 6 and 24, five
@@ -12,9 +12,12 @@ controlled,authors`` adds the authors' arm of each variant whose recipe changes 
 (DyT, Derf, Admin: the others' authors cells are their controlled ones). ``ship`` writes that
 store's collected table, cut to the reference grid, to ``reference/<name>/runs.parquet`` with
 ``environment.json`` (the machine, torch, suite version, the command, wall time per arm, and any
-arm not yet complete, left out: part of a grid would rank as a whole one). The curves are not
-shipped (about 1 kB per cell in the table, 40 kB per curve), so the reference's verdicts are
-those of the default verdict rule (``ship`` refuses a table judged with other knobs).
+arm not yet complete, left out: part of a grid would rank as a whole one). An arm the store
+does not hold whole keeps what the reference shipped for it before (``kept_arms``), so a store
+that trains a few arms extends the reference (``--replace`` ships the store alone). The curves
+are not shipped (about 1 kB per cell in the table, 40 kB per curve), so the reference's
+verdicts are those of the default verdict rule (``ship`` refuses a table judged with other
+knobs).
 
 ``calibrate`` answers "does my machine reproduce the reference?" before a plugin author compares
 their runs with it: losses depend on the CPU and its kernels, and a comparison across machines
@@ -224,31 +227,56 @@ def _add_wall_time(store: str, key: str, began: float) -> None:
 # --- ship ----------------------------------------------------------------------------------
 
 
-def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
+def ship(
+    store: str, name: str = PRESET, out: Path | None = None, keep_shipped: bool = True
+) -> Path:
     """The store's finished cells of the reference grid → ``reference/<name>/``: only cells the
     suite composes today for a built-in on that preset (a cell of an older config has another
     id), judged by the default verdict rule, of arms whose whole grid finished; the others are
-    listed (``incomplete_arms``, ``absent_arms``) and left out."""
+    listed (``incomplete_arms``, ``absent_arms``) and left out.
+
+    With ``keep_shipped`` (the default) an arm the store does not hold whole keeps the cells the
+    folder already ships for it, where they are still today's grid cells (``kept_arms`` in
+    environment.json, with when they were shipped): a store that trains a few arms (a new
+    built-in, the rest of a backbone) extends the reference instead of replacing it, and a
+    lost store costs nothing already shipped. ``keep_shipped=False`` ships the store alone."""
+    folder = out or reference_dir(name)
     runs = read_runs(store)
+    earlier, earlier_environment = _shipped(folder) if keep_shipped else (runs.iloc[:0], {})
     # By id, not by the preset label: a cell another preset trained first (sweep=claims shares
     # the quick grid's depth-6 llama cells) is the same cell, and a quick sweep resumes it.
     ok = runs[runs["status"] == "ok"]
-    shipped, missing, absent, seconds = [], {}, [], {}
+    shipped, missing, absent, kept, seconds, walls = [], {}, [], [], {}, {}
+    store_walls = read_json(Path(store) / WALL)
     labelled = set(ok.loc[ok["sweep"] == name, "backbone"].dropna().astype(str))
-    for backbone in sorted(set(ok["backbone"].dropna().astype(str))) or list(BACKBONES):
-        arms = _arms_on(ok, backbone, name, store)
+    backbones = set(ok["backbone"].dropna().astype(str)) | set(_strings(earlier, "backbone"))
+    for backbone in sorted(backbones) or list(BACKBONES):
+        arms = _arms_on(ok, earlier, backbone, name, store)
         # A backbone only another preset ran is this grid's only where it holds a grid cell.
-        if backbone not in labelled and not any(len(found) for _, found, _ in arms):
+        if backbone not in labelled and not any(len(f) or len(e) for _, f, e, _ in arms):
             continue
-        for key, found, wanted in arms:
-            if found.empty:
+        for key, found, shipped_before, wanted in arms:
+            if wanted is None:
                 absent.append(key)
-            elif len(found) < wanted:  # a part of a grid would rank as a whole one
-                missing[key] = f"{len(found)} of {wanted} cells finished; not shipped"
-            else:
+                continue
+            before = shipped_before[shipped_before["cell_id"].isin(wanted)]
+            if len(found) == len(wanted):
                 shipped.append(_under_preset(found, name))
                 seconds[key] = round(float(found["wall_time_s"].sum()), 1)
-    if not shipped:
+                if key in store_walls:
+                    walls[key] = store_walls[key]
+            elif len(before) == len(wanted):  # shipped whole before, still today's grid
+                shipped.append(before)
+                kept.append(key)
+                seconds[key] = round(float(before["wall_time_s"].sum()), 1)
+                wall = earlier_environment.get("wall_seconds_by_arm", {}).get(key)
+                if wall is not None:
+                    walls[key] = wall
+            elif found.empty:
+                missing[key] = "shipped before with cells of an older grid; not shipped"
+            else:  # a part of a grid would rank as a whole one
+                missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
+    if len(shipped) == len(kept):
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")
     other_rules = sorted(
@@ -281,14 +309,21 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
                 )
             )
         ),  # fmt: skip
+        "kept_arms": (
+            {
+                "arms": sorted(kept),
+                "shipped_at": earlier_environment.get("shipped_at"),
+                "shipped_from": earlier_environment.get("shipped_from"),
+            }
+            if kept
+            else {}
+        ),
         "incomplete_arms": missing,
         "absent_arms": absent,
         "backbones": backbones,
         "depths": sorted(int(d) for d in set(table["depth"])),
         "cell_seconds_by_arm": seconds,
-        "wall_seconds_by_arm": {
-            k: v for k, v in read_json(Path(store) / WALL).items() if k in seconds
-        },
+        "wall_seconds_by_arm": dict(sorted(walls.items())),
         "trained_between": [str(table["started_at"].min()), str(table["started_at"].max())],
         **{
             column: sorted(str(v) for v in set(table[column].dropna()))
@@ -308,28 +343,42 @@ def ship(store: str, name: str = PRESET, out: Path | None = None) -> Path:
             )
         },  # fmt: skip
     }
-    folder = out or reference_dir(name)
     write_table(table, folder / RUNS)
     write_json(folder / ENVIRONMENT, environment)
     return folder
 
 
+def _shipped(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """What the folder ships now (its table and environment); empty where it ships nothing."""
+    if not (folder / RUNS).exists():
+        return pd.DataFrame(columns=["backbone", "variant", "cell_id"]), {}
+    return pd.read_parquet(folder / RUNS), read_json(folder / ENVIRONMENT)
+
+
+def _strings(table: pd.DataFrame, name: str) -> list[str]:
+    return [str(v) for v in table[name].dropna()] if name in table else []
+
+
 def _arms_on(
-    ok: pd.DataFrame, backbone: str, name: str, store: str
-) -> list[tuple[str, pd.DataFrame, int]]:
-    """Each arm on the backbone: its key, its finished grid cells found by id, and how many the
-    grid has."""
+    ok: pd.DataFrame, earlier: pd.DataFrame, backbone: str, name: str, store: str
+) -> list[tuple[str, pd.DataFrame, pd.DataFrame, set[str] | None]]:
+    """Each arm on the backbone: its key, its finished grid cells found by id in the store, its
+    rows shipped before, and the ids of the grid's cells (None for an arm neither holds)."""
     arms = []
     for recipe in RECIPES:
         for variant in (v for v in built_ins() if has_arm(v, recipe)):
             key = arm_key(variant, backbone, recipe)
-            mine = (ok["backbone"] == backbone) & (ok["variant"] == variant)
-            if not (mine & (column(ok, "recipe", CONTROLLED) == recipe)).any():
-                arms.append((key, ok.iloc[:0], 1))
+            rows = [
+                table[(table["backbone"] == backbone) & (table["variant"] == variant)
+                      & (column(table, "recipe", CONTROLLED) == recipe)]
+                for table in (ok, earlier)
+            ]  # fmt: skip
+            if all(part.empty for part in rows):
+                arms.append((key, ok.iloc[:0], earlier.iloc[:0], None))
                 continue
             cells = expected_cells(variant, backbone, name, store, recipe)
             wanted = {cell.cell_id() for cell in cells}
-            arms.append((key, ok[ok["cell_id"].isin(wanted)], len(wanted)))
+            arms.append((key, ok[ok["cell_id"].isin(wanted)], rows[1], wanted))
     return arms
 
 
@@ -559,6 +608,10 @@ def main(argv: list[str] | None = None) -> None:
     ship_parser = commands.add_parser("ship", help="the store's reference cells -> reference/")
     ship_parser.add_argument("--store", default=DEFAULT_STORE)
     ship_parser.add_argument("--out", type=Path, help="default: the shipped reference/quick")
+    ship_parser.add_argument(
+        "--replace", action="store_true",
+        help="ship the store alone (default: keep the arms already shipped that it lacks)",
+    )  # fmt: skip
     calibrate_parser = commands.add_parser(
         "calibrate", help="re-train a few reference cells here; within tolerance?"
     )
@@ -589,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
                          args.out, args.recipes)  # fmt: skip
             print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")
         elif args.command == "ship":
-            folder = ship(args.store, out=args.out)
+            folder = ship(args.store, out=args.out, keep_shipped=not args.replace)
             print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")
         else:
             _calibrate_command(args)

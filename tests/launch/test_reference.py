@@ -659,3 +659,47 @@ def test_ship_refuses_a_store_judged_by_other_verdict_knobs(tmp_path):
     _collected_store(tmp_path / "store", "preln", preset="tiny", verdict_rule="v2 other")
     with pytest.raises(ConfigError, match="collected with other verdict knobs"):
         ship(str(tmp_path / "store"), name="tiny", out=tmp_path / "out")
+
+
+def test_ship_extends_what_is_shipped_instead_of_replacing_it(tmp_path):
+    """A store that trained one arm (a new built-in, the rest of a backbone, or a lost store's
+    successor) adds it to the reference; the arms shipped before stay, the store's own arm
+    replaces its earlier copy, and an earlier arm of an older grid is not kept."""
+    _collected_store(tmp_path / "first", "preln", preset="tiny", val_loss=2.0)
+    _collected_store(tmp_path / "older", "rezero", preset="tiny")
+    older = pd.read_parquet(tmp_path / "older" / RUNS)
+    stale = older.assign(cell_id=older["cell_id"] + "-of-an-older-config")
+    out = tmp_path / "out"
+    ship(str(tmp_path / "first"), name="tiny", out=out)
+    shipped = pd.read_parquet(out / RUNS)
+    pd.concat([shipped, stale]).to_parquet(out / RUNS, index=False)
+    first = read_environment(str(out))
+
+    _collected_store(tmp_path / "second", "postln", preset="tiny")
+    ship(str(tmp_path / "second"), name="tiny", out=out)
+    table, environment = pd.read_parquet(out / RUNS), read_environment(str(out))
+    assert table.groupby("variant").size().to_dict() == {"postln": 4, "preln": 4}
+    assert environment["arms"] == ["postln · gpt2", "preln · gpt2"]
+    assert environment["kept_arms"] == {
+        "arms": ["preln · gpt2"], "shipped_at": first["shipped_at"],
+        "shipped_from": first["shipped_from"],
+    }  # fmt: skip
+    assert environment["incomplete_arms"] == {
+        "rezero · gpt2": "shipped before with cells of an older grid; not shipped"
+    }
+    assert set(environment["cell_seconds_by_arm"]) == {"postln · gpt2", "preln · gpt2"}
+
+    _collected_store(tmp_path / "third", "preln", preset="tiny", val_loss=3.0)
+    runs = pd.read_parquet(tmp_path / "third" / RUNS)
+    runs.iloc[:2].to_parquet(tmp_path / "third" / RUNS, index=False)  # half of Pre-LN's grid
+    with pytest.raises(ConfigError, match="holds no finished cell"):
+        ship(str(tmp_path / "third"), name="tiny", out=out)  # it would add nothing
+    runs.to_parquet(tmp_path / "third" / RUNS, index=False)
+    ship(str(tmp_path / "third"), name="tiny", out=out)  # the store's arm wins over its copy
+    table = pd.read_parquet(out / RUNS)
+    assert set(table.loc[table["variant"] == "preln", "val_loss"]) == {3.0}
+    assert read_environment(str(out))["kept_arms"]["arms"] == ["postln · gpt2"]
+
+    ship(str(tmp_path / "third"), name="tiny", out=out, keep_shipped=False)
+    assert set(pd.read_parquet(out / RUNS)["variant"]) == {"preln"}
+    assert read_environment(str(out))["kept_arms"] == {}
