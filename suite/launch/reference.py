@@ -1,7 +1,7 @@
 """``python -m suite.reference``: the reference results shipped with the suite, made and checked.
 
     python -m suite.reference run [--backbones gpt2,llama] [--recipes controlled,authors]
-                                  [--variants a,b] [--store S]
+                                  [--variants a,b] [--store S] [--replace]
     python -m suite.reference ship [--store S] [--replace]
     python -m suite.reference calibrate [--variants preln,postln] [--store results/calibration]
 
@@ -87,6 +87,7 @@ DEFAULT_STORE = "results/reference"
 CALIBRATED_VARIANTS = ("preln", "postln")  # the baselines almost every comparison names
 LOSS_TOLERANCE = 0.05  # nats of validation loss
 ESCAPE_TOLERANCE = 30  # steps to leave the unigram plateau
+REPLACE_HELP = "ship the store alone (default: keep the arms shipped before that it lacks)"
 WALL = "reference-wall.json"  # <store>/: wall seconds per (variant, backbone) sweep run here
 # Columns that only mean something beside the store's own files.
 NOT_SHIPPED = ("curve_file",)
@@ -136,11 +137,13 @@ def run(
     preset: str = PRESET,
     out: Path | None = None,
     recipes: tuple[str, ...] | list[str] = (CONTROLLED,),
+    keep_shipped: bool = True,
 ) -> Path:
     """One ordinary sweep per (variant, backbone, recipe) into the store (cells it holds are
     read, not trained again; an arm whose every cell is there is not swept at all), the wall
     time of each added to ``<store>/reference-wall.json`` (also of a sweep that failed or was
-    interrupted: resumed, it adds only the rest), then ship. A recipe that changes nothing for
+    interrupted: resumed, it adds only the rest), then ship (keeping the arms shipped before
+    that the store lacks, unless ``keep_shipped`` is False). A recipe that changes nothing for
     a variant is its controlled arm: skipped."""
     held = False  # an arm whose cells the store holds, possibly since its last collect
     sweeps = _Sweeps()
@@ -174,7 +177,7 @@ def run(
                                stdout=subprocess.DEVNULL)  # fmt: skip
         if code != 0:
             raise SystemExit(code)  # collect said why; a stale table would ship short arms
-    return ship(store, preset, out)
+    return ship(store, preset, out, keep_shipped)
 
 
 class _Sweeps:
@@ -233,23 +236,25 @@ def ship(
     """The store's finished cells of the reference grid → ``reference/<name>/``: only cells the
     suite composes today for a built-in on that preset (a cell of an older config has another
     id), judged by the default verdict rule, of arms whose whole grid finished; the others are
-    listed (``incomplete_arms``, ``absent_arms``) and left out.
+    listed (``incomplete_arms``, ``absent_arms``).
 
     With ``keep_shipped`` (the default) an arm the store does not hold whole keeps the cells the
-    folder already ships for it, where they are still today's grid cells (``kept_arms`` in
-    environment.json, with when they were shipped): a store that trains a few arms (a new
-    built-in, the rest of a backbone) extends the reference instead of replacing it, and a
-    lost store costs nothing already shipped. ``keep_shipped=False`` ships the store alone."""
+    folder already ships for it, where they are still today's whole grid judged by today's rule
+    (``kept_arms`` in environment.json says when and from which store each was shipped): a store
+    that trains a few arms (a new built-in, the rest of a backbone) extends the reference instead
+    of replacing it, and a lost store costs nothing already shipped. ``keep_shipped=False`` ships
+    the store alone."""
     folder = out or reference_dir(name)
     runs = read_runs(store)
-    earlier, earlier_environment = _shipped(folder) if keep_shipped else (runs.iloc[:0], {})
+    earlier, earlier_environment = _shipped(folder) if keep_shipped else (None, {})
     # By id, not by the preset label: a cell another preset trained first (sweep=claims shares
     # the quick grid's depth-6 llama cells) is the same cell, and a quick sweep resumes it.
-    ok = runs[runs["status"] == "ok"]
-    shipped, missing, absent, kept, seconds, walls = [], {}, [], [], {}, {}
+    ok = runs[runs["status"] == "ok"].drop_duplicates("cell_id", keep="last")
+    earlier = ok.iloc[:0] if earlier is None else earlier
+    shipped, missing, absent, kept, seconds, walls = [], {}, [], {}, {}, {}
     store_walls = read_json(Path(store) / WALL)
     labelled = set(ok.loc[ok["sweep"] == name, "backbone"].dropna().astype(str))
-    backbones = set(ok["backbone"].dropna().astype(str)) | set(_strings(earlier, "backbone"))
+    backbones = set(ok["backbone"].dropna().astype(str)) | set(earlier["backbone"].astype(str))
     for backbone in sorted(backbones) or list(BACKBONES):
         arms = _arms_on(ok, earlier, backbone, name, store)
         # A backbone only another preset ran is this grid's only where it holds a grid cell.
@@ -259,31 +264,34 @@ def ship(
             if wanted is None:
                 absent.append(key)
                 continue
-            before = shipped_before[shipped_before["cell_id"].isin(wanted)]
             if len(found) == len(wanted):
                 shipped.append(_under_preset(found, name))
                 seconds[key] = round(float(found["wall_time_s"].sum()), 1)
                 if key in store_walls:
                     walls[key] = store_walls[key]
-            elif len(before) == len(wanted):  # shipped whole before, still today's grid
+                continue
+            before, why_not = _keepable(shipped_before, wanted)
+            partial = f"{len(found)} of {len(wanted)} cells finished"
+            if before is not None:
                 shipped.append(before)
-                kept.append(key)
+                kept[key] = _provenance(key, earlier_environment)
+                if not found.empty:  # the store's newer cells of it wait for the rest
+                    kept[key]["store_holds"] = partial
                 seconds[key] = round(float(before["wall_time_s"].sum()), 1)
                 wall = earlier_environment.get("wall_seconds_by_arm", {}).get(key)
                 if wall is not None:
                     walls[key] = wall
-            elif found.empty:
-                missing[key] = "shipped before with cells of an older grid; not shipped"
+            elif found.empty and shipped_before.empty:
+                absent.append(key)
             else:  # a part of a grid would rank as a whole one
-                missing[key] = f"{len(found)} of {len(wanted)} cells finished; not shipped"
+                missing[key] = "; ".join(
+                    ([partial] if not found.empty else []) + ([why_not] if why_not else [])
+                ) + "; not shipped"  # fmt: skip
     if len(shipped) == len(kept):
         raise ConfigError(f"{store} holds no finished cell of the {name} reference grid")
     table = pd.concat(shipped, ignore_index=True).drop(columns=list(NOT_SHIPPED), errors="ignore")
-    other_rules = sorted(
-        set(table["verdict_rule"].dropna())
-        - {rule_description(VerdictConfig()), "as recorded in training"}
-    )
-    if other_rules:
+    other_rules = sorted(set(table["verdict_rule"].dropna()) - _default_rules())
+    if other_rules:  # kept cells are of the default rule: these are the store's
         raise ConfigError(
             f"{store} was collected with other verdict knobs ({other_rules[0]}); the reference is "
             f"judged by the default rule: python -m suite.collect --store {store}, then ship"
@@ -309,15 +317,7 @@ def ship(
                 )
             )
         ),  # fmt: skip
-        "kept_arms": (
-            {
-                "arms": sorted(kept),
-                "shipped_at": earlier_environment.get("shipped_at"),
-                "shipped_from": earlier_environment.get("shipped_from"),
-            }
-            if kept
-            else {}
-        ),
+        "kept_arms": dict(sorted(kept.items())),
         "incomplete_arms": missing,
         "absent_arms": absent,
         "backbones": backbones,
@@ -348,15 +348,51 @@ def ship(
     return folder
 
 
-def _shipped(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """What the folder ships now (its table and environment); empty where it ships nothing."""
+def _default_rules() -> set[str]:
+    return {rule_description(VerdictConfig()), "as recorded in training"}
+
+
+def _shipped(folder: Path) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """What the folder ships now (its table and environment); None where it ships nothing. A
+    damaged one is refused rather than shipped over: ``--replace`` ships the store alone."""
     if not (folder / RUNS).exists():
-        return pd.DataFrame(columns=["backbone", "variant", "cell_id"]), {}
-    return pd.read_parquet(folder / RUNS), read_json(folder / ENVIRONMENT)
+        return None, {}
+    replace = "ship --replace ships the store alone"
+    try:
+        table = pd.read_parquet(folder / RUNS)
+    except Exception as error:  # pyarrow's errors have no common base short of Exception
+        raise ConfigError(f"{folder / RUNS} cannot be read ({error}); {replace}") from None
+    lacking = sorted({"backbone", "variant", "cell_id", "verdict_rule"} - set(table.columns))
+    environment = read_json(folder / ENVIRONMENT)
+    if lacking or (len(table) and "shipped_at" not in environment):
+        what = f"lacks the columns {', '.join(lacking)}" if lacking else (
+            f"has no readable {ENVIRONMENT} beside it")  # fmt: skip
+        raise ConfigError(f"{folder / RUNS} {what}: its arms cannot be kept; {replace}")
+    table = table.assign(recipe=column(table, "recipe", CONTROLLED))
+    return table.drop_duplicates("cell_id", keep="last"), environment
 
 
-def _strings(table: pd.DataFrame, name: str) -> list[str]:
-    return [str(v) for v in table[name].dropna()] if name in table else []
+def _keepable(shipped_before: pd.DataFrame, wanted: set[str]) -> tuple[pd.DataFrame | None, str]:
+    """An arm's earlier shipped rows if they are today's whole grid judged by today's rule, or
+    None and why not ("" when nothing was shipped)."""
+    if shipped_before.empty:
+        return None, ""
+    before = shipped_before[shipped_before["cell_id"].isin(wanted)]
+    if len(before) < len(wanted):
+        return None, "shipped before, not as today's whole grid"
+    rules = sorted(set(before["verdict_rule"].dropna().astype(str)) - _default_rules())
+    if rules:
+        return None, f"shipped before judged by another verdict rule ({rules[0]})"
+    return before, ""
+
+
+def _provenance(key: str, earlier_environment: dict[str, Any]) -> dict[str, Any]:
+    """Where a kept arm was shipped from: the earlier ship's store, or, for an arm that ship
+    itself kept, where it came from then."""
+    carried = earlier_environment.get("kept_arms", {})
+    if isinstance(carried, dict) and isinstance(carried.get(key), dict):
+        return {k: v for k, v in carried[key].items() if k in ("shipped_at", "shipped_from")}
+    return {k: earlier_environment.get(k) for k in ("shipped_at", "shipped_from")}
 
 
 def _arms_on(
@@ -605,13 +641,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     run_parser.add_argument("--preset", default=PRESET, help=f"default: {PRESET}")
     run_parser.add_argument("--out", type=Path, help="default: the shipped reference/<preset>")
+    run_parser.add_argument("--replace", action="store_true", help=REPLACE_HELP)
     ship_parser = commands.add_parser("ship", help="the store's reference cells -> reference/")
     ship_parser.add_argument("--store", default=DEFAULT_STORE)
     ship_parser.add_argument("--out", type=Path, help="default: the shipped reference/quick")
-    ship_parser.add_argument(
-        "--replace", action="store_true",
-        help="ship the store alone (default: keep the arms already shipped that it lacks)",
-    )  # fmt: skip
+    ship_parser.add_argument("--replace", action="store_true", help=REPLACE_HELP)
     calibrate_parser = commands.add_parser(
         "calibrate", help="re-train a few reference cells here; within tolerance?"
     )
@@ -639,11 +673,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise ConfigError(f"--recipes: unknown {', '.join(unknown)}; the recipes are "
                                   f"{', '.join(RECIPES)}")  # fmt: skip
             folder = run(args.store, args.variants or built_ins(), args.backbones, args.preset,
-                         args.out, args.recipes)  # fmt: skip
-            print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")
+                         args.out, args.recipes, keep_shipped=not args.replace)  # fmt: skip
+            _shipped_note(folder)
         elif args.command == "ship":
             folder = ship(args.store, out=args.out, keep_shipped=not args.replace)
-            print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}")
+            _shipped_note(folder)
         else:
             _calibrate_command(args)
     except (ConfigError, FileNotFoundError) as error:
@@ -653,6 +687,17 @@ def main(argv: list[str] | None = None) -> None:
         print("\ninterrupted: every finished cell is in the store; the same command goes on "
               "where it stopped", file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
+
+
+def _shipped_note(folder: Path) -> None:
+    environment = read_json(folder / ENVIRONMENT)
+    kept = environment.get("kept_arms", {})
+    print(f"-> {folder / RUNS}, {folder / ENVIRONMENT}: {len(environment.get('arms', []))} arms"
+          + (f", {len(kept)} of them kept from earlier ships" if kept else ""))  # fmt: skip
+    machines = environment.get("device_name", [])
+    if len(machines) > 1:  # losses agree across CPUs only as far as calibrate shows
+        print(f"note: its cells were measured on {len(machines)} CPUs ({'; '.join(machines)}): "
+              "tokens/s and wall times compare only within one", file=sys.stderr)  # fmt: skip
 
 
 def _shown(path: Path) -> Path:

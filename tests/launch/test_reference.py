@@ -663,43 +663,92 @@ def test_ship_refuses_a_store_judged_by_other_verdict_knobs(tmp_path):
 
 def test_ship_extends_what_is_shipped_instead_of_replacing_it(tmp_path):
     """A store that trained one arm (a new built-in, the rest of a backbone, or a lost store's
-    successor) adds it to the reference; the arms shipped before stay, the store's own arm
-    replaces its earlier copy, and an earlier arm of an older grid is not kept."""
-    _collected_store(tmp_path / "first", "preln", preset="tiny", val_loss=2.0)
-    _collected_store(tmp_path / "older", "rezero", preset="tiny")
-    older = pd.read_parquet(tmp_path / "older" / RUNS)
-    stale = older.assign(cell_id=older["cell_id"] + "-of-an-older-config")
+    successor) adds it to the reference; the arms shipped before stay, each credited to the ship
+    it came from, and the store's own whole arm replaces its earlier copy."""
     out = tmp_path / "out"
-    ship(str(tmp_path / "first"), name="tiny", out=out)
-    shipped = pd.read_parquet(out / RUNS)
-    pd.concat([shipped, stale]).to_parquet(out / RUNS, index=False)
-    first = read_environment(str(out))
-
-    _collected_store(tmp_path / "second", "postln", preset="tiny")
-    ship(str(tmp_path / "second"), name="tiny", out=out)
+    for store, variant in (("a", "preln"), ("b", "postln"), ("c", "rezero")):
+        _collected_store(tmp_path / store, variant, preset="tiny", val_loss=2.0)
+        ship(str(tmp_path / store), name="tiny", out=out)
+        if store == "a":
+            first = read_environment(str(out))
     table, environment = pd.read_parquet(out / RUNS), read_environment(str(out))
-    assert table.groupby("variant").size().to_dict() == {"postln": 4, "preln": 4}
-    assert environment["arms"] == ["postln · gpt2", "preln · gpt2"]
-    assert environment["kept_arms"] == {
-        "arms": ["preln · gpt2"], "shipped_at": first["shipped_at"],
+    assert table.groupby("variant").size().to_dict() == {"postln": 4, "preln": 4, "rezero": 4}
+    assert environment["arms"] == ["postln · gpt2", "preln · gpt2", "rezero · gpt2"]
+    assert environment["kept_arms"]["preln · gpt2"] == {
+        "shipped_at": first["shipped_at"],
         "shipped_from": first["shipped_from"],
-    }  # fmt: skip
-    assert environment["incomplete_arms"] == {
-        "rezero · gpt2": "shipped before with cells of an older grid; not shipped"
-    }
-    assert set(environment["cell_seconds_by_arm"]) == {"postln · gpt2", "preln · gpt2"}
+    }  # fmt: skip: credited to store a, not to b, which only kept it
+    assert environment["kept_arms"]["postln · gpt2"]["shipped_from"].endswith(str(tmp_path / "b"))
+    assert set(environment["cell_seconds_by_arm"]) == set(environment["arms"])
 
-    _collected_store(tmp_path / "third", "preln", preset="tiny", val_loss=3.0)
-    runs = pd.read_parquet(tmp_path / "third" / RUNS)
-    runs.iloc[:2].to_parquet(tmp_path / "third" / RUNS, index=False)  # half of Pre-LN's grid
+    _collected_store(tmp_path / "d", "preln", preset="tiny", val_loss=3.0)
+    runs = pd.read_parquet(tmp_path / "d" / RUNS)
+    runs.iloc[:2].to_parquet(tmp_path / "d" / RUNS, index=False)  # half of Pre-LN's grid
     with pytest.raises(ConfigError, match="holds no finished cell"):
-        ship(str(tmp_path / "third"), name="tiny", out=out)  # it would add nothing
-    runs.to_parquet(tmp_path / "third" / RUNS, index=False)
-    ship(str(tmp_path / "third"), name="tiny", out=out)  # the store's arm wins over its copy
+        ship(str(tmp_path / "d"), name="tiny", out=out)  # it would add nothing
+    pd.concat([runs, runs.iloc[:1]]).to_parquet(tmp_path / "d" / RUNS, index=False)  # a duplicate
+    ship(str(tmp_path / "d"), name="tiny", out=out)  # the store's whole arm wins over its copy
     table = pd.read_parquet(out / RUNS)
-    assert set(table.loc[table["variant"] == "preln", "val_loss"]) == {3.0}
-    assert read_environment(str(out))["kept_arms"]["arms"] == ["postln · gpt2"]
+    assert sorted(table.loc[table["variant"] == "preln", "val_loss"]) == [3.0] * 4
 
-    ship(str(tmp_path / "third"), name="tiny", out=out, keep_shipped=False)
+    ship(str(tmp_path / "d"), name="tiny", out=out, keep_shipped=False)
     assert set(pd.read_parquet(out / RUNS)["variant"]) == {"preln"}
     assert read_environment(str(out))["kept_arms"] == {}
+
+
+def test_ship_keeps_no_arm_of_an_older_grid_rule_or_a_part_of_one(tmp_path):
+    """Kept cells must still be today's whole grid judged by today's rule; the store's partial
+    retrain of a kept arm is said, not hidden."""
+    out = tmp_path / "out"
+    _collected_store(tmp_path / "a", "preln", preset="tiny")
+    _collected_store(tmp_path / "b", "rezero", preset="tiny")
+    _collected_store(tmp_path / "c", "postln", preset="tiny")
+    shipped = pd.concat(pd.read_parquet(tmp_path / s / RUNS) for s in "abc")
+    stale = shipped["variant"] == "rezero"
+    shipped.loc[stale, "cell_id"] = shipped.loc[stale, "cell_id"] + "-of-an-older-config"
+    shipped.loc[shipped["variant"] == "postln", "verdict_rule"] = "v1 an older rule"
+    duplicated = shipped[shipped["variant"] == "preln"]
+    shipped = pd.concat([shipped[shipped["variant"] != "preln"], duplicated.iloc[[0, 0, 1, 2]]])
+    out.mkdir()
+    shipped.drop(columns="recipe").to_parquet(out / RUNS, index=False)  # an old table's columns
+    (out / ENVIRONMENT).write_text(json.dumps({"shipped_at": "t0", "shipped_from": "s0"}))
+
+    _collected_store(tmp_path / "new", "mixln", preset="tiny")
+    runs = pd.read_parquet(tmp_path / "new" / RUNS)
+    preln_part = pd.read_parquet(tmp_path / "a" / RUNS).iloc[:1]
+    pd.concat([runs, preln_part]).to_parquet(tmp_path / "new" / RUNS, index=False)
+    ship(str(tmp_path / "new"), name="tiny", out=out)
+    environment = read_environment(str(out))
+    assert environment["arms"] == ["mixln · gpt2"]  # 3 distinct Pre-LN cells are not its grid
+    assert environment["incomplete_arms"] == {
+        "postln · gpt2": "shipped before judged by another verdict rule (v1 an older rule); "
+        "not shipped",
+        "preln · gpt2": "1 of 4 cells finished; shipped before, not as today's whole grid; "
+        "not shipped",
+        "rezero · gpt2": "shipped before, not as today's whole grid; not shipped",
+    }
+    assert "deepnorm · gpt2" in environment["absent_arms"]
+
+    ship(str(tmp_path / "a"), name="tiny", out=out)  # Pre-LN whole; Mix-LN kept
+    ship(str(tmp_path / "new"), name="tiny", out=out)  # Mix-LN again, 1 of Pre-LN's 4 beside it
+    environment = read_environment(str(out))
+    assert environment["arms"] == ["mixln · gpt2", "preln · gpt2"]
+    assert environment["kept_arms"]["preln · gpt2"]["store_holds"] == "1 of 4 cells finished"
+    assert set(pd.read_parquet(out / RUNS)["recipe"]) == {"controlled"}
+
+
+def test_ship_refuses_to_ship_over_a_damaged_reference(tmp_path):
+    _collected_store(tmp_path / "store", "preln", preset="tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUNS).write_bytes(b"not a parquet file")
+    with pytest.raises(ConfigError, match="cannot be read .*ship --replace ships the store alone"):
+        ship(str(tmp_path / "store"), name="tiny", out=out)
+    pd.DataFrame({"variant": ["preln"]}).to_parquet(out / RUNS, index=False)
+    with pytest.raises(ConfigError, match="lacks the columns backbone, cell_id, verdict_rule"):
+        ship(str(tmp_path / "store"), name="tiny", out=out)
+    pd.read_parquet(tmp_path / "store" / RUNS).to_parquet(out / RUNS, index=False)
+    with pytest.raises(ConfigError, match="has no readable environment.json beside it"):
+        ship(str(tmp_path / "store"), name="tiny", out=out)
+    ship(str(tmp_path / "store"), name="tiny", out=out, keep_shipped=False)
+    assert read_environment(str(out))["arms"] == ["preln · gpt2"]
