@@ -63,10 +63,10 @@ def with_reference(
     where = ", ".join(environment.get("device_name", [])) or "a machine it does not record"
     torch = ", ".join(environment.get("torch_version", [])) or "unrecorded"
     left_out = ""
-    mine_devices = set(column(mine, "device_name").dropna())
-    if not mine.empty and set(column(extra, "device_name").dropna()) - mine_devices:
-        extra = extra.assign(tokens_per_s=float("nan"))
-        left_out = "; their tokens/s, from another machine, is left out"
+    elsewhere = ~column(extra, "device_name").isin(set(column(mine, "device_name").dropna()))
+    if not mine.empty and elsewhere.any():
+        extra = extra.assign(tokens_per_s=extra["tokens_per_s"].where(~elsewhere))
+        left_out = "; tokens/s measured on another machine than this store's is left out"
     names = sorted(set(with_arm_labels(extra)["variant"]))
     note = (
         f"{', '.join(names)} from the shipped reference ({reference}: measured on {where}, torch "

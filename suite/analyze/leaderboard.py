@@ -74,10 +74,26 @@ def _ranks(values: pd.DataFrame, index: pd.MultiIndex) -> pd.DataFrame:
     return pd.DataFrame(ranks)
 
 
+def one_machine_cost(finished: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs with tokens/s kept only where measured on the CPU (or GPU) most of them were
+    measured on, and a note naming the arms left out: tokens/s of two machines rank the
+    machines, not the arms (the shipped reference holds arms trained on more than one)."""
+    measured = finished[finished["tokens_per_s"].notna()]
+    devices = column(measured, "device_name").dropna().astype(str)
+    if devices.nunique() < 2:
+        return finished, ""
+    main = devices.value_counts().index[0]
+    elsewhere = column(finished, "device_name").astype(str) != main
+    arms = sorted(set(finished.loc[elsewhere & finished["tokens_per_s"].notna(), "variant"]))
+    note = (f"tokens/s of {', '.join(arms)} left out of the cost rank: measured on another "
+            f"machine than the rest ({main})")  # fmt: skip
+    return finished.assign(tokens_per_s=finished["tokens_per_s"].where(~elsewhere)), note
+
+
 def leaderboard(runs: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> pd.DataFrame:
     """One row per (depth, arm): each ranked value, its rank, its 95 % rank interval, and
-    whether it ties another arm (``*_tied``)."""
-    finished = ok_runs(with_arm_labels(runs))
+    whether it ties another arm (``*_tied``); ``attrs["notes"]`` says what was left out."""
+    finished, note = one_machine_cost(ok_runs(with_arm_labels(runs)))
     if finished.empty:
         return pd.DataFrame()
     index = pd.MultiIndex.from_frame(finished[CELL].drop_duplicates()).sort_values()
@@ -98,9 +114,11 @@ def leaderboard(runs: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -
         table[f"{rank}_lo"] = np.quantile(samples, 0.025, axis=0, method="inverted_cdf").astype(int)
         table[f"{rank}_hi"] = np.quantile(samples, 0.975, axis=0, method="higher").astype(int)
     table = table.reset_index().rename(columns={"variant": "arm"})
-    return table.sort_values(["depth", "stability_rank", "sensitivity_rank", "arm"]).reset_index(
+    table = table.sort_values(["depth", "stability_rank", "sensitivity_rank", "arm"]).reset_index(
         drop=True
     )
+    table.attrs["notes"] = [note] if note else []
+    return table
 
 
 def _rank_text(row: pd.Series, rank: str) -> str:
@@ -198,10 +216,16 @@ def main(argv: list[str] | None = None) -> None:
         preset = table["sweep"].iloc[0]
         print(f"\nLeaderboard ({preset}; ranks per depth, 95% rank intervals over seeds):")
         print(display(table).to_string(index=False))
+        for note in table.attrs.get("notes", []):
+            print(f"note: {note}")
     if args.csv:
         pd.concat(tables, ignore_index=True).to_csv(args.csv, index=False)
         print(f"-> {args.csv}")
     if args.markdown:
-        text = "".join(f"## {t['sweep'].iloc[0]}\n\n" + markdown(display(t)) + "\n" for t in tables)
+        text = "".join(
+            f"## {t['sweep'].iloc[0]}\n\n" + markdown(display(t)) + "\n"
+            + "".join(f"{note}\n\n" for note in t.attrs.get("notes", []))
+            for t in tables
+        )  # fmt: skip
         Path(args.markdown).write_text(text)
         print(f"-> {args.markdown}")

@@ -491,6 +491,7 @@ def render(
         ),
         per_lr_table=_table_html(per_lr_for_html(runs), "per-lr", {"lr": "g", **PER_LR_FORMATS}),
         leaderboard_table=_leaderboard_html(boards),
+        leaderboard_notes=[note for board in boards for note in board.attrs.get("notes", [])],
         leaderboard_image=png_data_uri(board_figure) if board_figure else "",
         mechanism_table=_mechanism_counts_html(runs),
         remedy_table=_table_html(remedy_table(runs), "remedies", {"in_converged_%": ".0f"}),

@@ -102,3 +102,27 @@ def test_one_backbones_arms_are_ranked_on_their_own(tmp_path):
     assert arms() == ["a", "a · llama"]
     assert arms("--backbone", "llama") == ["a · llama"]
     assert arms("--backbone", "gpt2") == ["a"]
+
+
+def test_tokens_per_s_of_another_machine_is_not_ranked_against_this_ones():
+    """The shipped reference holds arms trained on two CPUs: a faster CPU would rank its arms
+    cheaper. The arms measured off the machine most runs were measured on keep their stability
+    and loss ranks; their cost is unknown here ("–"), and a note names them."""
+    runs = pd.concat(
+        [
+            runs_of("a", [0, 1], tokens=900).assign(device_name="Intel Xeon"),
+            runs_of("b", [0, 1], tokens=1000).assign(device_name="Intel Xeon"),
+            runs_of("c", [0, 1], tokens=5000).assign(device_name="AMD EPYC"),
+        ]
+    )
+    (table,) = leaderboards(runs)
+    table = table.set_index("arm")
+    assert np.isnan(table.loc["c", "tokens_per_s"]) and table.loc["b", "cost_rank"] == 1
+    assert table.loc["c", "stability_rank"] == 1  # its verdicts still rank
+    assert display(table.reset_index()).set_index("arm").loc["c", "cost rank"] == "–"
+    assert table.attrs["notes"] == [
+        "tokens/s of c left out of the cost rank: measured on another machine than the rest "
+        "(Intel Xeon)"
+    ]
+    one = leaderboard(runs[runs["variant"] != "c"])
+    assert one.attrs["notes"] == [] and one["tokens_per_s"].notna().all()

@@ -414,6 +414,23 @@ def test_the_leaderboard_ranks_a_plugin_among_the_reference(tmp_path):
     assert {"mine", "preln", "postln"} <= ranked
 
 
+def test_the_references_tokens_per_s_is_kept_only_from_the_stores_own_machine():
+    """Tokens/s of a reference cell measured on a CPU the store's runs were not measured on
+    would rank the CPUs, not the arms: left out cell by cell, the rest kept."""
+    reference = read_runs("reference")
+    mine = reference[reference["variant"] == "rmsnorm"].assign(variant="mine")
+    here = str(mine["device_name"].iloc[0])
+    runs, note = with_reference(mine, "reference", lambda rows: rows)
+    added = runs[runs["variant"] != "mine"]
+    same = added["device_name"] == here
+    assert added.loc[same, "tokens_per_s"].notna().all()
+    assert added.loc[~same, "tokens_per_s"].isna().all()
+    mine = mine.assign(device_name="another CPU")
+    elsewhere, note = with_reference(mine, "reference", lambda rows: rows)
+    assert elsewhere.loc[elsewhere["variant"] != "mine", "tokens_per_s"].isna().all()
+    assert "tokens/s measured on another machine than this store's is left out" in note
+
+
 @pytest.mark.slow
 def test_the_leaderboard_refuses_a_reference_that_trained_otherwise(tmp_path):
     """Runs of the quick preset with a longer budget are not the reference's experiment."""
