@@ -245,6 +245,16 @@ def ship(
     of replacing it, and a lost store costs nothing already shipped. ``keep_shipped=False`` ships
     the store alone."""
     folder = out or reference_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Two ships into one folder at once would each keep what was there and the later would
+    # drop the earlier's arms: one at a time.
+    with open(folder / ".ship.lock", "w") as lock:
+        with contextlib.suppress(OSError):  # a filesystem without locks: unlocked, as before
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ship(store, name, folder, keep_shipped)
+
+
+def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
     runs = read_runs(store)
     earlier, earlier_environment = _shipped(folder) if keep_shipped else (None, {})
     # By id, not by the preset label: a cell another preset trained first (sweep=claims shares
