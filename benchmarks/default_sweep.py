@@ -10,13 +10,16 @@ collect and summary included, as a user waits for them):
 - ``compiled``: the same with ``train.compile=true``, its on-disk compile cache empty (a fresh
   ``TORCHINDUCTOR_CACHE_DIR``), as a user's first compiled sweep of these shapes runs: an upper
   bound on what later sweeps pay (docs/performance.md, "Compile in a sweep");
+- ``compiled-warm``: the same again after ``compiled``, its cache now filled: what a user's later
+  compiled sweeps of these shapes pay (it must follow ``compiled`` in ``--arms``);
 - ``frontier``: ``python -m suite.frontier +variant=V``, the bisection in log LR that finds each
   depth's max stable LR without the whole grid.
 
 Prints one markdown table (cells trained, wall time, cells per hour, each depth's max stable LR
-as the summary defines it, and whether every cell two arms share got the same verdict) with the
-machine named. Overrides after the options go to every arm (``sweep=tiny`` checks the script in a
-minute). Run it on an idle machine; it takes about 20 minutes for Pre-LN on 2 cores.
+as the summary defines it, and whether the grid positions (depth, LR, seed) two arms both
+trained got the same verdict) with the machine named. Overrides after the options go to every
+arm (``sweep=tiny`` checks the script in a minute). Run it on an idle machine; it takes about 20
+minutes for Pre-LN on 2 cores.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from suite.analyze.summary import max_stable_lr, ok_runs, with_arm_labels
 from suite.store import read_runs
 
 REPO = Path(__file__).resolve().parent.parent
-ARMS = ("grid", "compiled", "frontier")
+ARMS = ("grid", "compiled", "compiled-warm", "frontier")
+DEFAULT_ARMS = ("grid", "compiled", "frontier")
 
 
 def arm_command(arm: str, variant: str, overrides: list[str], store: Path) -> list[str]:
     module = "suite.frontier" if arm == "frontier" else "suite"
-    compiled = ["train.compile=true"] if arm == "compiled" else []
+    compiled = ["train.compile=true"] if arm.startswith("compiled") else []
     return [sys.executable, "-m", module, f"+variant={variant}", *compiled, *overrides,
             f"store={store}"]  # fmt: skip
 
@@ -50,7 +54,7 @@ def run_arm(arm: str, variant: str, overrides: list[str], scratch: Path) -> tupl
     """The arm's row of the table and its collected cells."""
     store = scratch / arm
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if arm == "compiled":
+    if arm.startswith("compiled"):  # compiled-warm finds what compiled left
         env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor-cache")
     command = arm_command(arm, variant, overrides, store)
     start = time.monotonic()
@@ -69,18 +73,21 @@ def run_arm(arm: str, variant: str, overrides: list[str], scratch: Path) -> tupl
         "max_stable_lr": {int(depth): lr for (_, depth), lr in stable.items()},
         "device_name": str(runs["device_name"].iloc[0]),
     }
-    return row, runs.set_index("cell_id")["verdict"]
+    # By grid position, not cell id: a compiled cell is a cell of its own (another id).
+    return row, runs.set_index(["depth", "lr", "seed"])["verdict"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="preln")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"of {', '.join(ARMS)}")
     args, overrides = parser.parse_known_args()
     arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)}; the arms are {', '.join(ARMS)}")
+    if "compiled-warm" in arms and "compiled" not in arms[: arms.index("compiled-warm")]:
+        parser.error("--arms: compiled-warm measures the cache compiled fills: list compiled first")
     scratch = Path(tempfile.mkdtemp(prefix="default_sweep_"))
     try:
         rows, verdicts = [], {}
