@@ -625,8 +625,10 @@ def test_an_arm_the_store_holds_whole_is_not_swept_again(tmp_path, monkeypatch):
     monkeypatch.setattr(reference, "finished_record", lambda store, cell_id: {"status": "ok"})
     code = 0
     monkeypatch.setattr(reference.subprocess, "call", lambda cmd, **_: calls.append(cmd) or code)
-    monkeypatch.setattr(reference, "ship", lambda store, preset, out: tmp_path)
+    kept = []  # what run asks ship: keep the arms shipped before (its default)
+    monkeypatch.setattr(reference, "ship", lambda store, preset, out, keep: kept.append(keep))
     reference.run(str(tmp_path), ["preln", "postln"], ["gpt2"], preset="tiny")
+    assert kept == [True]
     assert [command[1:] for command in calls] == [["-m", "suite.collect", "--store", str(tmp_path)]]
     assert not (tmp_path / "reference-wall.json").exists()
     code = 1  # a collect that failed: nothing ships from a stale table
