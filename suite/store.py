@@ -220,6 +220,22 @@ def calibrated_arm(entry: Any) -> tuple[str, str, str]:
     )
 
 
+def arm_key(variant: str, backbone: str, recipe: str = "controlled") -> str:
+    """How a reference's environment.json names an arm: "dyt · gpt2", "dyt · gpt2 · authors"."""
+    return f"{variant} · {backbone}" + (f" · {recipe}" if recipe != "controlled" else "")
+
+
+def arm_shipped_at(environment: dict[str, Any], key: str) -> str | None:
+    """When the reference's cells of an arm were shipped: the ship that made them, which a
+    later ship that kept the arm names in ``kept_arms``."""
+    kept = environment.get("kept_arms", {})
+    entry = kept.get(key) if isinstance(kept, dict) else None
+    if isinstance(entry, dict) and entry.get("shipped_at"):
+        return str(entry["shipped_at"])
+    shipped_at = environment.get("shipped_at")
+    return None if shipped_at is None else str(shipped_at)
+
+
 def read_runs(store: str | Path) -> pd.DataFrame:
     """The store's collected table as the last collect wrote it; FileNotFoundError, saying how
     to make it, when there is none. ``reference`` reads the shipped reference."""

@@ -57,6 +57,8 @@ from suite.config import SECTIONS, CellConfig, OptimConfig, TrainConfig
 from suite.record import GROUPS
 from suite.store import (
     CALIBRATION_STORE,
+    arm_key,
+    arm_shipped_at,
     calibrated_arm,
     is_reference,
     read_calibration,
@@ -391,12 +393,15 @@ def calibration_note(
     command += f" --store {where}" if where != CALIBRATION_STORE else ""
     if not calibration:
         return f"no calibration in {where}: does your machine reproduce the reference? {command}"
-    shipped_at = read_environment(reference).get("shipped_at")
-    checked = (calibration.get("reference"), calibration.get("reference_shipped_at"))
-    if checked != (str(resolve_store(reference).resolve()), shipped_at):
+    # Valid while the arm's cells are the ones it checked: a later ship that only kept the arm
+    # (and added others) leaves them as they were.
+    made_at = arm_shipped_at(read_environment(reference), arm_key(variant, backbone, recipe))
+    checked_at = calibration.get("reference_shipped_at")
+    same_reference = calibration.get("reference") == str(resolve_store(reference).resolve())
+    if not same_reference or checked_at is None or made_at is None or str(checked_at) < made_at:
         return (
-            f"the calibration in {where} checked another reference (or this one before it was "
-            f"last shipped): calibrate again: {command}"
+            f"the calibration in {where} checked another reference (or this one before its "
+            f"{arm} was shipped): calibrate again: {command}"
         )
     entry = next(
         (cell for cell in calibration.get("cells", [])

@@ -65,6 +65,7 @@ from suite.store import (
     CALIBRATION_STORE,
     ENVIRONMENT,
     RUNS,
+    arm_key,
     calibrated_arm,
     column,
     finished_record,
@@ -102,11 +103,6 @@ def arm_overrides(
 ) -> list[str]:
     overrides = [f"+variant={variant}", f"sweep={preset}", f"model.backbone={backbone}"]
     return overrides + ([f"recipe={recipe}"] if recipe != CONTROLLED else [])
-
-
-def arm_key(variant: str, backbone: str, recipe: str = CONTROLLED) -> str:
-    """How environment.json names an arm: "dyt · gpt2", "dyt · gpt2 · authors"."""
-    return f"{variant} · {backbone}" + (f" · {recipe}" if recipe != CONTROLLED else "")
 
 
 def has_arm(variant: str, recipe: str) -> bool:

@@ -31,6 +31,7 @@ from suite.launch.reference import (
 from suite.store import (
     ENVIRONMENT,
     RUNS,
+    arm_shipped_at,
     read_environment,
     read_json,
     read_runs,
@@ -392,6 +393,12 @@ def test_compare_against_the_reference_says_what_the_calibration_found(tmp_path)
     )
     assert "checked another reference" in note("preln", reference_shipped_at="2020-01-01")
     assert "checked another reference" in note("preln", reference="/elsewhere")
+    # A ship that only kept Pre-LN's arm (and added others) leaves the calibration of it valid:
+    # what matters is when the arm's own cells were shipped.
+    made_at = arm_shipped_at(read_environment("reference"), "preln · gpt2")
+    assert "reproduced the reference's preln" in note("preln", reference_shipped_at=made_at)
+    before = made_at.replace(made_at[:4], str(int(made_at[:4]) - 1), 1)
+    assert "checked another reference" in note("preln", reference_shipped_at=before)
 
 
 @pytest.mark.slow
