@@ -179,7 +179,9 @@ class WandbTracker(Tracker):
         )
 
     def log_row(self, step: int, row: Mapping[str, Any]) -> None:
-        self.run.log(scalars(row), step=step)
+        # Committed now, not when the next step or finish() arrives: the last step's row was
+        # once missing from an offline run file written under heavy load.
+        self.run.log(scalars(row), step=step, commit=True)
 
     def log_record(self, record: Mapping[str, Any]) -> None:
         summary = {f"record/{n}": v for n, v in scalars(record).items()}
