@@ -226,8 +226,12 @@ def arm_key(variant: str, backbone: str, recipe: str = "controlled") -> str:
 
 
 def arm_shipped_at(environment: dict[str, Any], key: str) -> str | None:
-    """When the reference's cells of an arm were shipped: the ship that made them, which a
-    later ship that kept the arm names in ``kept_arms``."""
+    """When the reference's cells of an arm were shipped: the ship that first shipped these very
+    runs (``arm_shipped_at``; a reference shipped before it had that names kept arms in
+    ``kept_arms`` and dates the rest by the ship itself)."""
+    dated = environment.get("arm_shipped_at", {})
+    if isinstance(dated, dict) and dated.get(key):
+        return str(dated[key])
     kept = environment.get("kept_arms", {})
     entry = kept.get(key) if isinstance(kept, dict) else None
     if isinstance(entry, dict) and entry.get("shipped_at"):

@@ -66,6 +66,7 @@ from suite.store import (
     ENVIRONMENT,
     RUNS,
     arm_key,
+    arm_shipped_at,
     calibrated_arm,
     column,
     finished_record,
@@ -258,6 +259,7 @@ def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
     ok = runs[runs["status"] == "ok"].drop_duplicates("cell_id", keep="last")
     earlier = ok.iloc[:0] if earlier is None else earlier
     shipped, missing, absent, kept, seconds, walls = [], {}, [], {}, {}, {}
+    now, dated = utc_now(), {}
     store_walls = read_json(Path(store) / WALL)
     labelled = set(ok.loc[ok["sweep"] == name, "backbone"].dropna().astype(str))
     backbones = set(ok["backbone"].dropna().astype(str)) | set(earlier["backbone"].astype(str))
@@ -272,6 +274,9 @@ def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
                 continue
             if len(found) == len(wanted):
                 shipped.append(_under_preset(found, name))
+                # Re-shipping the same runs is no new measurement: a calibration of them holds.
+                unchanged = _same_runs(found, shipped_before)
+                dated[key] = (unchanged and arm_shipped_at(earlier_environment, key)) or now
                 seconds[key] = round(float(found["wall_time_s"].sum()), 1)
                 if key in store_walls:
                     walls[key] = store_walls[key]
@@ -281,6 +286,7 @@ def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
             if before is not None:
                 shipped.append(before)
                 kept[key] = _provenance(key, earlier_environment)
+                dated[key] = kept[key].get("shipped_at") or now
                 if not found.empty:  # the store's newer cells of it wait for the rest
                     kept[key]["store_holds"] = partial
                 seconds[key] = round(float(before["wall_time_s"].sum()), 1)
@@ -310,7 +316,7 @@ def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
         + (f" --backbones {','.join(backbones)}" if backbones != list(BACKBONES) else "")
         + (" --recipes controlled,authors" if any(" · authors" in key for key in seconds) else ""),
         "shipped_from": f"python -m suite.reference ship --store {store}",
-        "shipped_at": utc_now(),
+        "shipped_at": now,
         "cells": len(table),
         "arms": sorted(
             arm_key(v, b, r)
@@ -323,6 +329,7 @@ def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
                 )
             )
         ),  # fmt: skip
+        "arm_shipped_at": dict(sorted(dated.items())),
         "kept_arms": dict(sorted(kept.items())),
         "incomplete_arms": missing,
         "absent_arms": absent,
@@ -390,6 +397,21 @@ def _keepable(shipped_before: pd.DataFrame, wanted: set[str]) -> tuple[pd.DataFr
     if rules:
         return None, f"shipped before judged by another verdict rule ({rules[0]})"
     return before, ""
+
+
+def _same_runs(found: pd.DataFrame, shipped_before: pd.DataFrame) -> bool:
+    """Whether the store's cells of an arm are the very runs shipped before (same cells, same
+    start times, same verdicts and losses), not a retrain of them."""
+    both = set(found.columns) & set(shipped_before.columns)
+    identity = [c for c in ("cell_id", "started_at", "verdict", "val_loss") if c in both]
+    if shipped_before.empty or identity[:2] != ["cell_id", "started_at"]:
+        return False
+
+    def runs(table: pd.DataFrame) -> set[tuple[str, ...]]:
+        return set(table[identity].astype(str).itertuples(index=False, name=None))
+
+    before = shipped_before[shipped_before["cell_id"].isin(set(found["cell_id"]))]
+    return len(before) == len(found) and runs(before) == runs(found)
 
 
 def _provenance(key: str, earlier_environment: dict[str, Any]) -> dict[str, Any]:

@@ -722,6 +722,29 @@ def test_ship_extends_what_is_shipped_instead_of_replacing_it(tmp_path):
     assert read_environment(str(out))["kept_arms"] == {}
 
 
+def test_reshipping_the_same_runs_keeps_their_date_a_retrain_gets_a_new_one(tmp_path):
+    """A calibration holds for the runs it checked: shipping a store again (to add another arm)
+    must not re-date the arms whose runs it ships unchanged, or every calibration reads stale."""
+    out = tmp_path / "out"
+    _collected_store(tmp_path / "a", "preln", preset="tiny", val_loss=2.0, verdict="converged")
+    ship(str(tmp_path / "a"), name="tiny", out=out)
+    first = arm_shipped_at(read_environment(str(out)), "preln · gpt2")
+    environment = read_environment(str(out))
+    environment["arm_shipped_at"] = {"preln · gpt2": "2026-01-01T00:00:00+00:00"}
+    (out / ENVIRONMENT).write_text(json.dumps(environment))  # as if shipped long ago
+    ship(str(tmp_path / "a"), name="tiny", out=out)
+    environment = read_environment(str(out))
+    assert arm_shipped_at(environment, "preln · gpt2") == "2026-01-01T00:00:00+00:00"
+    assert environment["shipped_at"] >= first
+
+    runs = pd.read_parquet(tmp_path / "a" / RUNS)
+    runs.loc[0, "started_at"] = "2026-12-07T00:00:00+00:00"  # one cell trained again
+    runs.to_parquet(tmp_path / "a" / RUNS, index=False)
+    ship(str(tmp_path / "a"), name="tiny", out=out)
+    environment = read_environment(str(out))
+    assert arm_shipped_at(environment, "preln · gpt2") == environment["shipped_at"]
+
+
 def test_ship_keeps_no_arm_of_an_older_grid_rule_or_a_part_of_one(tmp_path):
     """Kept cells must still be today's whole grid judged by today's rule; the store's partial
     retrain of a kept arm is said, not hidden."""
