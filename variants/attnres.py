@@ -24,8 +24,8 @@ default), or B ≥ 2N, is the full form: every block one sublayer. The paper lea
 aggregation to its code; here it is one more pseudo-query over all the values, before the final
 norm. Init: Pre-LN's (GPT-2 residual projections). Cost of the full form: every sublayer reads,
 and autograd re-writes, the whole slot tensor, O(N²d) per token over the model; on the CPU that
-is most of its step: 2.4–2.7× Pre-LN's at depth 6, 5–8× at depth 24, 1.9–2.8× with 8 blocks
-(docs/performance.md).
+is most of its step: 2.2–2.7× Pre-LN's at depth 6, 3.6–8× at depth 24, 1.6–2.8× with 8 blocks
+(docs/performance.md; the range is two CPUs).
 """
 
 from __future__ import annotations
@@ -37,28 +37,87 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from variants.base import Recipe, Sublayer, Wiring
-from variants.norms import LayerNorm, RMSNorm, inverse_rms
+from variants.norms import LayerNorm, RMSNorm
 from variants.preln import PreLN
 from variants.registry import register
 
 
 class DepthAttention(nn.Module):
-    """h = Σ_i softmax_i(wᵀ RMSNorm(v_i)) v_i over the values v (..., slots, d) given."""
+    """h = Σ_i softmax_i(wᵀ RMSNorm(v_i)) v_i over the values v (..., slots, d) given, or over
+    the first ``slots`` of them."""
 
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()
         self.query = nn.Parameter(torch.zeros(width))
         self.key_norm = RMSNorm(width, eps)
 
-    def weights(self, values: Tensor) -> Tensor:
-        # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the per-slot scale factored out of
-        # the product, so that the normalized keys are never materialized.
-        scale = inverse_rms(values, self.key_norm.eps).squeeze(-1)
-        logits = (values @ (self.key_norm.weight * self.query)) * scale
-        return logits.softmax(dim=-1)
+    def forward(self, values: Tensor, slots: int | None = None) -> Tensor:
+        slots = values.shape[-2] if slots is None else slots
+        # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the normalized keys never exist.
+        key_query = (self.key_norm.weight * self.query).to(values.dtype)
+        with torch.autocast(values.device.type, enabled=False):  # the stream's own precision
+            read, *_ = _AttendOverDepth.apply(values, key_query, slots, self.key_norm.eps)
+        return read
 
-    def forward(self, values: Tensor) -> Tensor:
-        return (self.weights(values).unsqueeze(-1) * values).sum(dim=-2)
+
+class _AttendOverDepth(torch.autograd.Function):
+    """DepthAttention's read of the first ``slots`` slots of the stream, with its backward
+    written out: autograd's backward of the same few lines (the RMS scale's pow and division,
+    the softmax-weighted sum as a broadcast product, the slice of the stream) made a temporary
+    the size of the read per operation and zero-filled a whole stream-sized gradient per read:
+    most of Block AttnRes's step on a CPU beyond Pre-LN's. Here the weighted sum and its
+    gradient are batched products (per-token GEMMs only where CPU ``bmm`` was faster than a
+    multiply-and-sum, measured) and the values' gradient is three passes over them:
+
+        ∂h/∂v_i ← α_i ∂h,  ∂α_i = v_i·∂h,  ∂ℓ_i = α_i (∂α_i − Σ_j α_j ∂α_j)
+        ℓ_i = s_i (v_i·u), s_i = (|v_i|²/d + ε)^(−½):
+        ∂v_i += ∂ℓ_i s_i u − ∂ℓ_i (v_i·u) s_i³/d · v_i,   ∂u = Σ ∂ℓ_i s_i v_i.
+    """
+
+    generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
+
+    @staticmethod
+    def forward(
+        stream: Tensor, key_query: Tensor, slots: int, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        values = stream[..., :slots, :]
+        precision = torch.float64 if values.dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(values, dim=-1, dtype=precision)
+        scale = torch.rsqrt(norm.square() / values.shape[-1] + eps).to(values.dtype)
+        projected = values @ key_query
+        weights = (projected * scale).softmax(dim=-1)
+        read = (weights.unsqueeze(-2) @ values).squeeze(-2)
+        return read, weights, scale, projected
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        stream, key_query, ctx.slots, _ = inputs
+        _, weights, scale, projected = output
+        ctx.mark_non_differentiable(weights, scale, projected)
+        ctx.save_for_backward(stream, key_query, weights, scale, projected)
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx, grad_read: Tensor, *_: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        stream, key_query, weights, scale, projected = ctx.saved_tensors
+        values = stream[..., : ctx.slots, :]
+        grad_weights = torch.linalg.vecdot(values, grad_read.unsqueeze(-2))
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
+        along_query = grad_logits * scale
+        along_values = -grad_logits * projected * scale.pow(3) / values.shape[-1]
+        grad_values = (weights.unsqueeze(-1) * grad_read.unsqueeze(-2)).addcmul(
+            along_query.unsqueeze(-1), key_query
+        )
+        grad_values = grad_values.addcmul(along_values.unsqueeze(-1), values)
+        grad_key_query = None
+        if ctx.needs_input_grad[1]:
+            grad_key_query = torch.einsum("...s,...sd->d", along_query, values)
+        rest = stream.shape[-2] - ctx.slots
+        if rest:  # the slots not read get nothing (out of place, so that vmap may batch it)
+            zeros = grad_values.new_zeros(*grad_values.shape[:-2], rest, grad_values.shape[-1])
+            grad_values = torch.cat([grad_values, zeros], dim=-2)
+        return grad_values, grad_key_query, None, None
 
 
 class _Put(torch.autograd.Function):
@@ -119,18 +178,15 @@ class AttnResWiring(nn.Module):
         self.norm_attn, self.norm_mlp = LayerNorm(width, eps), LayerNorm(width, eps)
 
     @staticmethod
-    def read(x: Tensor, block: int, first: bool) -> Tensor:
-        return x[..., : block if first else block + 1, :]
-
-    @staticmethod
-    def add(x: Tensor, block: int, first: bool, value: Tensor) -> Tensor:
-        return put(x, block, value, accumulate=not first)
+    def slots(block: int, first: bool) -> int:
+        """How many slots a sublayer reads: the earlier blocks, and its own once it holds some."""
+        return block if first else block + 1
 
     def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
-        h = self.depth_attn(self.read(x, self.block_attn, self.first_attn))
-        x = self.add(x, self.block_attn, self.first_attn, attn(self.norm_attn(h)))
-        h = self.depth_mlp(self.read(x, self.block_mlp, self.first_mlp))
-        return self.add(x, self.block_mlp, self.first_mlp, mlp(self.norm_mlp(h)))
+        h = self.depth_attn(x, self.slots(self.block_attn, self.first_attn))
+        x = put(x, self.block_attn, attn(self.norm_attn(h)), accumulate=not self.first_attn)
+        h = self.depth_mlp(x, self.slots(self.block_mlp, self.first_mlp))
+        return put(x, self.block_mlp, mlp(self.norm_mlp(h)), accumulate=not self.first_mlp)
 
 
 class EmbeddingIntoSlots(nn.Module):

@@ -522,6 +522,11 @@ def test_packed_runs_keep_the_value_residual_of_each_member():
             assert packed_row["loss"] == pytest.approx(row["loss"], rel=1e-4)
 
 
+def unit_weights(self, values: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+    """DepthAttention with every α = 1: the plain sum of the slots read."""
+    return values[..., :slots, :].sum(-2)
+
+
 def test_attention_residuals_with_unit_weights_over_depth_is_pre_ln(monkeypatch):
     """Replace AttnRes's softmax weights by ones and every sublayer reads the plain sum of what
     came before, which is Pre-LN's stream: with Pre-LN's weights copied across, the logits agree."""
@@ -531,7 +536,7 @@ def test_attention_residuals_with_unit_weights_over_depth_is_pre_ln(monkeypatch)
     missing, unexpected = attnres.load_state_dict(preln.state_dict(), strict=False)
     assert not unexpected and all(".query" in k or ".key_norm." in k for k in missing)
     tokens = torch.randint(0, 50, (2, 8))
-    monkeypatch.setattr(DepthAttention, "weights", lambda self, v: torch.ones(v.shape[:-1]))
+    monkeypatch.setattr(DepthAttention, "forward", unit_weights)
     torch.testing.assert_close(attnres(tokens), preln(tokens))
 
 
@@ -544,7 +549,7 @@ def test_block_attention_residuals_with_unit_weights_is_pre_ln_too(monkeypatch, 
     preln, attnres = build("preln"), build("attnres", blocks=blocks)
     attnres.load_state_dict(preln.state_dict(), strict=False)
     tokens = torch.randint(0, 50, (2, 8))
-    monkeypatch.setattr(DepthAttention, "weights", lambda self, v: torch.ones(v.shape[:-1]))
+    monkeypatch.setattr(DepthAttention, "forward", unit_weights)
     torch.testing.assert_close(attnres(tokens), preln(tokens))
 
 
@@ -577,8 +582,9 @@ def test_a_slot_write_and_its_gradients(accumulate):
 
 @pytest.mark.parametrize("blocks", [0, 2])
 def test_attention_residuals_equal_the_formula_as_written_with_every_gradient(monkeypatch, blocks):
-    """The factored key norm and the hand-written slot write against the plain forms: RMSNorm
-    materialized before the query, and the slot written by concatenation."""
+    """The hand-written depth attention and slot write against the formula as written: RMSNorm
+    materialized before the query, the softmax-weighted sum, a block's first sublayer writing
+    its slot and the later ones adding to it, by concatenation."""
     import variants.attnres as attnres
 
     model = build("attnres", blocks=blocks)
@@ -593,22 +599,59 @@ def test_attention_residuals_equal_the_formula_as_written_with_every_gradient(mo
 
     ours, our_grads = loss_and_gradients()
 
-    def plain_put(stream, slot, value, accumulate=False):
-        value = stream[..., slot, :] + value if accumulate else value
-        return torch.cat(
-            [stream[..., :slot, :], value.unsqueeze(-2), stream[..., slot + 1 :, :]], -2
-        )
+    def attend(self, values, slots=None):
+        values = values[..., :slots, :]
+        weights = (self.key_norm(values) @ self.query).softmax(dim=-1)
+        return (weights.unsqueeze(-1) * values).sum(dim=-2)
 
-    monkeypatch.setattr(attnres, "put", plain_put)
-    monkeypatch.setattr(
-        attnres.DepthAttention,
-        "weights",
-        lambda self, values: (self.key_norm(values) @ self.query).softmax(dim=-1),
-    )
+    def write(x, slot, first, value):
+        value = value if first else x[..., slot, :] + value
+        return torch.cat([x[..., :slot, :], value.unsqueeze(-2), x[..., slot + 1 :, :]], -2)
+
+    def wiring(self, x, attn, mlp):
+        for block, first, depth_attn, norm, sublayer in (
+            (self.block_attn, self.first_attn, self.depth_attn, self.norm_attn, attn),
+            (self.block_mlp, self.first_mlp, self.depth_mlp, self.norm_mlp, mlp),
+        ):
+            h = depth_attn(x, block if first else block + 1)
+            x = write(x, block, first, sublayer(norm(h)))
+        return x
+
+    monkeypatch.setattr(attnres.DepthAttention, "forward", attend)
+    monkeypatch.setattr(attnres.AttnResWiring, "forward", wiring)
     plain, plain_grads = loss_and_gradients()
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(our_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_depth_attention_reads_the_first_slots_with_exact_gradients():
+    """The read of the first k slots against the formula, and gradcheck in float64 for the
+    stream (slots not read get nothing), the query and the key norm's gain; batched by vmap."""
+    from variants.attnres import DepthAttention
+
+    attention = DepthAttention(WIDTH, 1e-5).double()
+    with torch.no_grad():
+        attention.query.normal_()
+        attention.key_norm.weight.normal_()
+    stream = torch.randn(2, 3, 5, WIDTH, dtype=torch.float64, requires_grad=True)
+    for slots in (1, 3, 5):
+        values = stream[..., :slots, :]
+        weights = (attention.key_norm(values) @ attention.query).softmax(dim=-1)
+        expected = (weights.unsqueeze(-1) * values).sum(dim=-2)
+        torch.testing.assert_close(attention(stream, slots), expected)
+        assert torch.autograd.gradcheck(lambda s, k=slots: attention(s, k), (stream,))
+    parameters = (attention.query, attention.key_norm.weight)
+    assert torch.autograd.gradcheck(lambda *_: attention(stream.detach(), 3), parameters)
+    members = torch.randn(4, 2, 3, 5, WIDTH)
+    attention = attention.float()
+
+    def read_square(s: torch.Tensor) -> torch.Tensor:
+        return attention(s, 3).square().sum()
+
+    grads = torch.func.vmap(torch.func.grad(read_square))(members)
+    torch.testing.assert_close(grads[1], torch.func.grad(read_square)(members[1]))
+    assert torch.all(grads[..., 3:, :] == 0)
 
 
 def test_block_attention_residuals_read_the_papers_values():
