@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from variants.base import Recipe, Sublayer, Wiring
 from variants.norms import LayerNorm, RMSNorm
@@ -53,6 +53,8 @@ class DepthAttention(nn.Module):
 
     def forward(self, values: Tensor, slots: int | None = None) -> Tensor:
         slots = values.shape[-2] if slots is None else slots
+        if not 0 < slots <= values.shape[-2]:
+            raise ValueError(f"DepthAttention: reads 1 to {values.shape[-2]} slots, not {slots}")
         # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the normalized keys never exist.
         key_query = (self.key_norm.weight * self.query).to(values.dtype)
         with torch.autocast(values.device.type, enabled=False):  # the stream's own precision
@@ -83,9 +85,9 @@ class _AttendOverDepth(torch.autograd.Function):
         values = stream[..., :slots, :]
         precision = torch.float64 if values.dtype == torch.float64 else torch.float32
         norm = torch.linalg.vector_norm(values, dim=-1, dtype=precision)
-        scale = torch.rsqrt(norm.square() / values.shape[-1] + eps).to(values.dtype)
+        scale = torch.rsqrt(norm.square() / values.shape[-1] + eps)  # kept in fp32: s³ below
         projected = values @ key_query
-        weights = (projected * scale).softmax(dim=-1)
+        weights = (projected * scale.to(values.dtype)).softmax(dim=-1)
         read = (weights.unsqueeze(-2) @ values).squeeze(-2)
         return read, weights, scale, projected
 
@@ -97,6 +99,7 @@ class _AttendOverDepth(torch.autograd.Function):
         ctx.save_for_backward(stream, key_query, weights, scale, projected)
 
     @staticmethod
+    @once_differentiable  # its gradient treats the weights and scales as constants
     def backward(
         ctx: FunctionCtx, grad_read: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, None]:
@@ -104,8 +107,14 @@ class _AttendOverDepth(torch.autograd.Function):
         values = stream[..., : ctx.slots, :]
         grad_weights = torch.linalg.vecdot(values, grad_read.unsqueeze(-2))
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
-        along_query = grad_logits * scale
-        along_values = -grad_logits * projected * scale.pow(3) / values.shape[-1]
+        along_query = grad_logits * scale.to(values.dtype)
+        # s³ overflows float16 at the embedding's init (s ≈ 50): formed in the scale's fp32.
+        along_values = (
+            -grad_logits.to(scale.dtype)
+            * projected.to(scale.dtype)
+            * scale.pow(3)
+            / values.shape[-1]
+        ).to(values.dtype)
         grad_values = (weights.unsqueeze(-1) * grad_read.unsqueeze(-2)).addcmul(
             along_query.unsqueeze(-1), key_query
         )

@@ -393,16 +393,12 @@ def calibration_note(
     command += f" --store {where}" if where != CALIBRATION_STORE else ""
     if not calibration:
         return f"no calibration in {where}: does your machine reproduce the reference? {command}"
-    # Valid while the arm's cells are the ones it checked: a later ship that only kept the arm
-    # (and added others) leaves them as they were.
-    made_at = arm_shipped_at(read_environment(reference), arm_key(variant, backbone, recipe))
-    checked_at = calibration.get("reference_shipped_at")
-    same_reference = calibration.get("reference") == str(resolve_store(reference).resolve())
-    if not same_reference or checked_at is None or made_at is None or str(checked_at) < made_at:
-        return (
-            f"the calibration in {where} checked another reference (or this one before its "
-            f"{arm} was shipped): calibrate again: {command}"
-        )
+    stale = (
+        f"the calibration in {where} checked another reference (or this one before its {arm} "
+        f"was shipped): calibrate again: {command}"
+    )
+    if calibration.get("reference") != str(resolve_store(reference).resolve()):
+        return stale
     entry = next(
         (cell for cell in calibration.get("cells", [])
          if calibrated_arm(cell) == (variant, backbone, recipe)),
@@ -410,6 +406,12 @@ def calibration_note(
     )  # fmt: skip
     if entry is None:
         return f"the calibration in {where} did not check {arm}: {command}"
+    # Valid while the arm's cells are the ones it checked: a later ship that kept the arm, or
+    # re-shipped its runs unchanged, leaves them as they were.
+    made_at = arm_shipped_at(read_environment(reference), arm_key(variant, backbone, recipe))
+    checked_at = entry.get("reference_shipped_at") or calibration.get("reference_shipped_at")
+    if checked_at is None or made_at is None or str(checked_at) < made_at:
+        return stale
     if entry.get("verdict_here") == "not trained":
         return (
             f"the calibration of {variant} did not train (its log: {entry.get('log')}): {command}"

@@ -286,7 +286,7 @@ def _ship(store: str, name: str, folder: Path, keep_shipped: bool) -> Path:
             if before is not None:
                 shipped.append(before)
                 kept[key] = _provenance(key, earlier_environment)
-                dated[key] = kept[key].get("shipped_at") or now
+                dated[key] = arm_shipped_at(earlier_environment, key) or now
                 if not found.empty:  # the store's newer cells of it wait for the rest
                     kept[key]["store_holds"] = partial
                 seconds[key] = round(float(before["wall_time_s"].sum()), 1)
@@ -400,10 +400,13 @@ def _keepable(shipped_before: pd.DataFrame, wanted: set[str]) -> tuple[pd.DataFr
 
 
 def _same_runs(found: pd.DataFrame, shipped_before: pd.DataFrame) -> bool:
-    """Whether the store's cells of an arm are the very runs shipped before (same cells, same
-    start times, same verdicts and losses), not a retrain of them."""
+    """Whether the store's cells of an arm are the very runs shipped before, judged as before
+    (same cells, start times, and whatever calibrate reads of them), not a retrain or a
+    re-collect under another rule."""
     both = set(found.columns) & set(shipped_before.columns)
-    identity = [c for c in ("cell_id", "started_at", "verdict", "val_loss") if c in both]
+    compared = ("cell_id", "started_at", "verdict", "val_loss", "escape_step", "borderline",
+                "verdict_rule")  # fmt: skip
+    identity = [c for c in compared if c in both]
     if shipped_before.empty or identity[:2] != ["cell_id", "started_at"]:
         return False
 
@@ -420,7 +423,11 @@ def _provenance(key: str, earlier_environment: dict[str, Any]) -> dict[str, Any]
     carried = earlier_environment.get("kept_arms", {})
     if isinstance(carried, dict) and isinstance(carried.get(key), dict):
         return {k: v for k, v in carried[key].items() if k in ("shipped_at", "shipped_from")}
-    return {k: earlier_environment.get(k) for k in ("shipped_at", "shipped_from")}
+    # An arm that ship re-shipped unchanged keeps the date its runs were first shipped.
+    return {
+        "shipped_at": arm_shipped_at(earlier_environment, key),
+        "shipped_from": earlier_environment.get("shipped_from"),
+    }
 
 
 def _arms_on(
@@ -609,15 +616,26 @@ def calibrate(
 
 
 def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) -> None:
-    """This run's entries replace those of the same arm (variant, backbone, recipe); entries
-    checked against another reference (another folder, or the same re-shipped) are dropped."""
+    """This run's entries replace those of the same arm (variant, backbone, recipe); each
+    entry keeps the ship it checked (``reference_shipped_at``), and earlier entries are dropped
+    where they checked another reference or an arm shipped anew since."""
     environment = read_environment(reference_store)
     shipped_at = environment.get("shipped_at")
     where = str(resolve_store(reference_store).resolve())
     earlier = read_calibration(store)
-    cells = [] if (earlier.get("reference"), earlier.get("reference_shipped_at")) != (
-        where, shipped_at) else earlier.get("cells", [])  # fmt: skip
-    new = json.loads(table.to_json(orient="records"))
+
+    def checked(cell: dict) -> dict:
+        return {**cell, "reference_shipped_at": cell.get("reference_shipped_at")
+                or earlier.get("reference_shipped_at")}  # fmt: skip
+
+    def still_valid(cell: dict) -> bool:
+        made = arm_shipped_at(environment, arm_key(*calibrated_arm(cell)))
+        at = cell["reference_shipped_at"]
+        return at is not None and made is not None and str(at) >= made
+
+    cells = [] if earlier.get("reference") != where else [
+        cell for cell in map(checked, earlier.get("cells", [])) if still_valid(cell)]  # fmt: skip
+    new = json.loads(table.assign(reference_shipped_at=shipped_at).to_json(orient="records"))
     done = {calibrated_arm(cell) for cell in new}
     cells = [c for c in cells if calibrated_arm(c) not in done] + new
     outcome = {

@@ -726,7 +726,9 @@ def test_reshipping_the_same_runs_keeps_their_date_a_retrain_gets_a_new_one(tmp_
     """A calibration holds for the runs it checked: shipping a store again (to add another arm)
     must not re-date the arms whose runs it ships unchanged, or every calibration reads stale."""
     out = tmp_path / "out"
-    _collected_store(tmp_path / "a", "preln", preset="tiny", val_loss=2.0, verdict="converged")
+    _collected_store(
+        tmp_path / "a", "preln", preset="tiny", val_loss=2.0, verdict="converged", escape_step=60.0
+    )
     ship(str(tmp_path / "a"), name="tiny", out=out)
     first = arm_shipped_at(read_environment(str(out)), "preln · gpt2")
     environment = read_environment(str(out))
@@ -737,12 +739,51 @@ def test_reshipping_the_same_runs_keeps_their_date_a_retrain_gets_a_new_one(tmp_
     assert arm_shipped_at(environment, "preln · gpt2") == "2026-01-01T00:00:00+00:00"
     assert environment["shipped_at"] >= first
 
-    runs = pd.read_parquet(tmp_path / "a" / RUNS)
-    runs.loc[0, "started_at"] = "2026-12-07T00:00:00+00:00"  # one cell trained again
-    runs.to_parquet(tmp_path / "a" / RUNS, index=False)
-    ship(str(tmp_path / "a"), name="tiny", out=out)
+    _collected_store(tmp_path / "b", "postln", preset="tiny")
+    ship(str(tmp_path / "b"), name="tiny", out=out)  # Pre-LN kept: still its first date
     environment = read_environment(str(out))
-    assert arm_shipped_at(environment, "preln · gpt2") == environment["shipped_at"]
+    assert arm_shipped_at(environment, "preln · gpt2") == "2026-01-01T00:00:00+00:00"
+    assert environment["kept_arms"]["preln · gpt2"]["shipped_at"] == "2026-01-01T00:00:00+00:00"
+    ship(str(tmp_path / "b"), name="tiny", out=out)
+    assert arm_shipped_at(read_environment(str(out)), "preln · gpt2") == "2026-01-01T00:00:00+00:00"
+
+    runs = pd.read_parquet(tmp_path / "a" / RUNS)
+    for column, value in (("escape_step", 99.0), ("started_at", "2026-12-07T00:00:00+00:00")):
+        runs.loc[0, column] = value  # re-collected with another escape; then trained again
+        runs.to_parquet(tmp_path / "a" / RUNS, index=False)
+        ship(str(tmp_path / "a"), name="tiny", out=out)
+        environment = read_environment(str(out))
+        assert arm_shipped_at(environment, "preln · gpt2") == environment["shipped_at"]
+        dated = {**environment["arm_shipped_at"], "preln · gpt2": "2026-01-01T00:00:00+00:00"}
+        (out / ENVIRONMENT).write_text(json.dumps({**environment, "arm_shipped_at": dated}))
+
+
+def test_a_calibration_of_an_arm_shipped_unchanged_since_survives_the_next_calibrate(tmp_path):
+    """Calibrating one arm keeps the other arms' entries while their runs are the ones they
+    checked, and drops an entry whose arm was shipped anew after it."""
+    from suite.launch.reference import _merge_calibration
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    environment = {"shipped_at": "2026-03-01", "arm_shipped_at": {"preln · gpt2": "2026-01-01",
+                   "postln · gpt2": "2026-03-01", "rezero · gpt2": "2026-01-01"}}  # fmt: skip
+    (reference / ENVIRONMENT).write_text(json.dumps(environment))
+
+    def entry(variant: str, **other) -> dict:
+        return {"variant": variant, "backbone": "gpt2", "within_tolerance": True, **other}
+
+    earlier = {
+        "reference": str(reference.resolve()),
+        "reference_shipped_at": "2026-02-01",  # the ship they were checked against
+        "cells": [entry("preln"), entry("postln"), entry("rezero", reference_shipped_at="2025")],
+    }
+    (tmp_path / "calibration.json").write_text(json.dumps(earlier))
+    _merge_calibration(str(tmp_path), str(reference), pd.DataFrame([entry("rmsnorm")]))
+    merged = json.loads((tmp_path / "calibration.json").read_text())
+    assert [(c["variant"], c["reference_shipped_at"]) for c in merged["cells"]] == [
+        ("preln", "2026-02-01"),
+        ("rmsnorm", "2026-03-01"),
+    ]  # fmt: skip: Post-LN shipped anew since; ReZero checked before its runs were shipped
 
 
 def test_ship_keeps_no_arm_of_an_older_grid_rule_or_a_part_of_one(tmp_path):

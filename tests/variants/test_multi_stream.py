@@ -652,6 +652,24 @@ def test_depth_attention_reads_the_first_slots_with_exact_gradients():
     grads = torch.func.vmap(torch.func.grad(read_square))(members)
     torch.testing.assert_close(grads[1], torch.func.grad(read_square)(members[1]))
     assert torch.all(grads[..., 3:, :] == 0)
+    for slots in (0, 6):
+        with pytest.raises(ValueError, match=f"reads 1 to 5 slots, not {slots}"):
+            attention(members[0], slots)
+
+
+def test_depth_attention_refuses_a_second_derivative_and_keeps_half_precision_finite():
+    """Its backward treats the weights as constants: a second derivative would be silently
+    wrong, so it raises. In float16, s³ at the embedding's init (s ≈ 50) would overflow."""
+    from variants.attnres import DepthAttention
+
+    attention = DepthAttention(WIDTH, 1e-5)
+    stream = torch.randn(2, 3, 5, WIDTH, requires_grad=True)
+    (grad,) = torch.autograd.grad(attention(stream, 3).square().sum(), stream, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        grad.sum().backward()
+    small = (0.02 * torch.randn(2, 3, 5, WIDTH)).half().requires_grad_()
+    attention.half()(small, 4).float().square().sum().backward()
+    assert torch.isfinite(small.grad).all()
 
 
 def test_block_attention_residuals_read_the_papers_values():
