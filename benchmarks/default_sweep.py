@@ -107,7 +107,9 @@ def main() -> None:
         shared = verdicts[first].index.intersection(verdicts[row["arm"]].index)
         same = int((verdicts[first][shared] == verdicts[row["arm"]][shared]).sum())
         lrs = ", ".join(f"L{d}: {lr:g}" for d, lr in sorted(row["max_stable_lr"].items()))
-        print(f"| `{row['command']}` | {row['cells']} | {row['seconds'] / 60:.1f} min | "
+        cache = {"compiled": ", empty compile cache", "compiled-warm": ", warm compile cache"}
+        print(f"| `{row['command']}`{cache.get(row['arm'], '')} | {row['cells']} | "
+              f"{row['seconds'] / 60:.1f} min | "
               f"{row['cells_per_hour']:.0f} | {lrs} | {same} of {len(shared)} |")  # fmt: skip
 
 
