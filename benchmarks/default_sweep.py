@@ -40,6 +40,7 @@ from suite.store import read_runs
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("grid", "compiled", "compiled-warm", "frontier")
+CACHE = {"compiled": ", empty compile cache", "compiled-warm": ", warm compile cache"}
 DEFAULT_ARMS = ("grid", "compiled", "frontier")
 
 
@@ -107,8 +108,7 @@ def main() -> None:
         shared = verdicts[first].index.intersection(verdicts[row["arm"]].index)
         same = int((verdicts[first][shared] == verdicts[row["arm"]][shared]).sum())
         lrs = ", ".join(f"L{d}: {lr:g}" for d, lr in sorted(row["max_stable_lr"].items()))
-        cache = {"compiled": ", empty compile cache", "compiled-warm": ", warm compile cache"}
-        print(f"| `{row['command']}`{cache.get(row['arm'], '')} | {row['cells']} | "
+        print(f"| `{row['command']}`{CACHE.get(row['arm'], '')} | {row['cells']} | "
               f"{row['seconds'] / 60:.1f} min | "
               f"{row['cells_per_hour']:.0f} | {lrs} | {same} of {len(shared)} |")  # fmt: skip
 

@@ -240,6 +240,17 @@ def arm_shipped_at(environment: dict[str, Any], key: str) -> str | None:
     return None if shipped_at is None else str(shipped_at)
 
 
+def checks_the_shipped_runs(
+    entry: dict[str, Any], calibration: dict[str, Any], environment: dict[str, Any]
+) -> bool:
+    """Whether a calibration entry checked its arm's runs as the reference ships them now: it
+    checked a ship no older than the one that first shipped them (an entry written before
+    entries carried their own ship date goes by its file's)."""
+    checked = entry.get("reference_shipped_at") or calibration.get("reference_shipped_at")
+    made = arm_shipped_at(environment, arm_key(*calibrated_arm(entry)))
+    return checked is not None and made is not None and str(checked) >= made
+
+
 def read_runs(store: str | Path) -> pd.DataFrame:
     """The store's collected table as the last collect wrote it; FileNotFoundError, saying how
     to make it, when there is none. ``reference`` reads the shipped reference."""

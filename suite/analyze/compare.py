@@ -57,9 +57,8 @@ from suite.config import SECTIONS, CellConfig, OptimConfig, TrainConfig
 from suite.record import GROUPS
 from suite.store import (
     CALIBRATION_STORE,
-    arm_key,
-    arm_shipped_at,
     calibrated_arm,
+    checks_the_shipped_runs,
     is_reference,
     read_calibration,
     read_environment,
@@ -408,9 +407,7 @@ def calibration_note(
         return f"the calibration in {where} did not check {arm}: {command}"
     # Valid while the arm's cells are the ones it checked: a later ship that kept the arm, or
     # re-shipped its runs unchanged, leaves them as they were.
-    made_at = arm_shipped_at(read_environment(reference), arm_key(variant, backbone, recipe))
-    checked_at = entry.get("reference_shipped_at") or calibration.get("reference_shipped_at")
-    if checked_at is None or made_at is None or str(checked_at) < made_at:
+    if not checks_the_shipped_runs(entry, calibration, read_environment(reference)):
         return stale
     if entry.get("verdict_here") == "not trained":
         return (

@@ -68,6 +68,7 @@ from suite.store import (
     arm_key,
     arm_shipped_at,
     calibrated_arm,
+    checks_the_shipped_runs,
     column,
     finished_record,
     read_calibration,
@@ -624,17 +625,12 @@ def _merge_calibration(store: str, reference_store: str, table: pd.DataFrame) ->
     where = str(resolve_store(reference_store).resolve())
     earlier = read_calibration(store)
 
-    def checked(cell: dict) -> dict:
-        return {**cell, "reference_shipped_at": cell.get("reference_shipped_at")
-                or earlier.get("reference_shipped_at")}  # fmt: skip
-
-    def still_valid(cell: dict) -> bool:
-        made = arm_shipped_at(environment, arm_key(*calibrated_arm(cell)))
-        at = cell["reference_shipped_at"]
-        return at is not None and made is not None and str(at) >= made
-
     cells = [] if earlier.get("reference") != where else [
-        cell for cell in map(checked, earlier.get("cells", [])) if still_valid(cell)]  # fmt: skip
+        {**cell, "reference_shipped_at": cell.get("reference_shipped_at")
+         or earlier.get("reference_shipped_at")}
+        for cell in earlier.get("cells", [])
+        if checks_the_shipped_runs(cell, earlier, environment)
+    ]  # fmt: skip
     new = json.loads(table.assign(reference_shipped_at=shipped_at).to_json(orient="records"))
     done = {calibrated_arm(cell) for cell in new}
     cells = [c for c in cells if calibrated_arm(c) not in done] + new
