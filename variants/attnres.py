@@ -13,19 +13,19 @@ one learned pseudo-query w_l ∈ ℝ^d per sublayer (and one for the output), in
 that every sublayer starts from the uniform mean of what came before; the keys are the values
 through an RMSNorm with a gain. With unit weights α in place of the softmax this is Pre-LN.
 
-The residual stream holds one slot per value, (batch, seq, 2N + 1, d): the memory the paper
-calls O(Ld). ``variant.blocks=B`` builds the paper's Block AttnRes instead (§3.2, "with about 8
-blocks it recovers most of the gains"): the 2N sublayers in B contiguous blocks of S = ⌊2N/B⌋
-(the last absorbs the remainder), each block's outputs summed into one representation b_n as a
-plain residual would, b₀ the embedding; the first sublayer of block n reads softmax attention
-over [b₀ … b_{n−1}], a later one over [b₀ … b_{n−1}, b_n^{i−1}] (the block's partial sum so
-far), and the output over [b₀ … b_B]. The stream then holds B + 1 slots, O(Bd). B = 0 (the
-default), or B ≥ 2N, is the full form: every block one sublayer. The paper leaves the output's
-aggregation to its code; here it is one more pseudo-query over all the values, before the final
-norm. Init: Pre-LN's (GPT-2 residual projections). Cost of the full form: every sublayer reads,
-and autograd re-writes, the whole slot tensor, O(N²d) per token over the model; on the CPU that
-is most of its step: 2.2–2.7× Pre-LN's at depth 6, 3.6–8× at depth 24, 1.6–2.8× with 8 blocks
-(docs/performance.md; the range is two CPUs).
+The residual stream holds one slot per value, 2N + 1 tensors of (batch, seq, d): the memory
+the paper calls O(Ld). ``variant.blocks=B`` builds the paper's Block AttnRes instead (§3.2,
+"with about 8 blocks it recovers most of the gains"): the 2N sublayers in B contiguous blocks of
+S = ⌊2N/B⌋ (the last absorbs the remainder), each block's outputs summed into one representation
+b_n as a plain residual would, b₀ the embedding; the first sublayer of block n reads softmax
+attention over [b₀ … b_{n−1}], a later one over [b₀ … b_{n−1}, b_n^{i−1}] (the block's partial
+sum so far), and the output over [b₀ … b_B]. The stream then holds B + 1 slots, O(Bd). B = 0
+(the default), or B ≥ 2N, is the full form: every block one sublayer. The paper leaves the
+output's aggregation to its code; here it is one more pseudo-query over all the values, before
+the final norm. Init: Pre-LN's (GPT-2 residual projections). Cost of the full form: every
+sublayer reads every earlier value, O(N²d) per token over the model: on a 2-core CPU 1.5–1.8×
+Pre-LN's step at depth 6 and 2.7–3.1× at depth 24; with 8 blocks 1.3–1.6× at depth 24
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -41,35 +41,42 @@ from variants.norms import LayerNorm, RMSNorm
 from variants.preln import PreLN
 from variants.registry import register
 
+Slots = tuple[Tensor, ...]
+"""AttnRes's residual stream: one (batch, seq, width) tensor per slot, b₀ the embedding's. A tuple,
+not one (batch, seq, slots, width) tensor: a sublayer then writes its slot without copying the
+others, and each slot's gradient accumulates in place; with one tensor, every write copied the
+whole stream and every read's backward filled a stream-sized gradient, most of Block AttnRes's
+step on a CPU beyond Pre-LN's (docs/performance.md)."""
+
 
 class DepthAttention(nn.Module):
-    """h = Σ_i softmax_i(wᵀ RMSNorm(v_i)) v_i over the values v (..., slots, d) given, or over
-    the first ``slots`` of them."""
+    """h = Σ_i softmax_i(wᵀ RMSNorm(v_i)) v_i over the slots v given, or over the first
+    ``slots`` of them: a tuple of (..., d) tensors, or one (..., slots, d) tensor."""
 
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()
         self.query = nn.Parameter(torch.zeros(width))
         self.key_norm = RMSNorm(width, eps)
 
-    def forward(self, values: Tensor, slots: int | None = None) -> Tensor:
-        slots = values.shape[-2] if slots is None else slots
-        if not 0 < slots <= values.shape[-2]:
-            raise ValueError(f"DepthAttention: reads 1 to {values.shape[-2]} slots, not {slots}")
+    def forward(self, values: Slots | Tensor, slots: int | None = None) -> Tensor:
+        if isinstance(values, Tensor):
+            values = values.unbind(-2)
+        slots = len(values) if slots is None else slots
+        if not 0 < slots <= len(values):
+            raise ValueError(f"DepthAttention: reads 1 to {len(values)} slots, not {slots}")
         # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the normalized keys never exist.
-        key_query = (self.key_norm.weight * self.query).to(values.dtype)
-        with torch.autocast(values.device.type, enabled=False):  # the stream's own precision
-            read, *_ = _AttendOverDepth.apply(values, key_query, slots, self.key_norm.eps)
+        key_query = (self.key_norm.weight * self.query).to(values[0].dtype)
+        with torch.autocast(values[0].device.type, enabled=False):  # the stream's own precision
+            read, *_ = _AttendOverDepth.apply(key_query, self.key_norm.eps, *values[:slots])
         return read
 
 
 class _AttendOverDepth(torch.autograd.Function):
-    """DepthAttention's read of the first ``slots`` slots of the stream, with its backward
-    written out: autograd's backward of the same few lines (the RMS scale's pow and division,
-    the softmax-weighted sum as a broadcast product, the slice of the stream) made a temporary
-    the size of the read per operation and zero-filled a whole stream-sized gradient per read:
-    most of Block AttnRes's step on a CPU beyond Pre-LN's. Here the weighted sum and its
-    gradient are batched products (per-token GEMMs only where CPU ``bmm`` was faster than a
-    multiply-and-sum, measured) and the values' gradient is three passes over them:
+    """DepthAttention's read of the slots given, with its backward written out: autograd's
+    backward of the same few lines (the RMS scale's pow and division, the softmax-weighted sum
+    as a broadcast product) made a temporary the size of the read per operation. Here each slot
+    is visited a few times in each direction, every temporary is one slot's size, and each slot
+    gets its own gradient (autograd adds it in place to what the later reads gave that slot):
 
         ∂h/∂v_i ← α_i ∂h,  ∂α_i = v_i·∂h,  ∂ℓ_i = α_i (∂α_i − Σ_j α_j ∂α_j)
         ℓ_i = s_i (v_i·u), s_i = (|v_i|²/d + ε)^(−½):
@@ -79,89 +86,62 @@ class _AttendOverDepth(torch.autograd.Function):
     generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
 
     @staticmethod
-    def forward(
-        stream: Tensor, key_query: Tensor, slots: int, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        values = stream[..., :slots, :]
-        precision = torch.float64 if values.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(values, dim=-1, dtype=precision)
-        scale = torch.rsqrt(norm.square() / values.shape[-1] + eps)  # kept in fp32: s³ below
-        projected = values @ key_query
-        weights = (projected * scale.to(values.dtype)).softmax(dim=-1)
-        read = (weights.unsqueeze(-2) @ values).squeeze(-2)
+    def forward(key_query: Tensor, eps: float, *values: Tensor) -> tuple[Tensor, ...]:
+        # Per-slot quantities slot-first, (slots, ...): CPU softmax over a last dimension of
+        # 2–9 took 55–165 µs for 1024 tokens, over the first 3–9 µs.
+        precision = torch.float64 if values[0].dtype == torch.float64 else torch.float32
+        norm = torch.stack([torch.linalg.vector_norm(v, dim=-1, dtype=precision) for v in values])
+        scale = torch.rsqrt(norm.square() / values[0].shape[-1] + eps)  # kept in fp32: s³ below
+        projected = torch.stack([v @ key_query for v in values])
+        weights = (projected * scale.to(values[0].dtype)).softmax(dim=0).unsqueeze(-1)
+        read = values[0] * weights[0]
+        for value, weight in zip(values[1:], weights[1:], strict=True):
+            read = torch.addcmul(read, value, weight)
         return read, weights, scale, projected
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
-        stream, key_query, ctx.slots, _ = inputs
+        key_query, _, *values = inputs
         _, weights, scale, projected = output
         ctx.mark_non_differentiable(weights, scale, projected)
-        ctx.save_for_backward(stream, key_query, weights, scale, projected)
+        ctx.save_for_backward(key_query, weights, scale, projected, *values)
 
     @staticmethod
     @once_differentiable  # its gradient treats the weights and scales as constants
-    def backward(
-        ctx: FunctionCtx, grad_read: Tensor, *_: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None]:
-        stream, key_query, weights, scale, projected = ctx.saved_tensors
-        values = stream[..., : ctx.slots, :]
-        grad_weights = torch.linalg.vecdot(values, grad_read.unsqueeze(-2))
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
-        along_query = grad_logits * scale.to(values.dtype)
+    def backward(ctx: FunctionCtx, grad_read: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        key_query, weights, scale, projected, *values = ctx.saved_tensors
+        grad_weights = torch.stack([torch.linalg.vecdot(v, grad_read) for v in values])
+        weights = weights.squeeze(-1)
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(0, keepdim=True))
+        along_query = (grad_logits * scale.to(grad_logits.dtype)).unsqueeze(-1)
         # s³ overflows float16 at the embedding's init (s ≈ 50): formed in the scale's fp32.
         along_values = (
-            -grad_logits.to(scale.dtype)
-            * projected.to(scale.dtype)
-            * scale.pow(3)
-            / values.shape[-1]
-        ).to(values.dtype)
-        grad_values = (weights.unsqueeze(-1) * grad_read.unsqueeze(-2)).addcmul(
-            along_query.unsqueeze(-1), key_query
-        )
-        grad_values = grad_values.addcmul(along_values.unsqueeze(-1), values)
+            -grad_logits.to(scale.dtype) * projected.to(scale.dtype) * scale.pow(3)
+            / values[0].shape[-1]
+        ).to(values[0].dtype).unsqueeze(-1)  # fmt: skip
+        weights = weights.unsqueeze(-1)
+        grad_values = [
+            torch.addcmul(torch.addcmul(query * key_query, grad_read, weight), along, value)
+            for value, weight, query, along in zip(
+                values, weights, along_query, along_values, strict=True
+            )
+        ]
         grad_key_query = None
-        if ctx.needs_input_grad[1]:
-            grad_key_query = torch.einsum("...s,...sd->d", along_query, values)
-        rest = stream.shape[-2] - ctx.slots
-        if rest:  # the slots not read get nothing (out of place, so that vmap may batch it)
-            zeros = grad_values.new_zeros(*grad_values.shape[:-2], rest, grad_values.shape[-1])
-            grad_values = torch.cat([grad_values, zeros], dim=-2)
-        return grad_values, grad_key_query, None, None
+        if ctx.needs_input_grad[0]:  # Σ_i ∂ℓ_i s_i v_i over the tokens: one matrix-vector each
+            grad_key_query = sum(
+                query.flatten() @ value.flatten(0, -2)
+                for query, value in zip(along_query, values, strict=True)
+            )
+        return grad_key_query, None, *grad_values
 
 
-class _Put(torch.autograd.Function):
-    """A copy of the stream with one slot set to a value, or with a value added to it. Written
-    out because autograd's backward of the same cat or slice assignment zero-filled a full
-    slot-tensor gradient per piece and added them up: most of Block AttnRes's step on a CPU."""
-
-    generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
-
-    @staticmethod
-    def forward(stream: Tensor, value: Tensor, slot: int, accumulate: bool) -> Tensor:
-        value = value.unsqueeze(-2)
-        if accumulate:
-            value = stream[..., slot : slot + 1, :] + value
-        # Out of place (a scatter into a copy), so that vmap may batch value and not stream.
-        return stream.slice_scatter(value, dim=-2, start=slot, end=slot + 1)
-
-    @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
-        ctx.slot, ctx.accumulate = inputs[2], inputs[3]
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        slot = slice(ctx.slot, ctx.slot + 1)
-        grad_value = grad[..., ctx.slot, :].clone()
-        if not ctx.accumulate:  # the overwritten slot passes nothing back
-            zeros = grad.new_zeros(grad[..., slot, :].shape)
-            grad = grad.slice_scatter(zeros, dim=-2, start=slot.start, end=slot.stop)
-        return grad, grad_value, None, None
-
-
-def put(stream: Tensor, slot: int, value: Tensor, accumulate: bool = False) -> Tensor:
-    """The stream with ``value`` (..., d) in ``slot``, or added to it (out of place: autograd
-    keeps the old stream)."""
-    return _Put.apply(stream, value.to(stream.dtype), slot, accumulate)
+def put(stream: Slots, slot: int, value: Tensor, accumulate: bool = False) -> Slots:
+    """The stream with ``value`` (..., d) in ``slot``, or added to it; the other slots are the
+    same tensors."""
+    value = value.to(stream[slot].dtype)
+    if accumulate:
+        value = stream[slot] + value
+    return (*stream[:slot], value, *stream[slot + 1 :])
 
 
 def block_of(sublayer: int, sublayers: int, blocks: int) -> tuple[int, bool]:
@@ -191,7 +171,7 @@ class AttnResWiring(nn.Module):
         """How many slots a sublayer reads: the earlier blocks, and its own once it holds some."""
         return block if first else block + 1
 
-    def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor:
+    def forward(self, x: Slots, attn: Sublayer, mlp: Sublayer) -> Slots:
         h = self.depth_attn(x, self.slots(self.block_attn, self.first_attn))
         x = put(x, self.block_attn, attn(self.norm_attn(h)), accumulate=not self.first_attn)
         h = self.depth_mlp(x, self.slots(self.block_mlp, self.first_mlp))
@@ -199,15 +179,16 @@ class AttnResWiring(nn.Module):
 
 
 class EmbeddingIntoSlots(nn.Module):
-    """The embedding in slot 0 of 2N + 1; the sublayers fill the rest."""
+    """The embedding in slot 0 of 2N + 1 (B + 1 in blocks); the sublayers fill the rest, which
+    hold zeros until then (one broadcast zero: no memory)."""
 
     def __init__(self, slots: int) -> None:
         super().__init__()
         self.slots = slots
 
-    def forward(self, x: Tensor) -> Tensor:
-        empty = x.new_zeros(*x.shape[:-1], self.slots - 1, x.shape[-1])
-        return torch.cat([x.unsqueeze(-2), empty], dim=-2)
+    def forward(self, x: Tensor) -> Slots:
+        empty = x.new_zeros(()).expand(x.shape)
+        return (x, *(empty,) * (self.slots - 1))
 
 
 @register("attnres")

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 from torch import Tensor, nn
 
 Sublayer = Callable[[Tensor], Tensor]
+Stream = Tensor | tuple[Tensor, ...]
+"""The residual stream between blocks: one tensor, or a slot variant's tuple of slots."""
 """One of a block's two sublayers: causal self-attention (F) or the MLP (G), width → width."""
 
 GPT2_INIT_STD = 0.02
@@ -26,12 +28,14 @@ GPT2_INIT_STD = 0.02
 class Wiring(Protocol):
     """A block's residual arrangement: how its two sublayers, their norms and the residual
     stream combine. ``forward(x, attn, mlp)`` maps the residual stream (batch, seq, width) to
-    the next one, of the same shape. Implement it as an :class:`torch.nn.Module` so that its
-    own parameters (norm gains, residual scales) train with the model; the model calls it."""
+    the next one, of the same shape (or, for a variant whose :meth:`Variant.expand_stream` makes
+    a tuple of slots, to a tuple of as many slots, each of the same shape). Implement it as an
+    :class:`torch.nn.Module` so that its own parameters (norm gains, residual scales) train with
+    the model; the model calls it."""
 
-    def forward(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor: ...
+    def forward(self, x: Stream, attn: Sublayer, mlp: Sublayer) -> Stream: ...
 
-    def __call__(self, x: Tensor, attn: Sublayer, mlp: Sublayer) -> Tensor: ...
+    def __call__(self, x: Stream, attn: Sublayer, mlp: Sublayer) -> Stream: ...
 
 
 SATURATION_SLOPE = 0.1
@@ -228,8 +232,10 @@ class Variant:
     def expand_stream(self, width: int, n_layers: int) -> nn.Module:
         """The module that turns the embeddings (batch, seq, width) into the variant's residual
         stream, which its wirings map to a stream of the same shape. Identity by default (one
-        stream of width d); a multi-stream variant (Hyper-Connections) returns n copies, and
-        Attention Residuals a slot for every sublayer of the ``n_layers`` blocks."""
+        stream of width d); a multi-stream variant (Hyper-Connections) returns n copies as one
+        (batch, seq, n, width) tensor, and Attention Residuals a tuple of (batch, seq, width)
+        slots, one for every sublayer of the ``n_layers`` blocks: a tuple when a sublayer writes
+        one slot and reads some, so that a write does not copy the others."""
         return nn.Identity()
 
     def collapse_stream(self, width: int, n_layers: int) -> nn.Module:

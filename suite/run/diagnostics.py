@@ -151,12 +151,14 @@ def stream_shares(streams: torch.Tensor) -> list[float]:
     return (rms / rms.sum().clamp_min(torch.finfo(rms.dtype).tiny)).tolist()
 
 
-def stream_rms(stream: torch.Tensor) -> float:
-    """RMS of a residual stream: (batch, seq, width), or (batch, seq, slots, width) for a variant
-    that carries several. A slot that is exactly zero everywhere is left out: AttnRes fills its
-    2N + 1 slots block by block, and counting the ones not written yet would make the RMS grow
-    with depth by √(filled / total) alone."""
-    values = stream.float()
+def stream_rms(stream: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
+    """RMS of a residual stream: (batch, seq, width), or (batch, seq, slots, width) or a tuple
+    of (batch, seq, width) slots for a variant that carries several. A slot that is exactly zero
+    everywhere is left out: AttnRes fills its 2N + 1 slots block by block, and counting the ones
+    not written yet would make the RMS grow with depth by √(filled / total) alone."""
+    if isinstance(stream, tuple):
+        stream = torch.stack([part.detach() for part in stream], dim=-2)
+    values = stream.detach().float()
     if values.dim() == 4:
         values = values[:, :, values.ne(0).any(dim=3).any(dim=1).any(dim=0)]  # NaN ≠ 0: kept
     return values.pow(2).mean().sqrt().item()
@@ -190,7 +192,7 @@ class Probe:
             self.hidden = output.detach().float()
 
         def after_block(_module, _inputs, output: torch.Tensor) -> None:
-            self.act_rms.append(stream_rms(output.detach()))
+            self.act_rms.append(stream_rms(output))
 
         def before_attention(module, inputs: tuple[torch.Tensor, ...]) -> None:
             self.attn_logit_max.append(module.max_logit(inputs[0].detach()))

@@ -324,6 +324,21 @@ class SwiGLU(nn.Module):
         return self.proj(F.silu(gate) * up)
 
 
+def stream_parts(stream: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors a residual stream is made of: itself, or a slot variant's tuple of slots."""
+    return stream if isinstance(stream, tuple) else (stream,)
+
+
+def stream_layout(stream: object) -> object:
+    """A residual stream's shape, (batch, seq, …), or a tuple of its slots' shapes; anything
+    else by its type's name (what a broken block returned)."""
+    if isinstance(stream, torch.Tensor):
+        return tuple(stream.shape)
+    if isinstance(stream, tuple) and all(isinstance(part, torch.Tensor) for part in stream):
+        return tuple(tuple(part.shape) for part in stream)
+    return type(stream).__name__
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -476,13 +491,12 @@ class GPT(nn.Module):
         x = self.expand_stream(embedded)
         for index, block in enumerate(self.blocks):
             y = block(x)
-            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            if stream_layout(y) != stream_layout(x):
                 raise VariantError(
                     f"variant {variant_name!r}: block {index} maps the residual stream "
-                    f"{tuple(x.shape)} to {got}; a block must keep its shape"
+                    f"{stream_layout(x)} to {stream_layout(y)}; a block must keep its shape"
                 )
-            if not torch.isfinite(y).all():
+            if not all(torch.isfinite(part).all() for part in stream_parts(y)):
                 raise VariantError(
                     f"variant {variant_name!r}: block {index} returns non-finite values at init"
                 )

@@ -313,6 +313,51 @@ def test_non_finite_block_is_caught_at_build_time():
         GPT(ModelShape(256, 16, 2, 2, 4.0, 8), NaNWiring())
 
 
+def test_a_slot_stream_must_keep_its_slots_and_stay_finite_too():
+    """A variant's stream may be a tuple of slots (AttnRes's): a block that drops a slot, or
+    writes a non-finite one, is caught at build time like a tensor stream's."""
+    import torch
+
+    from suite.run.model import GPT, ModelShape, VariantError
+
+    class TwoSlots(torch.nn.Module):
+        def forward(self, x):
+            return (x, torch.zeros_like(x))
+
+    class FirstSlot(torch.nn.Module):
+        def forward(self, slots):
+            return slots[0]
+
+    def slot_variant(name, forward):
+        class Wiring(torch.nn.Module):
+            def forward(self, x, attn, mlp):
+                return forward(x)
+
+        class Slotted(Variant):
+            formula = name
+
+            def wiring(self, width, n_layers, layer):
+                return Wiring()
+
+            def expand_stream(self, width, n_layers):
+                return TwoSlots()
+
+            def collapse_stream(self, width, n_layers):
+                return FirstSlot()
+
+        Slotted.name = name
+        return Slotted()
+
+    kept = GPT(ModelShape(256, 16, 2, 2, 4.0, 8), slot_variant("kept", lambda x: x))
+    assert kept(torch.randint(0, 256, (2, 8))).shape == (2, 8, 256)
+    dropped = slot_variant("dropped", lambda x: x[:1])
+    with pytest.raises(VariantError, match=r"\(\(1, 8, 16\), \(1, 8, 16\)\) to \(\(1, 8, 16\),\)"):
+        GPT(ModelShape(256, 16, 2, 2, 4.0, 8), dropped)
+    poisoned = slot_variant("poisoned", lambda x: (x[0], x[1] * float("nan")))
+    with pytest.raises(VariantError, match="'poisoned': block 0 returns non-finite values"):
+        GPT(ModelShape(256, 16, 2, 2, 4.0, 8), poisoned)
+
+
 def test_a_wiring_that_is_not_a_module_is_refused_at_build_time():
     from suite.run.model import GPT, ModelShape, VariantError
 

@@ -53,10 +53,14 @@ def test_block_matches_formula(name):
     model = make_model(name)
     randomize(model)
     x = model.expand_stream(torch.randn(2, 8, WIDTH))
-    x = x + 0.3 * torch.randn_like(x)  # a multi-stream variant's streams differ after training
+    slots = isinstance(x, tuple)  # AttnRes: compared as one (batch, seq, slots, width) tensor
+    stacked = torch.stack(x, dim=-2) if slots else x
+    stacked = stacked + 0.3 * torch.randn_like(stacked)  # streams differ after training
+    x = stacked.unbind(-2) if slots else stacked
     for block in model.blocks:
-        expected = reference_block(name, block, x, DEPTH)
-        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
+        expected = reference_block(name, block, stacked, DEPTH)
+        got = torch.stack(block(x), dim=-2) if slots else block(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_final_norm_placement():
@@ -253,6 +257,7 @@ def test_admin_omega_follows_the_authors_profiling_recursion_on_two_layers():
 
 # The typed contract.
 WIRING_FORWARD = {"x": Tensor, "attn": Sublayer, "mlp": Sublayer, "return": Tensor}
+SLOT_WIRING_FORWARD = {**WIRING_FORWARD, "x": tuple[Tensor, ...], "return": tuple[Tensor, ...]}
 
 
 @pytest.mark.parametrize("name", BUILT_INS)
@@ -262,7 +267,8 @@ def test_every_wiring_of_a_built_in_is_a_typed_wiring_module(name):
     for block in make_model(name).blocks:
         wiring = block.wiring
         assert isinstance(wiring, Wiring) and isinstance(wiring, torch.nn.Module)
-        assert typing.get_type_hints(type(wiring).forward) == WIRING_FORWARD, type(wiring)
+        hints = typing.get_type_hints(type(wiring).forward)
+        assert hints in (WIRING_FORWARD, SLOT_WIRING_FORWARD), type(wiring)
 
 
 class RecordsItsInitView(variants.get("preln")):
