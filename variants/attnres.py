@@ -94,10 +94,12 @@ class _AttendOverDepth(torch.autograd.Function):
         scale = torch.rsqrt(norm.square() / values[0].shape[-1] + eps)  # kept in fp32: s³ below
         projected = torch.stack([v @ key_query for v in values])
         weights = (projected * scale.to(values[0].dtype)).softmax(dim=0).unsqueeze(-1)
-        read = values[0] * weights[0]
+        # Summed in fp32 (a no-op for a float32 stream): in a bfloat16 model the sum over up to
+        # 2N + 1 slots would round after each one.
+        read = values[0] * weights[0].to(precision)
         for value, weight in zip(values[1:], weights[1:], strict=True):
             read = torch.addcmul(read, value, weight)
-        return read, weights, scale, projected
+        return read.to(values[0].dtype), weights, scale, projected
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:

@@ -16,9 +16,11 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 from torch import Tensor, nn
 
 Sublayer = Callable[[Tensor], Tensor]
-Stream = Tensor | tuple[Tensor, ...]
-"""The residual stream between blocks: one tensor, or a slot variant's tuple of slots."""
 """One of a block's two sublayers: causal self-attention (F) or the MLP (G), width → width."""
+
+Stream = Tensor | tuple[Tensor, ...]
+"""The residual stream between blocks: one tensor, or a slot variant's tuple of (batch, seq,
+width) slots."""
 
 GPT2_INIT_STD = 0.02
 """The std of the N(0, σ) init every weight starts from (GPT-2; Radford et al. 2019)."""
@@ -234,8 +236,9 @@ class Variant:
         stream, which its wirings map to a stream of the same shape. Identity by default (one
         stream of width d); a multi-stream variant (Hyper-Connections) returns n copies as one
         (batch, seq, n, width) tensor, and Attention Residuals a tuple of (batch, seq, width)
-        slots, one for every sublayer of the ``n_layers`` blocks: a tuple when a sublayer writes
-        one slot and reads some, so that a write does not copy the others."""
+        slots, the embedding's and one for each of the 2N sublayers of the ``n_layers`` blocks
+        (B + 1 in B blocks): a tuple when a sublayer writes one slot and reads some, so that a
+        write does not copy the others."""
         return nn.Identity()
 
     def collapse_stream(self, width: int, n_layers: int) -> nn.Module:

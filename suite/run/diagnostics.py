@@ -156,12 +156,18 @@ def stream_rms(stream: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
     of (batch, seq, width) slots for a variant that carries several. A slot that is exactly zero
     everywhere is left out: AttnRes fills its 2N + 1 slots block by block, and counting the ones
     not written yet would make the RMS grow with depth by √(filled / total) alone."""
-    if isinstance(stream, tuple):
-        stream = torch.stack([part.detach() for part in stream], dim=-2)
-    values = stream.detach().float()
-    if values.dim() == 4:
-        values = values[:, :, values.ne(0).any(dim=3).any(dim=1).any(dim=0)]  # NaN ≠ 0: kept
-    return values.pow(2).mean().sqrt().item()
+    if isinstance(stream, torch.Tensor):
+        if stream.dim() != 4:
+            return stream.detach().float().pow(2).mean().sqrt().item()
+        stream = stream.unbind(dim=2)
+    mean_squares = [
+        part.detach().float().pow(2).mean()
+        for part in stream
+        if part.ne(0).any()  # NaN ≠ 0: a diverged slot is kept
+    ]
+    if not mean_squares:
+        return 0.0
+    return torch.stack(mean_squares).mean().sqrt().item()  # slots of one size: mean of means
 
 
 class Probe:
@@ -186,7 +192,8 @@ class Probe:
             self.stream_mixings.append(module.stream_mixing(inputs[0].detach()).detach().float())
 
         def before_collapse(_module, inputs: tuple[torch.Tensor, ...]) -> None:
-            self.stream_shares = stream_shares(inputs[0].detach())
+            if isinstance(inputs[0], torch.Tensor):  # n streams as one tensor (variants.streams)
+                self.stream_shares = stream_shares(inputs[0].detach())
 
         def after_final_norm(_module, _inputs, output: torch.Tensor) -> None:
             self.hidden = output.detach().float()

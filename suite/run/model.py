@@ -329,6 +329,18 @@ def stream_parts(stream: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch
     return stream if isinstance(stream, tuple) else (stream,)
 
 
+def _is_stream(stream: object, slot_shape: torch.Size) -> bool:
+    """A tensor, or a tuple of slots each of the embeddings' shape (what diagnostics and the
+    wirings' reads assume of a slot)."""
+    if isinstance(stream, torch.Tensor):
+        return True
+    return (
+        isinstance(stream, tuple)
+        and len(stream) > 0
+        and all(isinstance(part, torch.Tensor) and part.shape == slot_shape for part in stream)
+    )
+
+
 def stream_layout(stream: object) -> object:
     """A residual stream's shape, (batch, seq, …), or a tuple of its slots' shapes; anything
     else by its type's name (what a broken block returned)."""
@@ -489,9 +501,14 @@ class GPT(nn.Module):
         generator = torch.Generator().manual_seed(0)
         embedded = torch.randn(1, min(self.shape.seq_len, 8), self.shape.width, generator=generator)
         x = self.expand_stream(embedded)
+        if not _is_stream(x, embedded.shape):
+            raise VariantError(
+                f"variant {variant_name!r}: expand_stream gives {stream_layout(x)}, not a "
+                f"tensor or a tuple of {tuple(embedded.shape)} slots"
+            )
         for index, block in enumerate(self.blocks):
             y = block(x)
-            if stream_layout(y) != stream_layout(x):
+            if not _is_stream(y, embedded.shape) or stream_layout(y) != stream_layout(x):
                 raise VariantError(
                     f"variant {variant_name!r}: block {index} maps the residual stream "
                     f"{stream_layout(x)} to {stream_layout(y)}; a block must keep its shape"

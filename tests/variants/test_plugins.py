@@ -315,7 +315,9 @@ def test_non_finite_block_is_caught_at_build_time():
 
 def test_a_slot_stream_must_keep_its_slots_and_stay_finite_too():
     """A variant's stream may be a tuple of slots (AttnRes's): a block that drops a slot, or
-    writes a non-finite one, is caught at build time like a tensor stream's."""
+    writes a non-finite one, is caught at build time like a tensor stream's, and so is a stream
+    of slots not shaped like the embeddings (diagnostics read the slots as one stream) or of
+    anything but tensors."""
     import torch
 
     from suite.run.model import GPT, ModelShape, VariantError
@@ -328,7 +330,7 @@ def test_a_slot_stream_must_keep_its_slots_and_stay_finite_too():
         def forward(self, slots):
             return slots[0]
 
-    def slot_variant(name, forward):
+    def slot_variant(name, forward, expand=TwoSlots):
         class Wiring(torch.nn.Module):
             def forward(self, x, attn, mlp):
                 return forward(x)
@@ -340,7 +342,7 @@ def test_a_slot_stream_must_keep_its_slots_and_stay_finite_too():
                 return Wiring()
 
             def expand_stream(self, width, n_layers):
-                return TwoSlots()
+                return expand()
 
             def collapse_stream(self, width, n_layers):
                 return FirstSlot()
@@ -356,6 +358,19 @@ def test_a_slot_stream_must_keep_its_slots_and_stay_finite_too():
     poisoned = slot_variant("poisoned", lambda x: (x[0], x[1] * float("nan")))
     with pytest.raises(VariantError, match="'poisoned': block 0 returns non-finite values"):
         GPT(ModelShape(256, 16, 2, 2, 4.0, 8), poisoned)
+
+    class SlotAndMean(torch.nn.Module):
+        def forward(self, x):
+            return (x, x.mean(-1))
+
+    class AsList(torch.nn.Module):
+        def forward(self, x):
+            return [x, x]
+
+    for expand, got in ((SlotAndMean, r"\(\(1, 8, 16\), \(1, 8\)\)"), (AsList, "list")):
+        odd = slot_variant("odd", lambda x: x, expand)
+        with pytest.raises(VariantError, match=rf"'odd': expand_stream gives {got}, not a tensor"):
+            GPT(ModelShape(256, 16, 2, 2, 4.0, 8), odd)
 
 
 def test_a_wiring_that_is_not_a_module_is_refused_at_build_time():
