@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from variants.base import Recipe, Sublayer, Wiring
+from variants.functions import apply_function
 from variants.norms import LayerNorm, RMSNorm
 from variants.preln import PreLN
 from variants.registry import register
@@ -67,7 +68,9 @@ class DepthAttention(nn.Module):
         # wᵀ RMSNorm(v) = rsqrt(mean(v²) + ε) · vᵀ(g ⊙ w): the normalized keys never exist.
         key_query = (self.key_norm.weight * self.query).to(values[0].dtype)
         with torch.autocast(values[0].device.type, enabled=False):  # the stream's own precision
-            read, *_ = _AttendOverDepth.apply(key_query, self.key_norm.eps, *values[:slots])
+            read, *_ = apply_function(
+                _AttendOverDepth, key_query, self.key_norm.eps, *values[:slots]
+            )
         return read
 
 

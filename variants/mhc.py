@@ -35,6 +35,7 @@ from variants.base import (
     Sublayer,
     Wiring,
 )
+from variants.functions import apply_function
 from variants.norms import LayerNorm, RMSNorm, inverse_rms
 from variants.registry import register
 from variants.streams import MultiStreamVariant, read_and_mix, write_back
@@ -110,7 +111,7 @@ def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
     lead, shape = logits.shape[:-2], logits.shape[-2:]
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
     tokens_last = logits.to(precision).reshape(-1, *shape).permute(1, 2, 0).contiguous()
-    matrix = _SinkhornKnopp.apply(tokens_last, iterations)[0]
+    matrix = apply_function(_SinkhornKnopp, tokens_last, iterations)[0]
     return matrix.permute(2, 0, 1).reshape(*lead, *shape)
 
 

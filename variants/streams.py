@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from variants.base import ModelView, Variant, gpt2_residual_std, scale_residual_projections
+from variants.functions import apply_function
 from variants.norms import LayerNorm
 
 
@@ -81,7 +82,9 @@ def read_and_mix(weights: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
     weights = weights.to(streams.dtype).expand(*lead, n, n + 1)
     streams = streams.contiguous()  # the first block's streams are n views of one copy
     with torch.autocast(streams.device.type, enabled=False):  # the stream's own precision
-        read, mixed = _ReadAndMix.apply(weights.reshape(-1, n, n + 1), streams.view(-1, n, width))
+        read, mixed = apply_function(
+            _ReadAndMix, weights.reshape(-1, n, n + 1), streams.view(-1, n, width)
+        )
     return read.view(*lead, width), mixed.view(*lead, n, width)
 
 

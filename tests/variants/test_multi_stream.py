@@ -700,6 +700,27 @@ def test_depth_attention_refuses_a_second_derivative_and_keeps_half_precision_fi
     assert torch.isfinite(small.grad).all()
 
 
+@pytest.mark.parametrize("kernel", ["depth_attention", "read_and_mix", "sinkhorn_knopp"])
+def test_the_hand_written_kernels_compile_whole_under_no_grad_and_with_grad(kernel):
+    """Evaluation runs under no_grad: there torch.compile (2.13) broke the graph at a Function
+    with generate_vmap_rule, and recompiled around it for every new model of a compiled sweep."""
+    from variants.attnres import DepthAttention
+    from variants.streams import read_and_mix
+
+    streams = torch.randn(2, 3, 4, WIDTH, requires_grad=True)
+    weights = torch.randn(2, 3, 4, 5, requires_grad=True)
+    attention = DepthAttention(WIDTH, 1e-5)
+    call = {
+        "depth_attention": lambda: attention(streams.unbind(-2), 3),
+        "read_and_mix": lambda: read_and_mix(weights, streams)[1],
+        "sinkhorn_knopp": lambda: sinkhorn_knopp(weights[..., :4], 5),
+    }[kernel]
+    compiled = torch.compile(call, backend="eager", fullgraph=True)  # raises at a graph break
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(), call())
+    compiled().sum().backward()
+
+
 def test_depth_attention_sums_many_bfloat16_slots_without_rounding_after_each():
     """A bfloat16 model's read over 49 slots (full AttnRes at depth 24) is summed in fp32 and
     rounded once: within 0.003 of float64 (rounding after every slot gave 0.0057, once 0.0018)."""
