@@ -10,12 +10,15 @@ from torch import Tensor
 def apply_function(
     function: type[torch.autograd.Function], *args: Tensor | float | int
 ) -> Tensor | tuple[Tensor, ...]:
-    """``function.apply(*args)``, or where autograd records nothing (under ``no_grad``: the
-    suite's evaluation and diagnostics) the function's forward alone, the same computation.
-    torch.compile (torch 2.13) failed to trace AttnRes's ``_AttendOverDepth.apply`` under
-    ``no_grad`` (an AttributeError inside dynamo) and broke the graph there; the frames around
-    the break then compiled again for every new model, 7–10 s a compiled Block AttnRes cell
-    (docs/performance.md). Every hand-written Function is called through here alike."""
+    """``function.apply(*args)``, or where reverse-mode autograd records nothing (under
+    ``no_grad``: the suite's evaluation and diagnostics) the function's forward alone, the same
+    computation. torch.compile (torch 2.13) failed to trace AttnRes's ``_AttendOverDepth.apply``
+    under ``no_grad`` (an AttributeError on ``values[0].dtype`` inside dynamo) and broke the graph
+    there; the frames around the break then compiled again for every new model, 7–10 s a compiled
+    Block AttnRes cell (docs/performance.md). HC's and mHC's Functions traced whole either way;
+    every Function in ``variants/`` is called through here alike. Only for a Function whose
+    forward is its whole computation (not one used for its vmap rule alone, as
+    ``suite.run.model._MembersFoldedIntoBatch``)."""
     if torch.is_grad_enabled():
         return function.apply(*args)
     return function.forward(*args)

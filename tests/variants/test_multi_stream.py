@@ -702,8 +702,9 @@ def test_depth_attention_refuses_a_second_derivative_and_keeps_half_precision_fi
 
 @pytest.mark.parametrize("kernel", ["depth_attention", "read_and_mix", "sinkhorn_knopp"])
 def test_the_hand_written_kernels_compile_whole_under_no_grad_and_with_grad(kernel):
-    """Evaluation runs under no_grad: there torch.compile (2.13) broke the graph at a Function
-    with generate_vmap_rule, and recompiled around it for every new model of a compiled sweep."""
+    """Evaluation runs under no_grad: there torch.compile (2.13) broke the graph at AttnRes's
+    depth-attention Function (HC's and mHC's traced whole), and recompiled around the break for
+    every new model of a compiled sweep."""
     from variants.attnres import DepthAttention
     from variants.streams import read_and_mix
 
