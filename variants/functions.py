@@ -18,7 +18,16 @@ def apply_function(
     Block AttnRes cell (docs/performance.md). HC's and mHC's Functions traced whole either way;
     every Function in ``variants/`` is called through here alike. Only for a Function whose
     forward is its whole computation (not one used for its vmap rule alone, as
-    ``suite.run.model._MembersFoldedIntoBatch``)."""
-    if torch.is_grad_enabled():
+    ``suite.run.model._MembersFoldedIntoBatch``). Under vmap (packed runs) always ``apply``, so
+    that a Function's own vmap rule runs (mHC's Sinkhorn folds the members into its tokens).
+    """
+    if torch.is_grad_enabled() or functorch_transforms_active():
         return function.apply(*args)
     return function.forward(*args)
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a torch.func transform (vmap: packed runs) is running."""
+    # A private torch query; should it go away, vmap still works through torch's slow fallback.
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())

@@ -25,6 +25,7 @@ H_res starts with e⁴/(e⁴ + 3) ≈ 0.95 on its diagonal. Residual projections
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +37,13 @@ from variants.base import (
     Wiring,
 )
 from variants.functions import apply_function
+from variants.native.sinkhorn import normalize_rounds, normalize_rounds_backward
 from variants.norms import LayerNorm, RMSNorm, inverse_rms
 from variants.registry import register
 from variants.streams import MultiStreamVariant, read_and_mix, write_back
+
+if TYPE_CHECKING:
+    from torch._functorch.autograd_function import VmapInfo
 
 
 class _SinkhornKnopp(torch.autograd.Function):
@@ -60,23 +65,17 @@ class _SinkhornKnopp(torch.autograd.Function):
     every normalization, ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s from the
     saved sums (n per token per normalization) instead of saving every iterate (n² each); then
     through the log-domain ones, ∂ℓ = ∂ℓ' − exp(ℓ') ⊙ Σ_axis ∂ℓ'. Autograd over the same loop
-    kept all 2 × iterations iterates and ran ~4× slower.
+    kept all 2 × iterations iterates and ran ~4× slower. The linear rounds, forward and back, run
+    in variants.native's C kernel where it loads (bit for bit the PyTorch loop beside it).
     """
-
-    generate_vmap_rule = True  # packed runs (train.pack_lr) vmap the model over members
 
     @staticmethod
     def forward(logits: Tensor, iterations: int) -> tuple[Tensor, ...]:
         columns_normalized = logits - torch.logsumexp(logits, dim=0, keepdim=True)
         row_log_sums = torch.logsumexp(columns_normalized, dim=1, keepdim=True)
         matrix = (columns_normalized - row_log_sums).exp()  # rebuilt in the backward
-        sums = []
-        for _ in range(iterations - 1):
-            for axis in (0, 1):  # columns, then rows
-                total = matrix.sum(dim=axis, keepdim=True)
-                matrix.div_(total)
-                sums.append(total)
-        return matrix, columns_normalized, *sums
+        sums = normalize_rounds(matrix, iterations - 1)  # the other rounds, in place
+        return matrix, columns_normalized, sums
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:
@@ -86,21 +85,30 @@ class _SinkhornKnopp(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward through it
     def backward(ctx: FunctionCtx, grad: Tensor, *_rest: Tensor) -> tuple[Tensor, None]:
-        matrix, columns_normalized, *sums = ctx.saved_tensors
-        # Own copies, in place from here (the loop is bound by its op count), tokens last: the
-        # gradient arrives in the layout of the caller's (tokens-first) view.
+        matrix, columns_normalized, sums = ctx.saved_tensors
+        # Own copies, in place from here, tokens last: the gradient arrives in the layout of the
+        # caller's (tokens-first) view.
         grad = grad.clone(memory_format=torch.contiguous_format)
         matrix = matrix.clone()
-        for index in reversed(range(len(sums))):
-            axis, total = index % 2, sums[index]
-            grad.sub_((grad * matrix).sum(dim=axis, keepdim=True)).div_(total)
-            matrix.mul_(total)
+        normalize_rounds_backward(grad, matrix, sums)
         # matrix is the first iteration's exp(ℓ'') again; ∂ℓ'' = ∂m ⊙ m, then the two log-domain
         # normalizations (rows, then columns), each ∂ℓ = ∂ℓ' − exp(ℓ') ⊙ Σ_axis ∂ℓ'.
         grad.mul_(matrix)
         grad.sub_(matrix * grad.sum(dim=1, keepdim=True))
         grad.sub_(columns_normalized.exp() * grad.sum(dim=0, keepdim=True))
         return grad, None
+
+    @staticmethod
+    def vmap(
+        info: VmapInfo, in_dims: tuple[int | None, None], logits: Tensor, iterations: int
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """Packed runs (train.pack_lr) vmap the model over members. Each token's matrix is
+        normalized on its own, so a member's tokens are just more tokens: folded into the last
+        dimension, all members run as one call of this Function on plain tensors (natively,
+        where variants.native loads; generating a rule would run every op batched)."""
+        members_last = logits.movedim(in_dims[0], -1)  # (n, n, tokens, members)
+        outputs = apply_function(_SinkhornKnopp, members_last.flatten(-2), iterations)
+        return tuple(out.unflatten(-1, (-1, info.batch_size)) for out in outputs), (3, 3, 3)
 
 
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:

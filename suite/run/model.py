@@ -39,6 +39,7 @@ from variants.base import (
     Variant,
     Wiring,
 )
+from variants.functions import functorch_transforms_active
 from variants.norms import LayerNorm
 
 if TYPE_CHECKING:  # torch exports no public name for the info its vmap rules receive
@@ -123,17 +124,11 @@ def causal_attention(
     call at a time; packed training (suite/run/packed.py) vmaps the whole model, so there the
     members are folded into the batch dimension instead, which computes exactly the same thing.
     """
-    if _functorch_transforms_active():
+    if functorch_transforms_active():
         if scale is not None:  # packed runs refuse the variants that set one (config.validate)
             raise NotImplementedError("a softmax scale under vmap")
         return _MembersFoldedIntoBatch.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-
-
-def _functorch_transforms_active() -> bool:
-    # A private torch query; should it go away, vmap still works through torch's slow fallback.
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active and active())
 
 
 class _MembersFoldedIntoBatch(torch.autograd.Function):

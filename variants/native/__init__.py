@@ -1,0 +1,121 @@
+"""Small C kernels for the variants' hot loops that eager PyTorch runs as hundreds of tiny ops,
+built on first use with the machine's C compiler and loaded with ctypes.
+
+A kernel here computes bit for bit what its PyTorch fallback computes (same operations, same
+order, no fused multiply-add), so whether it loaded changes a run's speed and never its
+numbers. Where it cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
+runs the fallback, after one warning that says why.
+
+Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
+``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,
+the flags, the compiler's version and the machine's architecture, so a change to any of them
+builds anew and workers sharing a home directory on different CPUs never load a stranger's
+build (the build targets the architecture's baseline, with AVX2 clones picked at load time).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+# -ffp-contract=off: no fused multiply-add, so that the kernels round as PyTorch's loops do.
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
+
+
+def cache_dir() -> Path:
+    if "SUITE_NATIVE_CACHE" in os.environ:
+        return Path(os.environ["SUITE_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "stability-suite" / "native"
+
+
+def _compiler() -> str | None:
+    names = [os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc"]
+    return next((path for name in names if name and (path := shutil.which(name))), None)
+
+
+@cache
+def library(name: str) -> ctypes.CDLL | None:
+    """The kernels of ``variants/native/<name>.c``, built here on first use; None (after a
+    warning saying why) where they cannot be, or where ``SUITE_NATIVE=0`` turns them off."""
+    if os.environ.get("SUITE_NATIVE", "1") == "0":
+        return None
+    try:
+        return ctypes.CDLL(str(_build(name)))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        warnings.warn(
+            f"variants.native: the {name} kernel is not built ({error}); running PyTorch's "
+            "loop instead: the same numbers, slower (set SUITE_NATIVE=0 to silence this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def _build(name: str) -> Path:
+    source = Path(__file__).with_name(f"{name}.c")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), *FLAGS, compiler, version, platform.machine()]).encode()
+    ).hexdigest()[:16]
+    built = cache_dir() / f"{name}-{key}.so"
+    if built.exists():
+        return built
+    built.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed into place: workers that build at once each
+    # rename a whole library, and none loads a half-written one.
+    handle, partial = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=built.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", partial, str(source)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(partial, built)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return built
+
+
+def runs_natively(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can go to a kernel here: plain contiguous CPU float32 or float64
+    tensors of one dtype, outside vmap and other function transforms (their tensors wrap
+    others) and outside torch.compile's tracing (inductor fuses the fallback there)."""
+    dtype = tensors[0].dtype
+    return (
+        not torch.compiler.is_compiling()
+        and dtype in (torch.float32, torch.float64)
+        and all(
+            type(tensor) is torch.Tensor
+            and tensor.device.type == "cpu"
+            and tensor.dtype == dtype
+            and tensor.is_contiguous()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+            for tensor in tensors
+        )
+    )
+
+
+def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
