@@ -46,80 +46,68 @@ if TYPE_CHECKING:
     from torch._functorch.autograd_function import VmapInfo
 
 
-class _SinkhornKnopp(torch.autograd.Function):
-    """The unrolled iterations and their exact gradient, on (n, n, tokens) matrices: the first
-    iteration in the log domain, the others in the linear one.
-
-    Exponentiating first and normalizing m' = m / Σ_axis m, the first column sums are ≥ 1 once
-    each column's max is subtracted, but a row whose logits sit ~90 below the others' in every
-    column then sums to a subnormal (zero, with the flushed denormals training runs under), and
-    the division by it made mHC's gradient NaN from a finite loss at high LR (the cells of its
-    reference arm that "diverged" with a non-finite gradient). So the first column and row
-    normalizations are ℓ' = ℓ − logsumexp_axis(ℓ) on the logits ℓ (the same function, no sum to
-    underflow). After them every later sum lies in [1/n, n] (a column-stochastic matrix has an
-    entry ≥ 1/n per column and row sums ≤ n, and the other way round), so the remaining
-    normalizations run as divisions, at half a log-domain step's cost.
-
-    Tokens last, because each normalization reduces over n = 4 entries: a reduction over a last
-    dimension of 4 ran ~6× slower on CPU than over a leading one. The backward goes back through
-    every normalization, ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s from the
-    saved sums (n per token per normalization) instead of saving every iterate (n² each); then
-    through the log-domain ones, ∂ℓ = ∂ℓ' − exp(ℓ') ⊙ Σ_axis ∂ℓ'. Autograd over the same loop
-    kept all 2 × iterations iterates and ran ~4× slower. The linear rounds, forward and back, run
-    in variants.native's C kernel where it loads (bit for bit the PyTorch loop beside it).
-    """
+class _LinearRounds(torch.autograd.Function):
+    """Sinkhorn's rounds after the first, m ← m / Σ_rows m, then m ← m / Σ_columns m, on
+    (n, n, tokens) matrices, and their exact gradient: back through every normalization,
+    ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with each m' and s recomputed from the rounds' input (it
+    is saved anyway, by the softmax before it) rather than saved, 2 · rounds iterates of n² a
+    token. Autograd over the same loop kept every iterate and ran ~4× slower. Forward and back
+    run in variants.native's C kernel where it loads (bit for bit the PyTorch loop beside it)."""
 
     @staticmethod
-    def forward(logits: Tensor, iterations: int) -> tuple[Tensor, ...]:
-        columns_normalized = logits - torch.logsumexp(logits, dim=0, keepdim=True)
-        row_log_sums = torch.logsumexp(columns_normalized, dim=1, keepdim=True)
-        matrix = (columns_normalized - row_log_sums).exp()  # rebuilt in the backward
-        sums = normalize_rounds(matrix, iterations - 1)  # the other rounds, in place
-        return matrix, columns_normalized, sums
+    def forward(initial: Tensor, rounds: int) -> Tensor:
+        matrix = initial.clone()
+        normalize_rounds(matrix, rounds)
+        return matrix
 
     @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(*output)
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.rounds = inputs[1]
 
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward through it
-    def backward(ctx: FunctionCtx, grad: Tensor, *_rest: Tensor) -> tuple[Tensor, None]:
-        matrix, columns_normalized, sums = ctx.saved_tensors
-        # Own copies, in place from here, tokens last: the gradient arrives in the layout of the
-        # caller's (tokens-first) view.
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (initial,) = ctx.saved_tensors
+        # An own copy, in place from here, tokens last: the gradient arrives in the layout of
+        # the caller's (tokens-first) view.
         grad = grad.clone(memory_format=torch.contiguous_format)
-        matrix = matrix.clone()
-        normalize_rounds_backward(grad, matrix, sums)
-        # matrix is the first iteration's exp(ℓ'') again; ∂ℓ'' = ∂m ⊙ m, then the two log-domain
-        # normalizations (rows, then columns), each ∂ℓ = ∂ℓ' − exp(ℓ') ⊙ Σ_axis ∂ℓ'.
-        grad.mul_(matrix)
-        grad.sub_(matrix * grad.sum(dim=1, keepdim=True))
-        grad.sub_(columns_normalized.exp() * grad.sum(dim=0, keepdim=True))
+        normalize_rounds_backward(grad, initial, ctx.rounds)
         return grad, None
 
     @staticmethod
     def vmap(
-        info: VmapInfo, in_dims: tuple[int | None, None], logits: Tensor, iterations: int
-    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        info: VmapInfo, in_dims: tuple[int | None, None], initial: Tensor, rounds: int
+    ) -> tuple[Tensor, int]:
         """Packed runs (train.pack_lr) vmap the model over members. Each token's matrix is
         normalized on its own, so a member's tokens are just more tokens: folded into the last
         dimension, all members run as one call of this Function on plain tensors (natively,
-        where variants.native loads; generating a rule would run every op batched)."""
-        members_last = logits.movedim(in_dims[0], -1)  # (n, n, tokens, members)
-        outputs = apply_function(_SinkhornKnopp, members_last.flatten(-2), iterations)
-        return tuple(out.unflatten(-1, (-1, info.batch_size)) for out in outputs), (3, 3, 3)
+        where variants.native loads; a generated rule would run every op of the loop batched)."""
+        members_last = initial.movedim(in_dims[0], -1)  # (n, n, tokens, members)
+        matrix = apply_function(_LinearRounds, members_last.flatten(-2), rounds)
+        return matrix.unflatten(-1, (-1, info.batch_size)), 3
 
 
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
     """exp(logits) made doubly stochastic by alternate column and row normalization, in fp32
-    (float64 stays float64, for the gradient checks): (..., n, n) logits give (..., n, n)."""
+    (float64 stays float64, for the gradient checks): (..., n, n) logits give (..., n, n).
+
+    The first column and row normalizations run in the log domain, as a log-softmax over each
+    column and a softmax over each row: exponentiating first, a row whose logits sit ~90 below
+    the others' in every column summed to a subnormal (zero, with the flushed denormals training
+    runs under), and the division by it made mHC's gradient NaN from a finite loss at high LR
+    (the cells of its reference arm that "diverged" with a non-finite gradient). After them
+    every sum lies in [1/n, n] (a column-stochastic matrix has an entry ≥ 1/n per column and row
+    sums ≤ n, and the other way round), so the other rounds are divisions (``_LinearRounds``).
+    Tokens last, because each normalization reduces over n = 4 entries: a reduction over a last
+    dimension of 4 ran ~6× slower on CPU than over a leading one."""
     if iterations < 1:
         raise ValueError(f"sinkhorn_knopp: iterations must be at least 1 (got {iterations})")
     lead, shape = logits.shape[:-2], logits.shape[-2:]
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
     tokens_last = logits.to(precision).reshape(-1, *shape).permute(1, 2, 0).contiguous()
-    matrix = apply_function(_SinkhornKnopp, tokens_last, iterations)[0]
+    first_round = torch.softmax(torch.log_softmax(tokens_last, dim=0), dim=1)
+    matrix = apply_function(_LinearRounds, first_round, iterations - 1)
     return matrix.permute(2, 0, 1).reshape(*lead, *shape)
 
 

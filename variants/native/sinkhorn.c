@@ -6,11 +6,13 @@
  * backward's products rounded before they are added (built with -ffp-contract=off, so no fused
  * multiply-add): the results are bit for bit the loop's. What it saves is the ~270 separate
  * PyTorch ops a call costs (each a dispatch and a pass over the matrix), by running all rounds
- * over one block of tokens while it sits in L1 cache.
+ * over one block of tokens while it sits in cache; the backward recomputes the rounds' sums for
+ * its block instead of reading ones saved by the forward (2 x rounds x n a token).
  */
 #include <stdint.h>
+#include <stdlib.h>
 
-#define BLOCK 256 /* tokens a pass works on: 16 entries x 256 x 8 bytes stay in L1 */
+#define BLOCK 64 /* tokens a pass works on: the block's matrix and sums stay in L1/L2 cache */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
@@ -18,60 +20,92 @@
 #define VECTOR_CLONES
 #endif
 
-/* Entry (row, column) of the n x n matrix at token 0 of this block: columns normalize over rows
- * (round 0, 2, ...), rows over columns (round 1, 3, ...). */
-#define ENTRY(base, rows, a, b, n, tokens, start) \
-    ((base) + ((rows) ? (a) * (n) + (b) : (b) * (n) + (a)) * (tokens) + (start))
+/* Memory for a block's sums (and the backward's copy of its matrix), kept per thread from call
+ * to call: memory allocated afresh in every call was mapped afresh too, and its page faults made
+ * the forward ~2x slower on the VM it was measured on. NULL where it cannot be had. */
+static _Thread_local void *kept;
+static _Thread_local size_t kept_bytes;
+
+static void *workspace(size_t bytes) {
+    if (bytes > kept_bytes) {
+        free(kept);
+        kept = aligned_alloc(64, (bytes + 63) / 64 * 64); /* a cache line apart from the rest */
+        kept_bytes = kept ? bytes : 0;
+    }
+    return kept;
+}
+
+/* Entry (a, b) of a normalization's view of the n x n matrix: for columns (round 0, 2, ...) a
+ * is the column and b the row, for rows (round 1, 3, ...) a is the row and b the column;
+ * `stride` is the distance between entries (tokens). */
+#define ENTRY(base, rows, a, b, n, stride) \
+    ((base) + ((rows) ? (a) * (n) + (b) : (b) * (n) + (a)) * (stride))
 
 #define DEFINE_ROUNDS(T, SUFFIX)                                                                 \
-    /* rounds x (columns, rows) normalizations of matrix, in place; sums[r] (n, tokens) gets   \
-     * round r's n sums. */                                                                    \
-    VECTOR_CLONES void sinkhorn_rounds_##SUFFIX(T *matrix, T *sums, int64_t n, int64_t tokens, \
-                                                int64_t rounds) {                              \
-        for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
-            int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
-            for (int64_t r = 0; r < 2 * rounds; r++) {                                         \
-                int rows = r % 2;                                                              \
-                for (int64_t a = 0; a < n; a++) {                                              \
-                    T *total = sums + (r * n + a) * tokens + start;                            \
-                    const T *first = ENTRY(matrix, rows, a, 0, n, tokens, start);              \
-                    for (int64_t t = 0; t < len; t++) total[t] = first[t];                     \
-                    for (int64_t b = 1; b < n; b++) {                                          \
-                        const T *m = ENTRY(matrix, rows, a, b, n, tokens, start);              \
-                        for (int64_t t = 0; t < len; t++) total[t] += m[t];                    \
-                    }                                                                          \
-                    for (int64_t b = 0; b < n; b++) {                                          \
-                        T *m = ENTRY(matrix, rows, a, b, n, tokens, start);                    \
-                        for (int64_t t = 0; t < len; t++) m[t] /= total[t];                    \
-                    }                                                                          \
-                }                                                                              \
+    /* One normalization of a block: every column (rows = 0) or row (rows = 1) divided by its  \
+     * sum, kept in total[a * len + t]. */                                                     \
+    static inline void normalize_##SUFFIX(T *matrix, T *total, int rows, int64_t n,            \
+                                          int64_t stride, int64_t len) {                       \
+        for (int64_t a = 0; a < n; a++) {                                                      \
+            T *sum = total + a * len;                                                          \
+            const T *first = ENTRY(matrix, rows, a, 0, n, stride);                             \
+            for (int64_t t = 0; t < len; t++) sum[t] = first[t];                               \
+            for (int64_t b = 1; b < n; b++) {                                                  \
+                const T *m = ENTRY(matrix, rows, a, b, n, stride);                             \
+                for (int64_t t = 0; t < len; t++) sum[t] += m[t];                              \
+            }                                                                                  \
+            for (int64_t b = 0; b < n; b++) {                                                  \
+                T *m = ENTRY(matrix, rows, a, b, n, stride);                                   \
+                for (int64_t t = 0; t < len; t++) m[t] /= sum[t];                              \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
                                                                                                \
-    /* Back through every normalization m' = m / s, last first: dm = (dm' - sum(dm' * m')) / s, \
-     * with m rebuilt as m' * s; grad and matrix (the result) in place. */                     \
-    VECTOR_CLONES void sinkhorn_rounds_backward_##SUFFIX(T *grad, T *matrix, const T *sums,    \
-                                                         int64_t n, int64_t tokens,            \
-                                                         int64_t rounds) {                     \
-        T dot[BLOCK];                                                                          \
+    /* rounds x (columns, rows) normalizations of matrix, in place. Returns 0, or -1 where    \
+     * memory for a block's sums ran out. */                                                   \
+    VECTOR_CLONES int sinkhorn_rounds_##SUFFIX(T *matrix, int64_t n, int64_t tokens,           \
+                                               int64_t rounds) {                               \
+        T *sums = workspace(sizeof(T) * 2 * rounds * n * BLOCK);                               \
+        if (!sums) return -1;                                                                  \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
+            for (int64_t r = 0; r < 2 * rounds; r++)                                           \
+                normalize_##SUFFIX(matrix + start, sums + r * n * len, r % 2, n, tokens, len); \
+        }                                                                                      \
+        return 0;                                                                              \
+    }                                                                                          \
+                                                                                               \
+    /* grad, the gradient of the rounds' result, becomes that of their input `initial`: per    \
+     * block, the rounds run again on a copy of `initial` keeping their sums, then back through \
+     * every normalization m' = m / s, last first: dm = (dm' - sum(dm' * m')) / s, with m       \
+     * rebuilt as m' * s. Returns 0, or -1 where memory for a block ran out. */                \
+    VECTOR_CLONES int sinkhorn_rounds_backward_##SUFFIX(T *grad, const T *initial, int64_t n,  \
+                                                        int64_t tokens, int64_t rounds) {      \
+        T *matrix = workspace(sizeof(T) * (n * n + 2 * rounds * n + 1) * BLOCK);               \
+        if (!matrix) return -1;                                                                \
+        T *dot = matrix + n * n * BLOCK, *sums = dot + BLOCK;                                  \
+        for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
+            for (int64_t entry = 0; entry < n * n; entry++)                                    \
+                for (int64_t t = 0; t < len; t++)                                              \
+                    matrix[entry * BLOCK + t] = initial[entry * tokens + start + t];           \
+            for (int64_t r = 0; r < 2 * rounds; r++)                                           \
+                normalize_##SUFFIX(matrix, sums + r * n * len, r % 2, n, BLOCK, len);          \
             for (int64_t r = 2 * rounds - 1; r >= 0; r--) {                                    \
                 int rows = r % 2;                                                              \
                 for (int64_t a = 0; a < n; a++) {                                              \
-                    const T *total = sums + (r * n + a) * tokens + start;                      \
+                    const T *total = sums + (r * n + a) * len;                                 \
                     for (int64_t b = 0; b < n; b++) {                                          \
-                        const T *g = ENTRY(grad, rows, a, b, n, tokens, start);                \
-                        const T *m = ENTRY(matrix, rows, a, b, n, tokens, start);              \
+                        const T *g = ENTRY(grad + start, rows, a, b, n, tokens);               \
+                        const T *m = ENTRY(matrix, rows, a, b, n, BLOCK);                      \
                         for (int64_t t = 0; t < len; t++) {                                    \
                             T product = g[t] * m[t];                                           \
                             dot[t] = b == 0 ? product : dot[t] + product;                      \
                         }                                                                      \
                     }                                                                          \
                     for (int64_t b = 0; b < n; b++) {                                          \
-                        T *g = ENTRY(grad, rows, a, b, n, tokens, start);                      \
-                        T *m = ENTRY(matrix, rows, a, b, n, tokens, start);                    \
+                        T *g = ENTRY(grad + start, rows, a, b, n, tokens);                     \
+                        T *m = ENTRY(matrix, rows, a, b, n, BLOCK);                            \
                         for (int64_t t = 0; t < len; t++) {                                    \
                             T difference = g[t] - dot[t];                                      \
                             g[t] = difference / total[t];                                      \
@@ -81,6 +115,7 @@
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
+        return 0;                                                                              \
     }
 
 DEFINE_ROUNDS(float, f32)

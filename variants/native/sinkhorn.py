@@ -19,7 +19,7 @@ from variants.native import library, pointer, runs_natively
 
 
 @functools.cache
-def _kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., None]] | None:
+def _kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., int]] | None:
     """The forward and backward kernels for this dtype, their C signatures declared (ctypes
     would pass Python ints as 32-bit ints)."""
     kernels = library("sinkhorn")
@@ -29,9 +29,9 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., Non
     forward = getattr(kernels, f"sinkhorn_rounds_{suffix}")
     backward = getattr(kernels, f"sinkhorn_rounds_backward_{suffix}")
     sizes = [ctypes.c_int64] * 3  # n, tokens, rounds
-    forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *sizes]
-    backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *sizes]
-    forward.restype = backward.restype = None
+    forward.argtypes = [ctypes.c_void_p, *sizes]
+    backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *sizes]
+    forward.restype, backward.restype = None, ctypes.c_int
     return forward, backward
 
 
@@ -45,36 +45,42 @@ def _added(terms: tuple[Tensor, ...]) -> Tensor:
     return total
 
 
-def normalize_rounds(matrix: Tensor, rounds: int) -> Tensor:
-    """``rounds`` times: divide every column by its sum, then every row by its; ``matrix``
-    (n, n, tokens) in place. Returns the sums (2 · rounds, n, tokens): row r holds the n
-    divisors of normalization r (columns at even r, rows at odd), for the backward."""
-    n, _, tokens = matrix.shape
-    kernels = _kernels(matrix.dtype) if runs_natively(matrix) else None
-    if kernels is None:
-        sums = []
-        for _ in range(rounds):
-            for axis in (0, 1):  # columns, then rows
-                total = _added(matrix.unbind(axis))
-                matrix.div_(total.unsqueeze(axis))
-                sums.append(total)
-        return torch.stack(sums) if sums else matrix.new_empty(0, n, tokens)
-    sums = matrix.new_empty(2 * rounds, n, tokens)
-    kernels[0](pointer(matrix), pointer(sums), n, tokens, rounds)
+def _loop(matrix: Tensor, rounds: int) -> list[Tensor]:
+    sums = []
+    for _ in range(rounds):
+        for axis in (0, 1):  # columns, then rows
+            total = _added(matrix.unbind(axis)).unsqueeze(axis)
+            matrix.div_(total)
+            sums.append(total)
     return sums
 
 
-def normalize_rounds_backward(grad: Tensor, matrix: Tensor, sums: Tensor) -> None:
-    """Back through the normalizations of ``normalize_rounds``, last first: ∂m = (∂m' −
-    Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s from the saved sums. ``grad`` (the result's
-    gradient) becomes the gradient of the matrix the rounds began with, and ``matrix`` (their
-    result) that matrix again: both (n, n, tokens), contiguous, in place."""
+def normalize_rounds(matrix: Tensor, rounds: int) -> None:
+    """``rounds`` times: divide every column by its sum, then every row by its; ``matrix``
+    (n, n, tokens), contiguous, in place."""
     n, _, tokens = matrix.shape
-    kernels = _kernels(matrix.dtype) if runs_natively(grad, matrix, sums) else None
+    kernels = _kernels(matrix.dtype) if runs_natively(matrix) else None
     if kernels is None:
-        for index in reversed(range(len(sums))):
-            axis, total = index % 2, sums[index].unsqueeze(index % 2)
-            grad.sub_(_added((grad * matrix).unbind(axis)).unsqueeze(axis)).div_(total)
-            matrix.mul_(total)
+        _loop(matrix, rounds)
+    else:
+        kernels[0](pointer(matrix), n, tokens, rounds)
+
+
+def normalize_rounds_backward(grad: Tensor, initial: Tensor, rounds: int) -> None:
+    """``grad``, the gradient of ``normalize_rounds``' result, becomes that of its input
+    ``initial``, in place (both (n, n, tokens), contiguous): the rounds run again on a copy of
+    ``initial``, keeping their sums (cheaper than saving 2 · rounds · n sums a token from the
+    forward), then back through each normalization m' = m / s, last first: ∂m = (∂m' − Σ_axis
+    ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s."""
+    n, _, tokens = grad.shape
+    kernels = _kernels(grad.dtype) if runs_natively(grad, initial) else None
+    if kernels is not None:
+        if kernels[1](pointer(grad), pointer(initial), n, tokens, rounds) != 0:
+            raise MemoryError("sinkhorn_rounds_backward: no memory for a block of tokens")
         return
-    kernels[1](pointer(grad), pointer(matrix), pointer(sums), n, tokens, len(sums) // 2)
+    matrix = initial.clone()
+    sums = _loop(matrix, rounds)
+    for index in reversed(range(len(sums))):
+        axis, total = index % 2, sums[index]
+        grad.sub_(_added((grad * matrix).unbind(axis)).unsqueeze(axis)).div_(total)
+        matrix.mul_(total)
