@@ -37,7 +37,7 @@ from variants.base import (
     Wiring,
 )
 from variants.functions import apply_function
-from variants.native.sinkhorn import normalize_rounds, normalize_rounds_backward
+from variants.native.sinkhorn import backward_from_input, backward_from_sums, normalize_rounds
 from variants.norms import LayerNorm, RMSNorm, inverse_rms
 from variants.registry import register
 from variants.streams import MultiStreamVariant, read_and_mix, write_back
@@ -49,43 +49,50 @@ if TYPE_CHECKING:
 class _LinearRounds(torch.autograd.Function):
     """Sinkhorn's rounds after the first, m ← m / Σ_rows m, then m ← m / Σ_columns m, on
     (n, n, tokens) matrices, and their exact gradient: back through every normalization,
-    ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with each m' and s recomputed from the rounds' input (it
-    is saved anyway, by the softmax before it) rather than saved, 2 · rounds iterates of n² a
-    token. Autograd over the same loop kept every iterate and ran ~4× slower. Forward and back
-    run in variants.native's C kernel where it loads (bit for bit the PyTorch loop beside it)."""
+    ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s. Autograd over the same loop
+    kept every iterate and ran ~4× slower. Forward and back run in variants.native's C kernel
+    where it loads (bit for bit the PyTorch loop beside it); its backward recomputes the sums
+    from the rounds' input (saved anyway, by the softmax before it), where the loop saves them
+    (2 · rounds · n a token) with the result."""
 
     @staticmethod
-    def forward(initial: Tensor, rounds: int) -> Tensor:
+    def forward(initial: Tensor, rounds: int) -> tuple[Tensor, Tensor]:
         matrix = initial.clone()
-        normalize_rounds(matrix, rounds)
-        return matrix
+        sums = normalize_rounds(matrix, rounds)
+        return matrix, initial.new_empty(0, *initial.shape[1:]) if sums is None else sums
 
     @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[0])
-        ctx.rounds = inputs[1]
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:
+        (initial, ctx.rounds), (matrix, sums) = inputs, output
+        ctx.mark_non_differentiable(sums)
+        ctx.save_for_backward(*((initial,) if sums.numel() == 0 else (matrix, sums)))
 
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward through it
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
-        (initial,) = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad: Tensor, _sums: Tensor) -> tuple[Tensor, None]:
         # An own copy, in place from here, tokens last: the gradient arrives in the layout of
         # the caller's (tokens-first) view.
         grad = grad.clone(memory_format=torch.contiguous_format)
-        normalize_rounds_backward(grad, initial, ctx.rounds)
+        if ctx.rounds == 0:
+            return grad, None
+        saved = ctx.saved_tensors
+        if len(saved) == 1:
+            backward_from_input(grad, saved[0], ctx.rounds)
+        else:
+            backward_from_sums(grad, *saved)
         return grad, None
 
     @staticmethod
     def vmap(
         info: VmapInfo, in_dims: tuple[int | None, None], initial: Tensor, rounds: int
-    ) -> tuple[Tensor, int]:
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
         """Packed runs (train.pack_lr) vmap the model over members. Each token's matrix is
         normalized on its own, so a member's tokens are just more tokens: folded into the last
         dimension, all members run as one call of this Function on plain tensors (natively,
         where variants.native loads; a generated rule would run every op of the loop batched)."""
         members_last = initial.movedim(in_dims[0], -1)  # (n, n, tokens, members)
-        matrix = apply_function(_LinearRounds, members_last.flatten(-2), rounds)
-        return matrix.unflatten(-1, (-1, info.batch_size)), 3
+        outputs = apply_function(_LinearRounds, members_last.flatten(-2), rounds)
+        return tuple(out.unflatten(-1, (-1, info.batch_size)) for out in outputs), (3, 3)
 
 
 def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
@@ -107,7 +114,7 @@ def sinkhorn_knopp(logits: Tensor, iterations: int = 20) -> Tensor:
     precision = torch.float64 if logits.dtype == torch.float64 else torch.float32
     tokens_last = logits.to(precision).reshape(-1, *shape).permute(1, 2, 0).contiguous()
     first_round = torch.softmax(torch.log_softmax(tokens_last, dim=0), dim=1)
-    matrix = apply_function(_LinearRounds, first_round, iterations - 1)
+    matrix = apply_function(_LinearRounds, first_round, iterations - 1)[0]
     return matrix.permute(2, 0, 1).reshape(*lead, *shape)
 
 

@@ -13,7 +13,7 @@ import torch
 import variants.native
 import variants.native.sinkhorn
 from variants.mhc import sinkhorn_knopp
-from variants.native.sinkhorn import normalize_rounds, normalize_rounds_backward
+from variants.native.sinkhorn import backward_from_input, backward_from_sums, normalize_rounds
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,21 @@ def test_the_sinkhorn_kernel_builds_with_this_machines_compiler(native, monkeypa
 
 
 def rounds_both_ways(native, matrix: torch.Tensor, grad: torch.Tensor, rounds: int):
-    """(result, gradient of the input) by the kernel, then by the PyTorch loop."""
+    """(result, gradient of the input) by the kernel (which recomputes the sums), then by the
+    PyTorch loop from its saved sums, then by the loop recomputing them."""
     results = []
     for on in (True, False):
         native(on)
         result, gradient = matrix.clone(), grad.clone()
-        normalize_rounds(result, rounds)
-        normalize_rounds_backward(gradient, matrix, rounds)
+        sums = normalize_rounds(result, rounds)
+        assert (sums is None) == on
+        if on:
+            backward_from_input(gradient, matrix, rounds)
+        else:
+            backward_from_sums(gradient, result, sums)
+            recomputed = grad.clone()
+            backward_from_input(recomputed, matrix, rounds)
+            assert torch.equal(recomputed, gradient)
         results.append((result, gradient))
     return results
 
@@ -93,7 +101,7 @@ def test_the_kernels_gradient_is_the_rounds_gradient(native):
         result = result / result.sum(1, keepdim=True)
     expected = torch.autograd.grad((result * weights).sum(), matrix)[0]
     gradient = weights.clone()
-    normalize_rounds_backward(gradient, matrix.detach(), 7)
+    backward_from_input(gradient, matrix.detach(), 7)
     torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -19,7 +19,7 @@ from variants.native import library, pointer, runs_natively
 
 
 @functools.cache
-def _kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., int]] | None:
+def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
     """The forward and backward kernels for this dtype, their C signatures declared (ctypes
     would pass Python ints as 32-bit ints)."""
     kernels = library("sinkhorn")
@@ -31,56 +31,69 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., int
     sizes = [ctypes.c_int64] * 3  # n, tokens, rounds
     forward.argtypes = [ctypes.c_void_p, *sizes]
     backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *sizes]
-    forward.restype, backward.restype = None, ctypes.c_int
+    forward.restype = backward.restype = ctypes.c_int
     return forward, backward
 
 
-def _added(terms: tuple[Tensor, ...]) -> Tensor:
-    """The terms added from the first to the last, as the kernel adds them: ``Tensor.sum``
-    orders the additions by its own heuristics (another order for n ≥ 5 than for n ≤ 4, here).
-    A new tensor even for one term: the caller divides the terms by it in place."""
-    total = terms[0].clone()
-    for term in terms[1:]:
+def _summed(tensor: Tensor, axis: int) -> Tensor:
+    """The sum over ``axis`` (kept as a dimension of 1) in the kernel's order, from the first
+    term to the last: ``Tensor.sum`` over a leading dimension adds in that order for up to 4
+    terms (mHC's default n = 4; tests/variants/test_native.py holds it to that bit for bit) and
+    in another for more, where the terms are added one by one (slower). Off CPU (no kernel) one
+    ``sum`` always: fewer launches."""
+    if tensor.device.type != "cpu" or tensor.shape[axis] <= 4:
+        return tensor.sum(dim=axis, keepdim=True)
+    terms = tensor.unbind(axis)
+    total = terms[0] + terms[1]
+    for term in terms[2:]:
         total += term
-    return total
+    return total.unsqueeze(axis)
 
 
-def _loop(matrix: Tensor, rounds: int) -> list[Tensor]:
+def _loop(matrix: Tensor, rounds: int) -> Tensor:
     sums = []
     for _ in range(rounds):
         for axis in (0, 1):  # columns, then rows
-            total = _added(matrix.unbind(axis)).unsqueeze(axis)
+            total = _summed(matrix, axis)
             matrix.div_(total)
-            sums.append(total)
-    return sums
+            sums.append(total.squeeze(axis))
+    return torch.stack(sums) if sums else matrix.new_empty(0, *matrix.shape[1:])
 
 
-def normalize_rounds(matrix: Tensor, rounds: int) -> None:
+def normalize_rounds(matrix: Tensor, rounds: int) -> Tensor | None:
     """``rounds`` times: divide every column by its sum, then every row by its; ``matrix``
-    (n, n, tokens), contiguous, in place."""
+    (n, n, tokens), contiguous, in place. Returns the sums (2 · rounds, n, tokens; columns' at
+    even rows) where the PyTorch loop ran, for its backward; None where the kernel ran (its
+    backward recomputes them, block by block in cache, cheaper than saving them)."""
     n, _, tokens = matrix.shape
     kernels = _kernels(matrix.dtype) if runs_natively(matrix) else None
     if kernels is None:
-        _loop(matrix, rounds)
-    else:
-        kernels[0](pointer(matrix), n, tokens, rounds)
+        return _loop(matrix, rounds)
+    if kernels[0](pointer(matrix), n, tokens, rounds) != 0:
+        raise MemoryError("sinkhorn_rounds: no memory for a block of tokens")
+    return None
 
 
-def normalize_rounds_backward(grad: Tensor, initial: Tensor, rounds: int) -> None:
+def backward_from_input(grad: Tensor, initial: Tensor, rounds: int) -> None:
     """``grad``, the gradient of ``normalize_rounds``' result, becomes that of its input
-    ``initial``, in place (both (n, n, tokens), contiguous): the rounds run again on a copy of
-    ``initial``, keeping their sums (cheaper than saving 2 · rounds · n sums a token from the
-    forward), then back through each normalization m' = m / s, last first: ∂m = (∂m' − Σ_axis
-    ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s."""
+    ``initial``, in place (both (n, n, tokens), contiguous): the rounds run again from
+    ``initial``, keeping their sums, then ``backward_from_sums``."""
     n, _, tokens = grad.shape
     kernels = _kernels(grad.dtype) if runs_natively(grad, initial) else None
-    if kernels is not None:
-        if kernels[1](pointer(grad), pointer(initial), n, tokens, rounds) != 0:
-            raise MemoryError("sinkhorn_rounds_backward: no memory for a block of tokens")
-        return
-    matrix = initial.clone()
-    sums = _loop(matrix, rounds)
+    if kernels is None:
+        result = initial.clone()
+        backward_from_sums(grad, result, _loop(result, rounds))
+    elif kernels[1](pointer(grad), pointer(initial), n, tokens, rounds) != 0:
+        raise MemoryError("sinkhorn_rounds_backward: no memory for a block of tokens")
+
+
+def backward_from_sums(grad: Tensor, result: Tensor, sums: Tensor) -> None:
+    """``grad``, the gradient of ``normalize_rounds``' result, becomes that of its input, in
+    place, from the result and the sums it returned: back through each normalization m' =
+    m / s, last first, ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s."""
+    matrix = result.clone()
     for index in reversed(range(len(sums))):
-        axis, total = index % 2, sums[index]
-        grad.sub_(_added((grad * matrix).unbind(axis)).unsqueeze(axis)).div_(total)
+        axis = index % 2
+        total = sums[index].unsqueeze(axis)
+        grad.sub_(_summed(grad * matrix, axis)).div_(total)
         matrix.mul_(total)
