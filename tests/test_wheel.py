@@ -89,6 +89,15 @@ def test_the_installed_wheel_runs_a_sweep_and_a_report_outside_the_source_tree(i
     )
     assert str(REPO) not in where.stdout and "site-packages" in where.stdout
 
+    # mHC's C kernel ships as source and builds from the installed package (a warning, the
+    # sign of a failed build, is an error here).
+    kernel = (
+        f"import os; os.environ['SUITE_NATIVE_CACHE'] = {str(tmp_path / 'native')!r}; "
+        "import warnings; warnings.simplefilter('error'); "
+        "import variants.native; assert variants.native.library('sinkhorn')"
+    )
+    run(installed, "-c", kernel, cwd=tmp_path)
+
     sweep = run(installed, "-m", "suite", "+variant=preln", "sweep=tiny", cwd=tmp_path)
     assert "Summary of this sweep (4 cells" in sweep.stdout
     assert len(list((tmp_path / "results" / "cells").glob("preln-*/record.json"))) == 4

@@ -163,3 +163,22 @@ def test_workers_building_at_once_each_load_a_whole_library(monkeypatch, tmp_pat
     assert len(set(built)) == 1
     assert [path.name for path in (tmp_path / "native").iterdir()] == [built[0].name]
     assert ctypes.CDLL(str(built[0])).sinkhorn_rounds_f32
+
+
+@needs_compiler
+def test_a_damaged_library_in_the_cache_is_built_again(native, monkeypatch, tmp_path):
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    built = variants.native._build("sinkhorn")
+    built.write_bytes(b"not a shared library")
+    assert variants.native.library("sinkhorn").sinkhorn_rounds_f32
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_an_unwritable_cache_warns_and_the_loop_runs_instead(native, monkeypatch, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(blocked / "native"))  # under a file: no folder
+    native(True)
+    with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built"):
+        assert variants.native.library("sinkhorn") is None

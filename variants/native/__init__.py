@@ -52,7 +52,12 @@ def library(name: str) -> ctypes.CDLL | None:
     if os.environ.get("SUITE_NATIVE", "1") == "0":
         return None
     try:
-        return ctypes.CDLL(str(_build(name)))
+        built = _build(name)
+        try:
+            return ctypes.CDLL(str(built))
+        except OSError:  # a damaged file under the library's name: built again, once
+            built.unlink(missing_ok=True)
+            return ctypes.CDLL(str(_build(name)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as error:
         warnings.warn(
             f"variants.native: the {name} kernel is not built ({error}); running PyTorch's "
