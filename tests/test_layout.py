@@ -122,7 +122,7 @@ def test_analysis_imports_no_torch():
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "tests/README.md"]
 NAMED = re.compile(
-    r"(?<![\w./])((?:suite|variants|tests|benchmarks|docs|conf|scripts|examples)/[\w/.-]*\w)"
+    r"(?<![\w./-])((?:suite|variants|tests|benchmarks|docs|conf|scripts|examples)/[\w/.-]*\w)"
 )
 
 

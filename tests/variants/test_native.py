@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import os
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ import variants.native
 import variants.native.sinkhorn
 from variants.mhc import sinkhorn_knopp
 from variants.native.sinkhorn import backward_from_input, backward_from_sums, normalize_rounds
+
+CACHED_KERNELS = variants.native.sinkhorn._kernels  # the fixtures clear its cache
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def native(monkeypatch: pytest.MonkeyPatch, module_cache):
     def switch(on: bool) -> None:
         monkeypatch.setenv("SUITE_NATIVE", "1" if on else "0")
         variants.native.library.cache_clear()
-        variants.native.sinkhorn._kernels.cache_clear()
+        CACHED_KERNELS.cache_clear()
 
     yield switch
     switch(True)
@@ -50,6 +53,12 @@ def test_the_sinkhorn_kernel_builds_with_this_machines_compiler(native, monkeypa
     assert variants.native.library("sinkhorn") is None
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to the last bit, signs of zero included (``torch.equal`` has -0.0 == 0.0)."""
+    integers = torch.int32 if a.dtype == torch.float32 else torch.int64
+    return a.dtype == b.dtype and torch.equal(a.view(integers), b.view(integers))
+
+
 def rounds_both_ways(native, matrix: torch.Tensor, grad: torch.Tensor, rounds: int):
     """(result, gradient of the input) by the kernel (which recomputes the sums), then by the
     PyTorch loop from its saved sums, then by the loop recomputing them."""
@@ -65,7 +74,7 @@ def rounds_both_ways(native, matrix: torch.Tensor, grad: torch.Tensor, rounds: i
             backward_from_sums(gradient, result, sums)
             recomputed = grad.clone()
             backward_from_input(recomputed, matrix, rounds)
-            assert torch.equal(recomputed, gradient)
+            assert same_bits(recomputed, gradient)
         results.append((result, gradient))
     return results
 
@@ -75,14 +84,15 @@ def rounds_both_ways(native, matrix: torch.Tensor, grad: torch.Tensor, rounds: i
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("tokens", [1, 63, 65, 1024])
 def test_the_kernel_is_bit_for_bit_the_pytorch_loop(native, dtype, n, tokens):
-    """Forward and backward, across a block boundary (64 tokens) and at stream counts where
-    ``Tensor.sum`` would order its additions otherwise (n ≥ 5)."""
+    """Forward and backward, across a block boundary (64 tokens), at stream counts where
+    ``Tensor.sum`` would order its additions otherwise (n ≥ 5), signs of zero included."""
     generator = torch.Generator().manual_seed(n * 1000 + tokens)
     matrix = torch.rand(n, n, tokens, dtype=dtype, generator=generator) + 0.01
     grad = torch.randn(n, n, tokens, dtype=dtype, generator=generator)
+    grad[..., ::7] = -0.0  # sums of negative zeros: +0 by Tensor.sum, so by the kernel too
     (kernel, loop) = rounds_both_ways(native, matrix, grad, rounds=19)
     for ours, theirs in zip(kernel, loop, strict=True):
-        assert torch.equal(ours, theirs)
+        assert same_bits(ours, theirs)
     ones = torch.ones(n, tokens, dtype=dtype)
     torch.testing.assert_close(kernel[0].sum(1), ones)  # rows: the last normalization
     torch.testing.assert_close(kernel[0].sum(0), ones, atol=0.01, rtol=0)  # columns: converging
@@ -115,42 +125,120 @@ def test_mhc_sinkhorn_and_its_gradient_are_the_same_with_and_without_the_kernel(
         x = logits.clone().requires_grad_()
         matrix = sinkhorn_knopp(x, 20)
         results.append((matrix, torch.autograd.grad((matrix * weights).sum(), x)[0]))
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    assert same_bits(results[0][0], results[1][0])
+    assert same_bits(results[0][1], results[1][1])
 
 
-def test_under_vmap_each_member_is_normalized_as_alone(native):
-    """Packed runs vmap the model over members; Sinkhorn's vmap rule folds them into its
-    tokens, so a member's matrix and gradient are exactly its run alone."""
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kernel calls made (``forward`` / ``backward``), recorded as they pass."""
+    calls: list[str] = []
+    kernels = variants.native.sinkhorn._kernels
+
+    def counted(dtype: torch.dtype):
+        found = kernels(dtype)
+        if found is None:
+            return None
+
+        def forward(*args):
+            calls.append("forward")
+            return found[0](*args)
+
+        def backward(*args):
+            calls.append("backward")
+            return found[1](*args)
+
+        return forward, backward
+
+    monkeypatch.setattr(variants.native.sinkhorn, "_kernels", counted)
+    return calls
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_under_vmap_each_member_is_normalized_as_alone(native, kernel_calls, on):
+    """Packed runs vmap the model's forward over members and call ``.backward()`` outside it
+    (suite/run/packed.py); Sinkhorn's vmap rule folds the members into its tokens, so each
+    member's matrix and gradient are bit for bit its run alone, by the kernel where it loads."""
+    native(on)
+    if on and variants.native.library("sinkhorn") is None:
+        pytest.skip("no C compiler on this machine")
     members = 4 * torch.randn(3, 2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
     weights = torch.randn_like(members)
+    packed = members.clone().requires_grad_()
+    batched = torch.func.vmap(lambda x: sinkhorn_knopp(x, 20))(packed)
+    (batched * weights).sum().backward()
+    assert kernel_calls == (["forward", "backward"] if on else [])
+    with torch.no_grad():  # the packed evaluation
+        assert same_bits(torch.func.vmap(lambda x: sinkhorn_knopp(x, 20))(members), batched)
+    functional = torch.func.vmap(torch.func.grad(lambda x, w: (sinkhorn_knopp(x, 20) * w).sum()))
+    grads = functional(members, weights)
+    for k in range(len(members)):
+        alone = members[k].clone().requires_grad_()
+        matrix = sinkhorn_knopp(alone, 20)
+        assert same_bits(batched[k], matrix)
+        gradient = torch.autograd.grad((matrix * weights[k]).sum(), alone)[0]
+        assert same_bits(packed.grad[k], gradient)
+        assert same_bits(grads[k], gradient)
 
-    def loss(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (sinkhorn_knopp(x, 20) * w).sum()
 
-    for on in (True, False):
-        native(on)
-        batched = torch.func.vmap(lambda x: sinkhorn_knopp(x, 20))(members)
-        grads = torch.func.vmap(torch.func.grad(loss))(members, weights)
-        for k in range(len(members)):
-            alone = members[k].clone().requires_grad_()
-            matrix = sinkhorn_knopp(alone, 20)
-            assert torch.equal(batched[k], matrix)
-            assert torch.equal(grads[k], torch.autograd.grad(loss(alone, weights[k]), alone)[0])
-        with torch.no_grad():  # the packed evaluation
-            assert torch.equal(torch.func.vmap(lambda x: sinkhorn_knopp(x, 20))(members), batched)
+@needs_compiler
+def test_one_iteration_runs_no_rounds_on_a_fresh_thread(native):
+    """``variant.sinkhorn_iterations=1`` leaves no linear rounds: nothing for the kernel, on a
+    thread that never ran it (no workspace yet) too."""
+    native(True)
+    logits = torch.randn(8, 4, 4, requires_grad=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        matrix = pool.submit(sinkhorn_knopp, logits, 1).result()
+    torch.testing.assert_close(matrix, torch.softmax(torch.log_softmax(logits, -2), -1))
+    matrix.sum().backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_a_failed_build_warns_and_the_loop_runs_instead(native, monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setattr(variants.native, "_compiler", lambda: "false")
+    """A compiler that answers ``--version`` and fails to compile: a warning that says so, no
+    partial file left in the cache, and mHC still normalizes (by the loop)."""
+    failing = 'case "$0" in --version) echo a compiler;; *) echo "no such flag" >&2; exit 1;; esac'
+    monkeypatch.setattr(variants.native, "_compiler", lambda: ["sh", "-c", failing])
     monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
     native(True)
-    with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built .*same numbers"):
+    with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built .*no such flag"):
         assert variants.native.library("sinkhorn") is None
-    logits = torch.randn(16, 4, 4)
-    matrix = sinkhorn_knopp(logits, 20)
+    assert list((tmp_path / "native").iterdir()) == []
+    matrix = sinkhorn_knopp(torch.randn(16, 4, 4), 20)
     torch.testing.assert_close(matrix.sum(-1), torch.ones(16, 4))
+
+
+def test_a_cc_that_names_no_program_is_reported_not_replaced(native, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "no-such-compiler -m64")
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    with pytest.warns(RuntimeWarning, match="CC='no-such-compiler -m64' names no program"):
+        assert variants.native.library("sinkhorn") is None
+
+
+@needs_compiler
+def test_a_cc_with_flags_builds_with_them(native, monkeypatch, tmp_path):
+    compiler = variants.native._compiler()[0]
+    monkeypatch.setenv("CC", f"{compiler} -DSTABILITY_SUITE_TEST=1")
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    assert variants.native.library("sinkhorn") is not None
+    (built,) = (tmp_path / "native").iterdir()
+    assert built.stat().st_mode & 0o044 == 0o044  # readable by the cache's other users
+
+
+@needs_compiler
+def test_partial_builds_a_killed_worker_left_are_removed(native, monkeypatch, tmp_path):
+    cache = tmp_path / "native"
+    cache.mkdir()
+    stale, fresh = cache / ".sinkhorn-old.so", cache / ".sinkhorn-building.so"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (0, 0))
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(cache))
+    native(True)
+    assert variants.native.library("sinkhorn") is not None
+    assert not stale.exists() and fresh.exists()  # another worker may still be building that
 
 
 @needs_compiler

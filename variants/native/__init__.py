@@ -19,10 +19,12 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sysconfig
 import tempfile
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -40,9 +42,19 @@ def cache_dir() -> Path:
     return Path(base) / "stability-suite" / "native"
 
 
-def _compiler() -> str | None:
-    names = [os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc"]
-    return next((path for name in names if name and (path := shutil.which(name))), None)
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` as the shell would split it (``ccache gcc``, ``gcc
+    -m64``), else the one Python was built with, else ``cc``; None where none is found. A
+    ``$CC`` that names no program is an error, not a silent fallback to another compiler."""
+    if os.environ.get("CC"):
+        command = shlex.split(os.environ["CC"])
+        if not command or shutil.which(command[0]) is None:
+            raise RuntimeError(f"CC={os.environ['CC']!r} names no program on PATH")
+        return [shutil.which(command[0]), *command[1:]]
+    for name in ((sysconfig.get_config_var("CC") or "").split(" ")[0], "cc"):
+        if name and (path := shutil.which(name)):
+            return [path]
+    return None
 
 
 @cache
@@ -55,8 +67,10 @@ def library(name: str) -> ctypes.CDLL | None:
         built = _build(name)
         try:
             return ctypes.CDLL(str(built))
-        except OSError:  # a damaged file under the library's name: built again, once
-            built.unlink(missing_ok=True)
+        except OSError:
+            if _is_shared_library(built):  # whole, but not loadable here: no rebuild helps
+                raise
+            built.unlink(missing_ok=True)  # a damaged file under the library's name
             return ctypes.CDLL(str(_build(name)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as error:
         warnings.warn(
@@ -68,39 +82,62 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
 
 
+# ELF, and Mach-O (32/64-bit, either byte order, and universal).
+_LIBRARY_MAGIC = (b"\x7fELF", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
+                  b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")  # fmt: skip
+
+
+def _is_shared_library(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(4) in _LIBRARY_MAGIC
+
+
 def _build(name: str) -> Path:
     source = Path(__file__).with_name(f"{name}.c")
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
+        [*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
+    machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *FLAGS, compiler, version, platform.machine()]).encode()
+        "\0".join([source.read_text(), *FLAGS, *compiler, version, *machine]).encode()
     ).hexdigest()[:16]
     built = cache_dir() / f"{name}-{key}.so"
     if built.exists():
         return built
     built.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(built.parent, name)
     # Built beside its final name and renamed into place: workers that build at once each
     # rename a whole library, and none loads a half-written one.
     handle, partial = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=built.parent)
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", partial, str(source)],
+            [*compiler, *FLAGS, "-o", partial, str(source)],
             capture_output=True,
             text=True,
             timeout=300,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-500:]}")
+        os.chmod(partial, 0o755)  # mkstemp's file is private; a shared cache's users load it
         os.replace(partial, built)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return built
+
+
+def _remove_stale_partials(folder: Path, name: str, older_than_s: float = 3600) -> None:
+    """Partial builds a killed worker left behind (a build takes about a second)."""
+    for partial in folder.glob(f".{name}-*.so"):
+        try:
+            if time.time() - partial.stat().st_mtime > older_than_s:
+                partial.unlink()
+        except OSError:  # another worker removed it first
+            pass
 
 
 def runs_natively(*tensors: torch.Tensor) -> bool:

@@ -2,7 +2,8 @@
  * backward, on (n, n, tokens) matrices with tokens last, for variants/native/sinkhorn.py.
  *
  * Every operation is the one that module's PyTorch loop performs, in the same order and
- * precision: a sum of n entries added from the first to the last, one division per entry, the
+ * precision: a sum of n entries added to zero from the first to the last (as Tensor.sum adds,
+ * so that a sum of negative zeros is +0 in both), one division per entry, the
  * backward's products rounded before they are added (built with -ffp-contract=off, so no fused
  * multiply-add): the results are bit for bit the loop's. What it saves is the ~270 separate
  * PyTorch ops a call costs (each a dispatch and a pass over the matrix), by running all rounds
@@ -48,9 +49,8 @@ static void *workspace(size_t bytes) {
                                           int64_t stride, int64_t len) {                       \
         for (int64_t a = 0; a < n; a++) {                                                      \
             T *sum = total + a * len;                                                          \
-            const T *first = ENTRY(matrix, rows, a, 0, n, stride);                             \
-            for (int64_t t = 0; t < len; t++) sum[t] = first[t];                               \
-            for (int64_t b = 1; b < n; b++) {                                                  \
+            for (int64_t t = 0; t < len; t++) sum[t] = 0;                                      \
+            for (int64_t b = 0; b < n; b++) {                                                  \
                 const T *m = ENTRY(matrix, rows, a, b, n, stride);                             \
                 for (int64_t t = 0; t < len; t++) sum[t] += m[t];                              \
             }                                                                                  \
@@ -65,6 +65,7 @@ static void *workspace(size_t bytes) {
      * memory for a block's sums ran out. */                                                   \
     VECTOR_CLONES int sinkhorn_rounds_##SUFFIX(T *matrix, int64_t n, int64_t tokens,           \
                                                int64_t rounds) {                               \
+        if (rounds <= 0 || tokens <= 0 || n <= 0) return 0;                                    \
         T *sums = workspace(sizeof(T) * 2 * rounds * n * BLOCK);                               \
         if (!sums) return -1;                                                                  \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
@@ -81,6 +82,7 @@ static void *workspace(size_t bytes) {
      * rebuilt as m' * s. Returns 0, or -1 where memory for a block ran out. */                \
     VECTOR_CLONES int sinkhorn_rounds_backward_##SUFFIX(T *grad, const T *initial, int64_t n,  \
                                                         int64_t tokens, int64_t rounds) {      \
+        if (rounds <= 0 || tokens <= 0 || n <= 0) return 0;                                    \
         T *matrix = workspace(sizeof(T) * (n * n + 2 * rounds * n + 1) * BLOCK);               \
         if (!matrix) return -1;                                                                \
         T *dot = matrix + n * n * BLOCK, *sums = dot + BLOCK;                                  \
@@ -100,7 +102,7 @@ static void *workspace(size_t bytes) {
                         const T *m = ENTRY(matrix, rows, a, b, n, BLOCK);                      \
                         for (int64_t t = 0; t < len; t++) {                                    \
                             T product = g[t] * m[t];                                           \
-                            dot[t] = b == 0 ? product : dot[t] + product;                      \
+                            dot[t] = (b == 0 ? 0 : dot[t]) + product;                          \
                         }                                                                      \
                     }                                                                          \
                     for (int64_t b = 0; b < n; b++) {                                          \

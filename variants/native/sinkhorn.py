@@ -36,16 +36,15 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]
 
 
 def _summed(tensor: Tensor, axis: int) -> Tensor:
-    """The sum over ``axis`` (kept as a dimension of 1) in the kernel's order, from the first
-    term to the last: ``Tensor.sum`` over a leading dimension adds in that order for up to 4
-    terms (mHC's default n = 4; tests/variants/test_native.py holds it to that bit for bit) and
-    in another for more, where the terms are added one by one (slower). Off CPU (no kernel) one
-    ``sum`` always: fewer launches."""
+    """The sum over ``axis`` (kept as a dimension of 1) in the kernel's order: added to zero
+    from the first term to the last. ``Tensor.sum`` over a leading dimension adds in that order
+    for up to 4 terms (mHC's default n = 4; tests/variants/test_native.py holds it to that bit
+    for bit) and in another for more, where the terms are added one by one (slower). Off CPU
+    (no kernel) one ``sum`` always: fewer launches."""
     if tensor.device.type != "cpu" or tensor.shape[axis] <= 4:
         return tensor.sum(dim=axis, keepdim=True)
-    terms = tensor.unbind(axis)
-    total = terms[0] + terms[1]
-    for term in terms[2:]:
+    total = torch.zeros_like(tensor.select(axis, 0))
+    for term in tensor.unbind(axis):
         total += term
     return total.unsqueeze(axis)
 
@@ -66,7 +65,7 @@ def normalize_rounds(matrix: Tensor, rounds: int) -> Tensor | None:
     even rows) where the PyTorch loop ran, for its backward; None where the kernel ran (its
     backward recomputes them, block by block in cache, cheaper than saving them)."""
     n, _, tokens = matrix.shape
-    kernels = _kernels(matrix.dtype) if runs_natively(matrix) else None
+    kernels = _kernels(matrix.dtype) if rounds > 0 and runs_natively(matrix) else None
     if kernels is None:
         return _loop(matrix, rounds)
     if kernels[0](pointer(matrix), n, tokens, rounds) != 0:
@@ -79,7 +78,7 @@ def backward_from_input(grad: Tensor, initial: Tensor, rounds: int) -> None:
     ``initial``, in place (both (n, n, tokens), contiguous): the rounds run again from
     ``initial``, keeping their sums, then ``backward_from_sums``."""
     n, _, tokens = grad.shape
-    kernels = _kernels(grad.dtype) if runs_natively(grad, initial) else None
+    kernels = _kernels(grad.dtype) if rounds > 0 and runs_natively(grad, initial) else None
     if kernels is None:
         result = initial.clone()
         backward_from_sums(grad, result, _loop(result, rounds))
