@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 
 
 class _LinearRounds(torch.autograd.Function):
-    """Sinkhorn's rounds after the first, m ← m / Σ_rows m, then m ← m / Σ_columns m, on
-    (n, n, tokens) matrices, and their exact gradient: back through every normalization,
+    """Sinkhorn's rounds after the first (every column divided by its sum, then every row by
+    its), on (n, n, tokens) matrices, and their exact gradient: back through every normalization,
     ∂m = (∂m' − Σ_axis ∂m' ⊙ m') / s, with m rebuilt as m' ⊙ s. Autograd over the same loop
     kept every iterate and ran ~4× slower. Forward and back run in variants.native's C kernel
     where it loads (bit for bit the PyTorch loop beside it); its backward recomputes the sums
