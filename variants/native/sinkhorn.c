@@ -22,8 +22,9 @@
 #endif
 
 /* Memory for a block's sums (and the backward's copy of its matrix), kept per thread from call
- * to call: memory allocated afresh in every call was mapped afresh too, and its page faults made
- * the forward ~2x slower on the VM it was measured on. NULL where it cannot be had. */
+ * to call: with memory allocated afresh in every call (malloc or aligned_alloc, a few to a few
+ * hundred KB) the forward ran ~2x slower on the VM it was measured on, most likely from page
+ * faults on memory mapped afresh (not proven). NULL where it cannot be had. */
 static _Thread_local void *kept;
 static _Thread_local size_t kept_bytes;
 
