@@ -27,6 +27,11 @@ from variants.mhc import sinkhorn_knopp
 
 def use_kernel(on: bool) -> None:
     os.environ["SUITE_NATIVE"] = "1" if on else "0"
+    reload_setting()
+
+
+def reload_setting() -> None:
+    """Makes the next Sinkhorn call read ``SUITE_NATIVE`` again (both lookups are cached)."""
     variants.native.library.cache_clear()
     variants.native.sinkhorn._kernels.cache_clear()
 
@@ -51,6 +56,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    before = os.environ.get("SUITE_NATIVE")
+    try:
+        measure(args)
+    finally:  # the caller's setting back
+        if before is None:
+            os.environ.pop("SUITE_NATIVE", None)
+        else:
+            os.environ["SUITE_NATIVE"] = before
+        reload_setting()
+
+
+def measure(args: argparse.Namespace) -> None:
     use_kernel(True)
     if variants.native.library("sinkhorn") is None:
         raise SystemExit("the kernel did not build here (see the warning): nothing to compare")
@@ -69,7 +86,6 @@ def main() -> None:
                     call()
                 seconds = (time.perf_counter() - start) / args.calls
                 times.setdefault((name, on), []).append(seconds)
-    use_kernel(True)
     print(f"{cpu_model()}, torch {torch.__version__}, 1 thread, {args.tokens} tokens, n = 4")
     print("| call (forward + backward) | C kernel | PyTorch loop | speed-up |")
     print("|---|---|---|---|")

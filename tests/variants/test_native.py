@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import os
+import shlex
 
 import pytest
 import torch
@@ -38,9 +39,14 @@ def native(monkeypatch: pytest.MonkeyPatch, module_cache):
     switch(True)
 
 
-needs_compiler = pytest.mark.skipif(
-    variants.native._compiler() is None, reason="no C compiler on this machine"
-)
+def has_compiler() -> bool:
+    try:
+        return variants.native._compiler() is not None
+    except RuntimeError:  # a $CC that names no program: tested below, as no compiler here
+        return False
+
+
+needs_compiler = pytest.mark.skipif(not has_compiler(), reason="no C compiler on this machine")
 
 
 @needs_compiler
@@ -160,7 +166,7 @@ def test_under_vmap_each_member_is_normalized_as_alone(native, kernel_calls, on)
     (suite/run/packed.py); Sinkhorn's vmap rule folds the members into its tokens, so each
     member's matrix and gradient are bit for bit its run alone, by the kernel where it loads."""
     native(on)
-    if on and variants.native.library("sinkhorn") is None:
+    if on and not has_compiler():
         pytest.skip("no C compiler on this machine")
     members = 4 * torch.randn(3, 2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
     weights = torch.randn_like(members)
@@ -184,13 +190,23 @@ def test_under_vmap_each_member_is_normalized_as_alone(native, kernel_calls, on)
 @needs_compiler
 def test_one_iteration_runs_no_rounds_on_a_fresh_thread(native):
     """``variant.sinkhorn_iterations=1`` leaves no linear rounds: nothing for the kernel, on a
-    thread that never ran it (no workspace yet) too."""
+    thread that never ran it (no workspace yet) too, called through mHC and directly."""
     native(True)
     logits = torch.randn(8, 4, 4, requires_grad=True)
+    forward, backward = variants.native.sinkhorn._kernels(torch.float32)
+    matrix, grad = torch.rand(4, 4, 8), torch.randn(4, 4, 8)
+    pointers = (variants.native.pointer(matrix), variants.native.pointer(grad))
+
+    def on_a_fresh_thread() -> tuple[torch.Tensor, list[int]]:
+        statuses = [forward(pointers[0], 4, 8, 0), forward(pointers[0], 4, 0, 3)]
+        statuses += [backward(pointers[1], pointers[0], 4, 8, 0)]
+        return sinkhorn_knopp(logits, 1), statuses
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        matrix = pool.submit(sinkhorn_knopp, logits, 1).result()
-    torch.testing.assert_close(matrix, torch.softmax(torch.log_softmax(logits, -2), -1))
-    matrix.sum().backward()
+        result, statuses = pool.submit(on_a_fresh_thread).result()
+    assert statuses == [0, 0, 0]
+    torch.testing.assert_close(result, torch.softmax(torch.log_softmax(logits, -2), -1))
+    result.sum().backward()
     assert torch.isfinite(logits.grad).all()
 
 
@@ -218,13 +234,42 @@ def test_a_cc_that_names_no_program_is_reported_not_replaced(native, monkeypatch
 
 @needs_compiler
 def test_a_cc_with_flags_builds_with_them(native, monkeypatch, tmp_path):
-    compiler = variants.native._compiler()[0]
-    monkeypatch.setenv("CC", f"{compiler} -DSTABILITY_SUITE_TEST=1")
+    compiler = shlex.join(variants.native._compiler())
     monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    monkeypatch.setenv("CC", f"{compiler} --no-such-flag")  # the flags reach the compiler
+    native(True)
+    with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built .*failed"):
+        assert variants.native.library("sinkhorn") is None
+    monkeypatch.setenv("CC", f"{compiler} -DSTABILITY_SUITE_TEST=1")
     native(True)
     assert variants.native.library("sinkhorn") is not None
     (built,) = (tmp_path / "native").iterdir()
     assert built.stat().st_mode & 0o044 == 0o044  # readable by the cache's other users
+
+
+@needs_compiler
+def test_fast_math_in_cc_changes_no_bit(native, monkeypatch, tmp_path):
+    """``-ffast-math`` would reorder the kernel's arithmetic and (GCC) flush denormals in the
+    loading thread; the suite's own flags come after $CC's and turn it off."""
+    monkeypatch.setenv("CC", f"{shlex.join(variants.native._compiler())} -ffast-math")
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    assert variants.native.library("sinkhorn") is not None
+    assert torch.tensor(1e-39) * 1 != 0  # denormals still kept in this thread
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.rand(5, 5, 100, generator=generator) + 0.01
+    grad = torch.randn(5, 5, 100, generator=generator)
+    kernel, loop = rounds_both_ways(native, matrix, grad, rounds=19)
+    for ours, theirs in zip(kernel, loop, strict=True):
+        assert same_bits(ours, theirs)
+
+
+def test_a_cc_that_cannot_be_split_is_reported(native, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", 'gcc "-m64')
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    with pytest.warns(RuntimeWarning, match="cannot be split"):
+        assert variants.native.library("sinkhorn") is None
 
 
 @needs_compiler
@@ -263,10 +308,11 @@ def test_a_damaged_library_in_the_cache_is_built_again(native, monkeypatch, tmp_
     assert built.read_bytes()[:4] == b"\x7fELF"
 
 
+@needs_compiler
 def test_an_unwritable_cache_warns_and_the_loop_runs_instead(native, monkeypatch, tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     monkeypatch.setenv("SUITE_NATIVE_CACHE", str(blocked / "native"))  # under a file: no folder
     native(True)
-    with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built"):
+    with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built .*Not a directory"):
         assert variants.native.library("sinkhorn") is None

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
-# -ffp-contract=off: no fused multiply-add, so that the kernels round as PyTorch's loops do.
-FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
+# -ffp-contract=off: no fused multiply-add, so that the kernels round as PyTorch's loops do;
+# -fno-fast-math after whatever $CC carries: -ffast-math reorders arithmetic and (GCC 12) links
+# code that flushes denormals in every thread that loads the library.
+FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
 
 
 def cache_dir() -> Path:
@@ -47,7 +49,10 @@ def _compiler() -> list[str] | None:
     -m64``), else the one Python was built with, else ``cc``; None where none is found. A
     ``$CC`` that names no program is an error, not a silent fallback to another compiler."""
     if os.environ.get("CC"):
-        command = shlex.split(os.environ["CC"])
+        try:
+            command = shlex.split(os.environ["CC"])
+        except ValueError as error:  # an unbalanced quote
+            raise RuntimeError(f"CC={os.environ['CC']!r} cannot be split: {error}") from None
         if not command or shutil.which(command[0]) is None:
             raise RuntimeError(f"CC={os.environ['CC']!r} names no program on PATH")
         return [shutil.which(command[0]), *command[1:]]
@@ -72,7 +77,7 @@ def library(name: str) -> ctypes.CDLL | None:
                 raise
             built.unlink(missing_ok=True)  # a damaged file under the library's name
             return ctypes.CDLL(str(_build(name)))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as error:
         warnings.warn(
             f"variants.native: the {name} kernel is not built ({error}); running PyTorch's "
             "loop instead: the same numbers, slower (set SUITE_NATIVE=0 to silence this)",
