@@ -224,11 +224,16 @@ def test_a_failed_build_warns_and_the_loop_runs_instead(native, monkeypatch, tmp
     torch.testing.assert_close(matrix.sum(-1), torch.ones(16, 4))
 
 
-def test_a_cc_that_names_no_program_is_reported_not_replaced(native, monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", "no-such-compiler -m64")
+@pytest.mark.parametrize(
+    "cc, reported",
+    [("no-such-compiler -m64", "CC='no-such-compiler -m64' names no program"),
+     ('gcc "-m64', "cannot be split")],
+)  # fmt: skip
+def test_a_cc_that_cannot_run_is_reported_not_replaced(native, monkeypatch, tmp_path, cc, reported):
+    monkeypatch.setenv("CC", cc)
     monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
     native(True)
-    with pytest.warns(RuntimeWarning, match="CC='no-such-compiler -m64' names no program"):
+    with pytest.warns(RuntimeWarning, match=reported):
         assert variants.native.library("sinkhorn") is None
 
 
@@ -262,14 +267,6 @@ def test_fast_math_in_cc_changes_no_bit(native, monkeypatch, tmp_path):
     kernel, loop = rounds_both_ways(native, matrix, grad, rounds=19)
     for ours, theirs in zip(kernel, loop, strict=True):
         assert same_bits(ours, theirs)
-
-
-def test_a_cc_that_cannot_be_split_is_reported(native, monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", 'gcc "-m64')
-    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
-    native(True)
-    with pytest.warns(RuntimeWarning, match="cannot be split"):
-        assert variants.native.library("sinkhorn") is None
 
 
 @needs_compiler
