@@ -2,15 +2,16 @@
 built on first use with the machine's C compiler and loaded with ctypes.
 
 A kernel here computes bit for bit what its PyTorch fallback computes (same operations, same
-order, no fused multiply-add), so whether it loaded changes a run's speed and never its
-numbers. Where it cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
+order, no fused multiply-add, no fast-math), so whether it loaded changes a run's speed and never
+its numbers. Where it cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
 runs the fallback, after one warning that says why.
 
 Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,
-the flags, the compiler's version and the machine's architecture, so a change to any of them
-builds anew and workers sharing a home directory on different CPUs never load a stranger's
-build (the build targets the architecture's baseline, with AVX2 clones picked at load time).
+the flags, the compiler's command and version, the machine's architecture and its C library, so
+a change to any of them builds anew and workers sharing a home directory on different machines
+never load a stranger's build (the build targets the architecture's baseline; with GCC on
+x86-64, AVX2 clones are picked at load time). docs/operations.md says more.
 """
 
 from __future__ import annotations
