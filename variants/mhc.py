@@ -58,8 +58,7 @@ class _LinearRounds(torch.autograd.Function):
     @staticmethod
     def forward(initial: Tensor, rounds: int) -> tuple[Tensor, Tensor]:
         matrix = initial.clone()
-        sums = normalize_rounds(matrix, rounds)
-        return matrix, initial.new_empty(0, *initial.shape[1:]) if sums is None else sums
+        return matrix, normalize_rounds(matrix, rounds)
 
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, int], output: tuple) -> None:

@@ -9,7 +9,6 @@ block of tokens in cache (measured in docs/performance.md).
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 
 import torch
@@ -18,10 +17,10 @@ from torch import Tensor
 from variants.native import library, pointer, runs_natively
 
 
-@functools.cache
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
     """The forward and backward kernels for this dtype, their C signatures declared (ctypes
-    would pass Python ints as 32-bit ints)."""
+    would pass Python ints as 32-bit ints). Not cached: ``library`` is, and so is each function
+    ctypes looks up, so declaring again is cheap and nothing can go stale."""
     kernels = library("sinkhorn")
     if kernels is None:
         return None
@@ -56,21 +55,26 @@ def _loop(matrix: Tensor, rounds: int) -> Tensor:
             total = _summed(matrix, axis)
             matrix.div_(total)
             sums.append(total.squeeze(axis))
-    return torch.stack(sums) if sums else matrix.new_empty(0, *matrix.shape[1:])
+    return torch.stack(sums) if sums else _no_sums(matrix)
 
 
-def normalize_rounds(matrix: Tensor, rounds: int) -> Tensor | None:
+def _no_sums(matrix: Tensor) -> Tensor:
+    return matrix.new_empty(0, *matrix.shape[1:])
+
+
+def normalize_rounds(matrix: Tensor, rounds: int) -> Tensor:
     """``rounds`` times: divide every column by its sum, then every row by its; ``matrix``
     (n, n, tokens), contiguous, in place. Returns the sums (2 · rounds, n, tokens; columns' at
-    even rows) where the PyTorch loop ran, for its backward; None where the kernel ran (its
-    backward recomputes them, block by block in cache, cheaper than saving them)."""
+    even rows) where the PyTorch loop ran, for its backward; none (an empty tensor) where the
+    kernel ran or there were no rounds (the kernel's backward recomputes them, block by block in
+    cache, cheaper than saving them)."""
     n, _, tokens = matrix.shape
     kernels = _kernels(matrix.dtype) if rounds > 0 and runs_natively(matrix) else None
     if kernels is None:
         return _loop(matrix, rounds)
     if kernels[0](pointer(matrix), n, tokens, rounds) != 0:
         raise MemoryError("sinkhorn_rounds: no memory for a block of tokens")
-    return None
+    return _no_sums(matrix)
 
 
 def backward_from_input(grad: Tensor, initial: Tensor, rounds: int) -> None:
