@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -122,3 +124,16 @@ def compose_cell(*overrides: str):
     register_configs()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return cell_from_config(compose("config", overrides=list(overrides)))
+
+
+def has_c_compiler() -> bool:
+    """Whether variants.native finds a C compiler here (its kernels can be built)."""
+    import variants.native
+
+    try:
+        return variants.native._compiler() is not None
+    except RuntimeError:  # a $CC that names no program: as no compiler here
+        return False
+
+
+needs_compiler = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler on this machine")

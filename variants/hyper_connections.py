@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn import functional as F
 
 from variants.base import (
@@ -32,9 +33,36 @@ from variants.base import (
     Sublayer,
     Wiring,
 )
+from variants.functions import apply_function
+from variants.native import hyper_connection
 from variants.norms import LayerNorm
 from variants.registry import register
 from variants.streams import MultiStreamVariant, read_and_mix, write_back
+
+
+class _DynamicWeights(torch.autograd.Function):
+    """[A_m | A_r] (rows, n + 1) and B (rows,) of the dynamic connection for (rows, d) streams,
+    by variants.native's C kernel, forward and backward (used only where it runs)."""
+
+    @staticmethod
+    def forward(
+        rows: Tensor, gain: Tensor, bias: Tensor, weight: Tensor, offset: Tensor,
+        scale: Tensor, eps: float,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        return hyper_connection.forward(rows, gain, bias, weight, offset, scale, eps)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        rows, gain, bias, weight, offset, scale, _ = inputs
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.streams = offset.shape[0]
+        ctx.save_for_backward(rows, gain, bias, weight, scale, *output[2:])
+
+    @staticmethod
+    @once_differentiable  # a hand-written backward: no double backward through it
+    def backward(ctx: FunctionCtx, grad_first: Tensor, grad_last: Tensor, *_kept: Tensor) -> tuple:
+        grads = hyper_connection.backward(grad_first, grad_last, *ctx.saved_tensors, ctx.streams)
+        return (*grads, None)
 
 
 class HyperConnection(nn.Module):
@@ -63,6 +91,15 @@ class HyperConnection(nn.Module):
         # W_m, W_r, W_β in one GEMM, laid out as rows: with its 1 + n + 1 = 6 outputs as
         # columns, CPU matmul and its weight gradient ran 2.2× slower (measured).
         weights = torch.cat([self.read_weight[None], self.mix_weight.T, self.write_weight[None]], 0)
+        rows = streams.reshape(-1, streams.shape[-1]).contiguous()
+        offset = torch.cat([static, self.write[:, None]], dim=1)
+        scale = torch.cat([self.alpha.expand(static.shape[1]), self.beta[None]])
+        gain, bias = self.norm.weight, self.norm.bias
+        if hyper_connection.available(rows, gain, bias, weights, offset, scale):
+            read_and_mix, write = apply_function(
+                _DynamicWeights, rows, gain, bias, weights, offset, scale, self.norm.eps
+            )[:2]
+            return read_and_mix.view(*streams.shape[:-1], -1), write.view(streams.shape[:-1])
         dynamic = torch.tanh(F.linear(self.norm(streams), weights))
         read_and_mix = static + self.alpha * dynamic[..., :-1]
         return read_and_mix, self.write + self.beta * dynamic[..., -1]

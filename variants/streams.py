@@ -17,6 +17,7 @@ from torch.autograd.function import FunctionCtx
 
 from variants.base import ModelView, Variant, gpt2_residual_std, scale_residual_projections
 from variants.functions import apply_function
+from variants.native import hyper_connection
 from variants.norms import LayerNorm
 
 
@@ -45,6 +46,8 @@ class _ReadAndMix(torch.autograd.Function):
 
     @staticmethod
     def forward(weights: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
+        if hyper_connection.read_out_available(weights, streams):
+            return hyper_connection.read_out(weights, streams)
         out = torch.bmm(weights.transpose(1, 2), streams)
         # The sublayer saves its input for backward: a copy of row 0, so that it does not keep
         # the whole (B, 1 + n, d) result alive.
@@ -63,6 +66,12 @@ class _ReadAndMix(torch.autograd.Function):
             grad_read = streams.new_zeros(streams.shape[0], streams.shape[2])
         if grad_mixed is None:
             grad_mixed = torch.zeros_like(streams)
+        grad_read, grad_mixed = grad_read.contiguous(), grad_mixed.contiguous()
+        if hyper_connection.read_out_available(weights, streams, grad_read, grad_mixed):
+            grad_weights, grad_streams = hyper_connection.read_out_backward(
+                weights, streams, grad_read, grad_mixed
+            )
+            return grad_weights, grad_streams
         # Out of place (one copy), so that vmap may batch the gradient and not the streams.
         grad = torch.cat([grad_read.unsqueeze(1), grad_mixed], dim=1)
         grad_weights = grad_streams = None

@@ -11,39 +11,12 @@ import shlex
 
 import pytest
 import torch
+from helpers import has_c_compiler, needs_compiler
 
 import variants.native
 import variants.native.sinkhorn
 from variants.mhc import sinkhorn_knopp
 from variants.native.sinkhorn import backward_from_input, backward_from_sums, normalize_rounds
-
-
-@pytest.fixture(scope="module")
-def module_cache(tmp_path_factory: pytest.TempPathFactory):
-    return tmp_path_factory.mktemp("native")
-
-
-@pytest.fixture
-def native(monkeypatch: pytest.MonkeyPatch, module_cache):
-    """Switches the kernels on or off (``native(True)``), built into this module's own cache."""
-    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(module_cache))
-
-    def switch(on: bool) -> None:
-        monkeypatch.setenv("SUITE_NATIVE", "1" if on else "0")
-        variants.native.library.cache_clear()
-
-    yield switch
-    switch(True)
-
-
-def has_compiler() -> bool:
-    try:
-        return variants.native._compiler() is not None
-    except RuntimeError:  # a $CC that names no program: tested below, as no compiler here
-        return False
-
-
-needs_compiler = pytest.mark.skipif(not has_compiler(), reason="no C compiler on this machine")
 
 
 @needs_compiler
@@ -163,7 +136,7 @@ def test_under_vmap_each_member_is_normalized_as_alone(native, kernel_calls, on)
     (suite/run/packed.py); Sinkhorn's vmap rule folds the members into its tokens, so each
     member's matrix and gradient are bit for bit its run alone, by the kernel where it loads."""
     native(on)
-    if on and not has_compiler():
+    if on and not has_c_compiler():
         pytest.skip("no C compiler on this machine")
     members = 4 * torch.randn(3, 2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
     weights = torch.randn_like(members)

@@ -35,7 +35,8 @@ import torch
 # -ffp-contract=off: no fused multiply-add, so that the kernels round as PyTorch's loops do;
 # -fno-fast-math after whatever $CC carries: -ffast-math reorders arithmetic and (GCC 12) links
 # code that flushes denormals in every thread that loads the library.
-FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
+LIBRARIES = ("-lm",)  # after the source, as linkers resolve left to right
 
 
 def cache_dir() -> Path:
@@ -108,7 +109,7 @@ def _build(name: str) -> Path:
     ).stdout
     machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
     key = hashlib.sha256(
-        "\0".join([source.read_text(), *FLAGS, *compiler, version, *machine]).encode()
+        "\0".join([source.read_text(), *FLAGS, *LIBRARIES, *compiler, version, *machine]).encode()
     ).hexdigest()[:16]
     built = cache_dir() / f"{name}-{key}.so"
     if built.exists():
@@ -121,7 +122,7 @@ def _build(name: str) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [*compiler, *FLAGS, "-o", partial, str(source)],
+            [*compiler, *FLAGS, "-o", partial, str(source), *LIBRARIES],
             capture_output=True,
             text=True,
             timeout=300,
@@ -148,14 +149,14 @@ def _remove_stale_partials(folder: Path, name: str, older_than_s: float = 3600) 
 
 def runs_natively(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can go to a kernel here: plain contiguous CPU float32 or float64
-    tensors of one dtype, outside vmap and other function transforms (their tensors wrap
-    others) and outside torch.compile's tracing (inductor fuses the fallback there)."""
+    tensors (or parameters) of one dtype, outside vmap and other function transforms (their
+    tensors wrap others) and outside torch.compile's tracing (inductor fuses the fallback)."""
     dtype = tensors[0].dtype
     return (
         not torch.compiler.is_compiling()
         and dtype in (torch.float32, torch.float64)
         and all(
-            type(tensor) is torch.Tensor
+            type(tensor) in (torch.Tensor, torch.nn.Parameter)  # no other subclass
             and tensor.device.type == "cpu"
             and tensor.dtype == dtype
             and tensor.is_contiguous()

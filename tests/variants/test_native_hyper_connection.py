@@ -1,0 +1,159 @@
+"""Hyper-Connections' C kernels (variants/native/hyper_connection.c): the dynamic connection
+weights and the read-out compute PyTorch's formula in their own order of additions, so they
+agree with PyTorch's path to float rounding (not bit for bit), gradients included, and keep
+what a divergence must show (NaN)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import needs_compiler
+
+from variants.hyper_connections import HyperConnection
+from variants.native import hyper_connection
+from variants.streams import read_and_mix
+
+pytestmark = needs_compiler
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the kernels' Python entry points, each time one runs."""
+    calls: list[str] = []
+    for name in ("forward", "backward", "read_out", "read_out_backward"):
+        original = getattr(hyper_connection, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(hyper_connection, name, spy)
+    return calls
+
+
+def connection(
+    native, on: bool, dtype: torch.dtype, streams: int, width: int, expanded: bool
+) -> list[torch.Tensor]:
+    """Output and every gradient of one dynamic HC (a tanh branch), kernels on or off; the same
+    parameters and inputs (drawn in float64) whatever the dtype."""
+    native(on)
+    torch.manual_seed(4)
+    module = HyperConnection(width, streams, 1, dynamic=True, eps=1e-5).double()
+    with torch.no_grad():  # far from the init, so that every term counts
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    module = module.to(dtype)
+    # 2 x 33 tokens: rows of n streams cross the kernel's 64-row blocks
+    embedded = torch.randn(2, 33, width, dtype=torch.float64).to(dtype).requires_grad_()
+    upstream = torch.randn(2, 33, streams, width, dtype=torch.float64).to(dtype)
+    x = embedded.unsqueeze(-2).expand(2, 33, streams, width)  # as the first block gets them
+    if not expanded:
+        x = x * torch.linspace(0.5, 1.5, streams, dtype=dtype)[:, None]
+    out = module(x, torch.tanh)
+    inputs = [embedded, *module.parameters()]
+    return [out, *torch.autograd.grad((out * upstream).sum(), inputs)]
+
+
+@pytest.mark.parametrize("streams", [1, 3, 4])
+@pytest.mark.parametrize("width", [12, 64])  # 12: a row's tail after the 8-wide lanes
+@pytest.mark.parametrize("expanded", [True, False])
+def test_the_kernels_are_as_accurate_as_pytorch_in_float32_every_gradient_too(
+    native, kernel_calls, streams, width, expanded
+):
+    """Each output's error against float64 is within 4x PyTorch's float32 error (sums over
+    tokens cancel, so that bound rather than a relative one) plus 4e-6 of its largest entry:
+    measured, the kernels' errors were 0.4-3.2x PyTorch's, under 6e-7 of the largest entry; a
+    formula error (a term left out) is ~1e-2 of it."""
+    exact = connection(native, False, torch.float64, streams, width, expanded)
+    pytorch = connection(native, False, torch.float32, streams, width, expanded)
+    assert kernel_calls == []
+    kernel = connection(native, True, torch.float32, streams, width, expanded)
+    assert sorted(set(kernel_calls)) == ["backward", "forward", "read_out", "read_out_backward"]
+    for got, reference, want in zip(kernel, pytorch, exact, strict=True):
+        pytorch_error = (reference.double() - want).abs().max()
+        bound = 4 * pytorch_error + 4e-6 * want.abs().max()
+        assert (got.double() - want).abs().max() <= bound, tuple(want.shape)
+
+
+def test_in_float64_they_agree_to_float64_rounding(native):
+    kernel = connection(native, True, torch.float64, 4, 64, expanded=False)
+    pytorch = connection(native, False, torch.float64, 4, 64, expanded=False)
+    for got, want in zip(kernel, pytorch, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+
+
+def test_the_kernels_gradient_is_the_connections_gradient(native):
+    native(True)
+    torch.manual_seed(5)
+    module = HyperConnection(10, 3, 0, dynamic=True, eps=1e-5).double()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    x = torch.randn(2, 5, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert hyper_connection.available(x.reshape(-1, 10))
+    parameters = tuple(module.parameters())
+    assert torch.autograd.gradcheck(lambda x, *_: module(x, torch.sin), (x, *parameters))
+
+
+def float32_ulps(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|got - exact| in units of float32's last place at exact (exact in float64)."""
+    exponent = torch.frexp(exact.abs().float().clamp_min(torch.finfo(torch.float32).tiny))[1]
+    return (got.double() - exact).abs() / torch.ldexp(torch.tensor(1.0, dtype=torch.float64),
+                                                      (exponent - 24).double())  # fmt: skip
+
+
+def kernel_tanh(z: torch.Tensor) -> torch.Tensor:
+    """The kernel's tanh of each value: one row of width 1 normalizes to 0, so with gain 0 and
+    bias 1 its projections are the weights themselves, tanh'd, and scale 1 returns them."""
+    m = z.numel()
+    one = torch.ones(1)
+    first, last, tanh, _, _ = hyper_connection.forward(
+        torch.zeros(1, 1), one, one, z.reshape(m, 1).contiguous(), torch.zeros(1, m),
+        torch.ones(m), 1e-5,
+    )  # fmt: skip
+    return tanh.view(-1)
+
+
+def test_the_kernels_float_tanh_is_within_two_ulps(native):
+    native(True)
+    values = torch.cat([
+        torch.linspace(-12, 12, 100_001),
+        torch.logspace(-38, 1.2, 4_000), -torch.logspace(-38, 1.2, 4_000),
+        torch.linspace(0.54, 0.56, 2_001),  # where the series hands over to exp
+    ])  # fmt: skip
+    got = kernel_tanh(values)
+    assert float32_ulps(got, torch.tanh(values.double())).max() <= 2.0
+    special = torch.tensor([0.0, 30.0, -30.0, float("inf"), -float("inf"), float("nan")])
+    expected = torch.tensor([0.0, 1.0, -1.0, 1.0, -1.0, float("nan")])
+    got = torch.cat([kernel_tanh(value) for value in special.split(1)])
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+
+
+def test_a_nan_in_the_streams_comes_out_as_nan(native):
+    """A diverging run must show NaN, not weights that tanh clipped to ±1."""
+    native(True)
+    module = HyperConnection(16, 4, 0, dynamic=True, eps=1e-5)
+    x = torch.randn(3, 4, 16)
+    x[1, 2, 5] = float("nan")
+    weights, write = module.connection_weights(x)
+    assert weights[1, 2].isnan().all() and write[1, 2].isnan()
+    assert not weights[0].isnan().any() and not weights[2].isnan().any()
+
+
+@pytest.mark.parametrize("used", ["read", "mixed", "both"])
+def test_the_read_out_kernel_is_the_batched_product_whichever_output_is_used(
+    native, kernel_calls, used
+):
+    torch.manual_seed(6)
+    weights = torch.randn(5, 7, 4, 5, requires_grad=True)
+    streams = torch.randn(5, 7, 4, 24, requires_grad=True)
+    results = []
+    for on in (True, False):
+        native(on)
+        read, mixed = read_and_mix(weights, streams)
+        loss = {"read": read.sin().sum(), "mixed": mixed.sin().sum()}.get(used)
+        loss = read.sin().sum() + mixed.cos().sum() if loss is None else loss
+        results.append([read, mixed, *torch.autograd.grad(loss, (weights, streams))])
+    assert kernel_calls == ["read_out", "read_out_backward"]
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,262 @@
+/* Hyper-Connections' dynamic connection weights (Zhu et al. 2025, "Hyper-Connections", ICLR;
+ * arXiv 2409.19606, eq. 11-13) and their backward, for variants/native/hyper_connection.py.
+ * Each of the n streams of every token is a row x of width d:
+ *
+ *     t = tanh(LayerNorm(x) W^T)                  W: (m, d), m = n + 2 (W_m, W_r's n, W_beta)
+ *     out[j] = offset[s, j] + scale[j] * t[j]     s = the row's stream (row mod n)
+ *
+ * out's first m - 1 columns ([A_m | A_r], the read-out's weights) and its last (B, the
+ * write-back's) are written to, and their gradients read from, two arrays.
+ * where offset holds the static [A_m | A_r | B] of stream s and scale is (s_alpha x (n + 1),
+ * s_beta). LayerNorm is PyTorch's (gain and bias, biased variance, eps inside the square root).
+ * The formula is PyTorch's; the order of its additions is this file's own, so results agree
+ * with PyTorch's ops to float rounding, not bit for bit. What it saves is the ~16 separate
+ * PyTorch ops forward and ~30 backward that each pass over the rows once (each a dispatch), and
+ * a (rows x d) by (d x m) product far too narrow for a GEMM library to run well.
+ *
+ * Sums over a row run in LANES interleaved partial sums (so that the compiler may vectorize
+ * them without -ffast-math), added up in a fixed order at the end; the parameters' gradients
+ * are summed over a block of BLOCK rows in T and the blocks' sums in double: the result does
+ * not depend on the machine's vector width, and its error grows with the block, not all rows.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+
+#define LANES 8
+#define BLOCK 64
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* Memory kept per thread from call to call (memory allocated afresh per call ran ~2x slower in
+ * sinkhorn.c, measured). NULL where it cannot be had. */
+static _Thread_local void *kept;
+static _Thread_local size_t kept_bytes;
+
+static void *workspace(size_t bytes) {
+    if (bytes > kept_bytes) {
+        free(kept);
+        kept = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        kept_bytes = kept ? bytes : 0;
+    }
+    return kept;
+}
+
+/* tanh in float over a block, in a form the compiler vectorizes (glibc's tanhf is a call per
+ * value: ~26 ns each here, measured, 2/3 of the forward). Below |z| = 0.55 its odd Taylor series
+ * to z^19 (an alternating series: the first term left out is under 1e-9 relative); above,
+ * 1 - 2 / (exp(2|z|) + 1), exp from its Taylor series to r^8 after a reduction by k ln 2
+ * (|r| <= ln 2 / 2; ln 2 split in two so that k ln 2 is exact): within 2 units in the last place
+ * of tanh (tests/variants/test_native_hyper_connection.py); NaN stays NaN. */
+static inline float exp_reduced(float x) { /* x in [-20, 20] */
+    /* round to the nearest integer by adding and taking away 1.5 * 2^23 (rintf is a call) */
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+              + r * (1.0f / 720 + r * (1.0f / 5040 + r * (1.0f / 40320))))))));
+    union { float f; int32_t i; } scale = {.i = ((int32_t)k + 127) << 23};
+    return p * scale.f;
+}
+
+static inline void tanh_block_f32(float *z, int64_t count) {
+    for (int64_t i = 0; i < count; i++) {
+        float x = z[i], a = __builtin_fabsf(x), a2 = a * a;
+        float series = a * (1.0f + a2 * (-0.333333333f + a2 * (0.133333333f + a2 * (-0.0539682540f
+                       + a2 * (0.0218694885f + a2 * (-0.00886323553f + a2 * (0.00359212804f
+                       + a2 * (-0.00145583439f + a2 * (0.000590027441f
+                       + a2 * -0.000239129114f)))))))));
+        float exponential = 1.0f - 2.0f / (exp_reduced(2.0f * (a < 10.0f ? a : 10.0f)) + 1.0f);
+        float t = __builtin_copysignf(a < 0.55f ? series : exponential, x);
+        z[i] = x == x ? t : x; /* NaN stays NaN, as divergence must show */
+    }
+}
+
+static inline void tanh_block_f64(double *z, int64_t count) {
+    for (int64_t i = 0; i < count; i++) z[i] = tanh(z[i]);
+}
+
+#define DEFINE_DYNAMIC_WEIGHTS(T, SUFFIX, SQRT)                                          \
+    /* Sum of a[i] over i < d, in LANES partial sums. */                                      \
+    static inline T sum_##SUFFIX(const T *a, int64_t d) {                                      \
+        T lane[LANES] = {0};                                                                   \
+        int64_t whole = d / LANES * LANES;                                                     \
+        for (int64_t i = 0; i < whole; i += LANES)                                             \
+            for (int l = 0; l < LANES; l++) lane[l] += a[i + l];                               \
+        for (int64_t i = whole; i < d; i++) lane[i - whole] += a[i];                           \
+        T total = 0;                                                                           \
+        for (int l = 0; l < LANES; l++) total += lane[l];                                      \
+        return total;                                                                          \
+    }                                                                                          \
+                                                                                               \
+    /* Sum of a[i] * b[i] over i < d, in LANES partial sums. */                                \
+    static inline T dot_##SUFFIX(const T *a, const T *b, int64_t d) {                          \
+        T lane[LANES] = {0};                                                                   \
+        int64_t whole = d / LANES * LANES;                                                     \
+        for (int64_t i = 0; i < whole; i += LANES)                                             \
+            for (int l = 0; l < LANES; l++) lane[l] += a[i + l] * b[i + l];                    \
+        for (int64_t i = whole; i < d; i++) lane[i - whole] += a[i] * b[i];                    \
+        T total = 0;                                                                           \
+        for (int l = 0; l < LANES; l++) total += lane[l];                                      \
+        return total;                                                                          \
+    }                                                                                          \
+                                                                                               \
+    /* x_hat = (x - mean) * rstd and y = x_hat * gain + bias for one row. */                   \
+    static inline void normalize_##SUFFIX(const T *x, T mean, T rstd, const T *gain,           \
+                                          const T *bias, T *x_hat, T *y, int64_t d) {          \
+        for (int64_t i = 0; i < d; i++) {                                                      \
+            x_hat[i] = (x[i] - mean) * rstd;                                                   \
+            y[i] = x_hat[i] * gain[i] + bias[i];                                               \
+        }                                                                                      \
+    }                                                                                          \
+                                                                                               \
+    /* out (rows, m) as in the header, as first (rows, m - 1) and last (rows); keeps t         \
+     * (rows, m), each row's mean and 1/sqrt(var + eps) for the backward. rows is a multiple  \
+     * of n. Returns -1 where it has no memory. */                                            \
+    VECTOR_CLONES int dynamic_weights_##SUFFIX(                                                \
+        const T *x, const T *gain, const T *bias, const T *w, const T *offset, const T *scale, \
+        int64_t rows, int64_t n, int64_t d, int64_t m, double eps, T *first, T *last, T *t,    \
+        T *mean, T *rstd) {                                                                    \
+        if (rows <= 0 || d <= 0) return 0;                                                     \
+        T *x_hat = workspace(2 * (size_t)d * sizeof(T)), *y = x_hat + d;                       \
+        if (!x_hat) return -1;                                                                 \
+        for (int64_t r = 0; r < rows; r++) {                                                   \
+            const T *row = x + r * d;                                                          \
+            T mu = sum_##SUFFIX(row, d) / (T)d;                                          \
+            for (int64_t i = 0; i < d; i++) x_hat[i] = row[i] - mu;                            \
+            T var = dot_##SUFFIX(x_hat, x_hat, d) / (T)d;                                      \
+            T inv = (T)1 / SQRT(var + (T)eps);                                                 \
+            mean[r] = mu;                                                                      \
+            rstd[r] = inv;                                                                     \
+            normalize_##SUFFIX(row, mu, inv, gain, bias, x_hat, y, d);                         \
+            for (int64_t j = 0; j < m; j++) t[r * m + j] = dot_##SUFFIX(y, w + j * d, d);        \
+        }                                                                                      \
+        tanh_block_##SUFFIX(t, rows * m);                                                      \
+        for (int64_t r = 0; r < rows; r++) {                                                   \
+            const T *base = offset + r % n * m, *tanh_z = t + r * m;                           \
+            for (int64_t j = 0; j < m - 1; j++)                                                \
+                first[r * (m - 1) + j] = base[j] + scale[j] * tanh_z[j];                       \
+            last[r] = base[m - 1] + scale[m - 1] * tanh_z[m - 1];                              \
+        }                                                                                      \
+        return 0;                                                                              \
+    }                                                                                          \
+                                                                                               \
+    /* Given out's gradient (as grad_first, grad_last) and the forward's t, mean and rstd:      \
+     * grad_x (rows, d) is                                                                    \
+     * written; the gradients of gain (d), bias (d), w (m, d), offset (n, m) and scale (m) are  \
+     * summed over the rows into `sums` (double, in that order, zeroed by the caller). */      \
+    VECTOR_CLONES int dynamic_weights_backward_##SUFFIX(                                       \
+        const T *x, const T *gain, const T *bias, const T *w, const T *scale, int64_t rows,    \
+        int64_t n, int64_t d, int64_t m, const T *t, const T *mean, const T *rstd,             \
+        const T *grad_first, const T *grad_last, T *grad_x, double *sums) {                    \
+        if (rows <= 0 || d <= 0) return 0;                                                     \
+        double *sum_gain = sums, *sum_bias = sum_gain + d, *sum_w = sum_bias + d;              \
+        double *sum_offset = sum_w + m * d, *sum_scale = sum_offset + n * m;                   \
+        size_t per_row = 3 * (size_t)d + (size_t)m;                                            \
+        size_t block = (2 + (size_t)m) * (size_t)d + (size_t)(n * m + m);                      \
+        T *x_hat = workspace((per_row + block) * sizeof(T));                                   \
+        if (!x_hat) return -1;                                                                 \
+        T *y = x_hat + d, *grad_y = y + d, *grad_z = grad_y + d;                               \
+        T *block_gain = grad_z + m, *block_bias = block_gain + d, *block_w = block_bias + d;   \
+        T *block_offset = block_w + m * d, *block_scale = block_offset + n * m;                \
+        for (int64_t start = 0; start < rows; start += BLOCK) {                                \
+            int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
+            for (size_t i = 0; i < block; i++) block_gain[i] = 0;                              \
+            for (int64_t r = start; r < end; r++) {                                            \
+                const T *row = x + r * d;                                                      \
+                T inv = rstd[r];                                                               \
+                normalize_##SUFFIX(row, mean[r], inv, gain, bias, x_hat, y, d);                \
+                for (int64_t j = 0; j < m; j++) {                                              \
+                    T g = j < m - 1 ? grad_first[r * (m - 1) + j] : grad_last[r];              \
+                    T tanh_z = t[r * m + j];                                                   \
+                    block_offset[r % n * m + j] += g;                                          \
+                    block_scale[j] += g * tanh_z;                                              \
+                    grad_z[j] = g * scale[j] * ((T)1 - tanh_z * tanh_z);                       \
+                }                                                                              \
+                for (int64_t i = 0; i < d; i++) grad_y[i] = 0;                                 \
+                for (int64_t j = 0; j < m; j++) {                                              \
+                    T g = grad_z[j];                                                           \
+                    const T *wj = w + j * d;                                                   \
+                    T *bw = block_w + j * d;                                                   \
+                    for (int64_t i = 0; i < d; i++) {                                          \
+                        grad_y[i] += g * wj[i];                                                \
+                        bw[i] += g * y[i];                                                     \
+                    }                                                                          \
+                }                                                                              \
+                for (int64_t i = 0; i < d; i++) {                                              \
+                    block_gain[i] += grad_y[i] * x_hat[i];                                     \
+                    block_bias[i] += grad_y[i];                                                \
+                    grad_y[i] *= gain[i]; /* now the gradient of x_hat */                      \
+                }                                                                              \
+                T mean_grad = sum_##SUFFIX(grad_y, d) / (T)d;                            \
+                T mean_grad_x_hat = dot_##SUFFIX(grad_y, x_hat, d) / (T)d;                     \
+                T *gx = grad_x + r * d;                                                        \
+                for (int64_t i = 0; i < d; i++)                                                \
+                    gx[i] = inv * (grad_y[i] - mean_grad - x_hat[i] * mean_grad_x_hat);        \
+            }                                                                                  \
+            for (int64_t i = 0; i < d; i++) {                                                  \
+                sum_gain[i] += block_gain[i];                                                  \
+                sum_bias[i] += block_bias[i];                                                  \
+            }                                                                                  \
+            for (int64_t i = 0; i < m * d; i++) sum_w[i] += block_w[i];                        \
+            for (int64_t i = 0; i < n * m; i++) sum_offset[i] += block_offset[i];              \
+            for (int64_t j = 0; j < m; j++) sum_scale[j] += block_scale[j];                    \
+        }                                                                                      \
+        return 0;                                                                              \
+    }
+
+DEFINE_DYNAMIC_WEIGHTS(float, f32, sqrtf)
+DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
+
+/* The read-out of a Hyper-Connection (and of mHC, which reuses it), per token:
+ *
+ *     out[t] = sum_s weights[s, t] * streams[s]      t = 0 .. n (t = 0: the sublayer's input)
+ *
+ * for (tokens, n, n + 1) weights and (tokens, n, d) streams, out[0] to `read` (tokens, d) and
+ * out[1..n] to `mixed` (tokens, n, d); and its backward from the gradients of both: the streams'
+ * sum_t weights[s, t] * grad[t] and the weights' dot(streams[s], grad[t]). CPU bmm runs these
+ * as one tiny GEMM per token; here a token's streams and gradients are read once. */
+#define DEFINE_READ_OUT(T, SUFFIX)                                                             \
+    VECTOR_CLONES void read_out_##SUFFIX(const T *weights, const T *streams, int64_t tokens,   \
+                                         int64_t n, int64_t d, T *read, T *mixed) {            \
+        for (int64_t b = 0; b < tokens; b++) {                                                 \
+            const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
+            for (int64_t t = 0; t <= n; t++) {                                                 \
+                T *out = t == 0 ? read + b * d : mixed + (b * n + t - 1) * d;                  \
+                T first = w[t];                                                                \
+                for (int64_t i = 0; i < d; i++) out[i] = first * h[i];                         \
+                for (int64_t s = 1; s < n; s++) {                                              \
+                    T ws = w[s * (n + 1) + t];                                                 \
+                    const T *hs = h + s * d;                                                   \
+                    for (int64_t i = 0; i < d; i++) out[i] += ws * hs[i];                      \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+                                                                                               \
+    VECTOR_CLONES void read_out_backward_##SUFFIX(                                             \
+        const T *weights, const T *streams, const T *grad_read, const T *grad_mixed,           \
+        int64_t tokens, int64_t n, int64_t d, T *grad_weights, T *grad_streams) {              \
+        for (int64_t b = 0; b < tokens; b++) {                                                 \
+            const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
+            T *gw = grad_weights + b * n * (n + 1);                                            \
+            for (int64_t s = 0; s < n; s++) {                                                  \
+                T *gh = grad_streams + (b * n + s) * d;                                        \
+                for (int64_t t = 0; t <= n; t++) {                                             \
+                    const T *g = t == 0 ? grad_read + b * d : grad_mixed + (b * n + t - 1) * d; \
+                    T wst = w[s * (n + 1) + t];                                                \
+                    if (t == 0)                                                                \
+                        for (int64_t i = 0; i < d; i++) gh[i] = wst * g[i];                    \
+                    else                                                                       \
+                        for (int64_t i = 0; i < d; i++) gh[i] += wst * g[i];                   \
+                    gw[s * (n + 1) + t] = dot_##SUFFIX(h + s * d, g, d);                       \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+DEFINE_READ_OUT(float, f32)
+DEFINE_READ_OUT(double, f64)
