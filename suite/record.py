@@ -198,6 +198,10 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("python_version", "str", "Python version"),
         ("platform", "str", "operating system"),
         ("hostname", "str", "machine name"),
+        ("native_kernels", "str", "the C kernels of variants/native that ran in the cell "
+         "(`sinkhorn`, `hyper_connection`, comma-separated; empty if none): HC's and mHC's "
+         "results differ at float rounding with and without `hyper_connection` (no C compiler, "
+         "or `SUITE_NATIVE=0`); Sinkhorn's kernel changes no bit"),
         ("suite_version", "str", "the suite's version"),
         ("git_sha", "str", "the suite's commit (`-dirty` if modified; `unknown` when installed "
          "from a wheel)"),

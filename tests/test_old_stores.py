@@ -48,6 +48,7 @@ def test_a_v0_2_0_store_collects_into_the_same_table(tmp_path):
         "skipped_steps",
         "center_output_embedding",
         "mu_loss",
+        "native_kernels",
     }
     # ... the failure mechanism, judged from each stored curve like the verdict ...
     judged = {"failure_mechanism", "mechanism_step", "signatures", "still_descending"}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import variants
+import variants.native
 from suite.config import CellConfig, DataConfig
 from suite.run.data import Corpus, load_corpus
 from suite.run.environment import environment, resolve_device
@@ -186,6 +187,7 @@ def run_cell(
     outcome = TrainOutcome()
     tracker = open_tracker(cell)
     rows = [TrackerRows(tracker)] if tracker is not None else []
+    variants.native.reset_used()
     with _denormals_flushed():
         try:
             model = _build(cell, corpus, device)
@@ -196,6 +198,7 @@ def run_cell(
             _errored(record, cell.cell_id(), error)
             record["steps_completed"] = len(outcome.curve)  # kept beside the traceback
     record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
+    record["native_kernels"] = variants.native.used_since_reset()
     _close_tracker(tracker, record)
     return record, outcome.curve
 
@@ -236,6 +239,7 @@ def run_pack(
 
     def done(member: int, record: dict[str, Any], curve: list[dict[str, float]]) -> None:
         record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
+        record["native_kernels"] = variants.native.used_since_reset()
         _close_tracker(trackers[member], record)
         results[member] = (record, curve)
         if on_done is not None:
@@ -246,6 +250,7 @@ def run_pack(
         done(member, records[member], outcome.curve)
 
     outcomes = [TrainOutcome() for _ in cells]
+    variants.native.reset_used()
     with _denormals_flushed():
         try:
             model = _build(cells[0], corpus, device)

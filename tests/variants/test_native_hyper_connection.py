@@ -157,3 +157,19 @@ def test_the_read_out_kernel_is_the_batched_product_whichever_output_is_used(
     assert kernel_calls == ["read_out", "read_out_backward"]
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_record_names_the_kernels_that_ran_in_its_cell(native):
+    """HC's kernels change a result's float rounding, so a record says whether they ran: per
+    cell, not per process (a worker that trained HC has them loaded for its next cell)."""
+    from helpers import make_cell
+
+    from suite.run.runner import run_cell, run_pack
+
+    native(True)
+    assert run_cell(make_cell("hc", steps=3))[0]["native_kernels"] == "hyper_connection"
+    assert run_cell(make_cell("preln", steps=3))[0]["native_kernels"] == ""
+    packed = run_pack([make_cell("mhc", lr=lr, steps=3) for lr in (1e-3, 3e-3)])
+    assert all("sinkhorn" in record["native_kernels"].split(",") for record, _ in packed)
+    native(False)
+    assert run_cell(make_cell("hc", steps=3))[0]["native_kernels"] == ""

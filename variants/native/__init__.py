@@ -147,6 +147,24 @@ def _remove_stale_partials(folder: Path, name: str, older_than_s: float = 3600) 
             pass
 
 
+_used: set[str] = set()
+
+
+def note_used(name: str) -> None:
+    """Notes that a kernel of ``<name>.c`` ran (called by the modules that run them)."""
+    _used.add(name)
+
+
+def used_since_reset() -> str:
+    """The libraries whose kernels ran since ``reset_used()``, comma-separated (empty when
+    none): a record says which ran in its cell, as HC's change a result's float rounding."""
+    return ",".join(sorted(_used))
+
+
+def reset_used() -> None:
+    _used.clear()
+
+
 def runs_natively(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can go to a kernel here: plain contiguous CPU float32 or float64
     tensors (or parameters) of one dtype, outside vmap and other function transforms (their

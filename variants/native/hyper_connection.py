@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from variants.native import library, pointer, runs_natively
+from variants.native import library, note_used, pointer, runs_natively
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -28,6 +28,7 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]
     kernels = library("hyper_connection")
     if kernels is None:
         return None
+    note_used("hyper_connection")  # looked up to run, or by available() right before a run
     suffix = "f32" if dtype == torch.float32 else "f64"
     forward = getattr(kernels, f"dynamic_weights_{suffix}")
     backward = getattr(kernels, f"dynamic_weights_backward_{suffix}")
@@ -96,6 +97,7 @@ def backward(
 def _read_out_kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., None]]:
     kernels = library("hyper_connection")
     assert kernels is not None, "call only where read_out_available() holds"
+    note_used("hyper_connection")
     suffix = "f32" if dtype == torch.float32 else "f64"
     forward = getattr(kernels, f"read_out_{suffix}")
     backward = getattr(kernels, f"read_out_backward_{suffix}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from variants.native import library, pointer, runs_natively
+from variants.native import library, note_used, pointer, runs_natively
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -24,6 +24,7 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]
     kernels = library("sinkhorn")
     if kernels is None:
         return None
+    note_used("sinkhorn")  # only looked up to run
     suffix = "f32" if dtype == torch.float32 else "f64"
     forward = getattr(kernels, f"sinkhorn_rounds_{suffix}")
     backward = getattr(kernels, f"sinkhorn_rounds_backward_{suffix}")
