@@ -91,15 +91,17 @@ class HyperConnection(nn.Module):
         # W_m, W_r, W_β in one GEMM, laid out as rows: with its 1 + n + 1 = 6 outputs as
         # columns, CPU matmul and its weight gradient ran 2.2× slower (measured).
         weights = torch.cat([self.read_weight[None], self.mix_weight.T, self.write_weight[None]], 0)
-        rows = streams.reshape(-1, streams.shape[-1]).contiguous()
-        offset = torch.cat([static, self.write[:, None]], dim=1)
-        scale = torch.cat([self.alpha.expand(static.shape[1]), self.beta[None]])
-        gain, bias = self.norm.weight, self.norm.bias
-        if hyper_connection.available(rows, gain, bias, weights, offset, scale):
-            read_and_mix, write = apply_function(
-                _DynamicWeights, rows, gain, bias, weights, offset, scale, self.norm.eps
-            )[:2]
-            return read_and_mix.view(*streams.shape[:-1], -1), write.view(streams.shape[:-1])
+        if streams.device.type == "cpu":  # the kernel's only device: no copies elsewhere
+            rows = streams.reshape(-1, streams.shape[-1]).contiguous()
+            offset = torch.cat([static, self.write[:, None]], dim=1)
+            scale = torch.cat([self.alpha.expand(static.shape[1]), self.beta[None]])
+            gain, bias = self.norm.weight, self.norm.bias
+            if hyper_connection.available(rows, gain, bias, weights, offset, scale):
+                read_and_mix, write = apply_function(
+                    _DynamicWeights, rows, gain, bias, weights, offset, scale, self.norm.eps
+                )[:2]
+                lead = streams.shape[:-1]
+                return read_and_mix.view(*lead, static.shape[1]), write.view(lead)
         dynamic = torch.tanh(F.linear(self.norm(streams), weights))
         read_and_mix = static + self.alpha * dynamic[..., :-1]
         return read_and_mix, self.write + self.beta * dynamic[..., -1]

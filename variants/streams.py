@@ -66,12 +66,12 @@ class _ReadAndMix(torch.autograd.Function):
             grad_read = streams.new_zeros(streams.shape[0], streams.shape[2])
         if grad_mixed is None:
             grad_mixed = torch.zeros_like(streams)
-        grad_read, grad_mixed = grad_read.contiguous(), grad_mixed.contiguous()
-        if hyper_connection.read_out_available(weights, streams, grad_read, grad_mixed):
-            grad_weights, grad_streams = hyper_connection.read_out_backward(
-                weights, streams, grad_read, grad_mixed
-            )
-            return grad_weights, grad_streams
+        # The kernel's gradients are not differentiable again: under create_graph (grad mode
+        # on here) the batched products below run, which autograd can differentiate.
+        if not torch.is_grad_enabled():
+            grad_read, grad_mixed = grad_read.contiguous(), grad_mixed.contiguous()
+            if hyper_connection.read_out_available(weights, streams, grad_read, grad_mixed):
+                return hyper_connection.read_out_backward(weights, streams, grad_read, grad_mixed)
         # Out of place (one copy), so that vmap may batch the gradient and not the streams.
         grad = torch.cat([grad_read.unsqueeze(1), grad_mixed], dim=1)
         grad_weights = grad_streams = None

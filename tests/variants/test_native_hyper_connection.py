@@ -173,3 +173,36 @@ def test_a_record_names_the_kernels_that_ran_in_its_cell(native):
     assert all("sinkhorn" in record["native_kernels"].split(",") for record, _ in packed)
     native(False)
     assert run_cell(make_cell("hc", steps=3))[0]["native_kernels"] == ""
+
+
+def test_a_second_derivative_through_the_read_out_is_pytorchs(native):
+    """The kernel's backward is not differentiable again, so under create_graph the batched
+    products run: a gradient of a gradient is the same with the kernels on or off."""
+    torch.manual_seed(7)
+    weights, streams = torch.randn(6, 3, 4), torch.randn(6, 3, 8, requires_grad=True)
+    results = []
+    for on in (True, False):
+        native(on)
+        read, mixed = read_and_mix(weights, streams)
+        (grad,) = torch.autograd.grad(read.sin().sum() + mixed.square().sum(), streams,
+                                      create_graph=True)  # fmt: skip
+        results.append(torch.autograd.grad(grad.square().sum(), streams)[0])
+    torch.testing.assert_close(*results)
+
+
+def test_under_a_function_transform_pytorchs_path_runs(native, kernel_calls):
+    """vmap over something else (the connection's own tensors unbatched): no kernel without a
+    vmap rule is reached, and the result is the plain call's."""
+    native(True)
+    module = HyperConnection(8, 2, 0, dynamic=True, eps=1e-5)
+    x = torch.randn(3, 2, 8)
+    scaled = torch.func.vmap(lambda y: module(x, torch.tanh).sum() * y)(torch.randn(2))
+    assert "forward" not in kernel_calls
+    assert torch.isfinite(scaled).all()
+
+
+def test_no_tokens_give_empty_weights(native):
+    native(True)
+    module = HyperConnection(9, 2, 1, dynamic=True, eps=1e-5)
+    weights, write = module.connection_weights(torch.randn(0, 2, 9))
+    assert weights.shape == (0, 2, 3) and write.shape == (0, 2)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from variants.functions import functorch_transforms_active
 from variants.native import library, note_used, pointer, runs_natively
 
 
@@ -41,11 +42,13 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]
 
 def available(*tensors: Tensor) -> bool:
     """Whether the kernel runs these tensors: it loads, they are plain contiguous CPU tensors
-    of one float dtype outside vmap and torch.compile (``runs_natively``), and autocast is off
+    of one float dtype outside torch.compile (``runs_natively``), no torch.func transform is
+    running (even on unbatched tensors: the Function has no vmap rule), and autocast is off
     (PyTorch's path would run the projection in autocast's dtype)."""
     return (
         runs_natively(*tensors)
         and not torch.is_autocast_enabled("cpu")
+        and not functorch_transforms_active()  # no vmap rule: PyTorch's path batches
         and _kernels(tensors[0].dtype) is not None
     )
 
