@@ -1,17 +1,20 @@
 """Small C kernels for the variants' hot loops that eager PyTorch runs as hundreds of tiny ops,
 built on first use with the machine's C compiler and loaded with ctypes.
 
-A kernel here computes bit for bit what its PyTorch fallback computes (same operations, same
+Sinkhorn's kernel computes bit for bit what its PyTorch fallback computes (same operations, same
 order, no fused multiply-add, no fast-math), so whether it loaded changes a run's speed and never
-its numbers. Where it cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
-runs the fallback, after one warning that says why.
+its numbers; HC's (hyper_connection.c) compute the same formula in another order of additions,
+so HC's and mHC's numbers differ at float rounding with and without them (a record names the
+kernels that ran in its cell). Where a kernel cannot load (no compiler, a read-only cache,
+``SUITE_NATIVE=0``) the caller runs PyTorch's path, after one warning that says why.
 
 Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,
-the flags, the compiler's command and version, the machine's architecture and its C library, so
-a change to any of them builds anew and workers sharing a home directory on different machines
-never load a stranger's build (the build targets the architecture's baseline; with GCC on
-x86-64, AVX2 clones are picked at load time). docs/operations.md says more.
+the headers beside it, the flags, the compiler's command and version, the machine's architecture
+and its C library, so a change to any of them builds anew and workers sharing a home directory on
+different machines never load a stranger's build (the build targets the architecture's
+baseline; with GCC on x86-64, AVX2 clones are picked at load time). docs/operations.md says
+more.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import sysconfig
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,7 +87,8 @@ def library(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as error:
         warnings.warn(
             f"variants.native: the {name} kernel is not built ({error}); running PyTorch's "
-            "loop instead: the same numbers, slower (set SUITE_NATIVE=0 to silence this)",
+            "path instead, slower (docs/operations.md says whether its numbers differ; set "
+            "SUITE_NATIVE=0 to silence this)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -108,9 +114,9 @@ def _build(name: str) -> Path:
         [*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
-    key = hashlib.sha256(
-        "\0".join([source.read_text(), *FLAGS, *LIBRARIES, *compiler, version, *machine]).encode()
-    ).hexdigest()[:16]
+    headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]
+    texts = [source.read_text(), *headers, *FLAGS, *LIBRARIES, *compiler, version, *machine]
+    key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
     built = cache_dir() / f"{name}-{key}.so"
     if built.exists():
         return built
@@ -182,6 +188,16 @@ def runs_natively(*tensors: torch.Tensor) -> bool:
             for tensor in tensors
         )
     )
+
+
+def declared(
+    kernels: ctypes.CDLL, name: str, dtype: torch.dtype, argtypes: list, restype: type | None
+) -> Callable[..., Any]:
+    """The kernel ``<name>_f32`` or ``<name>_f64`` for this dtype, its C signature declared
+    (ctypes would pass Python ints as 32-bit ints)."""
+    function = getattr(kernels, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:

@@ -23,28 +23,10 @@
 #include <stdlib.h>
 #include <math.h>
 
+#include "native.h"
+
 #define LANES 8
 #define BLOCK 64
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
-/* Memory kept per thread from call to call (memory allocated afresh per call ran ~2x slower in
- * sinkhorn.c, measured). NULL where it cannot be had. */
-static _Thread_local void *kept;
-static _Thread_local size_t kept_bytes;
-
-static void *workspace(size_t bytes) {
-    if (bytes > kept_bytes) {
-        free(kept);
-        kept = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        kept_bytes = kept ? bytes : 0;
-    }
-    return kept;
-}
 
 /* tanh in float over a block, in a form the compiler vectorizes (glibc's tanhf is a call per
  * value: ~26 ns each here, measured, 2/3 of the forward). Below |z| = 0.55 its odd Taylor series

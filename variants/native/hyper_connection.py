@@ -1,5 +1,7 @@
-"""Hyper-Connections' dynamic connection weights, forward and backward, by the C kernel of
-hyper_connection.c (variants/hyper_connections.py uses it where it runs):
+"""Hyper-Connections' kernels in hyper_connection.c, forward and backward, used where they run:
+the read-out A_mᵀH, A_rᵀH that HC and mHC share (variants/streams.py; per token, where CPU
+``bmm`` runs one tiny GEMM per token), and HC's dynamic connection weights
+(variants/hyper_connections.py):
 
     t = tanh(LayerNorm(x) Wᵀ),   out = offset[stream] + scale · t
 
@@ -9,7 +11,7 @@ as ~16 ops forward and ~30 backward, each a dispatch and a pass over the 4,096 r
 (4096 × 64) by (64 × 6) product is too narrow for the GEMM library to run well; the kernel does
 a row's norm, products, tanh and weights while the row is in cache (docs/performance.md). The
 same formula in another order of additions: results agree with PyTorch's ops to float rounding,
-not bit for bit (tests/variants/test_native.py).
+not bit for bit (tests/variants/test_native_hyper_connection.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from variants.functions import functorch_transforms_active
-from variants.native import library, note_used, pointer, runs_natively
+from variants.native import declared, library, note_used, pointer, runs_natively
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -30,13 +32,11 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]
     if kernels is None:
         return None
     note_used("hyper_connection")  # looked up to run, or by available() right before a run
-    suffix = "f32" if dtype == torch.float32 else "f64"
-    forward = getattr(kernels, f"dynamic_weights_{suffix}")
-    backward = getattr(kernels, f"dynamic_weights_backward_{suffix}")
-    sizes = [ctypes.c_int64] * 4  # rows, n, d, m
-    forward.argtypes = [*[ctypes.c_void_p] * 6, *sizes, ctypes.c_double, *[ctypes.c_void_p] * 5]
-    backward.argtypes = [*[ctypes.c_void_p] * 5, *sizes, *[ctypes.c_void_p] * 7]
-    forward.restype = backward.restype = ctypes.c_int
+    pointers, sizes = [ctypes.c_void_p], [ctypes.c_int64] * 4  # rows, n, d, m
+    forward_types = pointers * 6 + sizes + [ctypes.c_double] + pointers * 5
+    forward = declared(kernels, "dynamic_weights", dtype, forward_types, ctypes.c_int)
+    backward_types = pointers * 5 + sizes + pointers * 7
+    backward = declared(kernels, "dynamic_weights_backward", dtype, backward_types, ctypes.c_int)
     return forward, backward
 
 
@@ -101,13 +101,10 @@ def _read_out_kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable
     kernels = library("hyper_connection")
     assert kernels is not None, "call only where read_out_available() holds"
     note_used("hyper_connection")
-    suffix = "f32" if dtype == torch.float32 else "f64"
-    forward = getattr(kernels, f"read_out_{suffix}")
-    backward = getattr(kernels, f"read_out_backward_{suffix}")
-    sizes = [ctypes.c_int64] * 3  # tokens, n, d
-    forward.argtypes = [*[ctypes.c_void_p] * 2, *sizes, *[ctypes.c_void_p] * 2]
-    backward.argtypes = [*[ctypes.c_void_p] * 4, *sizes, *[ctypes.c_void_p] * 2]
-    forward.restype = backward.restype = None
+    pointers, sizes = [ctypes.c_void_p], [ctypes.c_int64] * 3  # tokens, n, d
+    forward = declared(kernels, "read_out", dtype, pointers * 2 + sizes + pointers * 2, None)
+    backward_types = pointers * 4 + sizes + pointers * 2
+    backward = declared(kernels, "read_out_backward", dtype, backward_types, None)
     return forward, backward
 
 

@@ -13,29 +13,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "native.h"
+
 #define BLOCK 64 /* tokens a pass works on: the block's matrix and sums stay in L1/L2 cache */
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
-/* Memory for a block's sums (and the backward's copy of its matrix), kept per thread from call
- * to call: with memory allocated afresh in every call (malloc or aligned_alloc, a few to a few
- * hundred KB) the forward ran ~2x slower on the VM it was measured on, most likely from page
- * faults on memory mapped afresh (not proven). NULL where it cannot be had. */
-static _Thread_local void *kept;
-static _Thread_local size_t kept_bytes;
-
-static void *workspace(size_t bytes) {
-    if (bytes > kept_bytes) {
-        free(kept);
-        kept = aligned_alloc(64, (bytes + 63) / 64 * 64); /* a cache line apart from the rest */
-        kept_bytes = kept ? bytes : 0;
-    }
-    return kept;
-}
 
 /* Entry (a, b) of a normalization's view of the n x n matrix: for columns (round 0, 2, ...) a
  * is the column and b the row, for rows (round 1, 3, ...) a is the row and b the column;

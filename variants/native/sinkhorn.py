@@ -14,24 +14,22 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from variants.native import library, note_used, pointer, runs_natively
+from variants.native import declared, library, note_used, pointer, runs_natively
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
-    """The forward and backward kernels for this dtype, their C signatures declared (ctypes
-    would pass Python ints as 32-bit ints). Not cached: ``library`` is, and so is each function
-    ctypes looks up, so declaring again is cheap and nothing can go stale."""
+    """The forward and backward kernels for this dtype, their C signatures declared. Not
+    cached: ``library`` is, and so is each function ctypes looks up, so declaring again is cheap
+    and nothing can go stale."""
     kernels = library("sinkhorn")
     if kernels is None:
         return None
     note_used("sinkhorn")  # only looked up to run
-    suffix = "f32" if dtype == torch.float32 else "f64"
-    forward = getattr(kernels, f"sinkhorn_rounds_{suffix}")
-    backward = getattr(kernels, f"sinkhorn_rounds_backward_{suffix}")
     sizes = [ctypes.c_int64] * 3  # n, tokens, rounds
-    forward.argtypes = [ctypes.c_void_p, *sizes]
-    backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *sizes]
-    forward.restype = backward.restype = ctypes.c_int
+    forward = declared(kernels, "sinkhorn_rounds", dtype, [ctypes.c_void_p, *sizes], ctypes.c_int)
+    backward = declared(
+        kernels, "sinkhorn_rounds_backward", dtype, [ctypes.c_void_p] * 2 + sizes, ctypes.c_int
+    )
     return forward, backward
 
 
