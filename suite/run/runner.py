@@ -210,9 +210,12 @@ def _close_tracker(tracker: Tracker | None, record: dict[str, Any]) -> None:
         return
     try:
         tracker.log_record(record)
-        tracker.close()
     except Exception as error:  # a tracker's own failure (disk, locked database, ...)
         log.warning("%s: the tracker could not log the record (%s)", record.get("cell_id"), error)
+    try:
+        tracker.close()  # even without the record: the rows already logged are kept
+    except Exception as error:
+        log.warning("%s: the tracker could not close its run (%s)", record.get("cell_id"), error)
 
 
 def run_pack(

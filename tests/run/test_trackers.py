@@ -80,14 +80,21 @@ def wandb_records(path: Path):
             record.ParseFromString(pending)
             yield record
             pending = b""
+    assert not pending, "the run file ends inside a record: W&B had not finished writing it"
 
 
 def test_wandb_offline_run_file_holds_every_step_and_the_record(tmp_path):
     pytest.importorskip("wandb")
     import json
 
+    import wandb
+
     cell = tracked_cell("wandb", tmp_path)
     record, curve = run_cell(cell)
+    # finish() returns before W&B's service process closes the run file: its last block (the
+    # record's summary) was once still unwritten when read under CI's load. teardown() waits
+    # for the service to exit, as the end of a sweep's process does.
+    wandb.teardown()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     history, summary = [], {}
     for item in wandb_records(run_file):
@@ -137,6 +144,8 @@ def test_no_tracker_by_default_writes_nothing(tmp_path):
 def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch, caplog):
     from suite.run import trackers
 
+    closed = []
+
     class Broken(trackers.Tracker):
         def __init__(self, cell, where) -> None:
             pass
@@ -148,7 +157,7 @@ def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch
             raise OSError("disk full")
 
         def close(self) -> None:
-            pass
+            closed.append(True)  # the run is ended even though its record could not be logged
 
     def unstartable(cell, where):
         raise RuntimeError("database is locked")
@@ -158,6 +167,7 @@ def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch
         record, curve = run_cell(tracked_cell("tensorboard", tmp_path))
         assert record["status"] == "ok" and len(curve) == STEPS
     assert "no more rows" in caplog.text and "tracker not started" in caplog.text
+    assert "could not log the record" in caplog.text and closed == [True]
 
 
 def test_cells_training_at_once_share_one_mlflow_database(tmp_path):
