@@ -120,7 +120,18 @@ def launcher_choice(overrides: list[str]) -> str:
     return str(base.hydra.runtime.choices.get("hydra/launcher") or "basic")
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
+def _composed(overrides: list[str], compositions: dict[tuple[str, ...], DictConfig]) -> DictConfig:
+    """``compose`` with Hydra's config, once per list of overrides in ``compositions`` (a
+    caller's cache; the configs in it are not to be changed)."""
+    key = tuple(overrides)
+    if key not in compositions:
+        compositions[key] = compose("config", overrides=list(key), return_hydra_config=True)
+    return compositions[key]
+
+
+def expand_sweep(
+    overrides: list[str], compositions: dict[tuple[str, ...], DictConfig] | None = None
+) -> list[list[str]]:
     """The override list of every job the sweep will run, as Hydra's basic sweeper builds them:
     the preset's ``hydra.sweeper.params`` with command-line values taking precedence."""
     parser = OverridesParser.create()
@@ -130,7 +141,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     _check_launcher_installed(parsed)
     # Only the choices that can change the preset's grid: the sweep preset and Hydra's own keys.
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and _needs_compose(o)]
-    base = compose("config", overrides=fixed, return_hydra_config=True)
+    base = _composed(fixed, {} if compositions is None else compositions)
     _check_targets_in("", lambda: check_config(base))  # Hydra's own config: callbacks, launcher
     check_hydra_settings(base)
     preset = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
@@ -300,20 +311,23 @@ def _check_gpu_launcher(choice: str, base: DictConfig, jobs: list[list[str]]) ->
         )
 
 
-def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
+def sweep_cells(
+    overrides: list[str], compositions: dict[tuple[str, ...], DictConfig] | None = None
+) -> list[tuple[list[str], CellConfig]]:
     """Every job of the sweep as (its overrides, its validated cell), in Hydra's order.
 
-    Composing is slow (~50 ms), so it is done once per combination of config-group choices;
-    each cell's plain values are then set on a copy, as Hydra itself applies them after
-    composing the defaults list.
+    Composing is slow (50-500 ms), so it is done once per combination of config-group choices
+    (in ``compositions``, which a caller of many sweeps passes to each: the remedy plan of the
+    shipped reference composed ~1,800 times, 4-9 min); each cell's plain values are then set on
+    a copy, as Hydra itself applies them after composing the defaults list.
     """
     register_configs()
     parser = OverridesParser.create()
-    composed: dict[tuple[str, ...], DictConfig] = {}
+    composed = {} if compositions is None else compositions
     cells = []
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         try:
-            jobs = expand_sweep(overrides)
+            jobs = expand_sweep(overrides, composed)
         except (HydraException, OmegaConfBaseException) as error:
             raise config_error(error) from None
         except UNREADABLE_CONFIG as error:  # a broken preset, e.g. in a user's --config-dir
@@ -322,12 +336,10 @@ def sweep_cells(overrides: list[str]) -> list[tuple[list[str], CellConfig]]:
             try:
                 parsed = parser.parse_overrides(job)
                 groups = tuple(o.input_line for o in parsed if _needs_compose(o))
-                if groups not in composed:
-                    # With Hydra's part: a job's own preset may set its keys (env_set, chdir).
-                    full = compose("config", overrides=list(groups), return_hydra_config=True)
-                    check_hydra_settings(full)
-                    composed[groups] = full
-                cfg = copy.deepcopy(composed[groups])
+                # With Hydra's part: a job's own preset may set its keys (env_set, chdir).
+                full = _composed(list(groups), composed)
+                check_hydra_settings(full)
+                cfg = copy.deepcopy(full)
                 for override in parsed:
                     if not _needs_compose(override):
                         OmegaConf.update(

@@ -74,8 +74,9 @@ def _differences(stored: dict[str, Any], composed: dict[str, Any]) -> list[str]:
     return overrides
 
 
-def base_command(run: pd.Series) -> list[str]:
-    """The overrides that compose exactly the stored cell of ``run``; ConfigError if none do."""
+def base_command(run: pd.Series, compositions: dict | None = None) -> list[str]:
+    """The overrides that compose exactly the stored cell of ``run``; ConfigError if none do
+    (``compositions``: Hydra's composed configs, kept from call to call; see sweep_cells)."""
     from suite.launch.preflight import sweep_cells  # composing needs Hydra and the registry
 
     config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
@@ -83,11 +84,11 @@ def base_command(run: pd.Series) -> list[str]:
     command = [f"+variant={run['variant']}", *([f"sweep={preset}"] if preset else [])]
     command += [f"model.depth={int(run['depth'])}", f"seed={int(run['seed'])}"]
     command += [f"optim.lr={hydra_value(float(run['lr']))}"]
-    (_, cell), *_ = sweep_cells(command)
+    (_, cell), *_ = sweep_cells(command, compositions)
     differences = _differences(result_defining(config), cell.result_defining())
     if differences:  # composed again with them, to check they take it to the stored cell
         command += differences
-        (_, cell), *_ = sweep_cells(command)
+        (_, cell), *_ = sweep_cells(command, compositions)
     if cell.config_hash() != run["config_hash"]:
         raise ConfigError(
             f"{run['cell_id']}: no command line composes its stored config (a setting the "
@@ -115,7 +116,7 @@ def plan(runs: pd.DataFrame, only: set[str] | None = None) -> list[dict[str, Any
     ]  # a borderline convergence has a mechanism too, but nothing to fix
     from suite.launch.preflight import sweep_cells
 
-    entries = []
+    entries, compositions = [], {}  # one composition per set of config groups, not per run
     for _, run in failed.iterrows():
         mechanism = run["failure_mechanism"]
         if mechanism not in MECHANISMS or mechanism in NOT_A_FIX:
@@ -123,8 +124,8 @@ def plan(runs: pd.DataFrame, only: set[str] | None = None) -> list[dict[str, Any
         if only and mechanism not in only:
             continue
         try:
-            command = remedy_overrides(base_command(run), mechanism)
-            (_, remedied), *_ = sweep_cells(command)
+            command = remedy_overrides(base_command(run, compositions), mechanism)
+            (_, remedied), *_ = sweep_cells(command, compositions)
         except ConfigError as error:
             log.warning("%s: not re-run (%s)", run["cell_id"], error)
             continue

@@ -85,6 +85,19 @@ def test_every_failed_cell_is_rebuilt_to_its_own_config_hash(failing_store):
     assert plan(broken) == []
 
 
+def test_the_plan_composes_hydra_once_per_set_of_config_groups(failing_store, monkeypatch):
+    """Not once per failed run and check (the shipped reference's dry run took 4-9 minutes)."""
+    from suite.launch import preflight
+
+    runs = pd.read_parquet(failing_store / "runs.parquet")
+    once = plan(runs)
+    seen, real = [], preflight.compose
+    monkeypatch.setattr(preflight, "compose", lambda *a, **k: seen.append(k) or real(*a, **k))
+    entries = plan(pd.concat([runs, runs]))  # each failed run twice: the same compositions
+    assert entries == once + once and len(once) >= 1
+    assert len({tuple(call["overrides"]) for call in seen}) == len(seen) <= 2
+
+
 def test_the_remedy_command_trains_the_remedied_cells_into_their_own_store(failing_store):
     out = failing_store.parent / "remedies"
     result = subprocess.run(
@@ -122,12 +135,15 @@ def test_a_second_remedy_run_keeps_the_first_run_s_mapping(tmp_path):
     assert again == [{"cell_id": "a", "remedied_cell_id": "a3"}]
 
 
-def test_remedies_of_the_shipped_reference_go_to_a_store_of_ones_own(tmp_path):
+def test_remedies_of_the_shipped_reference_go_to_a_store_of_ones_own(tmp_path, capsys):
     """The word reference reads the shipped table; its failures are remedied into --out, never
-    into the shipped folder itself."""
+    into the shipped folder itself (one mechanism's: the whole plan is ~40 s of composing)."""
     from suite.launch.remedy import main
 
     with pytest.raises(SystemExit, match="^config error: --out: .* shipped reference results"):
         main(["--store", "reference", "--dry-run"])
-    main(["--store", "reference", "--out", str(tmp_path / "remedies"), "--dry-run"])
-    assert not (tmp_path / "remedies").exists()  # a dry run writes nothing
+    out = tmp_path / "remedies"
+    main(["--store", "reference", "--out", str(out), "--only", "stream_collapse", "--dry-run"])
+    commands = capsys.readouterr().out.splitlines()
+    assert commands and all("+variant=mhc" in c and c.endswith(f"store={out}") for c in commands)
+    assert not out.exists()  # a dry run writes nothing
