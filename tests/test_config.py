@@ -82,6 +82,23 @@ def test_missing_variant_lists_the_registered_ones():
     assert ", ".join(variants.names()) in str(info.value)
 
 
+def test_a_variant_registered_after_the_first_sweep_composes_too(monkeypatch):
+    """The ConfigStore is filled once per set of variants, not once per call."""
+    from dataclasses import dataclass
+
+    from suite.launch.preflight import sweep_cells
+
+    sweep_cells(["+variant=preln"])
+
+    @dataclass
+    class LateArrival(variants.get("preln")):
+        eps: float = 1e-3
+
+    monkeypatch.setitem(variants.registry._variants, "late-arrival", LateArrival)
+    (_, cell), *_ = sweep_cells(["+variant=late-arrival"])
+    assert cell.variant == "late-arrival" and cell.variant_params == {"eps": 1e-3}
+
+
 def test_unknown_variant_lists_the_registered_ones():
     with pytest.raises(ConfigError, match="unknown variant 'nope'") as info:
         preflight(["+variant=preln,nope"])

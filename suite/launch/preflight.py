@@ -40,12 +40,21 @@ CONFIG_GROUPS = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"varia
 PREFLIGHT_BUILD_LIMIT = 50e6  # parameters; bigger models are checked when their cell starts
 
 
+_registered: tuple = ()  # what register_configs last stored, and in which ConfigStore
+
+
 def register_configs() -> None:
     """The schema (suite.config) and every registered variant (built-in or plugin), as the
-    config group ``variant``, in Hydra's ConfigStore."""
+    config group ``variant``, in Hydra's ConfigStore; only again when a variant was registered
+    since (storing them took 15 ms a call, and sweep_cells calls this per sweep)."""
+    global _registered
+    store = ConfigStore.instance()
+    now = (id(store), *((name, variants.get(name)) for name in variants.names()))
+    resolvers = all(map(OmegaConf.has_resolver, ("suite_path", "suite_gpu_workers")))
+    if now == _registered and resolvers:
+        return
     register_schema()
     register_resolver()
-    store = ConfigStore.instance()
     for name in variants.names():
         store.store(
             # Every parameter settable, also those params() leaves out of the id at default.
@@ -53,6 +62,7 @@ def register_configs() -> None:
             name=name,
             node={"name": name, **asdict(variants.get(name)())},
         )
+    _registered = now
 
 
 def _check_variant_names(overrides: list) -> None:
