@@ -40,7 +40,7 @@ CONFIG_GROUPS = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"varia
 PREFLIGHT_BUILD_LIMIT = 50e6  # parameters; bigger models are checked when their cell starts
 
 
-_registered: tuple = ()  # what register_configs last stored, and in which ConfigStore
+_registered: tuple = ()  # the ConfigStore itself (not its id) and the variants stored in it
 
 
 def register_configs() -> None:
@@ -49,7 +49,7 @@ def register_configs() -> None:
     since (storing them took 15 ms a call, and sweep_cells calls this per sweep)."""
     global _registered
     store = ConfigStore.instance()
-    now = (id(store), *((name, variants.get(name)) for name in variants.names()))
+    now = (store, *((name, variants.get(name)) for name in variants.names()))
     resolvers = all(map(OmegaConf.has_resolver, ("suite_path", "suite_gpu_workers")))
     if now == _registered and resolvers:
         return
@@ -132,7 +132,10 @@ def launcher_choice(overrides: list[str]) -> str:
 
 def _composed(overrides: list[str], compositions: dict[tuple[str, ...], DictConfig]) -> DictConfig:
     """``compose`` with Hydra's config, once per list of overrides in ``compositions`` (a
-    caller's cache; the configs in it are not to be changed)."""
+    caller's cache; the configs in it are not to be changed). A composition also holds what
+    was true when it was made (the working folder, variables Hydra copies from the environment,
+    the config files, the registered variants, ``${now:}``): keep a cache for one plan, not
+    across changes to those."""
     key = tuple(overrides)
     if key not in compositions:
         compositions[key] = compose("config", overrides=list(key), return_hydra_config=True)
