@@ -208,12 +208,14 @@ def _close_tracker(tracker: Tracker | None, record: dict[str, Any]) -> None:
     never the cell's result (the record is written to the store all the same)."""
     if tracker is None:
         return
+    failed = record.get("status") != "ok"
     try:
         tracker.log_record(record)
     except Exception as error:  # a tracker's own failure (disk, locked database, ...)
         log.warning("%s: the tracker could not log the record (%s)", record.get("cell_id"), error)
+        failed = True
     try:
-        tracker.close()  # even without the record: the rows already logged are kept
+        tracker.close(failed)  # even without the record: the rows already logged are kept
     except Exception as error:
         log.warning("%s: the tracker could not close its run (%s)", record.get("cell_id"), error)
 

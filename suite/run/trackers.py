@@ -90,7 +90,9 @@ def _record_text(record: Mapping[str, Any]) -> dict[str, str]:
 
 
 class Tracker:
-    """One cell's tracker run: ``log_row`` every step, ``log_record`` once, then ``close``."""
+    """One cell's tracker run: ``log_row`` every step, ``log_record`` once, then ``close``;
+    ``close(failed=True)`` where the cell errored or its record could not be logged, so that the
+    tracker's own UI shows the run as failed (a diverged cell is a result: it closes as done)."""
 
     def log_row(self, step: int, row: Mapping[str, Any]) -> None:
         raise NotImplementedError
@@ -98,7 +100,7 @@ class Tracker:
     def log_record(self, record: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         raise NotImplementedError
 
 
@@ -120,7 +122,8 @@ class TensorBoardTracker(Tracker):
             self.writer.add_scalar(f"record/{name}", value, self.last_step)
         self.writer.add_text("record", json.dumps(_record_text(record), sort_keys=True))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        # TensorBoard has no run status: the record's text (status, error) says it.
         self.writer.close()
 
 
@@ -158,8 +161,8 @@ class MLflowTracker(Tracker):
         words = [RunTag(f"record.{n}", v[:5000]) for n, v in _record_text(record).items()]
         self.client.log_batch(self.run_id, metrics=numbers, tags=words)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandbTracker(Tracker):
@@ -188,8 +191,8 @@ class WandbTracker(Tracker):
         summary.update({f"record/{n}": v for n, v in _record_text(record).items()})
         self.run.summary.update(summary)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a run with exit code 1 as failed
 
 
 KINDS = {"tensorboard": TensorBoardTracker, "mlflow": MLflowTracker, "wandb": WandbTracker}

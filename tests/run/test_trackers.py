@@ -156,8 +156,8 @@ def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch
         def log_record(self, record) -> None:
             raise OSError("disk full")
 
-        def close(self) -> None:
-            closed.append(True)  # the run is ended even though its record could not be logged
+        def close(self, failed: bool = False) -> None:
+            closed.append(failed)  # ended (as failed) even though its record was not logged
 
     def unstartable(cell, where):
         raise RuntimeError("database is locked")
@@ -168,6 +168,26 @@ def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch
         assert record["status"] == "ok" and len(curve) == STEPS
     assert "no more rows" in caplog.text and "tracker not started" in caplog.text
     assert "could not log the record" in caplog.text and closed == [True]
+
+
+def test_a_cell_that_errors_is_a_failed_run_in_the_tracker(tmp_path, monkeypatch):
+    """A crashed cell shows as FAILED in MLflow's UI, not as finished or left running; a
+    diverged cell is a result and finishes (the MLflow test above)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    import suite.run.runner
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("simulated crash inside training")
+
+    monkeypatch.setattr(suite.run.runner, "train", explode)
+    record, _ = run_cell(tracked_cell("mlflow", tmp_path))
+    assert record["status"] == "error"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("stability-suite").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["record.status"] == "error"
 
 
 def test_cells_training_at_once_share_one_mlflow_database(tmp_path):
