@@ -65,6 +65,65 @@ class _DynamicWeights(torch.autograd.Function):
         return (*grads, None)
 
 
+class _Connection(torch.autograd.Function):
+    """A dynamic connection's reads, A_mᵀH, A_rᵀH and B, from (tokens, n, d) streams and the
+    connection's parameters, as one autograd node over variants.native's kernels (the dynamic
+    weights, then the read-out with them): none of the ~20 small ops that pack the parameters,
+    reshape the weights and sum the streams' two gradients run in between, forward or backward
+    (docs/performance.md, "HC's connection as one autograd node"). Used only where both
+    kernels run; elsewhere HyperConnection.forward runs the same formula as PyTorch ops."""
+
+    @staticmethod
+    def forward(
+        streams: Tensor, gain: Tensor, bias: Tensor, read_weight: Tensor, mix_weight: Tensor,
+        write_weight: Tensor, read: Tensor, mix: Tensor, write: Tensor, alpha: Tensor,
+        beta: Tensor, eps: float,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        tokens, n, width = streams.shape
+        weight = torch.cat([read_weight[None], mix_weight.T, write_weight[None]])  # (n + 2, d)
+        offset = torch.cat([read[:, None], mix, write[:, None]], dim=1)  # (n, n + 2)
+        scale = torch.cat([alpha.expand(n + 1), beta[None]])
+        rows = streams.view(tokens * n, width)
+        weights, write_weights, *kept = hyper_connection.forward(
+            rows, gain, bias, weight, offset, scale, eps
+        )
+        weights = weights.view(tokens, n, n + 1)
+        branch_input, mixed = hyper_connection.read_out(weights, streams)
+        return branch_input, mixed, write_weights.view(tokens, n), weights, weight, scale, *kept
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2], *output[3:])
+
+    @staticmethod
+    @once_differentiable  # hand-written backward kernels: no double backward through them
+    def backward(
+        ctx: FunctionCtx, grad_input: Tensor | None, grad_mixed: Tensor | None,
+        grad_write: Tensor | None, *_kept: Tensor,
+    ) -> tuple:  # fmt: skip
+        streams, gain, bias, weights, weight, scale, *kept = ctx.saved_tensors
+        tokens, n, width = streams.shape
+        grad_input = streams.new_zeros(tokens, width) if grad_input is None else grad_input
+        grad_mixed = torch.zeros_like(streams) if grad_mixed is None else grad_mixed
+        grad_write = streams.new_zeros(tokens, n) if grad_write is None else grad_write
+        grad_weights, grad_streams = hyper_connection.read_out_backward(
+            weights, streams, grad_input.contiguous(), grad_mixed.contiguous()
+        )
+        _, gain_grad, bias_grad, weight_grad, offset_grad, scale_grad = hyper_connection.backward(
+            grad_weights.view(tokens * n, n + 1), grad_write.reshape(tokens * n),
+            streams.view(tokens * n, width), gain, bias, weight, scale, *kept, n,
+            onto=grad_streams.view(tokens * n, width),
+        )  # fmt: skip
+        return (
+            grad_streams, gain_grad, bias_grad,
+            weight_grad[0], weight_grad[1 : n + 1].T, weight_grad[n + 1],  # W_m, W_r, W_β
+            offset_grad[:, 0], offset_grad[:, 1 : n + 1], offset_grad[:, n + 1],  # A_m, A_r, B
+            scale_grad[: n + 1].sum(), scale_grad[n + 1],  # s_α, s_β
+            None,
+        )  # fmt: skip
+
+
 class HyperConnection(nn.Module):
     """One sublayer's width and depth connections over n streams: (..., n, d) → (..., n, d)."""
 
@@ -117,9 +176,31 @@ class HyperConnection(nn.Module):
         return mix.expand(*streams.shape[:-2], *mix.shape[-2:])
 
     def forward(self, streams: Tensor, branch: Sublayer) -> Tensor:
-        weights, write = self.connection_weights(streams)
-        branch_input, mixed = read_and_mix(weights, streams)  # A_mᵀ H, A_rᵀ H
+        reads = self._reads_by_kernels(streams)
+        if reads is None:
+            weights, write = self.connection_weights(streams)
+            branch_input, mixed = read_and_mix(weights, streams)  # A_mᵀ H, A_rᵀ H
+        else:
+            branch_input, mixed, write = reads
         return write_back(mixed, write, branch(branch_input))  # + Bᵀ T(h)
+
+    def _reads_by_kernels(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A_mᵀ H, A_rᵀ H and B of a dynamic connection by one _Connection node, where its
+        kernels run these tensors; else None."""
+        if not self.dynamic or streams.device.type != "cpu":
+            return None
+        lead, (n, width) = streams.shape[:-2], streams.shape[-2:]
+        streams = streams.contiguous()  # the first block's streams are n views of one copy
+        parameters = (
+            self.norm.weight, self.norm.bias, self.read_weight, self.mix_weight,
+            self.write_weight, self.read, self.mix, self.write, self.alpha, self.beta,
+        )  # fmt: skip
+        if not hyper_connection.available(streams, *parameters):
+            return None
+        branch_input, mixed, write = apply_function(
+            _Connection, streams.view(-1, n, width), *parameters, self.norm.eps
+        )[:3]
+        return branch_input.view(*lead, width), mixed.view(*lead, n, width), write.view(*lead, n)
 
 
 class HyperConnectionWiring(nn.Module):

@@ -13,10 +13,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from variants.base import ModelView, Variant, gpt2_residual_std, scale_residual_projections
-from variants.functions import apply_function
+from variants.functions import apply_function, functorch_transforms_active
 from variants.native import hyper_connection
 from variants.norms import LayerNorm
 
@@ -97,10 +97,46 @@ def read_and_mix(weights: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
     return read.view(*lead, width), mixed.view(*lead, n, width)
 
 
+class _WriteBack(torch.autograd.Function):
+    """streams + write ⊗ output for (B, n, d) streams, (B, n) weights and a (B, d) output:
+    PyTorch's addcmul forward (the same bits), variants.native's kernel backward, which reads
+    the (B, n, d) gradient once where addcmul's backward multiplies it twice into new tensors
+    and sums each (docs/performance.md, "HC's write-back backward")."""
+
+    @staticmethod
+    def forward(streams: Tensor, write: Tensor, output: Tensor) -> Tensor:
+        return torch.addcmul(streams, write.unsqueeze(-1), output.unsqueeze(-2))
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    @once_differentiable  # a kernel's backward: no double backward through it
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        write, output = ctx.saved_tensors
+        grad_write, grad_output = hyper_connection.write_back_backward(
+            grad.contiguous(), write, output
+        )
+        return grad, grad_write, grad_output
+
+
 def write_back(streams: Tensor, write: Tensor, output: Tensor) -> Tensor:
     """streams[s] + write[s] · output for every stream s: a sublayer's (..., d) output written
     into (..., n, d) streams with (..., n) weights (one set per token, or one (n,) for all): the
     "+ Bᵀ T(h)" of Hyper-Connections, "+ H_postᵀ F(...)" of mHC."""
+    lead, (n, width) = streams.shape[:-2], streams.shape[-2:]
+    per_token = write.shape == (*lead, n) and output.shape == (*lead, width)
+    if (
+        per_token
+        and torch.is_grad_enabled()  # the kernel is the backward's; addcmul alone otherwise
+        and not functorch_transforms_active()  # no vmap rule (packed runs)
+        and hyper_connection.read_out_available(streams, write, output)
+    ):
+        result = apply_function(
+            _WriteBack, streams.view(-1, n, width), write.view(-1, n), output.view(-1, width)
+        )
+        return result.view(streams.shape)
     return torch.addcmul(streams, write.unsqueeze(-1), output.unsqueeze(-2))
 
 

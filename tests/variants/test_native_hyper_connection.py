@@ -20,7 +20,7 @@ pytestmark = needs_compiler
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the kernels' Python entry points, each time one runs."""
     calls: list[str] = []
-    for name in ("forward", "backward", "read_out", "read_out_backward"):
+    for name in ("forward", "backward", "read_out", "read_out_backward", "write_back_backward"):
         original = getattr(hyper_connection, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -68,7 +68,9 @@ def test_the_kernels_are_as_accurate_as_pytorch_in_float32_every_gradient_too(
     pytorch = connection(native, False, torch.float32, streams, width, expanded)
     assert kernel_calls == []
     kernel = connection(native, True, torch.float32, streams, width, expanded)
-    assert sorted(set(kernel_calls)) == ["backward", "forward", "read_out", "read_out_backward"]
+    assert sorted(set(kernel_calls)) == [
+        "backward", "forward", "read_out", "read_out_backward", "write_back_backward"
+    ]  # fmt: skip
     for got, reference, want in zip(kernel, pytorch, exact, strict=True):
         pytorch_error = (reference.double() - want).abs().max()
         bound = 4 * pytorch_error + 4e-6 * want.abs().max()
@@ -206,3 +208,40 @@ def test_no_tokens_give_empty_weights(native):
     module = HyperConnection(9, 2, 1, dynamic=True, eps=1e-5)
     weights, write = module.connection_weights(torch.randn(0, 2, 9))
     assert weights.shape == (0, 2, 3) and write.shape == (0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_write_back_kernel_is_addcmuls_gradient(native, kernel_calls, dtype):
+    """streams + write ⊗ output per token: the kernel's gradients of write and output are
+    addcmul's to float rounding (float64: 1e-12; float32: within 4x addcmul's own error against
+    float64, plus 4e-6 of the largest entry), the streams' its gradient as it came; one set of
+    weights for all tokens (SHC's B) runs addcmul's own backward."""
+    from variants.streams import write_back
+
+    torch.manual_seed(8)
+    shapes = [(3, 11, 4, 12), (3, 11, 4), (3, 11, 12)]  # 12: a row's tail after 8-wide lanes
+    exact = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+    upstream = torch.randn(shapes[0], dtype=torch.float64)
+
+    def gradients(on: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        native(on)
+        inputs = [t.to(dtype).requires_grad_() for t in exact]
+        out = write_back(*inputs)
+        return [out, *torch.autograd.grad((out * upstream.to(dtype)).sum(), inputs)]
+
+    want = gradients(False, torch.float64)
+    pytorch = gradients(False, dtype)
+    assert kernel_calls == []
+    got = gradients(True, dtype)
+    assert kernel_calls == ["write_back_backward"]
+    for g, p, w in zip(got, pytorch, want, strict=True):
+        bound = (
+            4 * (p.double() - w).abs().max()
+            + (4e-6 if dtype == torch.float32 else 1e-12) * w.abs().max()
+        )
+        assert (g.double() - w).abs().max() <= bound, tuple(w.shape)
+    kernel_calls.clear()
+    shared_write = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    static = [exact[0].clone().requires_grad_(), shared_write, exact[2].clone().requires_grad_()]
+    write_back(*static).sum().backward()
+    assert kernel_calls == [] and static[1].grad is not None

@@ -127,13 +127,13 @@ static inline void tanh_block_f64(double *z, int64_t count) {
     }                                                                                          \
                                                                                                \
     /* Given out's gradient (as grad_first, grad_last) and the forward's t, mean and rstd:      \
-     * grad_x (rows, d) is                                                                    \
-     * written; the gradients of gain (d), bias (d), w (m, d), offset (n, m) and scale (m) are  \
+     * grad_x (rows, d) is written (added to it where accumulate is set); the gradients        \
+     * of gain (d), bias (d), w (m, d), offset (n, m) and scale (m) are                        \
      * summed over the rows into `sums` (double, in that order, zeroed by the caller). */      \
     VECTOR_CLONES int dynamic_weights_backward_##SUFFIX(                                       \
         const T *x, const T *gain, const T *bias, const T *w, const T *scale, int64_t rows,    \
         int64_t n, int64_t d, int64_t m, const T *t, const T *mean, const T *rstd,             \
-        const T *grad_first, const T *grad_last, T *grad_x, double *sums) {                    \
+        const T *grad_first, const T *grad_last, T *grad_x, double *sums, int accumulate) {    \
         if (rows <= 0 || d <= 0) return 0;                                                     \
         double *sum_gain = sums, *sum_bias = sum_gain + d, *sum_w = sum_bias + d;              \
         double *sum_offset = sum_w + m * d, *sum_scale = sum_offset + n * m;                   \
@@ -176,8 +176,12 @@ static inline void tanh_block_f64(double *z, int64_t count) {
                 T mean_grad = sum_##SUFFIX(grad_y, d) / (T)d;                            \
                 T mean_grad_x_hat = dot_##SUFFIX(grad_y, x_hat, d) / (T)d;                     \
                 T *gx = grad_x + r * d;                                                        \
-                for (int64_t i = 0; i < d; i++)                                                \
-                    gx[i] = inv * (grad_y[i] - mean_grad - x_hat[i] * mean_grad_x_hat);        \
+                if (accumulate) /* onto the read-out's gradient of the same streams */         \
+                    for (int64_t i = 0; i < d; i++)                                            \
+                        gx[i] += inv * (grad_y[i] - mean_grad - x_hat[i] * mean_grad_x_hat);   \
+                else                                                                           \
+                    for (int64_t i = 0; i < d; i++)                                            \
+                        gx[i] = inv * (grad_y[i] - mean_grad - x_hat[i] * mean_grad_x_hat);    \
             }                                                                                  \
             for (int64_t i = 0; i < d; i++) {                                                  \
                 sum_gain[i] += block_gain[i];                                                  \
@@ -242,3 +246,31 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
 
 DEFINE_READ_OUT(float, f32)
 DEFINE_READ_OUT(double, f64)
+
+/* The write-back's backward (Hyper-Connections' "+ B^T T(h)", mHC's "+ H_post^T F(...)"): for
+ *
+ *     out[s] = streams[s] + write[s] * output       per token, s = 0 .. n - 1
+ *
+ * and out's gradient g (tokens, n, d), the gradients of write (tokens, n) and output (tokens, d):
+ *
+ *     grad_write[s] = sum_i g[s, i] * output[i]      grad_output = sum_s write[s] * g[s]
+ *
+ * (the streams' is g itself). Autograd's addcmul backward multiplies the whole (tokens, n, d)
+ * gradient twice into new tensors and sums each; here a token's gradient is read once. */
+#define DEFINE_WRITE_BACK(T, SUFFIX)                                                           \
+    VECTOR_CLONES void write_back_backward_##SUFFIX(                                           \
+        const T *grad, const T *write, const T *output, int64_t tokens, int64_t n, int64_t d,  \
+        T *grad_write, T *grad_output) {                                                       \
+        for (int64_t b = 0; b < tokens; b++) {                                                 \
+            const T *g = grad + b * n * d, *w = write + b * n, *o = output + b * d;            \
+            T *go = grad_output + b * d;                                                       \
+            for (int64_t i = 0; i < d; i++) go[i] = w[0] * g[i];                               \
+            for (int64_t s = 1; s < n; s++)                                                    \
+                for (int64_t i = 0; i < d; i++) go[i] += w[s] * g[s * d + i];                  \
+            for (int64_t s = 0; s < n; s++)                                                    \
+                grad_write[b * n + s] = dot_##SUFFIX(g + s * d, o, d);                         \
+        }                                                                                      \
+    }
+
+DEFINE_WRITE_BACK(float, f32)
+DEFINE_WRITE_BACK(double, f64)

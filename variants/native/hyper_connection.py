@@ -35,7 +35,7 @@ def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]
     pointers, sizes = [ctypes.c_void_p], [ctypes.c_int64] * 4  # rows, n, d, m
     forward_types = pointers * 6 + sizes + [ctypes.c_double] + pointers * 5
     forward = declared(kernels, "dynamic_weights", dtype, forward_types, ctypes.c_int)
-    backward_types = pointers * 5 + sizes + pointers * 7
+    backward_types = pointers * 5 + sizes + pointers * 7 + [ctypes.c_int]  # ..., accumulate
     backward = declared(kernels, "dynamic_weights_backward", dtype, backward_types, ctypes.c_int)
     return forward, backward
 
@@ -79,18 +79,26 @@ def forward(
 def backward(
     grad_first: Tensor, grad_last: Tensor, x: Tensor, gain: Tensor, bias: Tensor,
     weight: Tensor, scale: Tensor, tanh: Tensor, mean: Tensor, rstd: Tensor, streams: int,
+    onto: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The gradients of x, gain, bias, weight, offset and scale, given those of ``forward``'s
-    two outputs and what it kept (the parameters' sums over rows added in float64)."""
+    two outputs and what it kept (the parameters' sums over rows added in float64). With
+    ``onto`` (a contiguous tensor of x's shape and dtype) x's gradient is added to it in place
+    and it is returned as x's: another gradient of the same rows summed without a pass of its
+    own."""
     kernels = _kernels(x.dtype)
     assert kernels is not None, "call only where available() holds"
     (rows, d), m = x.shape, weight.shape[0]
     grad_first, grad_last = grad_first.contiguous(), grad_last.contiguous()  # kept alive here
-    grad_x = torch.empty_like(x)
+    if onto is not None:
+        assert onto.shape == x.shape and onto.dtype == x.dtype and onto.is_contiguous()
+    grad_x = torch.empty_like(x) if onto is None else onto
     sums = torch.zeros((2 + m) * d + streams * m + m, dtype=torch.float64)
     inputs = map(pointer, (x, gain, bias, weight, scale))
     saved = map(pointer, (tanh, mean, rstd, grad_first, grad_last))
-    _checked(kernels[1](*inputs, rows, streams, d, m, *saved, pointer(grad_x), pointer(sums)))
+    accumulate = int(onto is not None)
+    _checked(kernels[1](*inputs, rows, streams, d, m, *saved, pointer(grad_x), pointer(sums),
+                        accumulate))  # fmt: skip
     gain_bias_weight, offset, scale_grad = sums.to(x.dtype).split([(2 + m) * d, streams * m, m])
     gain_grad, bias_grad, weight_grad = gain_bias_weight.view(2 + m, d).split([1, 1, m])
     return (grad_x, gain_grad.view(d), bias_grad.view(d), weight_grad,
@@ -135,3 +143,19 @@ def read_out_backward(
         pointer(grad_weights), pointer(grad_streams),
     )  # fmt: skip
     return grad_weights, grad_streams
+
+
+def write_back_backward(grad: Tensor, write: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of write (tokens, n) and output (tokens, d) in streams + write ⊗ output,
+    from the result's gradient (tokens, n, d) (as ``read_out_available`` requires)."""
+    tokens, n, d = grad.shape
+    grad_write, grad_output = torch.empty_like(write), torch.empty_like(output)
+    kernels = library("hyper_connection")
+    assert kernels is not None, "call only where read_out_available() holds"
+    note_used("hyper_connection")
+    argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    declared(kernels, "write_back_backward", grad.dtype, argtypes, None)(
+        *map(pointer, (grad, write, output)), tokens, n, d,
+        pointer(grad_write), pointer(grad_output),
+    )  # fmt: skip
+    return grad_write, grad_output
