@@ -55,12 +55,20 @@ class _DynamicWeights(torch.autograd.Function):
     def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
         rows, gain, bias, weight, offset, scale, _ = inputs
         ctx.mark_non_differentiable(*output[2:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept outputs
         ctx.streams = offset.shape[0]
         ctx.save_for_backward(rows, gain, bias, weight, scale, *output[2:])
 
     @staticmethod
     @once_differentiable  # a hand-written backward: no double backward through it
-    def backward(ctx: FunctionCtx, grad_first: Tensor, grad_last: Tensor, *_kept: Tensor) -> tuple:
+    def backward(
+        ctx: FunctionCtx, grad_first: Tensor | None, grad_last: Tensor | None, *_kept: Tensor
+    ) -> tuple:
+        rows = ctx.saved_tensors[0]
+        if grad_first is None:
+            grad_first = rows.new_zeros(rows.shape[0], ctx.streams + 1)
+        if grad_last is None:
+            grad_last = rows.new_zeros(rows.shape[0])
         grads = hyper_connection.backward(grad_first, grad_last, *ctx.saved_tensors, ctx.streams)
         return (*grads, None)
 
@@ -68,10 +76,12 @@ class _DynamicWeights(torch.autograd.Function):
 class _Connection(torch.autograd.Function):
     """A dynamic connection's reads, A_mᵀH, A_rᵀH and B, from (tokens, n, d) streams and the
     connection's parameters, as one autograd node over variants.native's kernels (the dynamic
-    weights, then the read-out with them): none of the ~20 small ops that pack the parameters,
-    reshape the weights and sum the streams' two gradients run in between, forward or backward
-    (docs/performance.md, "HC's connection as one autograd node"). Used only where both
-    kernels run; elsewhere HyperConnection.forward runs the same formula as PyTorch ops."""
+    weights, then the read-out with them): the parameters are packed into the kernel's operands
+    inside forward, where autograd records nothing, and the streams' two gradients are summed
+    by the weights' backward kernel, so none of the ~20 autograd nodes of packing, reshaping
+    and summing runs (docs/performance.md, "HC's connection as one autograd node"). Used only
+    where both kernels run; elsewhere HyperConnection.forward runs the same formula as PyTorch
+    ops."""
 
     @staticmethod
     def forward(
@@ -94,6 +104,9 @@ class _Connection(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
         ctx.mark_non_differentiable(*output[3:])
+        # An unused output's gradient arrives as None, not as zeros made for it (six kept
+        # outputs would each get a zero-filled tensor on every backward).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(inputs[0], inputs[1], inputs[2], *output[3:])
 
     @staticmethod
@@ -190,11 +203,13 @@ class HyperConnection(nn.Module):
         if not self.dynamic or streams.device.type != "cpu":
             return None
         lead, (n, width) = streams.shape[:-2], streams.shape[-2:]
-        streams = streams.contiguous()  # the first block's streams are n views of one copy
         parameters = (
             self.norm.weight, self.norm.bias, self.read_weight, self.mix_weight,
             self.write_weight, self.read, self.mix, self.write, self.alpha, self.beta,
         )  # fmt: skip
+        if not hyper_connection.available(*parameters):  # before a copy that would go unused
+            return None
+        streams = streams.contiguous()  # the first block's streams are n views of one copy
         if not hyper_connection.available(streams, *parameters):
             return None
         branch_input, mixed, write = apply_function(

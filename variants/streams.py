@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from variants.base import ModelView, Variant, gpt2_residual_std, scale_residual_projections
 from variants.functions import apply_function, functorch_transforms_active
@@ -112,9 +112,11 @@ class _WriteBack(torch.autograd.Function):
         ctx.save_for_backward(inputs[1], inputs[2])
 
     @staticmethod
-    @once_differentiable  # a kernel's backward: no double backward through it
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         write, output = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: autograd's ops, differentiable again
+            grad_write = (grad * output.unsqueeze(-2)).sum(-1)
+            return grad, grad_write, (grad * write.unsqueeze(-1)).sum(-2)
         grad_write, grad_output = hyper_connection.write_back_backward(
             grad.contiguous(), write, output
         )

@@ -197,6 +197,9 @@ def run_cell(
         except Exception as error:  # recorded, so the sweep goes on and the summary lists it
             _errored(record, cell.cell_id(), error)
             record["steps_completed"] = len(outcome.curve)  # kept beside the traceback
+        except BaseException:  # Ctrl-C, a termination signal: no record, a failed tracker run
+            _abandon_tracker(tracker)
+            raise
     record["peak_memory_mb"], record["memory_kind"] = _peak_memory_mb(device)
     record["native_kernels"] = variants.native.used_since_reset()
     _close_tracker(tracker, record)
@@ -218,6 +221,17 @@ def _close_tracker(tracker: Tracker | None, record: dict[str, Any]) -> None:
         tracker.close(failed)  # even without the record: the rows already logged are kept
     except Exception as error:
         log.warning("%s: the tracker could not close its run (%s)", record.get("cell_id"), error)
+
+
+def _abandon_tracker(tracker: Tracker | None) -> None:
+    """Ends the tracker run of a cell that was interrupted (no record), as failed rather than
+    left running; quietly, since the interruption is what the caller must see."""
+    if tracker is None:
+        return
+    try:
+        tracker.close(failed=True)
+    except Exception:
+        log.debug("the tracker could not close its interrupted run", exc_info=True)
 
 
 def run_pack(
@@ -269,4 +283,9 @@ def run_pack(
                     _errored(records[member], cell.cell_id(), error)
                     records[member]["steps_completed"] = len(outcomes[member].curve)
                     done(member, records[member], outcomes[member].curve)
+        except BaseException:  # Ctrl-C, a termination signal: no record, failed tracker runs
+            for member, tracker in enumerate(trackers):
+                if results[member] is None:
+                    _abandon_tracker(tracker)
+            raise
     return [result for result in results if result is not None]

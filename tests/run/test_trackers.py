@@ -170,24 +170,31 @@ def test_a_failing_tracker_costs_a_log_line_never_the_cell(tmp_path, monkeypatch
     assert "could not log the record" in caplog.text and closed == [True]
 
 
-def test_a_cell_that_errors_is_a_failed_run_in_the_tracker(tmp_path, monkeypatch):
-    """A crashed cell shows as FAILED in MLflow's UI, not as finished or left running; a
-    diverged cell is a result and finishes (the MLflow test above)."""
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+def test_a_cell_that_errors_is_a_failed_run_in_the_tracker(tmp_path, monkeypatch, interruption):
+    """A crashed or interrupted (Ctrl-C) cell shows as FAILED in MLflow's UI, not as finished
+    or left running; a diverged cell is a result and finishes (the MLflow test above)."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     import suite.run.runner
 
     def explode(*args, **kwargs):
-        raise RuntimeError("simulated crash inside training")
+        raise interruption("simulated crash inside training")
 
     monkeypatch.setattr(suite.run.runner, "train", explode)
-    record, _ = run_cell(tracked_cell("mlflow", tmp_path))
-    assert record["status"] == "error"
+    if interruption is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):  # no record: the sweep's Ctrl-C handling goes on
+            run_cell(tracked_cell("mlflow", tmp_path))
+    else:
+        record, _ = run_cell(tracked_cell("mlflow", tmp_path))
+        assert record["status"] == "error"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("stability-suite").experiment_id])
-    assert run.info.status == "FAILED" and run.data.tags["record.status"] == "error"
+    assert run.info.status == "FAILED"
+    if interruption is RuntimeError:
+        assert run.data.tags["record.status"] == "error"
 
 
 def test_cells_training_at_once_share_one_mlflow_database(tmp_path):

@@ -245,3 +245,46 @@ def test_the_write_back_kernel_is_addcmuls_gradient(native, kernel_calls, dtype)
     static = [exact[0].clone().requires_grad_(), shared_write, exact[2].clone().requires_grad_()]
     write_back(*static).sum().backward()
     assert kernel_calls == [] and static[1].grad is not None
+
+
+def test_a_second_derivative_through_the_write_back_is_addcmuls(native):
+    """Under create_graph the write-back's backward runs as autograd ops (differentiable
+    again): a gradient of a gradient is the same with the kernels on or off."""
+    from variants.streams import write_back
+
+    torch.manual_seed(9)
+    streams, output = torch.randn(5, 3, 8), torch.randn(5, 8, requires_grad=True)
+    write = torch.randn(5, 3, requires_grad=True)
+    results = []
+    for on in (True, False):
+        native(on)
+        out = write_back(streams, write, output)
+        (grad,) = torch.autograd.grad(out.sin().sum(), write, create_graph=True)
+        results.append(torch.autograd.grad(grad.square().sum(), (write, output)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_the_weights_of_a_connection_alone_have_gradients_from_either_output(native):
+    """connection_weights (diagnostics) by the kernel, only one of its outputs used: the other's
+    gradient arrives as None and counts as zero, as on PyTorch's path."""
+    results = []
+    for on in (True, False):
+        native(on)
+        torch.manual_seed(10)
+        module = HyperConnection(8, 2, 1, dynamic=True, eps=1e-5).double()
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+        x = torch.randn(3, 2, 8, dtype=torch.float64)
+        parameters = list(module.parameters())
+        for output in (0, 1):  # the weights alone, then B alone
+            used = module.connection_weights(x)[output].sin().sum()
+            grads = torch.autograd.grad(used, parameters, allow_unused=True)
+            results.append([
+                torch.zeros_like(p) if g is None else g
+                for g, p in zip(grads, parameters, strict=True)
+            ])  # fmt: skip
+    kernel, pytorch = results[:2], results[2:]
+    for got, want in zip(sum(kernel, []), sum(pytorch, []), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
