@@ -31,18 +31,24 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+def perturbed_connection(width: int, streams: int, index: int, seed: int) -> HyperConnection:
+    """A dynamic HC in float64, its parameters moved far from the init so that every term
+    counts."""
+    torch.manual_seed(seed)
+    module = HyperConnection(width, streams, index, dynamic=True, eps=1e-5).double()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    return module
+
+
 def connection(
     native, on: bool, dtype: torch.dtype, streams: int, width: int, expanded: bool
 ) -> list[torch.Tensor]:
     """Output and every gradient of one dynamic HC (a tanh branch), kernels on or off; the same
     parameters and inputs (drawn in float64) whatever the dtype."""
     native(on)
-    torch.manual_seed(4)
-    module = HyperConnection(width, streams, 1, dynamic=True, eps=1e-5).double()
-    with torch.no_grad():  # far from the init, so that every term counts
-        for parameter in module.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.5)
-    module = module.to(dtype)
+    module = perturbed_connection(width, streams, 1, seed=4).to(dtype)
     # 2 x 33 tokens: rows of n streams cross the kernel's 64-row blocks
     embedded = torch.randn(2, 33, width, dtype=torch.float64).to(dtype).requires_grad_()
     upstream = torch.randn(2, 33, streams, width, dtype=torch.float64).to(dtype)
@@ -86,11 +92,7 @@ def test_in_float64_they_agree_to_float64_rounding(native):
 
 def test_the_kernels_gradient_is_the_connections_gradient(native):
     native(True)
-    torch.manual_seed(5)
-    module = HyperConnection(10, 3, 0, dynamic=True, eps=1e-5).double()
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.5)
+    module = perturbed_connection(10, 3, 0, seed=5)
     x = torch.randn(2, 5, 3, 10, dtype=torch.float64, requires_grad=True)
     assert hyper_connection.available(x.reshape(-1, 10))
     parameters = tuple(module.parameters())
@@ -271,11 +273,7 @@ def test_the_weights_of_a_connection_alone_have_gradients_from_either_output(nat
     results = []
     for on in (True, False):
         native(on)
-        torch.manual_seed(10)
-        module = HyperConnection(8, 2, 1, dynamic=True, eps=1e-5).double()
-        with torch.no_grad():
-            for parameter in module.parameters():
-                parameter.add_(torch.randn_like(parameter) * 0.5)
+        module = perturbed_connection(8, 2, 1, seed=10)
         x = torch.randn(3, 2, 8, dtype=torch.float64)
         parameters = list(module.parameters())
         for output in (0, 1):  # the weights alone, then B alone
