@@ -21,6 +21,7 @@ before the final LN. With n = 1 and W = 0 this is exactly Pre-LN (tested).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,39 +39,6 @@ from variants.native import hyper_connection
 from variants.norms import LayerNorm
 from variants.registry import register
 from variants.streams import MultiStreamVariant, read_and_mix, write_back
-
-
-class _DynamicWeights(torch.autograd.Function):
-    """[A_m | A_r] (rows, n + 1) and B (rows,) of the dynamic connection for (rows, d) streams,
-    by variants.native's C kernel, forward and backward (used only where it runs)."""
-
-    @staticmethod
-    def forward(
-        rows: Tensor, gain: Tensor, bias: Tensor, weight: Tensor, offset: Tensor,
-        scale: Tensor, eps: float,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
-        return hyper_connection.forward(rows, gain, bias, weight, offset, scale, eps)
-
-    @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
-        rows, gain, bias, weight, offset, scale, _ = inputs
-        ctx.mark_non_differentiable(*output[2:])
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept outputs
-        ctx.streams = offset.shape[0]
-        ctx.save_for_backward(rows, gain, bias, weight, scale, *output[2:])
-
-    @staticmethod
-    @once_differentiable  # a hand-written backward: no double backward through it
-    def backward(
-        ctx: FunctionCtx, grad_first: Tensor | None, grad_last: Tensor | None, *_kept: Tensor
-    ) -> tuple:
-        rows = ctx.saved_tensors[0]
-        if grad_first is None:
-            grad_first = rows.new_zeros(rows.shape[0], ctx.streams + 1)
-        if grad_last is None:
-            grad_last = rows.new_zeros(rows.shape[0])
-        grads = hyper_connection.backward(grad_first, grad_last, *ctx.saved_tensors, ctx.streams)
-        return (*grads, None)
 
 
 class _Connection(torch.autograd.Function):
@@ -156,24 +124,16 @@ class HyperConnection(nn.Module):
 
     def connection_weights(self, streams: Tensor) -> tuple[Tensor, Tensor]:
         """[A_m | A_r] (..., n, n + 1) and B (..., n) for these streams: A_m and A_r side by
-        side, so that one GEMM reads the sublayer's input and the mixed streams at once."""
+        side, so that one GEMM reads the sublayer's input and the mixed streams at once. Where
+        autograd records nothing (the diagnostics), by the kernels where they run."""
         static = torch.cat([self.read[:, None], self.mix], dim=1)
         if not self.dynamic:
             return static, self.write
+        if not torch.is_grad_enabled() and (by_kernels := self._by_kernels(streams)) is not None:
+            return by_kernels[3], by_kernels[2]
         # W_m, W_r, W_β in one GEMM, laid out as rows: with its 1 + n + 1 = 6 outputs as
         # columns, CPU matmul and its weight gradient ran 2.2× slower (measured).
         weights = torch.cat([self.read_weight[None], self.mix_weight.T, self.write_weight[None]], 0)
-        if streams.device.type == "cpu":  # the kernel's only device: no copies elsewhere
-            rows = streams.reshape(-1, streams.shape[-1]).contiguous()
-            offset = torch.cat([static, self.write[:, None]], dim=1)
-            scale = torch.cat([self.alpha.expand(static.shape[1]), self.beta[None]])
-            gain, bias = self.norm.weight, self.norm.bias
-            if hyper_connection.available(rows, gain, bias, weights, offset, scale):
-                read_and_mix, write = apply_function(
-                    _DynamicWeights, rows, gain, bias, weights, offset, scale, self.norm.eps
-                )[:2]
-                lead = streams.shape[:-1]
-                return read_and_mix.view(*lead, static.shape[1]), write.view(lead)
         dynamic = torch.tanh(F.linear(self.norm(streams), weights))
         read_and_mix = static + self.alpha * dynamic[..., :-1]
         return read_and_mix, self.write + self.beta * dynamic[..., -1]
@@ -189,17 +149,17 @@ class HyperConnection(nn.Module):
         return mix.expand(*streams.shape[:-2], *mix.shape[-2:])
 
     def forward(self, streams: Tensor, branch: Sublayer) -> Tensor:
-        reads = self._reads_by_kernels(streams)
-        if reads is None:
+        by_kernels = self._by_kernels(streams)
+        if by_kernels is None:
             weights, write = self.connection_weights(streams)
             branch_input, mixed = read_and_mix(weights, streams)  # A_mᵀ H, A_rᵀ H
         else:
-            branch_input, mixed, write = reads
+            branch_input, mixed, write = by_kernels[:3]
         return write_back(mixed, write, branch(branch_input))  # + Bᵀ T(h)
 
-    def _reads_by_kernels(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """A_mᵀ H, A_rᵀ H and B of a dynamic connection by one _Connection node, where its
-        kernels run these tensors; else None."""
+    def _by_kernels(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """A_mᵀ H, A_rᵀ H, B and [A_m | A_r] of a dynamic connection by one _Connection node
+        (the last not differentiable), where its kernels run these tensors; else None."""
         if not self.dynamic or streams.device.type != "cpu":
             return None
         lead, (n, width) = streams.shape[:-2], streams.shape[-2:]
@@ -212,10 +172,11 @@ class HyperConnection(nn.Module):
         streams = streams.contiguous()  # the first block's streams are n views of one copy
         if not hyper_connection.available(streams, *parameters):
             return None
-        branch_input, mixed, write = apply_function(
-            _Connection, streams.view(-1, n, width), *parameters, self.norm.eps
-        )[:3]
-        return branch_input.view(*lead, width), mixed.view(*lead, n, width), write.view(*lead, n)
+        branch_input, mixed, write, weights = apply_function(
+            _Connection, streams.view(math.prod(lead), n, width), *parameters, self.norm.eps
+        )[:4]
+        return (branch_input.view(*lead, width), mixed.view(*lead, n, width),
+                write.view(*lead, n), weights.view(*lead, n, n + 1))  # fmt: skip
 
 
 class HyperConnectionWiring(nn.Module):

@@ -189,7 +189,8 @@ class Probe:
         self.saturation, self.stream_shares = [], []
 
         def before_stream_mixing(module: MixesStreams, inputs: tuple[torch.Tensor, ...]) -> None:
-            self.stream_mixings.append(module.stream_mixing(inputs[0].detach()).detach().float())
+            with torch.no_grad():  # a reading, not part of the step's graph
+                self.stream_mixings.append(module.stream_mixing(inputs[0]).float())
 
         def before_collapse(_module, inputs: tuple[torch.Tensor, ...]) -> None:
             if isinstance(inputs[0], torch.Tensor):  # n streams as one tensor (variants.streams)
