@@ -105,7 +105,8 @@ def backward(
             offset.view(streams, m), scale_grad)  # fmt: skip
 
 
-def _read_out_kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., None]]:
+def _stream_kernels(dtype: torch.dtype) -> tuple[Callable[..., None], ...]:
+    """The read-out's forward and backward and the write-back's backward for this dtype."""
     kernels = library("hyper_connection")
     assert kernels is not None, "call only where read_out_available() holds"
     note_used("hyper_connection")
@@ -113,7 +114,9 @@ def _read_out_kernels(dtype: torch.dtype) -> tuple[Callable[..., None], Callable
     forward = declared(kernels, "read_out", dtype, pointers * 2 + sizes + pointers * 2, None)
     backward_types = pointers * 4 + sizes + pointers * 2
     backward = declared(kernels, "read_out_backward", dtype, backward_types, None)
-    return forward, backward
+    write_back_types = pointers * 3 + sizes + pointers * 2
+    write_back = declared(kernels, "write_back_backward", dtype, write_back_types, None)
+    return forward, backward, write_back
 
 
 def read_out_available(*tensors: Tensor) -> bool:
@@ -126,7 +129,7 @@ def read_out(weights: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
     streams: t = 0 as (tokens, d), t = 1..n as (tokens, n, d)."""
     tokens, n, d = streams.shape
     read, mixed = streams.new_empty(tokens, d), torch.empty_like(streams)
-    _read_out_kernels(streams.dtype)[0](
+    _stream_kernels(streams.dtype)[0](
         pointer(weights), pointer(streams), tokens, n, d, pointer(read), pointer(mixed)
     )
     return read, mixed
@@ -138,7 +141,7 @@ def read_out_backward(
     """The gradients of ``read_out``'s weights and streams from those of its two outputs."""
     tokens, n, d = streams.shape
     grad_weights, grad_streams = torch.empty_like(weights), torch.empty_like(streams)
-    _read_out_kernels(streams.dtype)[1](
+    _stream_kernels(streams.dtype)[1](
         *map(pointer, (weights, streams, grad_read, grad_mixed)), tokens, n, d,
         pointer(grad_weights), pointer(grad_streams),
     )  # fmt: skip
@@ -150,11 +153,7 @@ def write_back_backward(grad: Tensor, write: Tensor, output: Tensor) -> tuple[Te
     from the result's gradient (tokens, n, d) (as ``read_out_available`` requires)."""
     tokens, n, d = grad.shape
     grad_write, grad_output = torch.empty_like(write), torch.empty_like(output)
-    kernels = library("hyper_connection")
-    assert kernels is not None, "call only where read_out_available() holds"
-    note_used("hyper_connection")
-    argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
-    declared(kernels, "write_back_backward", grad.dtype, argtypes, None)(
+    _stream_kernels(grad.dtype)[2](
         *map(pointer, (grad, write, output)), tokens, n, d,
         pointer(grad_write), pointer(grad_output),
     )  # fmt: skip
