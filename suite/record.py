@@ -199,7 +199,8 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("platform", "str", "operating system"),
         ("hostname", "str", "machine name"),
         ("native_kernels", "str", "the C kernels of variants/native that ran in the cell "
-         "(`sinkhorn`, `hyper_connection`, comma-separated; empty if none): HC's and mHC's "
+         "as their builds (`sinkhorn-<key>`, `hyper_connection-<key>`: the key hashes the kernel's "
+         "source, flags, compiler and machine), comma-separated, empty if none; HC's and mHC's "
          "results differ at float rounding with and without `hyper_connection` (no C compiler, "
          "or `SUITE_NATIVE=0`); Sinkhorn's kernel changes no bit"),
         ("suite_version", "str", "the suite's version"),

@@ -78,12 +78,14 @@ def library(name: str) -> ctypes.CDLL | None:
     try:
         built = _build(name)
         try:
-            return ctypes.CDLL(str(built))
+            loaded = ctypes.CDLL(str(built))
         except OSError:
             if _is_shared_library(built):  # whole, but not loadable here: no rebuild helps
                 raise
             built.unlink(missing_ok=True)  # a damaged file under the library's name
-            return ctypes.CDLL(str(_build(name)))
+            loaded = ctypes.CDLL(str(_build(name)))
+        _builds[name] = built.stem
+        return loaded
     except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as error:
         warnings.warn(
             f"variants.native: the {name} kernel is not built ({error}); running PyTorch's "
@@ -154,16 +156,20 @@ def _remove_stale_partials(folder: Path, name: str, older_than_s: float = 3600) 
 
 
 _used: set[str] = set()
+_builds: dict[str, str] = {}  # a loaded library's name -> its build, "<name>-<key>"
 
 
 def note_used(name: str) -> None:
     """Notes that a kernel of ``<name>.c`` ran (called by the modules that run them)."""
-    _used.add(name)
+    _used.add(_builds.get(name, name))
 
 
 def used_since_reset() -> str:
-    """The libraries whose kernels ran since ``reset_used()``, comma-separated (empty when
-    none): a record says which ran in its cell, as HC's change a result's float rounding."""
+    """The builds whose kernels ran since ``reset_used()``, as ``<name>-<key>`` (the cached
+    library's name, whose key hashes the source, flags, compiler and machine), comma-separated,
+    empty when none: a record says which ran in its cell, as HC's change a result's float
+    rounding, and a change to a kernel's source changes the key, so that a store resumed across
+    such a change tells its two roundings apart."""
     return ",".join(sorted(_used))
 
 
