@@ -339,6 +339,7 @@ def sweep_cells(
     parser = OverridesParser.create()
     composed = {} if compositions is None else compositions
     cells = []
+    checked: set[tuple[str, ...]] = set()  # compositions whose Hydra settings passed
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         try:
             jobs = expand_sweep(overrides, composed)
@@ -352,7 +353,9 @@ def sweep_cells(
                 groups = tuple(o.input_line for o in parsed if _needs_compose(o))
                 # With Hydra's part: a job's own preset may set its keys (env_set, chdir).
                 full = _composed(list(groups), composed)
-                check_hydra_settings(full)
+                if groups not in checked:  # ~1.3 ms of file-system probes, once a composition
+                    check_hydra_settings(full)
+                    checked.add(groups)
                 cfg = copy.deepcopy(full)
                 for override in parsed:
                     if not _needs_compose(override):
