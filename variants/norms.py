@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
+
+from variants.functions import apply_function
 
 
 class LayerNorm(nn.Module):
@@ -30,8 +33,33 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     ``RMSNorm(x) @ W = inverse_rms(x) · (x @ (g ⊙ W))`` for variants that project a normalized
     input straight away and need not materialize it."""
     precision = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean_square = x.to(precision).pow(2).mean(-1, keepdim=True)
-    return torch.rsqrt(mean_square + eps).to(x.dtype)
+    return apply_function(_InverseRms, x.to(precision), eps).to(x.dtype)
+
+
+class _InverseRms(torch.autograd.Function):
+    """r = rsqrt(Σx²/N + eps) and its gradient x · (−r³/N · ∂r), one pass over x each way:
+    autograd's pow → mean → add → rsqrt kept x² and, backward, expanded the mean's gradient over
+    all of x and multiplied twice (mHC's n·C-wide streams, 1,024 tokens: 0.75–1.4 ms forward
+    and back, against 0.21–0.26 ms). A plain Function of torch ops: vmap (packed runs) and
+    double backward go through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, eps: float) -> torch.Tensor:
+        mean_square = torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+        return mean_square.add_(eps).rsqrt_()
+
+    @staticmethod
+    def setup_context(
+        ctx: FunctionCtx, inputs: tuple[torch.Tensor, float], output: torch.Tensor
+    ) -> None:
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, inverse = ctx.saved_tensors
+        return x * (grad * inverse.pow(3) * (-1.0 / x.shape[-1])), None
 
 
 class RMSNorm(nn.Module):
