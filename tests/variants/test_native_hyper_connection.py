@@ -179,6 +179,8 @@ def test_a_record_names_the_kernels_that_ran_in_its_cell(native):
     # The build, not just the name: a kernel's source changes the key, and with it the name.
     assert hc_build.startswith("hyper_connection-") and (built / f"{hc_build}.so").is_file()
     assert run_cell(make_cell("preln", steps=3))[0]["native_kernels"] == ""
+    mhc_builds = run_cell(make_cell("mhc", steps=3))[0]["native_kernels"].split(",")
+    assert {build.rsplit("-", 1)[0] for build in mhc_builds} == {"hyper_connection", "mhc_mappings"}
     packed = run_pack([make_cell("mhc", lr=lr, steps=3) for lr in (1e-3, 3e-3)])
     for record, _ in packed:
         names = {build.rsplit("-", 1)[0] for build in record["native_kernels"].split(",")}

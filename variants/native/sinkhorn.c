@@ -14,35 +14,12 @@
 #include <stdlib.h>
 
 #include "native.h"
+#include "sinkhorn_rounds.h"
 
 #define BLOCK 64 /* tokens a pass works on: the block's matrix and sums stay in L1/L2 cache */
 
-/* Entry (a, b) of a normalization's view of the n x n matrix: for columns (round 0, 2, ...) a
- * is the column and b the row, for rows (round 1, 3, ...) a is the row and b the column;
- * `stride` is the distance between entries (tokens). */
-#define ENTRY(base, rows, a, b, n, stride) \
-    ((base) + ((rows) ? (a) * (n) + (b) : (b) * (n) + (a)) * (stride))
-
-#define DEFINE_ROUNDS(T, SUFFIX)                                                                 \
-    /* One normalization of a block: every column (rows = 0) or row (rows = 1) divided by its  \
-     * sum, kept in total[a * len + t]. */                                                     \
-    static inline void normalize_##SUFFIX(T *matrix, T *total, int rows, int64_t n,            \
-                                          int64_t stride, int64_t len) {                       \
-        for (int64_t a = 0; a < n; a++) {                                                      \
-            T *sum = total + a * len;                                                          \
-            for (int64_t t = 0; t < len; t++) sum[t] = 0;                                      \
-            for (int64_t b = 0; b < n; b++) {                                                  \
-                const T *m = ENTRY(matrix, rows, a, b, n, stride);                             \
-                for (int64_t t = 0; t < len; t++) sum[t] += m[t];                              \
-            }                                                                                  \
-            for (int64_t b = 0; b < n; b++) {                                                  \
-                T *m = ENTRY(matrix, rows, a, b, n, stride);                                   \
-                for (int64_t t = 0; t < len; t++) m[t] /= sum[t];                              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-                                                                                               \
-    /* rounds x (columns, rows) normalizations of matrix, in place. Returns 0, or -1 where    \
+#define DEFINE_ROUNDS(T, SUFFIX)                                                               \
+    /* rounds x (columns, rows) normalizations of matrix, in place. Returns 0, or -1 where     \
      * memory for a block's sums ran out. */                                                   \
     VECTOR_CLONES int sinkhorn_rounds_##SUFFIX(T *matrix, int64_t n, int64_t tokens,           \
                                                int64_t rounds) {                               \
@@ -58,9 +35,9 @@
     }                                                                                          \
                                                                                                \
     /* grad, the gradient of the rounds' result, becomes that of their input `initial`: per    \
-     * block, the rounds run again on a copy of `initial` keeping their sums, then back through \
-     * every normalization m' = m / s, last first: dm = (dm' - sum(dm' * m')) / s, with m       \
-     * rebuilt as m' * s. Returns 0, or -1 where memory for a block ran out. */                \
+     * block, the rounds run again on a copy of `initial` keeping their sums, then back through\
+     * every normalization (normalize_backward). Returns 0, or -1 where memory for a block ran \
+     * out. */                                                                                 \
     VECTOR_CLONES int sinkhorn_rounds_backward_##SUFFIX(T *grad, const T *initial, int64_t n,  \
                                                         int64_t tokens, int64_t rounds) {      \
         if (rounds <= 0 || tokens <= 0 || n <= 0) return 0;                                    \
@@ -74,29 +51,8 @@
                     matrix[entry * BLOCK + t] = initial[entry * tokens + start + t];           \
             for (int64_t r = 0; r < 2 * rounds; r++)                                           \
                 normalize_##SUFFIX(matrix, sums + r * n * len, r % 2, n, BLOCK, len);          \
-            for (int64_t r = 2 * rounds - 1; r >= 0; r--) {                                    \
-                int rows = r % 2;                                                              \
-                for (int64_t a = 0; a < n; a++) {                                              \
-                    const T *total = sums + (r * n + a) * len;                                 \
-                    for (int64_t b = 0; b < n; b++) {                                          \
-                        const T *g = ENTRY(grad + start, rows, a, b, n, tokens);               \
-                        const T *m = ENTRY(matrix, rows, a, b, n, BLOCK);                      \
-                        for (int64_t t = 0; t < len; t++) {                                    \
-                            T product = g[t] * m[t];                                           \
-                            dot[t] = (b == 0 ? 0 : dot[t]) + product;                          \
-                        }                                                                      \
-                    }                                                                          \
-                    for (int64_t b = 0; b < n; b++) {                                          \
-                        T *g = ENTRY(grad + start, rows, a, b, n, tokens);                     \
-                        T *m = ENTRY(matrix, rows, a, b, n, BLOCK);                            \
-                        for (int64_t t = 0; t < len; t++) {                                    \
-                            T difference = g[t] - dot[t];                                      \
-                            g[t] = difference / total[t];                                      \
-                            m[t] *= total[t];                                                  \
-                        }                                                                      \
-                    }                                                                          \
-                }                                                                              \
-            }                                                                                  \
+            normalize_backward_##SUFFIX(grad + start, tokens, matrix, sums, dot, 2 * rounds, n,\
+                                        BLOCK, len);                                           \
         }                                                                                      \
         return 0;                                                                              \
     }

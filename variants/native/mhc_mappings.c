@@ -1,0 +1,255 @@
+/* mHC's mappings (Xie et al. 2025, "mHC: Manifold-Constrained Hyper-Connections", arXiv
+ * 2512.24880, eq. 7-9) from the projected streams, and their backward, for
+ * variants/native/mhc_mappings.py. Per token, with p = raw * inv (x' phi: the projection of
+ * the streams by the norm's gain times phi, raw, scaled by the token's 1/rms, inv):
+ *
+ *     H_pre  = sigmoid(a_pre * p[0:n] + b_pre)
+ *     H_post = 2 sigmoid(a_post * p[n:2n] + b_post)
+ *     H_res  = Sinkhorn-Knopp(a_res * mat(p[2n:]) + b_res)
+ *
+ * Sinkhorn-Knopp as variants/mhc.py runs it: the first column normalization a log-softmax over
+ * each column, the first row normalization a softmax over each row (so that no row of entries
+ * ~90 below the others sums to a flushed subnormal), then `rounds` linear rounds of columns
+ * and rows divided by their sums (sinkhorn_rounds.h, as sinkhorn.c runs them). Written out as
+ * the read-out's weights [H_pre | H_res^T] (tokens, n, n + 1) and H_post (tokens, n).
+ *
+ * The formula is PyTorch's; exp and log are this file's own (in float: a reduction and a
+ * polynomial the compiler vectorizes, within a few units in the last place; glibc's are a call
+ * per value), so results agree with PyTorch's ops to float rounding, not bit for bit. What it
+ * saves is the ~20 PyTorch ops forward and ~40 backward of mHC's mappings per sublayer, each a
+ * dispatch and a pass over (tokens, n, n) tensors. The backward recomputes the block's
+ * mappings from raw and inv (cheaper than saving them); the parameters' gradients are summed
+ * per token in double, in token order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "native.h"
+#include "sinkhorn_rounds.h"
+
+#define BLOCK 64 /* tokens a pass works on: the block's matrices stay in cache */
+
+/* Inlined into each of the kernels' clones, so that it is compiled for the clone's vector
+ * instructions: called out of line it ran the baseline's (2x slower, measured). */
+#define INLINE static inline __attribute__((always_inline))
+
+/* exp over float's whole range, vectorizable: x = k ln 2 + r, |r| <= ln 2 / 2 (ln 2 split in
+ * two so that k ln 2 is exact), e^r from its Taylor series to r^8 (relative error < 3e-10),
+ * times 2^k as two powers of two (each a normal float, so that only the last product rounds,
+ * into the subnormals where e^x lies there). NaN stays NaN. */
+INLINE float exp_f32(float x) {
+    float clamped = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+    clamped = x == x ? clamped : 0.0f;
+    float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded */
+    float r = (clamped - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+              + r * (1.0f / 720 + r * (1.0f / 5040 + r * (1.0f / 40320))))))));
+    int32_t whole = (int32_t)k, half = whole / 2;
+    union { float f; int32_t i; } low = {.i = (half + 127) << 23},
+                                  high = {.i = (whole - half + 127) << 23};
+    float y = (p * low.f) * high.f;
+    return x == x ? y : x;
+}
+
+/* log of a positive normal float (here a softmax's sum, in [1, n]), vectorizable: x = m 2^e
+ * with m in [1/sqrt 2, sqrt 2), log m = 2 atanh((m - 1) / (m + 1)) from its series to the
+ * 13th power (relative error < 2e-11). NaN stays NaN. */
+INLINE float log_f32(float x) {
+    union { float f; int32_t i; } bits = {.f = x};
+    int32_t exponent = ((bits.i >> 23) & 0xff) - 127;
+    bits.i = (bits.i & 0x007fffff) | 0x3f800000;
+    float m = bits.f;
+    int over = m > 1.41421356237f;
+    m = over ? 0.5f * m : m;
+    exponent += over;
+    float f = (m - 1.0f) / (m + 1.0f), f2 = f * f;
+    float series = 2.0f * f * (1.0f + f2 * (1.0f / 3 + f2 * (1.0f / 5 + f2 * (1.0f / 7
+                   + f2 * (1.0f / 9 + f2 * (1.0f / 11 + f2 * (1.0f / 13)))))));
+    float y = (float)exponent * 0.693145751953125f
+              + (series + (float)exponent * 1.42860682030941723212e-6f);
+    return x == x ? y : x;
+}
+
+static inline double exp_f64(double x) { return exp(x); }
+static inline double log_f64(double x) { return log(x); }
+
+#define DEFINE_MAPPINGS(T, SUFFIX)                                                             \
+    INLINE T sigmoid_##SUFFIX(T z) { return (T)1 / ((T)1 + exp_##SUFFIX(-z)); }                \
+                                                                                               \
+    /* A block's mappings, tokens last (entries `BLOCK` apart): p (k columns), the logits' first\
+     * round's log-softmax over columns `logp` and its softmax over rows `first`, and `matrix` \
+     * after the linear rounds, whose sums are kept in `sums` (2 rounds n a token). */         \
+    INLINE void block_mappings_##SUFFIX(const T *raw, const T *inv, const T *alpha,            \
+                                        const T *bias, int64_t n, int64_t len, int64_t rounds, \
+                                        T *p, T *logp, T *first, T *matrix, T *sums,           \
+                                        T *scratch) {                                          \
+        int64_t k = 2 * n + n * n, nn = n * n;                                                 \
+        for (int64_t j = 0; j < k; j++)                                                        \
+            for (int64_t t = 0; t < len; t++) p[j * BLOCK + t] = raw[t * k + j] * inv[t];      \
+        T *logits = logp, *top = scratch, *total = scratch + BLOCK;                            \
+        for (int64_t e = 0; e < nn; e++)                                                       \
+            for (int64_t t = 0; t < len; t++)                                                  \
+                logits[e * BLOCK + t] = alpha[2] * p[(2 * n + e) * BLOCK + t] + bias[2 * n + e];\
+        for (int64_t column = 0; column < n; column++) { /* log-softmax over the column */     \
+            for (int64_t t = 0; t < len; t++) top[t] = logits[column * BLOCK + t];             \
+            for (int64_t row = 1; row < n; row++) {                                            \
+                const T *l = logits + (row * n + column) * BLOCK;                              \
+                for (int64_t t = 0; t < len; t++) top[t] = l[t] > top[t] ? l[t] : top[t];      \
+            }                                                                                  \
+            for (int64_t t = 0; t < len; t++) total[t] = 0;                                    \
+            for (int64_t row = 0; row < n; row++) {                                            \
+                const T *l = logits + (row * n + column) * BLOCK;                              \
+                for (int64_t t = 0; t < len; t++) total[t] += exp_##SUFFIX(l[t] - top[t]);     \
+            }                                                                                  \
+            for (int64_t t = 0; t < len; t++) total[t] = log_##SUFFIX(total[t]);               \
+            for (int64_t row = 0; row < n; row++) {                                            \
+                T *l = logits + (row * n + column) * BLOCK;                                    \
+                for (int64_t t = 0; t < len; t++) l[t] = (l[t] - top[t]) - total[t];           \
+            }                                                                                  \
+        }                                                                                      \
+        for (int64_t row = 0; row < n; row++) { /* softmax over the row */                     \
+            const T *l = logp + row * n * BLOCK;                                               \
+            T *y = first + row * n * BLOCK;                                                    \
+            for (int64_t t = 0; t < len; t++) top[t] = l[t];                                   \
+            for (int64_t column = 1; column < n; column++)                                     \
+                for (int64_t t = 0; t < len; t++)                                              \
+                    top[t] = l[column * BLOCK + t] > top[t] ? l[column * BLOCK + t] : top[t];  \
+            for (int64_t t = 0; t < len; t++) total[t] = 0;                                    \
+            for (int64_t column = 0; column < n; column++)                                     \
+                for (int64_t t = 0; t < len; t++) {                                            \
+                    y[column * BLOCK + t] = exp_##SUFFIX(l[column * BLOCK + t] - top[t]);      \
+                    total[t] += y[column * BLOCK + t];                                         \
+                }                                                                              \
+            for (int64_t column = 0; column < n; column++)                                     \
+                for (int64_t t = 0; t < len; t++) y[column * BLOCK + t] /= total[t];           \
+        }                                                                                      \
+        for (int64_t e = 0; e < nn; e++)                                                       \
+            for (int64_t t = 0; t < len; t++) matrix[e * BLOCK + t] = first[e * BLOCK + t];    \
+        for (int64_t r = 0; r < 2 * rounds; r++)                                               \
+            normalize_##SUFFIX(matrix, sums + r * n * len, r % 2, n, BLOCK, len);              \
+    }                                                                                          \
+                                                                                               \
+    /* The workspace of a block: p, logp, first, matrix, sums, scratch (and gradients). */     \
+    static inline T *block_workspace_##SUFFIX(int64_t n, int64_t rounds) {                     \
+        int64_t k = 2 * n + n * n;                                                             \
+        return workspace(sizeof(T) * BLOCK * (2 * k + 4 * n * n + 2 * rounds * n + 3));        \
+    }                                                                                          \
+                                                                                               \
+    /* weights (tokens, n, n + 1) = [H_pre | H_res^T] and post (tokens, n) = H_post from raw   \
+     * (tokens, 2n + n^2), inv (tokens), alpha (a_pre, a_post, a_res) and bias (b_pre, b_post, \
+     * b_res). Returns 0, or -1 where memory for a block ran out. */                           \
+    VECTOR_CLONES int mhc_mappings_##SUFFIX(const T *raw, const T *inv, const T *alpha,        \
+                                            const T *bias, int64_t n, int64_t tokens,          \
+                                            int64_t rounds, T *weights, T *post) {             \
+        if (tokens <= 0 || n <= 0) return 0;                                                   \
+        int64_t k = 2 * n + n * n, nn = n * n;                                                 \
+        T *p = block_workspace_##SUFFIX(n, rounds);                                            \
+        if (!p) return -1;                                                                     \
+        T *logp = p + k * BLOCK, *first = logp + nn * BLOCK, *matrix = first + nn * BLOCK;     \
+        T *scratch = matrix + nn * BLOCK, *sums = scratch + 3 * BLOCK;                         \
+        for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
+            block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, p,\
+                                    logp, first, matrix, sums, scratch);                       \
+            for (int64_t i = 0; i < n; i++)                                                    \
+                for (int64_t t = 0; t < len; t++) {                                            \
+                    T *w = weights + ((start + t) * n + i) * (n + 1);                          \
+                    w[0] = sigmoid_##SUFFIX(alpha[0] * p[i * BLOCK + t] + bias[i]);            \
+                    for (int64_t j = 0; j < n; j++) w[1 + j] = matrix[(j * n + i) * BLOCK + t];\
+                    post[(start + t) * n + i] =                                                \
+                        (T)2 * sigmoid_##SUFFIX(alpha[1] * p[(n + i) * BLOCK + t] + bias[n + i]);\
+                }                                                                              \
+        }                                                                                      \
+        return 0;                                                                              \
+    }                                                                                          \
+                                                                                               \
+    /* The gradients of raw (tokens, 2n + n^2), inv (tokens), alpha (3, added to, in double) and\
+     * bias (2n + n^2, added to, in double) from those of weights and post (either NULL: zero).\
+     * Returns 0, or -1 where memory for a block ran out. */                                   \
+    VECTOR_CLONES int mhc_mappings_backward_##SUFFIX(                                          \
+        const T *grad_weights, const T *grad_post, const T *raw, const T *inv, const T *alpha, \
+        const T *bias, int64_t n, int64_t tokens, int64_t rounds, T *grad_raw, T *grad_inv,    \
+        double *grad_alpha, double *grad_bias) {                                               \
+        if (tokens <= 0 || n <= 0) return 0;                                                   \
+        int64_t k = 2 * n + n * n, nn = n * n;                                                 \
+        T *p = block_workspace_##SUFFIX(n, rounds);                                            \
+        if (!p) return -1;                                                                     \
+        T *logp = p + k * BLOCK, *first = logp + nn * BLOCK, *matrix = first + nn * BLOCK;     \
+        T *scratch = matrix + nn * BLOCK, *sums = scratch + 3 * BLOCK;                         \
+        T *grad = sums + 2 * rounds * n * BLOCK, *dot = scratch + 2 * BLOCK; /* grad: k columns */\
+        for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
+            block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, p,\
+                                    logp, first, matrix, sums, scratch);                       \
+            T *grad_matrix = grad + 2 * n * BLOCK; /* the logits' gradient, in the end */      \
+            for (int64_t i = 0; i < n; i++)                                                    \
+                for (int64_t j = 0; j < n; j++)                                                \
+                    for (int64_t t = 0; t < len; t++)                                          \
+                        grad_matrix[(j * n + i) * BLOCK + t] =                                 \
+                            grad_weights ? grad_weights[((start + t) * n + i) * (n + 1) + 1 + j] : 0;\
+            normalize_backward_##SUFFIX(grad_matrix, BLOCK, matrix, sums, dot, 2 * rounds, n,  \
+                                        BLOCK, len);                                           \
+            for (int64_t row = 0; row < n; row++) { /* back through the softmax over rows */   \
+                const T *y = first + row * n * BLOCK;                                          \
+                T *g = grad_matrix + row * n * BLOCK;                                          \
+                for (int64_t t = 0; t < len; t++) dot[t] = 0;                                  \
+                for (int64_t column = 0; column < n; column++)                                 \
+                    for (int64_t t = 0; t < len; t++) {                                        \
+                        T product = g[column * BLOCK + t] * y[column * BLOCK + t];             \
+                        dot[t] += product;                                                     \
+                    }                                                                          \
+                for (int64_t column = 0; column < n; column++)                                 \
+                    for (int64_t t = 0; t < len; t++)                                          \
+                        g[column * BLOCK + t] =                                                \
+                            y[column * BLOCK + t] * (g[column * BLOCK + t] - dot[t]);          \
+            }                                                                                  \
+            for (int64_t column = 0; column < n; column++) { /* and the log-softmax over columns */\
+                for (int64_t t = 0; t < len; t++) dot[t] = 0;                                  \
+                for (int64_t row = 0; row < n; row++)                                          \
+                    for (int64_t t = 0; t < len; t++) dot[t] += grad_matrix[(row * n + column) * BLOCK + t];\
+                for (int64_t row = 0; row < n; row++) {                                        \
+                    T *g = grad_matrix + (row * n + column) * BLOCK;                           \
+                    const T *l = logp + (row * n + column) * BLOCK;                            \
+                    for (int64_t t = 0; t < len; t++) g[t] -= exp_##SUFFIX(l[t]) * dot[t];     \
+                }                                                                              \
+            }                                                                                  \
+            for (int64_t i = 0; i < n; i++) /* back through the sigmoids: s' = s (1 - s) */    \
+                for (int64_t t = 0; t < len; t++) {                                            \
+                    T upstream = grad_weights ? grad_weights[((start + t) * n + i) * (n + 1)] : 0;\
+                    T s = sigmoid_##SUFFIX(alpha[0] * p[i * BLOCK + t] + bias[i]);             \
+                    grad[i * BLOCK + t] = upstream * (s * ((T)1 - s));                         \
+                    upstream = grad_post ? grad_post[(start + t) * n + i] : 0;                 \
+                    s = sigmoid_##SUFFIX(alpha[1] * p[(n + i) * BLOCK + t] + bias[n + i]);     \
+                    grad[(n + i) * BLOCK + t] = upstream * ((T)2 * (s * ((T)1 - s)));          \
+                }                                                                              \
+            /* grad now holds each logit's gradient: those of alpha, bias and p follow. */     \
+            for (int64_t j = 0; j < k; j++) {                                                  \
+                int64_t which = j < n ? 0 : (j < 2 * n ? 1 : 2);                               \
+                double alpha_sum = 0, bias_sum = 0;                                            \
+                T *g = grad + j * BLOCK;                                                       \
+                for (int64_t t = 0; t < len; t++) {                                            \
+                    alpha_sum += (double)g[t] * (double)p[j * BLOCK + t];                      \
+                    bias_sum += (double)g[t];                                                  \
+                    g[t] *= alpha[which];                                                      \
+                }                                                                              \
+                grad_alpha[which] += alpha_sum;                                                \
+                grad_bias[j] += bias_sum;                                                      \
+            }                                                                                  \
+            for (int64_t t = 0; t < len; t++) {                                                \
+                const T *x = raw + (start + t) * k;                                            \
+                T *out = grad_raw + (start + t) * k, scale = inv[start + t], sum = 0;          \
+                for (int64_t j = 0; j < k; j++) {                                              \
+                    T g = grad[j * BLOCK + t];                                                 \
+                    out[j] = g * scale;                                                        \
+                    T product = g * x[j];                                                      \
+                    sum += product;                                                            \
+                }                                                                              \
+                grad_inv[start + t] = sum;                                                     \
+            }                                                                                  \
+        }                                                                                      \
+        return 0;                                                                              \
+    }
+
+DEFINE_MAPPINGS(float, f32)
+DEFINE_MAPPINGS(double, f64)
