@@ -61,7 +61,13 @@ def main() -> None:
         "own parameters after colons: attnres:blocks=8",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument(
+        "--threads", type=int, help="torch's intra-op threads (default: torch's; a sweep's "
+        "cells run at 1, train.threads)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES[: args.shapes]
     names = variants.names()
     if args.variants:
