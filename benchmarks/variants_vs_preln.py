@@ -1,7 +1,7 @@
 """Each variant's training-step time relative to Pre-LN's, every variant timed in turn.
 
     python -m benchmarks.variants_vs_preln [--rounds 10] [--steps 3] [--variants ngpt,attnres]
-                                           [--compile]
+                                           [--compile] [--threads 1]
 
 pytest-benchmark (``make bench``) times one benchmark after another, so a drift in the machine's
 speed during the run lands on whichever variant was being timed then. Here every round times

@@ -170,6 +170,8 @@ class ManifoldHyperConnection(nn.Module):
         self, width: int, streams: int, eps: float, res_diagonal_logit: float, iterations: int
     ) -> None:
         super().__init__()
+        if iterations < 1:  # the kernel runs iterations - 1 linear rounds after the first
+            raise ValueError(f"mHC: Sinkhorn needs at least 1 iteration (got {iterations})")
         self.streams, self.iterations = streams, iterations
         flat = streams * width
         self.norm = RMSNorm(flat, eps)  # its gain and ε; applied factored (see mappings)
@@ -194,8 +196,8 @@ class ManifoldHyperConnection(nn.Module):
         n, flat = self.streams, streams.flatten(-2)
         # x' φ = RMSNorm(vec x) φ = rsqrt(mean(x²) + ε) · (vec x)(g ⊙ φ): the per-token scale
         # factored out of the GEMM, so that the normalized n·C vector is never materialized.
-        # φ's columns laid out as rows (F.linear): with the 2n + n² outputs as columns, CPU
-        # matmul's weight gradient ran 1.4× slower (measured, as HC's projection).
+        # Through F.linear, so that the weight's gradient comes out as rows (2n + n², n·C):
+        # computed as columns, CPU matmul ran it 1.4× slower (measured, as HC's projection).
         phi = torch.cat([self.phi_pre, self.phi_post, self.phi_res], dim=1).T
         raw = F.linear(flat, phi * self.norm.weight)
         inverse = inverse_rms(flat, self.norm.eps)

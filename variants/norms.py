@@ -47,7 +47,9 @@ class _InverseRms(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, eps: float) -> torch.Tensor:
-        mean_square = torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+        # Autocast would run vecdot (a matmul-like op) in bf16: the statistic stays in x's.
+        with torch.autocast(x.device.type, enabled=False):
+            mean_square = torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1).div_(x.shape[-1])
         return mean_square.add_(eps).rsqrt_()
 
     @staticmethod

@@ -8,6 +8,7 @@ import concurrent.futures
 import ctypes
 import os
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,17 @@ def test_an_unwritable_cache_warns_and_the_loop_runs_instead(native, monkeypatch
     native(True)
     with pytest.warns(RuntimeWarning, match="sinkhorn kernel is not built .*Not a directory"):
         assert variants.native.library("sinkhorn") is None
+
+
+def test_a_librarys_key_hashes_the_headers_its_source_includes_and_no_others(tmp_path):
+    """A record names the build: a header another library includes must not change this one's
+    key (it would tell of a rounding change that did not happen)."""
+    from variants.native import _local_headers
+
+    (tmp_path / "a.c").write_text('#include <math.h>\n#include "x.h"\n')
+    (tmp_path / "x.h").write_text('  #  include "z.h"\n')
+    (tmp_path / "z.h").write_text('#include "x.h"\n')  # a cycle ends
+    (tmp_path / "y.h").write_text("")
+    assert [h.name for h in _local_headers(tmp_path / "a.c")] == ["x.h", "z.h"]
+    shipped = Path(variants.native.__file__).parent
+    assert [h.name for h in _local_headers(shipped / "hyper_connection.c")] == ["native.h"]

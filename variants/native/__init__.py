@@ -3,18 +3,19 @@ built on first use with the machine's C compiler and loaded with ctypes.
 
 Sinkhorn's kernel computes bit for bit what its PyTorch fallback computes (same operations, same
 order, no fused multiply-add, no fast-math), so whether it loaded changes a run's speed and never
-its numbers; HC's (hyper_connection.c) compute the same formula in another order of additions,
-so HC's and mHC's numbers differ at float rounding with and without them (a record names the
-kernels that ran in its cell). Where a kernel cannot load (no compiler, a read-only cache,
+its numbers; HC's (hyper_connection.c) and mHC's mappings (mhc_mappings.c) compute the same
+formula in another order of additions (the latter with exp and log of its own), so HC's and
+mHC's numbers differ at float rounding with and without them (a record names the builds that
+ran in its cell). Where a kernel cannot load (no compiler, a read-only cache,
 ``SUITE_NATIVE=0``) the caller runs PyTorch's path, after one warning that says why.
 
 Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,
-the headers beside it, the flags, the compiler's command and version, the machine's architecture
-and its C library, so a change to any of them builds anew and workers sharing a home directory on
-different machines never load a stranger's build (the build targets the architecture's
-baseline; with GCC on x86-64, AVX2 clones are picked at load time). docs/operations.md says
-more.
+the headers beside it that it includes, the flags, the compiler's command and version, the
+machine's architecture and its C library, so a change to any of them builds anew and workers
+sharing a home directory on different machines never load a stranger's build (the build
+targets the architecture's baseline; with GCC on x86-64, AVX2 clones are picked at load time).
+docs/operations.md says more.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -116,7 +118,7 @@ def _build(name: str) -> Path:
         [*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
-    headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]
+    headers = [header.read_text() for header in _local_headers(source)]
     texts = [source.read_text(), *headers, *FLAGS, *LIBRARIES, *compiler, version, *machine]
     key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
     built = cache_dir() / f"{name}-{key}.so"
@@ -143,6 +145,23 @@ def _build(name: str) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return built
+
+
+def _local_headers(source: Path) -> list[Path]:
+    """The headers beside ``source`` that it includes (``#include "name.h"``), and theirs, in
+    name order: part of its build's key, so that a change to a header rebuilds the libraries
+    that include it, and only those (a record names the build, and a key that changed for
+    nothing would tell of a rounding change that did not happen)."""
+    found: set[Path] = set()
+    pending = [source]
+    while pending:
+        text = pending.pop().read_text()
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', text, flags=re.MULTILINE):
+            header = source.parent / name
+            if header not in found and header.is_file():
+                found.add(header)
+                pending.append(header)
+    return sorted(found)
 
 
 def _remove_stale_partials(folder: Path, name: str, older_than_s: float = 3600) -> None:

@@ -63,6 +63,7 @@ def forward(
     ``rounds`` linear Sinkhorn rounds after the first (as ``available`` requires)."""
     kernels = _kernels(raw.dtype)
     assert kernels is not None, "call only where available() holds"
+    assert rounds >= 0, "Sinkhorn's linear rounds: none or more"
     tokens = raw.shape[0]
     weights, post = raw.new_empty(tokens, n, n + 1), raw.new_empty(tokens, n)
     _checked(kernels[0](*map(pointer, (raw, inv, alpha, bias)), n, tokens, rounds,
@@ -78,6 +79,7 @@ def backward(
     zero); the parameters' sums over tokens added in float64."""
     kernels = _kernels(raw.dtype)
     assert kernels is not None, "call only where available() holds"
+    assert rounds >= 0, "Sinkhorn's linear rounds: none or more"
     tokens = raw.shape[0]
     upstream = [None if g is None else g.contiguous() for g in (grad_weights, grad_post)]
     grad_raw, grad_inv = torch.empty_like(raw), torch.empty_like(inv)
