@@ -199,12 +199,11 @@ GROUPS: dict[str, tuple[Column, ...]] = {
         ("platform", "str", "operating system"),
         ("hostname", "str", "machine name"),
         ("native_kernels", "str", "the C kernels of variants/native that ran in the cell "
-         "as their builds (`hyper_connection-<key>`, `mhc_mappings-<key>`, `sinkhorn-<key>`: "
-         "the key hashes the kernel's source, flags, compiler and machine), comma-separated, "
-         "empty if none; HC's and mHC's "
-         "results differ at float rounding with and without `hyper_connection` and "
-         "`mhc_mappings` (no C compiler, or `SUITE_NATIVE=0`); `sinkhorn` (packed mHC runs) "
-         "changes no bit"),
+         "as their builds (`hyper_connection-<key>`, `mhc_mappings-<key>`, `sinkhorn-<key>`, "
+         "`depth_attention-<key>`: the key hashes the kernel's source, flags, compiler and "
+         "machine), comma-separated, empty if none; HC's, mHC's and AttnRes's results differ "
+         "at float rounding with and without them (no C compiler, or `SUITE_NATIVE=0`), but "
+         "for `sinkhorn` (packed mHC runs), which changes no bit"),
         ("suite_version", "str", "the suite's version"),
         ("git_sha", "str", "the suite's commit (`-dirty` if modified; `unknown` when installed "
          "from a wheel)"),

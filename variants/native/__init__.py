@@ -3,9 +3,10 @@ built on first use with the machine's C compiler and loaded with ctypes.
 
 Sinkhorn's kernel computes bit for bit what its PyTorch fallback computes (same operations, same
 order, no fused multiply-add, no fast-math), so whether it loaded changes a run's speed and never
-its numbers; HC's (hyper_connection.c) and mHC's mappings (mhc_mappings.c) compute the same
-formula in another order of additions (the latter with exp and log of its own), so HC's and
-mHC's numbers differ at float rounding with and without them (a record names the builds that
+its numbers; HC's (hyper_connection.c), mHC's mappings (mhc_mappings.c) and AttnRes's depth
+attention (depth_attention.c) compute the same formula in another order of additions (the
+latter two with exp and log of their own), so those variants' numbers differ at float rounding
+with and without them (a record names the builds that
 ran in its cell). Where a kernel cannot load (no compiler, a read-only cache,
 ``SUITE_NATIVE=0``) the caller runs PyTorch's path, after one warning that says why.
 
