@@ -23,8 +23,9 @@ sum so far), and the output over [b₀ … b_B]. The stream then holds B + 1 slo
 (the default), or B ≥ 2N, is the full form: every block one sublayer. The paper leaves the
 output's aggregation to its code; here it is one more pseudo-query over all the values, before
 the final norm. Init: Pre-LN's (GPT-2 residual projections). Cost of the full form: every
-sublayer reads every earlier value, O(N²d) per token over the model: on a 2-core CPU 1.5–1.8×
-Pre-LN's step at depth 6 and 2.7–3.1× at depth 24; with 8 blocks 1.3–1.6× at depth 24
+sublayer reads every earlier value, O(N²d) per token over the model: on a 2-core CPU, one
+thread, with the depth attention's C kernel (variants/native/depth_attention.c), 1.2–1.4×
+Pre-LN's step at depth 6 and 1.6–2.1× at depth 24; with 8 blocks 1.2–1.4× at depth 24
 (docs/performance.md).
 """
 
