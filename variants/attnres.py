@@ -92,7 +92,7 @@ class _AttendOverDepth(torch.autograd.Function):
 
     @staticmethod
     def forward(key_query: Tensor, eps: float, *values: Tensor) -> tuple[Tensor, ...]:
-        if depth_attention.available(key_query, *values):  # its C kernel, in one pass a block
+        if depth_attention.runs(key_query, values):  # its C kernel, in one pass a block
             return depth_attention.forward(key_query, eps, values)
         # Per-slot quantities slot-first, (slots, ...): CPU softmax over a last dimension of
         # 2–9 took 55–165 µs for 1024 tokens, over the first 3–9 µs.
@@ -119,7 +119,7 @@ class _AttendOverDepth(torch.autograd.Function):
     @once_differentiable  # its gradient treats the weights and scales as constants
     def backward(ctx: FunctionCtx, grad_read: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         key_query, weights, scale, projected, *values = ctx.saved_tensors
-        if depth_attention.available(grad_read, key_query, weights, scale, projected, *values):
+        if depth_attention.runs(key_query, values, grad_read, weights, scale, projected):
             grad_key_query, grads = depth_attention.backward(
                 grad_read, key_query, weights, scale, projected, values, ctx.needs_input_grad[0]
             )

@@ -117,3 +117,15 @@ def test_an_attnres_record_names_the_kernels_build(native):
     native(True)
     builds = run_cell(make_cell("attnres", steps=3))[0]["native_kernels"].split(",")
     assert [build.rsplit("-", 1)[0] for build in builds] == ["depth_attention"]
+
+
+def test_slots_of_different_shapes_are_refused_as_pytorch_refuses_them(native, kernel_calls):
+    """The kernel reads every slot as the first one's tokens: slots of another shape must not
+    reach it (it read and wrote past the smaller one's end), but PyTorch's error."""
+    native(True)
+    attention = DepthAttention(8, 1e-5)
+    for first, second in [((2, 37, 8), (1, 37, 8)), ((1, 37, 8), (2, 37, 8))]:
+        values = (torch.randn(first, requires_grad=True), torch.randn(second, requires_grad=True))
+        with pytest.raises(RuntimeError, match="equal size"):
+            attention(values).sum().backward()
+    assert kernel_calls == []

@@ -5,10 +5,10 @@ Sinkhorn's kernel computes bit for bit what its PyTorch fallback computes (same 
 order, no fused multiply-add, no fast-math), so whether it loaded changes a run's speed and never
 its numbers; HC's (hyper_connection.c), mHC's mappings (mhc_mappings.c) and AttnRes's depth
 attention (depth_attention.c) compute the same formula in another order of additions (the
-latter two with exp and log of their own), so those variants' numbers differ at float rounding
-with and without them (a record names the builds that
-ran in its cell). Where a kernel cannot load (no compiler, a read-only cache,
-``SUITE_NATIVE=0``) the caller runs PyTorch's path, after one warning that says why.
+latter two with an exp of their own, mHC's with a log too), so those variants' numbers differ
+at float rounding with and without them (a record names the builds that ran in its cell).
+Where a kernel cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
+runs PyTorch's path, after one warning that says why.
 
 Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,

@@ -49,8 +49,9 @@
                                                int64_t tokens, int64_t d, const T *u, double eps,\
                                                T *read, T *weights, T *scale, T *projected) {  \
         if (tokens <= 0 || slots <= 0 || d <= 0) return 0;                                     \
-        T *top = workspace(sizeof(T) * 2 * BLOCK), *total = top + BLOCK;                       \
+        T *top = workspace(sizeof(T) * 2 * BLOCK);                                             \
         if (!top) return -1;                                                                   \
+        T *total = top + BLOCK;                                                                \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
             for (int64_t i = 0; i < slots; i++) {                                              \

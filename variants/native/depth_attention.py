@@ -43,6 +43,18 @@ def available(*tensors: Tensor) -> bool:
     )
 
 
+def runs(key_query: Tensor, values: Sequence[Tensor], *others: Tensor) -> bool:
+    """Whether the kernel runs a read of these slots (with ``others``, the backward's tensors):
+    ``available`` for all of them, the slots of one shape (..., d) and the key-query vector
+    (d,): the kernel reads every slot as the first one's tokens, where PyTorch's path raises."""
+    shape = values[0].shape
+    return (
+        key_query.shape == shape[-1:]
+        and all(value.shape == shape for value in values)
+        and available(key_query, *others, *values)
+    )
+
+
 def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(tensor.data_ptr() for tensor in tensors))
 
