@@ -137,3 +137,28 @@ def has_c_compiler() -> bool:
 
 
 needs_compiler = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler on this machine")
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, module: object, names: tuple[str, ...]) -> list:
+    """The names of ``module``'s functions ``names``, in the order they are called (a kernel
+    module's Python entry points: which of them ran)."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def assert_as_accurate_as_pytorch(kernel: list, pytorch: list, exact: list) -> None:
+    """Each of a kernel's float32 outputs within 4x PyTorch's float32 error against float64
+    plus 4e-6 of its largest entry: sums over tokens cancel, so that bound rather than a
+    relative one; a formula error (a term left out) is ~1e-2 of it."""
+    for got, reference, want in zip(kernel, pytorch, exact, strict=True):
+        pytorch_error = (reference.double() - want).abs().max()
+        bound = 4 * pytorch_error + 4e-6 * want.abs().max()
+        assert (got.double() - want).abs().max() <= bound, tuple(want.shape)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import needs_compiler
+from helpers import assert_as_accurate_as_pytorch, needs_compiler, record_calls
 
 from variants.attnres import DepthAttention
 from variants.native import depth_attention
@@ -16,16 +16,7 @@ pytestmark = needs_compiler
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    for name in ("forward", "backward"):
-        original = getattr(depth_attention, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(depth_attention, name, spy)
-    return calls
+    return record_calls(monkeypatch, depth_attention, ("forward", "backward"))
 
 
 def read(native, on: bool, dtype: torch.dtype, slots: int, width: int) -> list[torch.Tensor]:
@@ -61,10 +52,7 @@ def test_the_kernel_is_as_accurate_as_pytorch_in_float32_every_gradient_too(
     assert kernel_calls == []
     kernel = read(native, True, torch.float32, slots, width)
     assert kernel_calls == ["forward", "backward"]
-    for got, reference, want in zip(kernel, pytorch, exact, strict=True):
-        pytorch_error = (reference.double() - want).abs().max()
-        bound = 4 * pytorch_error + 4e-6 * want.abs().max()
-        assert (got.double() - want).abs().max() <= bound, tuple(want.shape)
+    assert_as_accurate_as_pytorch(kernel, pytorch, exact)
 
 
 def test_in_float64_it_agrees_to_float64_rounding(native):

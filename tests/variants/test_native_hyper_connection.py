@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import needs_compiler
+from helpers import assert_as_accurate_as_pytorch, needs_compiler, record_calls
 
 import variants.native
 from variants.hyper_connections import HyperConnection
@@ -20,16 +20,11 @@ pytestmark = needs_compiler
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the kernels' Python entry points, each time one runs."""
-    calls: list[str] = []
-    for name in ("forward", "backward", "read_out", "read_out_backward", "write_back_backward"):
-        original = getattr(hyper_connection, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(hyper_connection, name, spy)
-    return calls
+    return record_calls(
+        monkeypatch,
+        hyper_connection,
+        ("forward", "backward", "read_out", "read_out_backward", "write_back_backward"),
+    )
 
 
 def perturbed_connection(width: int, streams: int, index: int, seed: int) -> HyperConnection:
@@ -78,10 +73,7 @@ def test_the_kernels_are_as_accurate_as_pytorch_in_float32_every_gradient_too(
     assert sorted(set(kernel_calls)) == [
         "backward", "forward", "read_out", "read_out_backward", "write_back_backward"
     ]  # fmt: skip
-    for got, reference, want in zip(kernel, pytorch, exact, strict=True):
-        pytorch_error = (reference.double() - want).abs().max()
-        bound = 4 * pytorch_error + 4e-6 * want.abs().max()
-        assert (got.double() - want).abs().max() <= bound, tuple(want.shape)
+    assert_as_accurate_as_pytorch(kernel, pytorch, exact)
 
 
 def test_in_float64_they_agree_to_float64_rounding(native):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import needs_compiler
+from helpers import assert_as_accurate_as_pytorch, needs_compiler, record_calls
 
 from variants.mhc import ManifoldHyperConnection, sinkhorn_knopp
 from variants.native import mhc_mappings
@@ -17,16 +17,7 @@ pytestmark = needs_compiler
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    for name in ("forward", "backward"):
-        original = getattr(mhc_mappings, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(mhc_mappings, name, spy)
-    return calls
+    return record_calls(monkeypatch, mhc_mappings, ("forward", "backward"))
 
 
 def mappings(
@@ -72,10 +63,7 @@ def test_the_kernel_is_as_accurate_as_pytorch_in_float32_every_gradient_too(
     assert kernel_calls == []
     kernel = mappings(native, True, torch.float32, streams, spread)
     assert kernel_calls == ["forward", "backward"]
-    for got, reference, want in zip(kernel, pytorch, exact, strict=True):
-        pytorch_error = (reference.double() - want).abs().max()
-        bound = 4 * pytorch_error + 4e-6 * want.abs().max()
-        assert (got.double() - want).abs().max() <= bound, tuple(want.shape)
+    assert_as_accurate_as_pytorch(kernel, pytorch, exact)
 
 
 @pytest.mark.parametrize("used", ["weights", "post"])

@@ -34,14 +34,30 @@
 #define DEFINE_MAPPINGS(T, SUFFIX)                                                             \
     INLINE T sigmoid_##SUFFIX(T z) { return (T)1 / ((T)1 + exp_##SUFFIX(-z)); }                \
                                                                                                \
-    /* A block's mappings, tokens last (entries `BLOCK` apart): p (k columns), the logits' first\
-     * round's log-softmax over columns `logp` and its softmax over rows `first`, and `matrix` \
-     * after the linear rounds, whose sums are kept in `sums` (2 rounds n a token). */         \
+    /* A block's workspace, tokens last (entries `BLOCK` apart): p (k columns), logp, first and\
+     * matrix (n^2 each), scratch (3 rows), sums (2 rounds n) and grad (k, the backward's). */ \
+    typedef struct { T *p, *logp, *first, *matrix, *scratch, *sums, *grad; } block_##SUFFIX;   \
+                                                                                               \
+    /* Carves a block's workspace out of the kept memory: 0, or -1 where there is none. */     \
+    INLINE int block_workspace_##SUFFIX(int64_t n, int64_t rounds, block_##SUFFIX *b) {        \
+        int64_t k = 2 * n + n * n, nn = n * n;                                                 \
+        T *base = workspace(sizeof(T) * BLOCK * (2 * k + 3 * nn + 3 + 2 * rounds * n));        \
+        if (!base) return -1;                                                                  \
+        b->p = base, b->logp = b->p + k * BLOCK, b->first = b->logp + nn * BLOCK;              \
+        b->matrix = b->first + nn * BLOCK, b->scratch = b->matrix + nn * BLOCK;                \
+        b->sums = b->scratch + 3 * BLOCK, b->grad = b->sums + 2 * rounds * n * BLOCK;          \
+        return 0;                                                                              \
+    }                                                                                          \
+                                                                                               \
+    /* A block's mappings: p, the logits' first round's log-softmax over columns `logp` and its\
+     * softmax over rows `first`, and `matrix` after the linear rounds, whose sums are kept in \
+     * `sums` (2 rounds n a token). */                                                         \
     INLINE void block_mappings_##SUFFIX(const T *raw, const T *inv, const T *alpha,            \
                                         const T *bias, int64_t n, int64_t len, int64_t rounds, \
-                                        T *p, T *logp, T *first, T *matrix, T *sums,           \
-                                        T *scratch) {                                          \
+                                        const block_##SUFFIX *b) {                             \
         int64_t k = 2 * n + n * n, nn = n * n;                                                 \
+        T *p = b->p, *logp = b->logp, *first = b->first, *matrix = b->matrix, *sums = b->sums; \
+        T *scratch = b->scratch;                                                               \
         for (int64_t j = 0; j < k; j++)                                                        \
             for (int64_t t = 0; t < len; t++) p[j * BLOCK + t] = raw[t * k + j] * inv[t];      \
         T *logits = logp, *top = scratch, *total = scratch + BLOCK;                            \
@@ -87,28 +103,20 @@
             normalize_##SUFFIX(matrix, sums + r * n * len, r % 2, n, BLOCK, len);              \
     }                                                                                          \
                                                                                                \
-    /* The workspace of a block: p, logp, first, matrix, sums, scratch (and gradients). */     \
-    static inline T *block_workspace_##SUFFIX(int64_t n, int64_t rounds) {                     \
-        int64_t k = 2 * n + n * n;                                                             \
-        return workspace(sizeof(T) * BLOCK * (2 * k + 4 * n * n + 2 * rounds * n + 3));        \
-    }                                                                                          \
-                                                                                               \
     /* weights (tokens, n, n + 1) = [H_pre | H_res^T] and post (tokens, n) = H_post from raw   \
      * (tokens, 2n + n^2), inv (tokens), alpha (a_pre, a_post, a_res) and bias (b_pre, b_post, \
      * b_res). Returns 0, or -1 where memory for a block ran out. */                           \
     VECTOR_CLONES int mhc_mappings_##SUFFIX(const T *raw, const T *inv, const T *alpha,        \
                                             const T *bias, int64_t n, int64_t tokens,          \
                                             int64_t rounds, T *weights, T *post) {             \
+        block_##SUFFIX b;                                                                      \
         if (tokens <= 0 || n <= 0) return 0;                                                   \
-        int64_t k = 2 * n + n * n, nn = n * n;                                                 \
-        T *p = block_workspace_##SUFFIX(n, rounds);                                            \
-        if (!p) return -1;                                                                     \
-        T *logp = p + k * BLOCK, *first = logp + nn * BLOCK, *matrix = first + nn * BLOCK;     \
-        T *scratch = matrix + nn * BLOCK, *sums = scratch + 3 * BLOCK;                         \
+        if (block_workspace_##SUFFIX(n, rounds, &b)) return -1;                                \
+        int64_t k = 2 * n + n * n;                                                             \
+        const T *p = b.p, *matrix = b.matrix;                                                  \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
-            block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, p,\
-                                    logp, first, matrix, sums, scratch);                       \
+            block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, &b);\
             for (int64_t i = 0; i < n; i++)                                                    \
                 for (int64_t t = 0; t < len; t++) {                                            \
                     T *w = weights + ((start + t) * n + i) * (n + 1);                          \
@@ -128,17 +136,15 @@
         const T *grad_weights, const T *grad_post, const T *raw, const T *inv, const T *alpha, \
         const T *bias, int64_t n, int64_t tokens, int64_t rounds, T *grad_raw, T *grad_inv,    \
         double *grad_alpha, double *grad_bias) {                                               \
+        block_##SUFFIX b;                                                                      \
         if (tokens <= 0 || n <= 0) return 0;                                                   \
-        int64_t k = 2 * n + n * n, nn = n * n;                                                 \
-        T *p = block_workspace_##SUFFIX(n, rounds);                                            \
-        if (!p) return -1;                                                                     \
-        T *logp = p + k * BLOCK, *first = logp + nn * BLOCK, *matrix = first + nn * BLOCK;     \
-        T *scratch = matrix + nn * BLOCK, *sums = scratch + 3 * BLOCK;                         \
-        T *grad = sums + 2 * rounds * n * BLOCK, *dot = scratch + 2 * BLOCK; /* grad: k columns */\
+        if (block_workspace_##SUFFIX(n, rounds, &b)) return -1;                                \
+        int64_t k = 2 * n + n * n;                                                             \
+        const T *p = b.p, *logp = b.logp, *first = b.first, *sums = b.sums;                    \
+        T *matrix = b.matrix, *grad = b.grad, *dot = b.scratch + 2 * BLOCK; /* grad: k columns */\
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
-            block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, p,\
-                                    logp, first, matrix, sums, scratch);                       \
+            block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, &b);\
             T *grad_matrix = grad + 2 * n * BLOCK; /* the logits' gradient, in the end */      \
             for (int64_t i = 0; i < n; i++)                                                    \
                 for (int64_t j = 0; j < n; j++)                                                \
