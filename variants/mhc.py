@@ -209,9 +209,7 @@ class ManifoldHyperConnection(nn.Module):
             self.b_post,
             self.b_res,
         )
-        if streams.device.type == "cpu" and mhc_mappings.available(
-            raw, inverse, *scales_and_biases
-        ):
+        if mhc_mappings.available(raw, inverse, *scales_and_biases):  # CPU tensors only
             lead = raw.shape[:-1]
             weights, post = apply_function(
                 _Mappings, raw.view(-1, raw.shape[-1]), inverse.view(-1),

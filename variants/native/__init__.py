@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from variants.functions import functorch_transforms_active
+
 # -ffp-contract=off: no fused multiply-add, so that the kernels round as PyTorch's loops do;
 # -fno-fast-math after whatever $CC carries: -ffast-math reorders arithmetic and (GCC 12) links
 # code that flushes denormals in every thread that loads the library.
@@ -214,6 +216,25 @@ def runs_natively(*tensors: torch.Tensor) -> bool:
             for tensor in tensors
         )
     )
+
+
+def kernels_run(kernels: Callable[[torch.dtype], object | None], *tensors: torch.Tensor) -> bool:
+    """Whether a library's kernels run these tensors from an autograd Function without a vmap
+    rule: they are plain contiguous CPU tensors of one float dtype outside torch.compile
+    (``runs_natively``), no torch.func transform is running (even unbatched tensors: under vmap
+    PyTorch's path batches), and the library loads (``kernels``, the module's lookup by dtype,
+    gives them)."""
+    return (
+        runs_natively(*tensors)
+        and not functorch_transforms_active()
+        and kernels(tensors[0].dtype) is not None
+    )
+
+
+def checked(status: int, name: str) -> None:
+    """A kernel's status: 0, or -1 where its workspace could not be had."""
+    if status != 0:
+        raise MemoryError(f"{name}: no memory for the kernel's workspace")
 
 
 def declared(

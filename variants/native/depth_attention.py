@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from variants.functions import functorch_transforms_active
-from variants.native import declared, library, note_used, pointer, runs_natively
+from variants.native import checked, declared, kernels_run, library, note_used, pointer
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -36,11 +35,7 @@ def available(*tensors: Tensor) -> bool:
     """Whether the kernel runs these tensors: it loads, they are plain contiguous CPU tensors
     of one float dtype outside torch.compile (``runs_natively``), and no torch.func transform
     is running (packed runs: PyTorch's path batches)."""
-    return (
-        runs_natively(*tensors)
-        and not functorch_transforms_active()
-        and _kernels(tensors[0].dtype) is not None
-    )
+    return kernels_run(_kernels, *tensors)
 
 
 def runs(key_query: Tensor, values: Sequence[Tensor], *others: Tensor) -> bool:
@@ -59,11 +54,6 @@ def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(tensor.data_ptr() for tensor in tensors))
 
 
-def _checked(status: int) -> None:
-    if status != 0:
-        raise MemoryError("depth_attention: no memory for the kernel's workspace")
-
-
 def forward(
     key_query: Tensor, eps: float, values: Sequence[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -75,10 +65,10 @@ def forward(
     tokens = values[0].numel() // d if d else 0
     read = torch.empty_like(values[0])
     weights, scale, projected = (values[0].new_empty(slots, *lead) for _ in range(3))
-    _checked(kernels[0](
+    checked(kernels[0](
         _pointers(values), slots, tokens, d, pointer(key_query), eps, pointer(read),
         pointer(weights), pointer(scale), pointer(projected),
-    ))  # fmt: skip
+    ), "depth_attention")  # fmt: skip
     return read, weights.unsqueeze(-1), scale, projected
 
 
@@ -87,19 +77,18 @@ def backward(
     values: Sequence[Tensor], needs_key_query: bool,
 ) -> tuple[Tensor | None, list[Tensor]]:  # fmt: skip
     """The gradients of the key-query vector (None unless asked for; summed over tokens in
-    float64) and of each slot, from h's."""
+    float64) and of each slot, from h's (all contiguous, as ``runs`` requires)."""
     kernels = _kernels(key_query.dtype)
     assert kernels is not None, "call only where available() holds"
     d, slots = values[0].shape[-1], len(values)
     tokens = values[0].numel() // d if d else 0
-    grad_read = grad_read.contiguous()
     grads = [torch.empty_like(value) for value in values]
     grad_key_query = torch.zeros(d, dtype=torch.float64) if needs_key_query else None
-    _checked(kernels[1](
+    checked(kernels[1](
         pointer(grad_read), _pointers(values), slots, tokens, d, pointer(key_query),
         pointer(weights), pointer(scale), pointer(projected), _pointers(grads),
         None if grad_key_query is None else pointer(grad_key_query),
-    ))  # fmt: skip
+    ), "depth_attention")  # fmt: skip
     if grad_key_query is not None:
         grad_key_query = grad_key_query.to(key_query.dtype)
     return grad_key_query, grads

@@ -22,8 +22,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from variants.functions import functorch_transforms_active
-from variants.native import declared, library, note_used, pointer, runs_natively
+from variants.native import (
+    checked,
+    declared,
+    kernels_run,
+    library,
+    note_used,
+    pointer,
+    runs_natively,
+)
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -45,17 +52,7 @@ def available(*tensors: Tensor) -> bool:
     of one float dtype outside torch.compile (``runs_natively``), no torch.func transform is
     running (even on unbatched tensors: the Function has no vmap rule), and autocast is off
     (PyTorch's path would run the projection in autocast's dtype)."""
-    return (
-        runs_natively(*tensors)
-        and not torch.is_autocast_enabled("cpu")
-        and not functorch_transforms_active()  # no vmap rule: PyTorch's path batches
-        and _kernels(tensors[0].dtype) is not None
-    )
-
-
-def _checked(status: int) -> None:
-    if status != 0:
-        raise MemoryError("hyper_connection: no memory for the kernel's workspace")
+    return not torch.is_autocast_enabled("cpu") and kernels_run(_kernels, *tensors)
 
 
 def forward(
@@ -72,7 +69,7 @@ def forward(
     tanh, mean, rstd = x.new_empty(rows, m), x.new_empty(rows), x.new_empty(rows)
     inputs = map(pointer, (x, gain, bias, weight, offset, scale))
     outputs = map(pointer, (first, last, tanh, mean, rstd))
-    _checked(kernels[0](*inputs, rows, n, d, m, eps, *outputs))
+    checked(kernels[0](*inputs, rows, n, d, m, eps, *outputs), "hyper_connection")
     return first, last, tanh, mean, rstd
 
 
@@ -97,8 +94,8 @@ def backward(
     inputs = map(pointer, (x, gain, bias, weight, scale))
     saved = map(pointer, (tanh, mean, rstd, grad_first, grad_last))
     accumulate = int(onto is not None)
-    _checked(kernels[1](*inputs, rows, streams, d, m, *saved, pointer(grad_x), pointer(sums),
-                        accumulate))  # fmt: skip
+    checked(kernels[1](*inputs, rows, streams, d, m, *saved, pointer(grad_x), pointer(sums),
+                        accumulate), "hyper_connection")  # fmt: skip
     gain_bias_weight, offset, scale_grad = sums.to(x.dtype).split([(2 + m) * d, streams * m, m])
     gain_grad, bias_grad, weight_grad = gain_bias_weight.view(2 + m, d).split([1, 1, m])
     return (grad_x, gain_grad.view(d), bias_grad.view(d), weight_grad,

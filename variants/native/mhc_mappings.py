@@ -20,8 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from variants.functions import functorch_transforms_active
-from variants.native import declared, library, note_used, pointer, runs_natively
+from variants.native import checked, declared, kernels_run, library, note_used, pointer
 
 
 def _kernels(dtype: torch.dtype) -> tuple[Callable[..., int], Callable[..., int]] | None:
@@ -42,17 +41,7 @@ def available(*tensors: Tensor) -> bool:
     """Whether the kernel runs these tensors: it loads, they are plain contiguous CPU tensors
     of one float dtype outside torch.compile (``runs_natively``), no torch.func transform is
     running (packed runs: PyTorch's path batches) and autocast is off."""
-    return (
-        runs_natively(*tensors)
-        and not torch.is_autocast_enabled("cpu")
-        and not functorch_transforms_active()
-        and _kernels(tensors[0].dtype) is not None
-    )
-
-
-def _checked(status: int) -> None:
-    if status != 0:
-        raise MemoryError("mhc_mappings: no memory for the kernel's workspace")
+    return not torch.is_autocast_enabled("cpu") and kernels_run(_kernels, *tensors)
 
 
 def forward(
@@ -66,8 +55,8 @@ def forward(
     assert rounds >= 0, "Sinkhorn's linear rounds: none or more"
     tokens = raw.shape[0]
     weights, post = raw.new_empty(tokens, n, n + 1), raw.new_empty(tokens, n)
-    _checked(kernels[0](*map(pointer, (raw, inv, alpha, bias)), n, tokens, rounds,
-                        pointer(weights), pointer(post)))  # fmt: skip
+    checked(kernels[0](*map(pointer, (raw, inv, alpha, bias)), n, tokens, rounds,
+                        pointer(weights), pointer(post)), "mhc_mappings")  # fmt: skip
     return weights, post
 
 
@@ -85,9 +74,9 @@ def backward(
     grad_raw, grad_inv = torch.empty_like(raw), torch.empty_like(inv)
     grad_alpha = torch.zeros(3, dtype=torch.float64)
     grad_bias = torch.zeros(bias.shape[0], dtype=torch.float64)
-    _checked(kernels[1](
+    checked(kernels[1](
         *(None if g is None else pointer(g) for g in upstream),
         *map(pointer, (raw, inv, alpha, bias)), n, tokens, rounds,
         *map(pointer, (grad_raw, grad_inv, grad_alpha, grad_bias)),
-    ))  # fmt: skip
+    ), "mhc_mappings")  # fmt: skip
     return grad_raw, grad_inv, grad_alpha.to(raw.dtype), grad_bias.to(raw.dtype)
