@@ -28,6 +28,7 @@ import platform
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -82,13 +83,7 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
     try:
         built = _build(name)
-        try:
-            loaded = ctypes.CDLL(str(built))
-        except OSError:
-            if _is_shared_library(built):  # whole, but not loadable here: no rebuild helps
-                raise
-            built.unlink(missing_ok=True)  # a damaged file under the library's name
-            loaded = ctypes.CDLL(str(_build(name)))
+        loaded = ctypes.CDLL(str(built))  # whole (``_build`` rebuilt a damaged one)
         _builds[name] = built.stem
         return loaded
     except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as error:
@@ -102,14 +97,40 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
 
 
-# ELF, and Mach-O (32/64-bit, either byte order, and universal).
-_LIBRARY_MAGIC = (b"\x7fELF", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
-                  b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")  # fmt: skip
+# Mach-O (32/64-bit, either byte order, and universal): whole or not, its magic is all we read.
+_MACH_O_MAGIC = (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
+                 b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")  # fmt: skip
 
 
-def _is_shared_library(path: Path) -> bool:
+def _is_whole_library(path: Path) -> bool:
+    """Whether ``path`` holds a whole library. For ELF: every loadable segment and the section
+    header table end inside the file. A library cut short (a full disk, a crashed copy) must
+    never reach ``dlopen``, which maps a segment past the file's end and dies of SIGBUS when it
+    touches it (a crash of the worker, not an error to catch)."""
     with path.open("rb") as file:
-        return file.read(4) in _LIBRARY_MAGIC
+        data = file.read(1 << 16)
+    size = path.stat().st_size
+    if data[:4] in _MACH_O_MAGIC:
+        return True
+    if len(data) < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return False
+    order = "<" if data[5] == 1 else ">"
+    if data[4] == 2:  # 64-bit
+        header, segment = order + "32xQQ6xHHHH", order + "I4xQ16xQ"
+    else:
+        header, segment = order + "28xII6xHHHH", order + "II8xI"
+    if len(data) < struct.calcsize(header):
+        return False
+    programs, sections, program_size, programs_count, section_size, sections_count = (
+        struct.unpack_from(header, data)
+    )
+    if programs + program_size * programs_count > len(data):
+        return False
+    for index in range(programs_count):
+        kind, offset, file_size = struct.unpack_from(segment, data, programs + index * program_size)
+        if kind == 1 and offset + file_size > size:  # PT_LOAD
+            return False
+    return sections + section_size * sections_count <= size
 
 
 def _build(name: str) -> Path:
@@ -126,7 +147,9 @@ def _build(name: str) -> Path:
     key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
     built = cache_dir() / f"{name}-{key}.so"
     if built.exists():
-        return built
+        if _is_whole_library(built):
+            return built
+        built.unlink(missing_ok=True)  # damaged or cut short: built again below
     built.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(built.parent, name)
     # Built beside its final name and renamed into place: workers that build at once each
