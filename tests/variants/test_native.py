@@ -313,4 +313,28 @@ def test_a_librarys_key_hashes_the_headers_its_source_includes_and_no_others(tmp
     (tmp_path / "y.h").write_text("")
     assert [h.name for h in _local_headers(tmp_path / "a.c")] == ["x.h", "z.h"]
     shipped = Path(variants.native.__file__).parent
-    assert [h.name for h in _local_headers(shipped / "hyper_connection.c")] == ["native.h"]
+    assert [h.name for h in _local_headers(shipped / "sinkhorn.c")] == [
+        "native.h",
+        "sinkhorn_rounds.h",
+    ]  # not parallel.h, which the multi-threaded kernels include
+
+
+@needs_compiler
+def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(native, monkeypatch, tmp_path):
+    """Apple's clang has no -fopenmp without libomp: the multi-threaded kernels are built
+    without it (their blocks then run one after another), not refused."""
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(
+        '#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "unsupported: -fopenmp" >&2; exit 1;; '
+        'esac\nexec cc "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    built = variants.native._build("hyper_connection")
+    assert b"libgomp" not in built.read_bytes() and b"GOMP_parallel" not in built.read_bytes()
+    assert variants.native.library("hyper_connection").dynamic_weights_f32
+    monkeypatch.delenv("CC")
+    with_openmp = variants.native._build("hyper_connection")
+    assert with_openmp != built and b"GOMP_parallel" in with_openmp.read_bytes()

@@ -8,7 +8,10 @@ attention (depth_attention.c) compute the same formula in another order of addit
 latter two with an exp of their own, mHC's with a log too), so those variants' numbers differ
 at float rounding with and without them (a record names the builds that ran in its cell).
 Where a kernel cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
-runs PyTorch's path, after one warning that says why.
+runs PyTorch's path, after one warning that says why. HC's, mHC's and AttnRes's kernels split
+their blocks of rows among PyTorch's threads (OpenMP, the runtime PyTorch's wheel loaded;
+``torch.set_num_threads`` sizes it): each block's results and parameter sums are its own and
+the sums are added in block order, so their bits do not depend on the number of threads.
 
 Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,
@@ -48,6 +51,10 @@ from variants.functions import functorch_transforms_active
 # code that flushes denormals in every thread that loads the library.
 FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math")
 LIBRARIES = ("-lm",)  # after the source, as linkers resolve left to right
+# For the kernels that split their rows among threads (parallel.h): GCC links libgomp.so.1,
+# which the loader resolves to the copy PyTorch's CPU wheel already loaded (one pool of
+# threads, sized by torch.set_num_threads).
+OPENMP = ("-fopenmp",)
 
 
 def cache_dir() -> Path:
@@ -134,6 +141,9 @@ def _is_whole_library(path: Path) -> bool:
 
 
 def _build(name: str) -> Path:
+    """The cached library of ``<name>.c``, built here where it is missing or not whole. A
+    source that includes ``parallel.h`` is built with OpenMP; where the compiler has none
+    (Apple's clang without libomp), without it: its kernels then run on one thread."""
     source = Path(__file__).with_name(f"{name}.c")
     compiler = _compiler()
     if compiler is None:
@@ -142,14 +152,27 @@ def _build(name: str) -> Path:
         [*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
-    headers = [header.read_text() for header in _local_headers(source)]
-    texts = [source.read_text(), *headers, *FLAGS, *LIBRARIES, *compiler, version, *machine]
-    key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
-    built = cache_dir() / f"{name}-{key}.so"
-    if built.exists():
-        if _is_whole_library(built):
-            return built
-        built.unlink(missing_ok=True)  # damaged or cut short: built again below
+    included = _local_headers(source)
+    headers = [header.read_text() for header in included]
+    choices = [FLAGS + OPENMP, FLAGS] if source.with_name("parallel.h") in included else [FLAGS]
+    for flags in choices:
+        texts = [source.read_text(), *headers, *flags, *LIBRARIES, *compiler, version, *machine]
+        key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+        built = cache_dir() / f"{name}-{key}.so"
+        if built.exists():
+            if _is_whole_library(built):
+                return built
+            built.unlink(missing_ok=True)  # damaged or cut short: built again below
+        try:
+            return _compile(compiler, flags, source, built)
+        except RuntimeError:
+            if flags is choices[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, built: Path) -> Path:
+    name = source.stem
     built.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(built.parent, name)
     # Built beside its final name and renamed into place: workers that build at once each
@@ -158,7 +181,7 @@ def _build(name: str) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [*compiler, *FLAGS, "-o", partial, str(source), *LIBRARIES],
+            [*compiler, *flags, "-o", partial, str(source), *LIBRARIES],
             capture_output=True,
             text=True,
             timeout=300,

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 
 #include "native.h"
+#include "parallel.h"
 #include "vector_math.h"
 
 #define BLOCK 64
@@ -49,10 +50,15 @@
                                                int64_t tokens, int64_t d, const T *u, double eps,\
                                                T *read, T *weights, T *scale, T *projected) {  \
         if (tokens <= 0 || slots <= 0 || d <= 0) return 0;                                     \
-        T *top = workspace(sizeof(T) * 2 * BLOCK);                                             \
-        if (!top) return -1;                                                                   \
-        T *total = top + BLOCK;                                                                \
+        int failed = 0;                                                                        \
+        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            T *top = workspace(sizeof(T) * 2 * BLOCK);                                         \
+            if (!top) {                                                                        \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            T *total = top + BLOCK;                                                            \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
             for (int64_t i = 0; i < slots; i++) {                                              \
                 T *s = scale + i * tokens + start, *p = projected + i * tokens + start;        \
@@ -96,7 +102,7 @@
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        return 0;                                                                              \
+        return failed ? -1 : 0;                                                                \
     }                                                                                          \
                                                                                                \
     /* The gradients of the slots (grads[i], (tokens, d) each) and, where grad_u is not NULL, of u\
@@ -107,11 +113,18 @@
         const T *u, const T *weights, const T *scale, const T *projected, T *const *grads,     \
         double *grad_u) {                                                                      \
         if (tokens <= 0 || slots <= 0 || d <= 0) return 0;                                     \
-        T *along_u = workspace(sizeof(T) * (2 * slots * BLOCK + BLOCK + d));                   \
-        if (!along_u) return -1;                                                               \
-        T *along_v = along_u + slots * BLOCK, *mean = along_v + slots * BLOCK;                 \
-        T *block_u = mean + BLOCK;                                                             \
+        int64_t blocks = (tokens + BLOCK - 1) / BLOCK;                                         \
+        T *block_sums = NULL; /* each block's sum for du, added in block order */              \
+        if (grad_u && !(block_sums = gather_space(sizeof(T) * (size_t)(blocks * d)))) return -1; \
+        int failed = 0;                                                                        \
+        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            T *along_u = workspace(sizeof(T) * 2 * slots * BLOCK + sizeof(T) * BLOCK);         \
+            if (!along_u) {                                                                    \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            T *along_v = along_u + slots * BLOCK, *mean = along_v + slots * BLOCK;             \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
             for (int64_t i = 0; i < slots; i++) /* da_i, kept in along_u until dl_i is known */\
                 for (int64_t t = 0; t < len; t++)                                              \
@@ -143,6 +156,7 @@
                     }                                                                          \
                 }                                                                              \
             if (grad_u) {                                                                      \
+                T *block_u = block_sums + start / BLOCK * d;                                   \
                 for (int64_t k = 0; k < d; k++) block_u[k] = 0;                                \
                 for (int64_t i = 0; i < slots; i++)                                            \
                     for (int64_t t = 0; t < len; t++) {                                        \
@@ -153,9 +167,12 @@
                             block_u[k] += product;                                             \
                         }                                                                      \
                     }                                                                          \
-                for (int64_t k = 0; k < d; k++) grad_u[k] += (double)block_u[k];               \
             }                                                                                  \
         }                                                                                      \
+        if (failed) return -1;                                                                 \
+        if (grad_u)                                                                            \
+            for (int64_t b = 0; b < blocks; b++)                                               \
+                for (int64_t k = 0; k < d; k++) grad_u[k] += (double)block_sums[b * d + k];    \
         return 0;                                                                              \
     }
 

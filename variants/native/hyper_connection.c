@@ -24,6 +24,7 @@
 #include <math.h>
 
 #include "native.h"
+#include "parallel.h"
 
 #define LANES 8
 /* A row's LANES partial sums added pairwise (a fixed order, so results do not depend on the
@@ -105,27 +106,35 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         int64_t rows, int64_t n, int64_t d, int64_t m, double eps, T *first, T *last, T *t,    \
         T *mean, T *rstd) {                                                                    \
         if (rows <= 0 || d <= 0) return 0;                                                     \
-        T *x_hat = workspace(2 * (size_t)d * sizeof(T)), *y = x_hat + d;                       \
-        if (!x_hat) return -1;                                                                 \
-        for (int64_t r = 0; r < rows; r++) {                                                   \
-            const T *row = x + r * d;                                                          \
-            T mu = sum_##SUFFIX(row, d) / (T)d;                                          \
-            for (int64_t i = 0; i < d; i++) x_hat[i] = row[i] - mu;                            \
-            T var = dot_##SUFFIX(x_hat, x_hat, d) / (T)d;                                      \
-            T inv = (T)1 / SQRT(var + (T)eps);                                                 \
-            mean[r] = mu;                                                                      \
-            rstd[r] = inv;                                                                     \
-            normalize_##SUFFIX(row, mu, inv, gain, bias, x_hat, y, d);                         \
-            for (int64_t j = 0; j < m; j++) t[r * m + j] = dot_##SUFFIX(y, w + j * d, d);        \
+        int failed = 0;                                                                        \
+        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
+        for (int64_t start = 0; start < rows; start += BLOCK) {                                \
+            int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
+            T *x_hat = workspace(2 * (size_t)d * sizeof(T)), *y = x_hat + d;                   \
+            if (!x_hat) {                                                                      \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            for (int64_t r = start; r < end; r++) {                                            \
+                const T *row = x + r * d;                                                      \
+                T mu = sum_##SUFFIX(row, d) / (T)d;                                            \
+                for (int64_t i = 0; i < d; i++) x_hat[i] = row[i] - mu;                        \
+                T var = dot_##SUFFIX(x_hat, x_hat, d) / (T)d;                                  \
+                T inv = (T)1 / SQRT(var + (T)eps);                                             \
+                mean[r] = mu;                                                                  \
+                rstd[r] = inv;                                                                 \
+                normalize_##SUFFIX(row, mu, inv, gain, bias, x_hat, y, d);                     \
+                for (int64_t j = 0; j < m; j++) t[r * m + j] = dot_##SUFFIX(y, w + j * d, d);  \
+            }                                                                                  \
+            tanh_block_##SUFFIX(t + start * m, (end - start) * m);                             \
+            for (int64_t r = start; r < end; r++) {                                            \
+                const T *base = offset + r % n * m, *tanh_z = t + r * m;                       \
+                for (int64_t j = 0; j < m - 1; j++)                                            \
+                    first[r * (m - 1) + j] = base[j] + scale[j] * tanh_z[j];                   \
+                last[r] = base[m - 1] + scale[m - 1] * tanh_z[m - 1];                          \
+            }                                                                                  \
         }                                                                                      \
-        tanh_block_##SUFFIX(t, rows * m);                                                      \
-        for (int64_t r = 0; r < rows; r++) {                                                   \
-            const T *base = offset + r % n * m, *tanh_z = t + r * m;                           \
-            for (int64_t j = 0; j < m - 1; j++)                                                \
-                first[r * (m - 1) + j] = base[j] + scale[j] * tanh_z[j];                       \
-            last[r] = base[m - 1] + scale[m - 1] * tanh_z[m - 1];                              \
-        }                                                                                      \
-        return 0;                                                                              \
+        return failed ? -1 : 0;                                                                \
     }                                                                                          \
                                                                                                \
     /* Given out's gradient (as grad_first, grad_last) and the forward's t, mean and rstd:      \
@@ -137,18 +146,26 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         int64_t n, int64_t d, int64_t m, const T *t, const T *mean, const T *rstd,             \
         const T *grad_first, const T *grad_last, T *grad_x, double *sums, int accumulate) {    \
         if (rows <= 0 || d <= 0) return 0;                                                     \
-        double *sum_gain = sums, *sum_bias = sum_gain + d, *sum_w = sum_bias + d;              \
-        double *sum_offset = sum_w + m * d, *sum_scale = sum_offset + n * m;                   \
-        size_t per_row = 3 * (size_t)d + (size_t)m;                                            \
-        size_t block = (2 + (size_t)m) * (size_t)d + (size_t)(n * m + m);                      \
-        T *x_hat = workspace((per_row + block) * sizeof(T));                                   \
-        if (!x_hat) return -1;                                                                 \
-        T *y = x_hat + d, *grad_y = y + d, *grad_z = grad_y + d;                               \
-        T *block_gain = grad_z + m, *block_bias = block_gain + d, *block_w = block_bias + d;   \
-        T *block_offset = block_w + m * d, *block_scale = block_offset + n * m;                \
+        /* Each block's parameter sums, (2 + m) d + n m + m of them: gain, bias, w, offset and \
+         * scale, as in `sums`. */                                                             \
+        size_t per_block = (2 + (size_t)m) * (size_t)d + (size_t)(n * m + m);                  \
+        int64_t blocks = (rows + BLOCK - 1) / BLOCK;                                           \
+        T *block_sums = gather_space((size_t)blocks * per_block * sizeof(T));                  \
+        if (!block_sums) return -1;                                                            \
+        int failed = 0;                                                                        \
+        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
         for (int64_t start = 0; start < rows; start += BLOCK) {                                \
             int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
-            for (size_t i = 0; i < block; i++) block_gain[i] = 0;                              \
+            T *x_hat = workspace((3 * (size_t)d + (size_t)m) * sizeof(T));                     \
+            if (!x_hat) {                                                                      \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            T *y = x_hat + d, *grad_y = y + d, *grad_z = grad_y + d;                           \
+            T *block_gain = block_sums + start / BLOCK * per_block;                            \
+            T *block_bias = block_gain + d, *block_w = block_bias + d;                         \
+            T *block_offset = block_w + m * d, *block_scale = block_offset + n * m;            \
+            for (size_t i = 0; i < per_block; i++) block_gain[i] = 0;                          \
             for (int64_t r = start; r < end; r++) {                                            \
                 const T *row = x + r * d;                                                      \
                 T inv = rstd[r];                                                               \
@@ -175,7 +192,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
                     block_bias[i] += grad_y[i];                                                \
                     grad_y[i] *= gain[i]; /* now the gradient of x_hat */                      \
                 }                                                                              \
-                T mean_grad = sum_##SUFFIX(grad_y, d) / (T)d;                            \
+                T mean_grad = sum_##SUFFIX(grad_y, d) / (T)d;                                  \
                 T mean_grad_x_hat = dot_##SUFFIX(grad_y, x_hat, d) / (T)d;                     \
                 T *gx = grad_x + r * d;                                                        \
                 if (accumulate) /* onto the read-out's gradient of the same streams */         \
@@ -185,14 +202,11 @@ static inline void tanh_block_f64(double *z, int64_t count) {
                     for (int64_t i = 0; i < d; i++)                                            \
                         gx[i] = inv * (grad_y[i] - mean_grad - x_hat[i] * mean_grad_x_hat);    \
             }                                                                                  \
-            for (int64_t i = 0; i < d; i++) {                                                  \
-                sum_gain[i] += block_gain[i];                                                  \
-                sum_bias[i] += block_bias[i];                                                  \
-            }                                                                                  \
-            for (int64_t i = 0; i < m * d; i++) sum_w[i] += block_w[i];                        \
-            for (int64_t i = 0; i < n * m; i++) sum_offset[i] += block_offset[i];              \
-            for (int64_t j = 0; j < m; j++) sum_scale[j] += block_scale[j];                    \
         }                                                                                      \
+        if (failed) return -1;                                                                 \
+        PARALLEL_BLOCKS()                                                                      \
+        for (size_t i = 0; i < per_block; i++) /* in block order, whatever the threads */      \
+            for (int64_t b = 0; b < blocks; b++) sums[i] += block_sums[b * per_block + i];     \
         return 0;                                                                              \
     }
 
@@ -210,7 +224,9 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
 #define DEFINE_READ_OUT(T, SUFFIX)                                                             \
     VECTOR_CLONES void read_out_##SUFFIX(const T *weights, const T *streams, int64_t tokens,   \
                                          int64_t n, int64_t d, T *read, T *mixed) {            \
-        for (int64_t b = 0; b < tokens; b++) {                                                 \
+        PARALLEL_BLOCKS()                                                                      \
+        for (int64_t start = 0; start < tokens; start += BLOCK)                                \
+        for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
             for (int64_t t = 0; t <= n; t++) {                                                 \
                 T *out = t == 0 ? read + b * d : mixed + (b * n + t - 1) * d;                  \
@@ -228,7 +244,9 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
     VECTOR_CLONES void read_out_backward_##SUFFIX(                                             \
         const T *weights, const T *streams, const T *grad_read, const T *grad_mixed,           \
         int64_t tokens, int64_t n, int64_t d, T *grad_weights, T *grad_streams) {              \
-        for (int64_t b = 0; b < tokens; b++) {                                                 \
+        PARALLEL_BLOCKS()                                                                      \
+        for (int64_t start = 0; start < tokens; start += BLOCK)                                \
+        for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
             T *gw = grad_weights + b * n * (n + 1);                                            \
             for (int64_t s = 0; s < n; s++) {                                                  \
@@ -263,7 +281,9 @@ DEFINE_READ_OUT(double, f64)
     VECTOR_CLONES void write_back_backward_##SUFFIX(                                           \
         const T *grad, const T *write, const T *output, int64_t tokens, int64_t n, int64_t d,  \
         T *grad_write, T *grad_output) {                                                       \
-        for (int64_t b = 0; b < tokens; b++) {                                                 \
+        PARALLEL_BLOCKS()                                                                      \
+        for (int64_t start = 0; start < tokens; start += BLOCK)                                \
+        for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *g = grad + b * n * d, *w = write + b * n, *o = output + b * d;            \
             T *go = grad_output + b * d;                                                       \
             for (int64_t i = 0; i < d; i++) go[i] = w[0] * g[i];                               \

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 
 #include "native.h"
+#include "parallel.h"
 #include "sinkhorn_rounds.h"
 #include "vector_math.h"
 
@@ -109,12 +110,17 @@
     VECTOR_CLONES int mhc_mappings_##SUFFIX(const T *raw, const T *inv, const T *alpha,        \
                                             const T *bias, int64_t n, int64_t tokens,          \
                                             int64_t rounds, T *weights, T *post) {             \
-        block_##SUFFIX b;                                                                      \
         if (tokens <= 0 || n <= 0) return 0;                                                   \
-        if (block_workspace_##SUFFIX(n, rounds, &b)) return -1;                                \
         int64_t k = 2 * n + n * n;                                                             \
-        const T *p = b.p, *matrix = b.matrix;                                                  \
+        int failed = 0;                                                                        \
+        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            block_##SUFFIX b;                                                                  \
+            if (block_workspace_##SUFFIX(n, rounds, &b)) {                                     \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            const T *p = b.p, *matrix = b.matrix;                                              \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
             block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, &b);\
             for (int64_t i = 0; i < n; i++)                                                    \
@@ -126,7 +132,7 @@
                         (T)2 * sigmoid_##SUFFIX(alpha[1] * p[(n + i) * BLOCK + t] + bias[n + i]);\
                 }                                                                              \
         }                                                                                      \
-        return 0;                                                                              \
+        return failed ? -1 : 0;                                                                \
     }                                                                                          \
                                                                                                \
     /* The gradients of raw (tokens, 2n + n^2), inv (tokens), alpha (3, added to, in double) and\
@@ -136,13 +142,22 @@
         const T *grad_weights, const T *grad_post, const T *raw, const T *inv, const T *alpha, \
         const T *bias, int64_t n, int64_t tokens, int64_t rounds, T *grad_raw, T *grad_inv,    \
         double *grad_alpha, double *grad_bias) {                                               \
-        block_##SUFFIX b;                                                                      \
         if (tokens <= 0 || n <= 0) return 0;                                                   \
-        if (block_workspace_##SUFFIX(n, rounds, &b)) return -1;                                \
-        int64_t k = 2 * n + n * n;                                                             \
-        const T *p = b.p, *logp = b.logp, *first = b.first, *sums = b.sums;                    \
-        T *matrix = b.matrix, *grad = b.grad, *dot = b.scratch + 2 * BLOCK; /* grad: k columns */\
+        int64_t k = 2 * n + n * n, blocks = (tokens + BLOCK - 1) / BLOCK;                      \
+        /* each block's sums of alpha's and bias's gradients per logit, added in block order */ \
+        double *block_sums = gather_space(sizeof(double) * 2 * k * blocks);                    \
+        if (!block_sums) return -1;                                                            \
+        int failed = 0;                                                                        \
+        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
+            block_##SUFFIX b;                                                                  \
+            if (block_workspace_##SUFFIX(n, rounds, &b)) {                                     \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            const T *p = b.p, *logp = b.logp, *first = b.first, *sums = b.sums;                \
+            T *matrix = b.matrix, *grad = b.grad, *dot = b.scratch + 2 * BLOCK;                \
+            double *alpha_sums = block_sums + 2 * k * (start / BLOCK), *bias_sums = alpha_sums + k; \
             int64_t len = tokens - start < BLOCK ? tokens - start : BLOCK;                     \
             block_mappings_##SUFFIX(raw + start * k, inv + start, alpha, bias, n, len, rounds, &b);\
             T *grad_matrix = grad + 2 * n * BLOCK; /* the logits' gradient, in the end */      \
@@ -196,8 +211,8 @@
                     bias_sum += (double)g[t];                                                  \
                     g[t] *= alpha[which];                                                      \
                 }                                                                              \
-                grad_alpha[which] += alpha_sum;                                                \
-                grad_bias[j] += bias_sum;                                                      \
+                alpha_sums[j] = alpha_sum;                                                     \
+                bias_sums[j] = bias_sum;                                                       \
             }                                                                                  \
             for (int64_t t = 0; t < len; t++) {                                                \
                 const T *x = raw + (start + t) * k;                                            \
@@ -211,6 +226,12 @@
                 grad_inv[start + t] = sum;                                                     \
             }                                                                                  \
         }                                                                                      \
+        if (failed) return -1;                                                                 \
+        for (int64_t b = 0; b < blocks; b++)                                                   \
+            for (int64_t j = 0; j < k; j++) {                                                  \
+                grad_alpha[j < n ? 0 : (j < 2 * n ? 1 : 2)] += block_sums[2 * k * b + j];      \
+                grad_bias[j] += block_sums[2 * k * b + k + j];                                 \
+            }                                                                                  \
         return 0;                                                                              \
     }
 
