@@ -22,16 +22,24 @@ pytestmark = needs_compiler
 TOKENS, STREAMS, WIDTH = 1000, 4, 24
 
 
-def _hyper_connection() -> list[torch.Tensor]:
+def _draw(subnormal: bool, *shape: int) -> torch.Tensor:
+    """Normal draws, or positive float32 subnormals made from their bits (arithmetic would
+    flush them where the caller's mode flushes)."""
+    if not subnormal:
+        return torch.randn(*shape)
+    return torch.randint(1, 2**23, shape, dtype=torch.int32).view(torch.float32)
+
+
+def _hyper_connection(subnormal: bool) -> list[torch.Tensor]:
     n, d, m = STREAMS, WIDTH, STREAMS + 2
     rows = TOKENS * n
-    x, gain, bias = torch.randn(rows, d), torch.randn(d), torch.randn(d)
+    x, gain, bias = _draw(subnormal, rows, d), torch.randn(d), torch.randn(d)
     weight, offset, scale = torch.randn(m, d) * 0.3, torch.randn(n, m), torch.randn(m)
     first, last, *kept = hyper_connection.forward(x, gain, bias, weight, offset, scale, 1e-5)
     grads = hyper_connection.backward(
         torch.randn(rows, m - 1), torch.randn(rows), x, gain, bias, weight, scale, *kept, n
     )
-    weights, streams = torch.randn(TOKENS, n, n + 1), torch.randn(TOKENS, n, d)
+    weights, streams = torch.randn(TOKENS, n, n + 1), _draw(subnormal, TOKENS, n, d)
     grad_read, grad_mixed = torch.randn(TOKENS, d), torch.randn(TOKENS, n, d)
     read = hyper_connection.read_out(weights, streams)
     read_back = hyper_connection.read_out_backward(weights, streams, grad_read, grad_mixed)
@@ -40,9 +48,9 @@ def _hyper_connection() -> list[torch.Tensor]:
     return [first, last, *kept, *grads, *read, *read_back, *write_back]
 
 
-def _mhc_mappings() -> list[torch.Tensor]:
+def _mhc_mappings(subnormal: bool) -> list[torch.Tensor]:
     n, k = STREAMS, 2 * STREAMS + STREAMS**2
-    raw, inv = torch.randn(TOKENS, k) * 3, torch.rand(TOKENS) + 0.5
+    raw, inv = _draw(subnormal, TOKENS, k) * 3, torch.rand(TOKENS) + 0.5
     alpha, bias = torch.randn(3), torch.randn(k)
     weights, post = mhc_mappings.forward(raw, inv, alpha, bias, n, 19)
     grad_weights, grad_post = torch.randn(TOKENS, n, n + 1), torch.randn(TOKENS, n)
@@ -50,8 +58,8 @@ def _mhc_mappings() -> list[torch.Tensor]:
     return [weights, post, *grads]
 
 
-def _depth_attention() -> list[torch.Tensor]:
-    values = [torch.randn(8, TOKENS // 8, WIDTH) * (1 + i) for i in range(5)]
+def _depth_attention(subnormal: bool) -> list[torch.Tensor]:
+    values = [_draw(subnormal, 8, TOKENS // 8, WIDTH) for _ in range(5)]
     key_query = torch.randn(WIDTH)
     read, *kept = depth_attention.forward(key_query, 1e-6, values)
     grad_key_query, grad_values = depth_attention.backward(
@@ -67,23 +75,54 @@ def threads() -> Iterator[Callable[[int], None]]:
     torch.set_num_threads(before)
 
 
+def _on_threads(kernels: Callable[[bool], list[torch.Tensor]], subnormal: bool, threads: Callable,
+                counts: tuple[int, ...] = (1, 2, 3)) -> dict[int, list[torch.Tensor]]:  # fmt: skip
+    results = {}
+    for count in counts:
+        threads(count)
+        torch.manual_seed(0)
+        results[count] = kernels(subnormal)
+    return results
+
+
+def _assert_same_bits(results: dict[int, list[torch.Tensor]]) -> None:
+    first, *others = results.values()
+    for other in others:
+        for one, another in zip(first, other, strict=True):
+            assert torch.equal(one, another)
+
+
 @pytest.mark.parametrize("kernels", [_hyper_connection, _mhc_mappings, _depth_attention])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_results_are_the_same_bits_on_one_two_or_three_threads(native, threads, kernels, dtype):
     native(True)
     torch.set_default_dtype(dtype)
     try:
-        results = {}
-        for count in (1, 2, 3):
-            threads(count)
-            torch.manual_seed(0)
-            results[count] = kernels()
+        results = _on_threads(kernels, False, threads)
     finally:
         torch.set_default_dtype(torch.float32)
     assert all(tensor.dtype == dtype for tensor in results[1])
-    for count in (2, 3):
-        for one, other in zip(results[1], results[count], strict=True):
-            assert torch.equal(one, other)
+    _assert_same_bits(results)
+
+
+@pytest.mark.parametrize("kernels", [_hyper_connection, _mhc_mappings, _depth_attention])
+def test_subnormals_are_flushed_on_every_thread_as_on_the_callers(native, threads, kernels):
+    """A cell trains with torch.set_flush_denormal(True), which sets the calling thread's
+    floating-point mode only: blocks run on PyTorch's other threads must flush as the caller
+    does, or a cell's bits would depend on its thread count wherever a subnormal appears."""
+    native(True)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        flushed = _on_threads(kernels, True, threads)
+    finally:
+        torch.set_flush_denormal(False)
+    _assert_same_bits(flushed)
+    kept = _on_threads(kernels, True, threads)  # the other threads gave the caller's mode back
+    _assert_same_bits(kept)
+    assert any(  # the inputs do reach subnormals: flushing them changed the results
+        not torch.equal(one, other) for one, other in zip(flushed[1], kept[1], strict=True)
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")

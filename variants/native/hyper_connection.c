@@ -107,7 +107,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         T *mean, T *rstd) {                                                                    \
         if (rows <= 0 || d <= 0) return 0;                                                     \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
+        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
         for (int64_t start = 0; start < rows; start += BLOCK) {                                \
             int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
             T *x_hat = workspace(2 * (size_t)d * sizeof(T)), *y = x_hat + d;                   \
@@ -134,6 +134,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
                 last[r] = base[m - 1] + scale[m - 1] * tanh_z[m - 1];                          \
             }                                                                                  \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
         return failed ? -1 : 0;                                                                \
     }                                                                                          \
                                                                                                \
@@ -153,7 +154,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         T *block_sums = gather_space((size_t)blocks * per_block * sizeof(T));                  \
         if (!block_sums) return -1;                                                            \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
+        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
         for (int64_t start = 0; start < rows; start += BLOCK) {                                \
             int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
             T *x_hat = workspace((3 * (size_t)d + (size_t)m) * sizeof(T));                     \
@@ -203,10 +204,12 @@ static inline void tanh_block_f64(double *z, int64_t count) {
                         gx[i] = inv * (grad_y[i] - mean_grad - x_hat[i] * mean_grad_x_hat);    \
             }                                                                                  \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
-        PARALLEL_BLOCKS()                                                                      \
+        PARALLEL_BLOCKS_BEGIN()                                                                \
         for (size_t i = 0; i < per_block; i++) /* in block order, whatever the threads */      \
             for (int64_t b = 0; b < blocks; b++) sums[i] += block_sums[b * per_block + i];     \
+        PARALLEL_BLOCKS_END                                                                    \
         return 0;                                                                              \
     }
 
@@ -224,7 +227,7 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
 #define DEFINE_READ_OUT(T, SUFFIX)                                                             \
     VECTOR_CLONES void read_out_##SUFFIX(const T *weights, const T *streams, int64_t tokens,   \
                                          int64_t n, int64_t d, T *read, T *mixed) {            \
-        PARALLEL_BLOCKS()                                                                      \
+        PARALLEL_BLOCKS_BEGIN()                                                                \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
@@ -239,12 +242,13 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
     }                                                                                          \
                                                                                                \
     VECTOR_CLONES void read_out_backward_##SUFFIX(                                             \
         const T *weights, const T *streams, const T *grad_read, const T *grad_mixed,           \
         int64_t tokens, int64_t n, int64_t d, T *grad_weights, T *grad_streams) {              \
-        PARALLEL_BLOCKS()                                                                      \
+        PARALLEL_BLOCKS_BEGIN()                                                                \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
@@ -262,6 +266,7 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
     }
 
 DEFINE_READ_OUT(float, f32)
@@ -281,7 +286,7 @@ DEFINE_READ_OUT(double, f64)
     VECTOR_CLONES void write_back_backward_##SUFFIX(                                           \
         const T *grad, const T *write, const T *output, int64_t tokens, int64_t n, int64_t d,  \
         T *grad_write, T *grad_output) {                                                       \
-        PARALLEL_BLOCKS()                                                                      \
+        PARALLEL_BLOCKS_BEGIN()                                                                \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *g = grad + b * n * d, *w = write + b * n, *o = output + b * d;            \
@@ -292,6 +297,7 @@ DEFINE_READ_OUT(double, f64)
             for (int64_t s = 0; s < n; s++)                                                    \
                 grad_write[b * n + s] = dot_##SUFFIX(g + s * d, o, d);                         \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
     }
 
 DEFINE_WRITE_BACK(float, f32)

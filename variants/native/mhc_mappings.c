@@ -113,7 +113,7 @@
         if (tokens <= 0 || n <= 0) return 0;                                                   \
         int64_t k = 2 * n + n * n;                                                             \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
+        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             block_##SUFFIX b;                                                                  \
             if (block_workspace_##SUFFIX(n, rounds, &b)) {                                     \
@@ -132,6 +132,7 @@
                         (T)2 * sigmoid_##SUFFIX(alpha[1] * p[(n + i) * BLOCK + t] + bias[n + i]);\
                 }                                                                              \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
         return failed ? -1 : 0;                                                                \
     }                                                                                          \
                                                                                                \
@@ -148,7 +149,7 @@
         double *block_sums = gather_space(sizeof(double) * 2 * k * blocks);                    \
         if (!block_sums) return -1;                                                            \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS(reduction(| : failed))                                                 \
+        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             block_##SUFFIX b;                                                                  \
             if (block_workspace_##SUFFIX(n, rounds, &b)) {                                     \
@@ -226,6 +227,7 @@
                 grad_inv[start + t] = sum;                                                     \
             }                                                                                  \
         }                                                                                      \
+        PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
         for (int64_t b = 0; b < blocks; b++)                                                   \
             for (int64_t j = 0; j < k; j++) {                                                  \

@@ -20,19 +20,60 @@ static void *gather_space(size_t bytes) {
     return gathered;
 }
 
+/* The calling thread's floating-point mode (x86's MXCSR, AArch64's FPCR), which
+ * torch.set_flush_denormal sets for that thread alone: the other threads take it on for the
+ * loop and give it back after, so that every block flushes subnormals as the caller would. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+typedef unsigned int float_mode_t;
+static inline float_mode_t float_mode(void) { return _mm_getcsr(); }
+static inline void set_float_mode(float_mode_t mode) { _mm_setcsr(mode); }
+#elif defined(__aarch64__)
+#include <stdint.h>
+typedef uint64_t float_mode_t;
+static inline float_mode_t float_mode(void) {
+    float_mode_t mode;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(mode));
+    return mode;
+}
+static inline void set_float_mode(float_mode_t mode) {
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(mode));
+}
+#else
+typedef int float_mode_t;
+static inline float_mode_t float_mode(void) { return 0; }
+static inline void set_float_mode(float_mode_t mode) { (void)mode; }
+#endif
+
 /* A loop over blocks of rows split among OpenMP's threads where the library is built with
- * OpenMP: the runtime PyTorch's CPU ops use (PyTorch loaded libgomp.so.1, and the loader
+ * OpenMP, written as
+ *
+ *     PARALLEL_BLOCKS_BEGIN(clauses of the parallel region)
+ *     for (...) { one block }
+ *     PARALLEL_BLOCKS_END
+ *
+ * OpenMP is the runtime PyTorch's CPU ops use (PyTorch loaded libgomp.so.1, and the loader
  * gives this library the same one by name), so no second pool of threads competes for the
- * cores, and as many threads as torch.get_num_threads() in the calling thread. Each block's
- * results are its own and parameter sums are added in block order after the loop, so results
- * do not depend on the number of threads. */
+ * cores, with as many threads as torch.get_num_threads() in the calling thread, each in the
+ * caller's floating-point mode. Each block's results are its own and parameter sums are added
+ * in block order after the loop, so results do not depend on the number of threads. */
 #define NATIVE_PRAGMA(text) _Pragma(#text)
 #ifdef _OPENMP
 #include <omp.h>
-#define PARALLEL_BLOCKS(...)                                                                   \
-    NATIVE_PRAGMA(omp parallel for schedule(static) if (omp_get_max_threads() > 1) __VA_ARGS__)
+#define PARALLEL_BLOCKS_BEGIN(...)                                                             \
+    {                                                                                          \
+        float_mode_t caller_mode = float_mode();                                               \
+        NATIVE_PRAGMA(omp parallel if (omp_get_max_threads() > 1) __VA_ARGS__) {               \
+            float_mode_t own_mode = float_mode();                                              \
+            set_float_mode(caller_mode);                                                       \
+            NATIVE_PRAGMA(omp for schedule(static))
+#define PARALLEL_BLOCKS_END                                                                    \
+            set_float_mode(own_mode);                                                          \
+        }                                                                                      \
+    }
 #else
-#define PARALLEL_BLOCKS(...)
+#define PARALLEL_BLOCKS_BEGIN(...) {
+#define PARALLEL_BLOCKS_END }
 #endif
 
 #endif
