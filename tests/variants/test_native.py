@@ -324,8 +324,10 @@ def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(native, mon
     """Apple's clang has no -fopenmp without libomp: the multi-threaded kernels are built
     without it (their blocks then run one after another), not refused."""
     compiler = tmp_path / "cc-without-openmp"
+    calls = tmp_path / "calls"
     compiler.write_text(
-        '#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "unsupported: -fopenmp" >&2; exit 1;; '
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        'case " $* " in *" -fopenmp "*) echo "unsupported: -fopenmp" >&2; exit 1;; '
         'esac\nexec cc "$@"\n'
     )
     compiler.chmod(0o755)
@@ -335,6 +337,9 @@ def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(native, mon
     built = variants.native._build("hyper_connection")
     assert b"libgomp" not in built.read_bytes() and b"GOMP_parallel" not in built.read_bytes()
     assert variants.native.library("hyper_connection").dynamic_weights_f32
+    calls.unlink()
+    assert variants.native._build("hyper_connection") == built  # the next process finds it
+    assert calls.read_text() == "--version\n"  # without a compile (a read-only cache works)
     monkeypatch.delenv("CC")
     with_openmp = variants.native._build("hyper_connection")
     assert with_openmp != built and b"GOMP_parallel" in with_openmp.read_bytes()

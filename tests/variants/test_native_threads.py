@@ -5,6 +5,8 @@ share PyTorch's OpenMP runtime rather than start a second pool of threads."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -139,3 +141,25 @@ def test_the_kernels_share_pytorchs_openmp_runtime(native):
     wheels = list((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
     if wheels:  # PyTorch's CPU wheel for Linux ships one: the kernels must run on it
         assert runtimes == {str(wheels[0].resolve())} or runtimes == {str(wheels[0])}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="fork()")
+def test_a_child_forked_after_the_kernels_ran_on_threads_runs_them_on_its_own(native, threads):
+    """libgomp's threads do not survive fork(): a parallel region in the child would wait for
+    them forever, so a forked child runs the kernels' loops on its one thread."""
+    native(True)
+    threads(2)
+    torch.manual_seed(0)
+    parent = _depth_attention(False)  # on two threads: OpenMP's pool now exists
+    child = os.fork()
+    if child == 0:  # the child: only the kernels (PyTorch's own ops above its grain would hang)
+        signal.alarm(30)
+        try:
+            torch.manual_seed(0)
+            again = _depth_attention(False)
+            os._exit(0 if all(map(torch.equal, parent, again)) else 1)
+        finally:
+            os._exit(2)  # an exception: never back into pytest in the child
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status), "the child hung in the kernel (killed by its alarm)"
+    assert os.WEXITSTATUS(status) == 0, "the child's results differ (1) or it raised (2)"

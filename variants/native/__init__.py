@@ -155,18 +155,21 @@ def _build(name: str) -> Path:
     included = _local_headers(source)
     headers = [header.read_text() for header in included]
     choices = [FLAGS + OPENMP, FLAGS] if source.with_name("parallel.h") in included else [FLAGS]
+    builds = []
     for flags in choices:
         texts = [source.read_text(), *headers, *flags, *LIBRARIES, *compiler, version, *machine]
         key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
-        built = cache_dir() / f"{name}-{key}.so"
+        builds.append((flags, cache_dir() / f"{name}-{key}.so"))
+    for _, built in builds:  # any whole build first: no compiler run, a read-only cache works
         if built.exists():
             if _is_whole_library(built):
                 return built
             built.unlink(missing_ok=True)  # damaged or cut short: built again below
+    for flags, built in builds:
         try:
             return _compile(compiler, flags, source, built)
-        except RuntimeError:
-            if flags is choices[-1]:
+        except RuntimeError:  # the compiler refused: the next choice (OSError: the cache's)
+            if built == builds[-1][1]:
                 raise
     raise AssertionError("unreachable")
 
@@ -189,6 +192,8 @@ def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, built: P
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-500:]}")
         os.chmod(partial, 0o755)  # mkstemp's file is private; a shared cache's users load it
+        with open(partial, "rb") as file:  # on disk before its name: after a crash, a file
+            os.fsync(file.fileno())  # renamed but never written could pass as whole
         os.replace(partial, built)
     finally:
         if os.path.exists(partial):

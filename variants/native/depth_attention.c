@@ -51,7 +51,7 @@
                                                T *read, T *weights, T *scale, T *projected) {  \
         if (tokens <= 0 || slots <= 0 || d <= 0) return 0;                                     \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
+        PARALLEL_BLOCKS_BEGIN(slots * tokens * d, reduction(| : failed))                       \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             T *top = workspace(sizeof(T) * 2 * BLOCK);                                         \
             if (!top) {                                                                        \
@@ -118,7 +118,7 @@
         T *block_sums = NULL; /* each block's sum for du, added in block order */              \
         if (grad_u && !(block_sums = gather_space(sizeof(T) * (size_t)(blocks * d)))) return -1; \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
+        PARALLEL_BLOCKS_BEGIN(slots * tokens * d, reduction(| : failed))                       \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             T *along_u = workspace(sizeof(T) * 2 * slots * BLOCK + sizeof(T) * BLOCK);         \
             if (!along_u) {                                                                    \

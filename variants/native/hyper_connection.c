@@ -107,7 +107,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         T *mean, T *rstd) {                                                                    \
         if (rows <= 0 || d <= 0) return 0;                                                     \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
+        PARALLEL_BLOCKS_BEGIN(rows * d, reduction(| : failed))                                 \
         for (int64_t start = 0; start < rows; start += BLOCK) {                                \
             int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
             T *x_hat = workspace(2 * (size_t)d * sizeof(T)), *y = x_hat + d;                   \
@@ -154,7 +154,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         T *block_sums = gather_space((size_t)blocks * per_block * sizeof(T));                  \
         if (!block_sums) return -1;                                                            \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
+        PARALLEL_BLOCKS_BEGIN(rows * d, reduction(| : failed))                                 \
         for (int64_t start = 0; start < rows; start += BLOCK) {                                \
             int64_t end = start + BLOCK < rows ? start + BLOCK : rows;                         \
             T *x_hat = workspace((3 * (size_t)d + (size_t)m) * sizeof(T));                     \
@@ -206,7 +206,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         }                                                                                      \
         PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
-        PARALLEL_BLOCKS_BEGIN()                                                                \
+        PARALLEL_BLOCKS_BEGIN(blocks * (int64_t)per_block)                                     \
         for (size_t i = 0; i < per_block; i++) /* in block order, whatever the threads */      \
             for (int64_t b = 0; b < blocks; b++) sums[i] += block_sums[b * per_block + i];     \
         PARALLEL_BLOCKS_END                                                                    \
@@ -227,7 +227,7 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
 #define DEFINE_READ_OUT(T, SUFFIX)                                                             \
     VECTOR_CLONES void read_out_##SUFFIX(const T *weights, const T *streams, int64_t tokens,   \
                                          int64_t n, int64_t d, T *read, T *mixed) {            \
-        PARALLEL_BLOCKS_BEGIN()                                                                \
+        PARALLEL_BLOCKS_BEGIN(tokens * n * d)                                                  \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
@@ -248,7 +248,7 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
     VECTOR_CLONES void read_out_backward_##SUFFIX(                                             \
         const T *weights, const T *streams, const T *grad_read, const T *grad_mixed,           \
         int64_t tokens, int64_t n, int64_t d, T *grad_weights, T *grad_streams) {              \
-        PARALLEL_BLOCKS_BEGIN()                                                                \
+        PARALLEL_BLOCKS_BEGIN(tokens * n * d)                                                  \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
@@ -286,7 +286,7 @@ DEFINE_READ_OUT(double, f64)
     VECTOR_CLONES void write_back_backward_##SUFFIX(                                           \
         const T *grad, const T *write, const T *output, int64_t tokens, int64_t n, int64_t d,  \
         T *grad_write, T *grad_output) {                                                       \
-        PARALLEL_BLOCKS_BEGIN()                                                                \
+        PARALLEL_BLOCKS_BEGIN(tokens * n * d)                                                  \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *g = grad + b * n * d, *w = write + b * n, *o = output + b * d;            \

@@ -113,7 +113,7 @@
         if (tokens <= 0 || n <= 0) return 0;                                                   \
         int64_t k = 2 * n + n * n;                                                             \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
+        PARALLEL_BLOCKS_BEGIN(tokens * k * (rounds + 1), reduction(| : failed))                \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             block_##SUFFIX b;                                                                  \
             if (block_workspace_##SUFFIX(n, rounds, &b)) {                                     \
@@ -149,7 +149,7 @@
         double *block_sums = gather_space(sizeof(double) * 2 * k * blocks);                    \
         if (!block_sums) return -1;                                                            \
         int failed = 0;                                                                        \
-        PARALLEL_BLOCKS_BEGIN(reduction(| : failed))                                           \
+        PARALLEL_BLOCKS_BEGIN(tokens * k * (rounds + 1), reduction(| : failed))                \
         for (int64_t start = 0; start < tokens; start += BLOCK) {                              \
             block_##SUFFIX b;                                                                  \
             if (block_workspace_##SUFFIX(n, rounds, &b)) {                                     \

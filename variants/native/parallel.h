@@ -3,6 +3,8 @@
 #ifndef VARIANTS_NATIVE_PARALLEL_H
 #define VARIANTS_NATIVE_PARALLEL_H
 
+#include <stdint.h>
+
 #include "native.h"
 
 /* A second buffer kept per thread, for what a call gathers from its threads (each block's
@@ -48,7 +50,7 @@ static inline void set_float_mode(float_mode_t mode) { (void)mode; }
 /* A loop over blocks of rows split among OpenMP's threads where the library is built with
  * OpenMP, written as
  *
- *     PARALLEL_BLOCKS_BEGIN(clauses of the parallel region)
+ *     PARALLEL_BLOCKS_BEGIN(elements, clauses of the parallel region)
  *     for (...) { one block }
  *     PARALLEL_BLOCKS_END
  *
@@ -56,14 +58,34 @@ static inline void set_float_mode(float_mode_t mode) { (void)mode; }
  * gives this library the same one by name), so no second pool of threads competes for the
  * cores, with as many threads as torch.get_num_threads() in the calling thread, each in the
  * caller's floating-point mode. Each block's results are its own and parameter sums are added
- * in block order after the loop, so results do not depend on the number of threads. */
+ * in block order after the loop, so results do not depend on the number of threads.
+ *
+ * The loop runs on the caller alone where its `elements` (the values it passes over, each
+ * pass counted) are fewer than GRAIN, PyTorch's own grain (a process whose ops are all smaller
+ * never starts OpenMP's threads, here as in PyTorch), inside another parallel region, and in a child fork()ed after this library loaded:
+ * libgomp's threads do not survive a fork, and a parallel region in the child would wait for
+ * them forever (PyTorch's own ops above the grain do the same; start workers by spawn). */
 #define NATIVE_PRAGMA(text) _Pragma(#text)
 #ifdef _OPENMP
 #include <omp.h>
-#define PARALLEL_BLOCKS_BEGIN(...)                                                             \
+#include <pthread.h>
+
+#define GRAIN 32768
+
+static int forked_child; /* set in a child of fork(): OpenMP's threads stayed behind */
+static void note_forked_child(void) { forked_child = 1; }
+__attribute__((constructor)) static void watch_for_fork(void) {
+    pthread_atfork(NULL, NULL, note_forked_child);
+}
+
+static inline int parallel_pays(int64_t elements) {
+    return elements >= GRAIN && !forked_child && omp_get_max_threads() > 1 && !omp_in_parallel();
+}
+
+#define PARALLEL_BLOCKS_BEGIN(elements, ...)                                                   \
     {                                                                                          \
         float_mode_t caller_mode = float_mode();                                               \
-        NATIVE_PRAGMA(omp parallel if (omp_get_max_threads() > 1) __VA_ARGS__) {               \
+        NATIVE_PRAGMA(omp parallel if (parallel_pays(elements)) __VA_ARGS__) {                 \
             float_mode_t own_mode = float_mode();                                              \
             set_float_mode(caller_mode);                                                       \
             NATIVE_PRAGMA(omp for schedule(static))
@@ -72,7 +94,7 @@ static inline void set_float_mode(float_mode_t mode) { (void)mode; }
         }                                                                                      \
     }
 #else
-#define PARALLEL_BLOCKS_BEGIN(...) {
+#define PARALLEL_BLOCKS_BEGIN(elements, ...) {
 #define PARALLEL_BLOCKS_END }
 #endif
 
