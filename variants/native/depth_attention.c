@@ -22,28 +22,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "lanes.h"
 #include "native.h"
 #include "parallel.h"
 #include "vector_math.h"
 
 #define BLOCK 64
-#define LANES 8
-#define ADD_LANES(lane)                                                                        \
-    ((((lane)[0] + (lane)[4]) + ((lane)[2] + (lane)[6]))                                       \
-     + (((lane)[1] + (lane)[5]) + ((lane)[3] + (lane)[7])))
-
 #define DEFINE_DEPTH_ATTENTION(T, SUFFIX, SQRT)                                                \
-    /* a . b over d entries, in LANES partial sums added pairwise (the order is fixed: the result\
-     * does not depend on the machine's vector width). */                                      \
-    INLINE T dot_##SUFFIX(const T *a, const T *b, int64_t d) {                                 \
-        T lane[LANES] = {0};                                                                   \
-        int64_t whole = d / LANES * LANES;                                                     \
-        for (int64_t k = 0; k < whole; k += LANES)                                             \
-            for (int l = 0; l < LANES; l++) lane[l] += a[k + l] * b[k + l];                    \
-        for (int64_t k = whole; k < d; k++) lane[k - whole] += a[k] * b[k];                    \
-        return ADD_LANES(lane);                                                                \
-    }                                                                                          \
-                                                                                               \
     /* read (tokens, d) = h, and for the backward weights, scale and projected (slots, tokens):\
      * alpha_i, s_i and p_i. Returns 0, or -1 where memory for a block ran out. */             \
     VECTOR_CLONES int depth_attention_##SUFFIX(const T *const *values, int64_t slots,          \

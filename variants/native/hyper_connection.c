@@ -23,16 +23,10 @@
 #include <stdlib.h>
 #include <math.h>
 
+#include "lanes.h"
 #include "native.h"
 #include "parallel.h"
 
-#define LANES 8
-/* A row's LANES partial sums added pairwise (a fixed order, so results do not depend on the
- * machine): three dependent additions where one after another took eight, which bounded the
- * forward (the 8 sums of a row: 404 against 360 us for 4,096 rows of 64, measured). */
-#define ADD_LANES(lane)                                                                        \
-    ((((lane)[0] + (lane)[4]) + ((lane)[2] + (lane)[6]))                                       \
-     + (((lane)[1] + (lane)[5]) + ((lane)[3] + (lane)[7])))
 #define BLOCK 64
 
 /* tanh in float over a block, in a form the compiler vectorizes (glibc's tanhf is a call per
@@ -69,26 +63,6 @@ static inline void tanh_block_f64(double *z, int64_t count) {
 }
 
 #define DEFINE_DYNAMIC_WEIGHTS(T, SUFFIX, SQRT)                                          \
-    /* Sum of a[i] over i < d, in LANES partial sums. */                                      \
-    static inline T sum_##SUFFIX(const T *a, int64_t d) {                                      \
-        T lane[LANES] = {0};                                                                   \
-        int64_t whole = d / LANES * LANES;                                                     \
-        for (int64_t i = 0; i < whole; i += LANES)                                             \
-            for (int l = 0; l < LANES; l++) lane[l] += a[i + l];                               \
-        for (int64_t i = whole; i < d; i++) lane[i - whole] += a[i];                           \
-        return ADD_LANES(lane);                                                                \
-    }                                                                                          \
-                                                                                               \
-    /* Sum of a[i] * b[i] over i < d, in LANES partial sums. */                                \
-    static inline T dot_##SUFFIX(const T *a, const T *b, int64_t d) {                          \
-        T lane[LANES] = {0};                                                                   \
-        int64_t whole = d / LANES * LANES;                                                     \
-        for (int64_t i = 0; i < whole; i += LANES)                                             \
-            for (int l = 0; l < LANES; l++) lane[l] += a[i + l] * b[i + l];                    \
-        for (int64_t i = whole; i < d; i++) lane[i - whole] += a[i] * b[i];                    \
-        return ADD_LANES(lane);                                                                \
-    }                                                                                          \
-                                                                                               \
     /* x_hat = (x - mean) * rstd and y = x_hat * gain + bias for one row. */                   \
     static inline void normalize_##SUFFIX(const T *x, T mean, T rstd, const T *gain,           \
                                           const T *bias, T *x_hat, T *y, int64_t d) {          \

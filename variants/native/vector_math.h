@@ -1,15 +1,13 @@
-/* exp and log in float, in forms the compiler vectorizes (glibc's are a call per value), and
- * sums over a row in interleaved lanes; shared by mhc_mappings.c and depth_attention.c. Part of
- * the cache key of each library that includes it. */
+/* exp and log in float, in forms the compiler vectorizes (glibc's are a call per value),
+ * shared by mhc_mappings.c and depth_attention.c. Part of the cache key of each library that
+ * includes it. */
 #ifndef VARIANTS_NATIVE_VECTOR_MATH_H
 #define VARIANTS_NATIVE_VECTOR_MATH_H
 
 #include <math.h>
 #include <stdint.h>
 
-/* Inlined into each of the kernels' clones, so that it is compiled for the clone's vector
- * instructions: called out of line it ran the baseline's (2x slower, measured). */
-#define INLINE static inline __attribute__((always_inline))
+#include "lanes.h" /* INLINE */
 
 /* exp over float's whole range: x = k ln 2 + r, |r| <= ln 2 / 2 (ln 2 split in two so that
  * k ln 2 is exact), e^r from its Taylor series to r^8 (relative error < 3e-10), times 2^k as
