@@ -343,3 +343,45 @@ def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(native, mon
     monkeypatch.delenv("CC")
     with_openmp = variants.native._build("hyper_connection")
     assert with_openmp != built and b"GOMP_parallel" in with_openmp.read_bytes()
+
+
+@needs_compiler
+def test_without_pytorchs_libgomp_the_kernels_build_for_one_thread(native, monkeypatch, tmp_path):
+    """A PyTorch whose OpenMP is not a ``libgomp.so.1`` (a renamed copy, Intel's, LLVM's): a
+    -fopenmp build would start a second runtime, whose threads torch.set_num_threads does not
+    size."""
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    monkeypatch.setattr(variants.native, "_openmp_is_pytorchs", lambda: False)
+    native(True)
+    built = variants.native._build("hyper_connection")
+    assert b"GOMP_parallel" not in built.read_bytes()
+
+
+@needs_compiler
+def test_a_damaged_elf_header_or_a_missing_file_is_not_a_whole_library(native, tmp_path):
+    native(True)
+    whole = variants.native._build("sinkhorn").read_bytes()
+    assert whole[4] == 2  # 64-bit: e_phentsize at 0x36
+    damaged = tmp_path / "damaged.so"
+    damaged.write_bytes(whole[:0x36] + (8).to_bytes(2, "little") + whole[0x38:])
+    assert not variants.native._is_whole_library(damaged)  # not struct.error
+    assert not variants.native._is_whole_library(tmp_path / "missing.so")
+
+
+@needs_compiler
+def test_a_compile_that_fails_for_another_reason_is_not_taken_for_a_refusal_of_openmp(
+    native, monkeypatch, tmp_path
+):
+    """A killed compiler must not pin the one-thread build for every later process."""
+    compiler = tmp_path / "cc-killed"
+    compiler.write_text(
+        '#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "Killed signal terminated" >&2; exit 1;; '
+        'esac\nexec cc "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    native(True)
+    with pytest.raises(RuntimeError, match="Killed"):
+        variants.native._build("hyper_connection")
+    assert not list((tmp_path / "native").glob("*.refused"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -151,10 +152,14 @@ def test_a_child_forked_after_the_kernels_ran_on_threads_runs_them_on_its_own(na
     threads(2)
     torch.manual_seed(0)
     parent = _depth_attention(False)  # on two threads: OpenMP's pool now exists
-    child = os.fork()
+    with warnings.catch_warnings():  # Python 3.12 warns of fork() in a process with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = os.fork()
     if child == 0:  # the child: only the kernels (PyTorch's own ops above its grain would hang)
-        signal.alarm(30)
         try:
+            # The default action kills it: a Python handler would never run in a hung kernel.
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(30)
             torch.manual_seed(0)
             again = _depth_attention(False)
             os._exit(0 if all(map(torch.equal, parent, again)) else 1)

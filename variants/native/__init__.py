@@ -24,6 +24,7 @@ docs/operations.md says more.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -110,13 +111,16 @@ _MACH_O_MAGIC = (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
 
 
 def _is_whole_library(path: Path) -> bool:
-    """Whether ``path`` holds a whole library. For ELF: every loadable segment and the section
-    header table end inside the file. A library cut short (a full disk, a crashed copy) must
-    never reach ``dlopen``, which maps a segment past the file's end and dies of SIGBUS when it
-    touches it (a crash of the worker, not an error to catch)."""
-    with path.open("rb") as file:
-        data = file.read(1 << 16)
-    size = path.stat().st_size
+    """Whether ``path`` holds a whole library (False where it is missing). For ELF: every
+    loadable segment and the section header table end inside the file. A library cut short (a
+    full disk, a crashed copy) must never reach ``dlopen``, which maps a segment past the
+    file's end and dies of SIGBUS when it touches it (a crash of the worker, not an error to
+    catch)."""
+    try:
+        with path.open("rb") as file:
+            data, size = file.read(1 << 16), os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        return False
     if data[:4] in _MACH_O_MAGIC:
         return True
     if len(data) < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
@@ -131,7 +135,9 @@ def _is_whole_library(path: Path) -> bool:
     programs, sections, program_size, programs_count, section_size, sections_count = (
         struct.unpack_from(header, data)
     )
-    if programs + program_size * programs_count > len(data):
+    if program_size < struct.calcsize(segment) or programs + program_size * programs_count > len(
+        data
+    ):
         return False
     for index in range(programs_count):
         kind, offset, file_size = struct.unpack_from(segment, data, programs + index * program_size)
@@ -142,8 +148,10 @@ def _is_whole_library(path: Path) -> bool:
 
 def _build(name: str) -> Path:
     """The cached library of ``<name>.c``, built here where it is missing or not whole. A
-    source that includes ``parallel.h`` is built with OpenMP; where the compiler has none
-    (Apple's clang without libomp), without it: its kernels then run on one thread."""
+    source that includes ``parallel.h`` is built with OpenMP where PyTorch runs on libgomp
+    (``_openmp_is_pytorchs``); where the compiler refuses ``-fopenmp`` (Apple's clang without
+    libomp), without it, its kernels then on one thread, and a marker beside the cache says so
+    to later processes (a read-only cache that holds both works without a compiler run)."""
     source = Path(__file__).with_name(f"{name}.c")
     compiler = _compiler()
     if compiler is None:
@@ -154,24 +162,45 @@ def _build(name: str) -> Path:
     machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
     included = _local_headers(source)
     headers = [header.read_text() for header in included]
-    choices = [FLAGS + OPENMP, FLAGS] if source.with_name("parallel.h") in included else [FLAGS]
-    builds = []
+    parallel = source.with_name("parallel.h") in included and _openmp_is_pytorchs()
+    choices = [FLAGS + OPENMP, FLAGS] if parallel else [FLAGS]
     for flags in choices:
         texts = [source.read_text(), *headers, *flags, *LIBRARIES, *compiler, version, *machine]
         key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
-        builds.append((flags, cache_dir() / f"{name}-{key}.so"))
-    for _, built in builds:  # any whole build first: no compiler run, a read-only cache works
-        if built.exists():
-            if _is_whole_library(built):
-                return built
-            built.unlink(missing_ok=True)  # damaged or cut short: built again below
-    for flags, built in builds:
+        built = cache_dir() / f"{name}-{key}.so"
+        refused = built.with_suffix(".refused")  # this compiler has no -fopenmp
+        if _is_whole_library(built):
+            return built
+        if flags is not choices[-1] and refused.exists():
+            continue
+        # A damaged file under the name is replaced by the rename, never unlinked: another
+        # process may have just renamed a whole build into place.
         try:
             return _compile(compiler, flags, source, built)
-        except RuntimeError:  # the compiler refused: the next choice (OSError: the cache's)
-            if built == builds[-1][1]:
+        except OSError:  # the cache's (read-only, full): a one-thread build may be there
+            if flags is choices[-1]:
                 raise
+        except RuntimeError as error:
+            words = ("openmp", "gomp", "omp.h")
+            if flags is choices[-1] or not any(word in str(error).lower() for word in words):
+                raise  # not a refusal of OpenMP (a killed compiler, ...): the next process retries
+            with contextlib.suppress(OSError):
+                refused.touch()
     raise AssertionError("unreachable")
+
+
+@cache
+def _openmp_is_pytorchs() -> bool:
+    """Whether a library built with GCC's -fopenmp would share PyTorch's OpenMP runtime: the
+    process has loaded a ``libgomp.so.1`` (PyTorch's Linux wheels ship one under that name,
+    which the loader then gives this library too). Elsewhere (a wheel whose copy is renamed
+    ``libgomp-<hash>.so.1``, Intel's or LLVM's runtime, macOS) the kernels would start a second
+    runtime whose threads ``torch.set_num_threads`` does not size: built for one thread."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
+    except OSError:
+        return False
 
 
 def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, built: Path) -> Path:

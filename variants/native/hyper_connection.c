@@ -180,7 +180,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         }                                                                                      \
         PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
-        PARALLEL_BLOCKS_BEGIN(blocks * (int64_t)per_block)                                     \
+        PARALLEL_BLOCKS_BEGIN(blocks * (int64_t)per_block, default(shared))                    \
         for (size_t i = 0; i < per_block; i++) /* in block order, whatever the threads */      \
             for (int64_t b = 0; b < blocks; b++) sums[i] += block_sums[b * per_block + i];     \
         PARALLEL_BLOCKS_END                                                                    \
@@ -201,7 +201,7 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
 #define DEFINE_READ_OUT(T, SUFFIX)                                                             \
     VECTOR_CLONES void read_out_##SUFFIX(const T *weights, const T *streams, int64_t tokens,   \
                                          int64_t n, int64_t d, T *read, T *mixed) {            \
-        PARALLEL_BLOCKS_BEGIN(tokens * n * d)                                                  \
+        PARALLEL_BLOCKS_BEGIN(tokens * n * d, default(shared))                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
@@ -222,7 +222,7 @@ DEFINE_DYNAMIC_WEIGHTS(double, f64, sqrt)
     VECTOR_CLONES void read_out_backward_##SUFFIX(                                             \
         const T *weights, const T *streams, const T *grad_read, const T *grad_mixed,           \
         int64_t tokens, int64_t n, int64_t d, T *grad_weights, T *grad_streams) {              \
-        PARALLEL_BLOCKS_BEGIN(tokens * n * d)                                                  \
+        PARALLEL_BLOCKS_BEGIN(tokens * n * d, default(shared))                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *w = weights + b * n * (n + 1), *h = streams + b * n * d;                  \
@@ -260,7 +260,7 @@ DEFINE_READ_OUT(double, f64)
     VECTOR_CLONES void write_back_backward_##SUFFIX(                                           \
         const T *grad, const T *write, const T *output, int64_t tokens, int64_t n, int64_t d,  \
         T *grad_write, T *grad_output) {                                                       \
-        PARALLEL_BLOCKS_BEGIN(tokens * n * d)                                                  \
+        PARALLEL_BLOCKS_BEGIN(tokens * n * d, default(shared))                                 \
         for (int64_t start = 0; start < tokens; start += BLOCK)                                \
         for (int64_t b = start; b < (start + BLOCK < tokens ? start + BLOCK : tokens); b++) {  \
             const T *g = grad + b * n * d, *w = write + b * n, *o = output + b * d;            \

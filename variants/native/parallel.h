@@ -50,7 +50,7 @@ static inline void set_float_mode(float_mode_t mode) { (void)mode; }
 /* A loop over blocks of rows split among OpenMP's threads where the library is built with
  * OpenMP, written as
  *
- *     PARALLEL_BLOCKS_BEGIN(elements, clauses of the parallel region)
+ *     PARALLEL_BLOCKS_BEGIN(elements, clauses of the parallel region: at least one)
  *     for (...) { one block }
  *     PARALLEL_BLOCKS_END
  *
@@ -60,8 +60,8 @@ static inline void set_float_mode(float_mode_t mode) { (void)mode; }
  * caller's floating-point mode. Each block's results are its own and parameter sums are added
  * in block order after the loop, so results do not depend on the number of threads.
  *
- * The loop runs on the caller alone where its `elements` (the values it passes over, each
- * pass counted) are fewer than GRAIN, PyTorch's own grain (a process whose ops are all smaller
+ * The loop runs on the caller alone where its `elements` (roughly the values it passes
+ * over) are fewer than GRAIN, PyTorch's own grain (a process whose ops are all smaller
  * never starts OpenMP's threads, here as in PyTorch), inside another parallel region, and in a child fork()ed after this library loaded:
  * libgomp's threads do not survive a fork, and a parallel region in the child would wait for
  * them forever (PyTorch's own ops above the grain do the same; start workers by spawn). */
