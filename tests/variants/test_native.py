@@ -319,20 +319,25 @@ def test_a_librarys_key_hashes_the_headers_its_source_includes_and_no_others(tmp
     ]  # not parallel.h, which the multi-threaded kernels include
 
 
-@needs_compiler
-def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(native, monkeypatch, tmp_path):
-    """Apple's clang has no -fopenmp without libomp: the multi-threaded kernels are built
-    without it (their blocks then run one after another), not refused."""
-    compiler = tmp_path / "cc-without-openmp"
-    calls = tmp_path / "calls"
+def _compiler_failing_on_openmp(monkeypatch, tmp_path: Path, message: str) -> Path:
+    """$CC: the machine's cc, which fails with ``message`` when given -fopenmp; each call's
+    arguments are logged to the file returned. The cache: a fresh one under tmp_path."""
+    compiler, calls = tmp_path / "cc-failing-on-openmp", tmp_path / "calls"
     compiler.write_text(
         f'#!/bin/sh\necho "$*" >> {calls}\n'
-        'case " $* " in *" -fopenmp "*) echo "unsupported: -fopenmp" >&2; exit 1;; '
-        'esac\nexec cc "$@"\n'
+        f'case " $* " in *" -fopenmp "*) echo "{message}" >&2; exit 1;; esac\nexec cc "$@"\n'
     )
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    return calls
+
+
+@needs_compiler
+def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(native, monkeypatch, tmp_path):
+    """Apple's clang has no -fopenmp without libomp: the multi-threaded kernels are built
+    without it (their blocks then run one after another), not refused."""
+    calls = _compiler_failing_on_openmp(monkeypatch, tmp_path, "unsupported: -fopenmp")
     native(True)
     built = variants.native._build("hyper_connection")
     assert b"libgomp" not in built.read_bytes() and b"GOMP_parallel" not in built.read_bytes()
@@ -373,14 +378,7 @@ def test_a_compile_that_fails_for_another_reason_is_not_taken_for_a_refusal_of_o
     native, monkeypatch, tmp_path
 ):
     """A killed compiler must not pin the one-thread build for every later process."""
-    compiler = tmp_path / "cc-killed"
-    compiler.write_text(
-        '#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo "Killed signal terminated" >&2; exit 1;; '
-        'esac\nexec cc "$@"\n'
-    )
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CC", str(compiler))
-    monkeypatch.setenv("SUITE_NATIVE_CACHE", str(tmp_path / "native"))
+    _compiler_failing_on_openmp(monkeypatch, tmp_path, "Killed signal terminated")
     native(True)
     with pytest.raises(RuntimeError, match="Killed"):
         variants.native._build("hyper_connection")

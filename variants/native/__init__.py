@@ -180,9 +180,9 @@ def _build(name: str) -> Path:
         except OSError:  # the cache's (read-only, full): a one-thread build may be there
             if flags is choices[-1]:
                 raise
-        except RuntimeError as error:
+        except CompilerFailed as error:
             words = ("openmp", "gomp", "omp.h")
-            if flags is choices[-1] or not any(word in str(error).lower() for word in words):
+            if flags is choices[-1] or not any(word in error.stderr.lower() for word in words):
                 raise  # not a refusal of OpenMP (a killed compiler, ...): the next process retries
             with contextlib.suppress(OSError):
                 refused.touch()
@@ -203,6 +203,14 @@ def _openmp_is_pytorchs() -> bool:
         return False
 
 
+class CompilerFailed(RuntimeError):
+    """The compiler's exit status was not 0; ``stderr`` is what it said."""
+
+    def __init__(self, compiler: list[str], stderr: str) -> None:
+        super().__init__(f"{' '.join(compiler)} failed: {stderr.strip()[-500:]}")
+        self.stderr = stderr
+
+
 def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, built: Path) -> Path:
     name = source.stem
     built.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +227,7 @@ def _compile(compiler: list[str], flags: tuple[str, ...], source: Path, built: P
             timeout=300,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-500:]}")
+            raise CompilerFailed(compiler, result.stderr)
         os.chmod(partial, 0o755)  # mkstemp's file is private; a shared cache's users load it
         with open(partial, "rb") as file:  # on disk before its name: after a crash, a file
             os.fsync(file.fileno())  # renamed but never written could pass as whole
