@@ -9,9 +9,10 @@ latter two with an exp of their own, mHC's with a log too), so those variants' n
 at float rounding with and without them (a record names the builds that ran in its cell).
 Where a kernel cannot load (no compiler, a read-only cache, ``SUITE_NATIVE=0``) the caller
 runs PyTorch's path, after one warning that says why. HC's, mHC's and AttnRes's kernels split
-their blocks of rows among PyTorch's threads (OpenMP, the runtime PyTorch's wheel loaded;
-``torch.set_num_threads`` sizes it): each block's results and parameter sums are its own and
-the sums are added in block order, so their bits do not depend on the number of threads.
+their blocks of rows among PyTorch's threads (OpenMP, where PyTorch's runtime is the
+``libgomp.so.1`` its Linux wheels load, sized by ``torch.set_num_threads``; elsewhere one
+thread): each block's results and parameter sums are its own and the sums are added in block
+order, so their bits do not depend on the number of threads.
 
 Built libraries are cached under ``$SUITE_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/stability-suite/native``, else ``~/.cache/...``), named by a hash of the source,
