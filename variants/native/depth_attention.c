@@ -157,9 +157,7 @@
         }                                                                                      \
         PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
-        if (grad_u)                                                                            \
-            for (int64_t b = 0; b < blocks; b++)                                               \
-                for (int64_t k = 0; k < d; k++) grad_u[k] += (double)block_sums[b * d + k];    \
+        if (grad_u) add_blocks_##SUFFIX(grad_u, block_sums, blocks, d, d);                     \
         return 0;                                                                              \
     }
 

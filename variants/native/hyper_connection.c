@@ -180,10 +180,7 @@ static inline void tanh_block_f64(double *z, int64_t count) {
         }                                                                                      \
         PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
-        PARALLEL_BLOCKS_BEGIN(blocks * (int64_t)per_block, default(shared))                    \
-        for (size_t i = 0; i < per_block; i++) /* in block order, whatever the threads */      \
-            for (int64_t b = 0; b < blocks; b++) sums[i] += block_sums[b * per_block + i];     \
-        PARALLEL_BLOCKS_END                                                                    \
+        add_blocks_##SUFFIX(sums, block_sums, blocks, (int64_t)per_block, (int64_t)per_block); \
         return 0;                                                                              \
     }
 

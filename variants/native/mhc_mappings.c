@@ -230,10 +230,9 @@
         PARALLEL_BLOCKS_END                                                                    \
         if (failed) return -1;                                                                 \
         for (int64_t b = 0; b < blocks; b++)                                                   \
-            for (int64_t j = 0; j < k; j++) {                                                  \
+            for (int64_t j = 0; j < k; j++)                                                    \
                 grad_alpha[j < n ? 0 : (j < 2 * n ? 1 : 2)] += block_sums[2 * k * b + j];      \
-                grad_bias[j] += block_sums[2 * k * b + k + j];                                 \
-            }                                                                                  \
+        add_blocks_f64(grad_bias, block_sums + k, blocks, k, 2 * k);                           \
         return 0;                                                                              \
     }
 

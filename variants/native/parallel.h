@@ -62,9 +62,10 @@ static inline void set_float_mode(float_mode_t mode) { (void)mode; }
  *
  * The loop runs on the caller alone where its `elements` (roughly the values it passes
  * over) are fewer than GRAIN, PyTorch's own grain (a process whose ops are all smaller
- * never starts OpenMP's threads, here as in PyTorch), inside another parallel region, and in a child fork()ed after this library loaded:
- * libgomp's threads do not survive a fork, and a parallel region in the child would wait for
- * them forever (PyTorch's own ops above the grain do the same; start workers by spawn). */
+ * never starts OpenMP's threads, here as in PyTorch), inside another parallel region, and in
+ * a child fork()ed after this library loaded: libgomp's threads do not survive a fork, and a
+ * parallel region in the child would wait for them forever (PyTorch's own ops above the grain
+ * do the same; start workers by spawn). */
 #define NATIVE_PRAGMA(text) _Pragma(#text)
 #ifdef _OPENMP
 #include <omp.h>
@@ -97,5 +98,20 @@ static inline int parallel_pays(int64_t elements) {
 #define PARALLEL_BLOCKS_BEGIN(elements, ...) {
 #define PARALLEL_BLOCKS_END }
 #endif
+
+/* sums[i] += blocks[b * stride + i] for i < count, the blocks b < block_count in their order
+ * whatever the threads: a loop's parameter sums, kept apart per block inside it, added up. */
+#define DEFINE_ADD_BLOCKS(T, SUFFIX)                                                           \
+    static inline void add_blocks_##SUFFIX(double *sums, const T *blocks, int64_t block_count, \
+                                           int64_t count, int64_t stride) {                    \
+        PARALLEL_BLOCKS_BEGIN(block_count * count, default(shared))                            \
+        for (int64_t i = 0; i < count; i++)                                                    \
+            for (int64_t b = 0; b < block_count; b++) sums[i] += blocks[b * stride + i];       \
+        PARALLEL_BLOCKS_END                                                                    \
+    }
+
+DEFINE_ADD_BLOCKS(float, f32)
+DEFINE_ADD_BLOCKS(double, f64)
+
 
 #endif
