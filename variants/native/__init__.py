@@ -162,12 +162,12 @@ def _build(name: str) -> Path:
     ).stdout
     machine = [platform.machine(), *platform.libc_ver()]  # nodes sharing a home may differ
     included = _local_headers(source)
-    headers = [header.read_text() for header in included]
+    texts = [source.read_text(), *(header.read_text() for header in included)]
     parallel = source.with_name("parallel.h") in included and _openmp_is_pytorchs()
     choices = [FLAGS + OPENMP, FLAGS] if parallel else [FLAGS]
     for flags in choices:
-        texts = [source.read_text(), *headers, *flags, *LIBRARIES, *compiler, version, *machine]
-        key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+        identity = [*texts, *flags, *LIBRARIES, *compiler, version, *machine]
+        key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
         built = cache_dir() / f"{name}-{key}.so"
         refused = built.with_suffix(".refused")  # this compiler has no -fopenmp
         if _is_whole_library(built):
