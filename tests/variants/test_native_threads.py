@@ -25,11 +25,11 @@ pytestmark = needs_compiler
 TOKENS, STREAMS, WIDTH = 1000, 4, 24
 
 
-def _draw(subnormal: bool, *shape: int) -> torch.Tensor:
-    """Normal draws, or positive float32 subnormals made from their bits (arithmetic would
-    flush them where the caller's mode flushes)."""
+def _draw(subnormal: bool, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    """Normal draws times ``scale``, or positive float32 subnormals made from their bits (no
+    arithmetic: it would flush them where the caller's mode flushes)."""
     if not subnormal:
-        return torch.randn(*shape)
+        return torch.randn(*shape) * scale
     return torch.randint(1, 2**23, shape, dtype=torch.int32).view(torch.float32)
 
 
@@ -53,7 +53,7 @@ def _hyper_connection(subnormal: bool) -> list[torch.Tensor]:
 
 def _mhc_mappings(subnormal: bool) -> list[torch.Tensor]:
     n, k = STREAMS, 2 * STREAMS + STREAMS**2
-    raw, inv = _draw(subnormal, TOKENS, k) * 3, torch.rand(TOKENS) + 0.5
+    raw, inv = _draw(subnormal, TOKENS, k, scale=3.0), torch.rand(TOKENS) + 0.5
     alpha, bias = torch.randn(3), torch.randn(k)
     weights, post = mhc_mappings.forward(raw, inv, alpha, bias, n, 19)
     grad_weights, grad_post = torch.randn(TOKENS, n, n + 1), torch.randn(TOKENS, n)

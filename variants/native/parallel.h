@@ -31,7 +31,6 @@ typedef unsigned int float_mode_t;
 static inline float_mode_t float_mode(void) { return _mm_getcsr(); }
 static inline void set_float_mode(float_mode_t mode) { _mm_setcsr(mode); }
 #elif defined(__aarch64__)
-#include <stdint.h>
 typedef uint64_t float_mode_t;
 static inline float_mode_t float_mode(void) {
     float_mode_t mode;
